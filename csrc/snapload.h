@@ -1,0 +1,156 @@
+/*
+ * snapload.h — the whole ABI of snapload's C core.
+ *
+ * A thin layer over the Linux syscalls that TypeScript cannot reach through
+ * Bun: userfaultfd, Unix sockets with SCM_RIGHTS, epoll, mmap, lseek holes.
+ * Rules (after liburing / libmnl):
+ *   - every function returns >= 0 on success and -errno on failure;
+ *   - no hidden global state: the caller owns every fd and every buffer;
+ *   - an fd in, an fd out: the caller runs the loop;
+ *   - 64-bit results go through out-pointers so the FFI can return plain int.
+ * Addresses in the VMM's address space are uint64_t (they are not ours to
+ * dereference); addresses in our own address space are pointers.
+ */
+#ifndef SNAPLOAD_H
+#define SNAPLOAD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SL_ABI_VERSION 1
+
+/* Size of one struct uffd_msg as the kernel writes it. */
+#define SL_UFFD_MSG_SIZE 32
+
+/* One ready fd from sl_epoll_wait, laid out the same on every arch
+ * (struct epoll_event is packed on x86_64 only). */
+struct sl_event {
+	uint64_t data;   /* the token given to sl_epoll_ctl */
+	uint32_t events; /* EPOLLIN | EPOLLOUT | EPOLLERR | EPOLLHUP | EPOLLRDHUP */
+	uint32_t pad;
+};
+#define SL_EVENT_SIZE 16
+
+/* SO_PEERCRED of a Unix socket peer. */
+struct sl_peer {
+	int32_t pid;
+	uint32_t uid;
+	uint32_t gid;
+};
+
+int sl_abi_version(void);
+
+/* ---- memory the caller owns (shared with JS by pointer) ------------------ */
+
+/* Anonymous, page-aligned, zero-filled memory. *out = address. */
+int sl_buffer_alloc(uint64_t len, uint64_t *out);
+int sl_buffer_free(void *addr, uint64_t len);
+
+/* ---- files ---------------------------------------------------------------- */
+
+/* open(path, O_RDONLY|O_CLOEXEC). Returns the fd. */
+int sl_file_open_ro(const char *path);
+/* Size in bytes (fstat st_size) into *out; *is_regular = 1 for S_ISREG. */
+int sl_file_stat(int fd, uint64_t *out_size, int32_t *out_is_regular);
+/* lseek(fd, off, SEEK_DATA or SEEK_HOLE) into *out; -ENXIO past the data. */
+int sl_file_seek_data(int fd, uint64_t off, uint64_t *out);
+int sl_file_seek_hole(int fd, uint64_t off, uint64_t *out);
+/* pread into buf; returns bytes read (short only at EOF). len <= 1 GiB. */
+int sl_file_pread(int fd, void *buf, uint32_t len, uint64_t off);
+/* mmap(PROT_READ, MAP_PRIVATE [| MAP_POPULATE]) of [off, off+len). *out = address. */
+int sl_file_map(int fd, uint64_t len, uint64_t off, int populate, uint64_t *out);
+int sl_unmap(void *addr, uint64_t len);
+/* madvise(addr, len, advice) on our own memory (e.g. MADV_WILLNEED = 3). */
+int sl_madvise(void *addr, uint64_t len, int advice);
+
+int sl_close(int fd);
+/* Sets O_NONBLOCK on fd. */
+int sl_set_nonblock(int fd);
+
+/* ---- userfaultfd ---------------------------------------------------------- */
+
+/* userfaultfd(flags) (O_CLOEXEC|O_NONBLOCK, UFFD_USER_MODE_ONLY), falling back
+ * to /dev/userfaultfd's USERFAULTFD_IOC_NEW. Returns the fd. */
+int sl_uffd_open(int flags);
+/* UFFDIO_API. *out_features = features the kernel grants, *out_ioctls = ioctls. */
+int sl_uffd_api(int uffd, uint64_t features, uint64_t *out_features, uint64_t *out_ioctls);
+/* UFFDIO_REGISTER. mode: 1 = MISSING, 2 = WP, 4 = MINOR. */
+int sl_uffd_register(int uffd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *out_ioctls);
+int sl_uffd_unregister(int uffd, uint64_t start, uint64_t len);
+/* 1 if fd is a userfaultfd (anon_inode:[userfaultfd]), 0 if not. */
+int sl_fd_is_uffd(int fd);
+/* Reads up to max whole struct uffd_msg into buf (SL_UFFD_MSG_SIZE each).
+ * Returns the number of messages; 0 when the queue is empty (EAGAIN). */
+int sl_uffd_read(int uffd, void *buf, int max);
+/* UFFDIO_COPY of len bytes from our src to the VMM's dst. mode: 1 = DONTWAKE.
+ * Returns 0 when all was copied, else -errno with the bytes that were
+ * copied before the failure in *out_done (may be NULL). */
+int sl_uffd_copy(int uffd, uint64_t dst, const void *src, uint64_t len, int mode, uint64_t *out_done);
+/* UFFDIO_ZEROPAGE; same contract as sl_uffd_copy. Not for hugetlbfs. */
+int sl_uffd_zeropage(int uffd, uint64_t dst, uint64_t len, int mode, uint64_t *out_done);
+/* UFFDIO_WAKE of [start, start+len). */
+int sl_uffd_wake(int uffd, uint64_t start, uint64_t len);
+
+/* ---- epoll ---------------------------------------------------------------- */
+
+int sl_epoll_create(void);
+/* op: 1 = ADD, 2 = DEL, 3 = MOD (EPOLL_CTL_*). data comes back in sl_event. */
+int sl_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
+/* Waits up to timeout_ms (-1 = forever) and fills up to max sl_event.
+ * Returns how many are ready; 0 on timeout or EINTR. */
+int sl_epoll_wait(int epfd, struct sl_event *out, int max, int timeout_ms);
+
+/* ---- eventfd (a wake-up the caller can poke from anywhere) ---------------- */
+
+int sl_eventfd(void);
+int sl_eventfd_signal(int fd);
+int sl_eventfd_drain(int fd);
+
+/* ---- Unix sockets --------------------------------------------------------- */
+
+/* Binds a SOCK_STREAM listener at path with file mode `mode` (e.g. 0600).
+ * A stale socket file at path is replaced; any other kind of file is not
+ * (-EEXIST). Non-blocking, close-on-exec. Returns the fd. */
+int sl_unix_listen(const char *path, uint32_t mode, int backlog);
+/* Connects to a Unix socket (blocking, close-on-exec). Returns the fd. */
+int sl_unix_connect(const char *path);
+/* accept4(NONBLOCK|CLOEXEC). Returns the fd; -EAGAIN when none is waiting. */
+int sl_accept(int lfd);
+/* One recvmsg: up to len bytes into buf and up to max_fds SCM_RIGHTS fds into
+ * fds (*out_nfds of them; extra fds the kernel had to drop are counted in
+ * *out_truncated as 1). Received fds are close-on-exec.
+ * Returns bytes read (0 = peer closed). */
+int sl_recv_fds(int fd, void *buf, uint32_t len, int32_t *fds, int max_fds, int32_t *out_nfds, int32_t *out_truncated);
+/* One sendmsg of buf with nfds fds as SCM_RIGHTS. Returns bytes sent. */
+int sl_send_fds(int fd, const void *buf, uint32_t len, const int32_t *fds, int nfds);
+int sl_peer_cred(int fd, struct sl_peer *out);
+
+/* ---- TCP (postcopy page server and client) -------------------------------- */
+
+/* host is a numeric IPv4/IPv6 address. Non-blocking, close-on-exec, SO_REUSEADDR.
+ * port 0 picks one; sl_local_port tells which. Returns the fd. */
+int sl_tcp_listen(const char *host, int port, int backlog);
+int sl_local_port(int fd);
+/* Starts a non-blocking connect; returns the fd (connect may still be in
+ * progress: wait for EPOLLOUT, then sl_socket_error). TCP_NODELAY is set. */
+int sl_tcp_connect(const char *host, int port);
+/* SO_ERROR of a socket as -errno (0 = connected). */
+int sl_socket_error(int fd);
+/* recv/send without signals. Return bytes (recv 0 = peer closed); -EAGAIN when
+ * it would block. */
+int sl_recv(int fd, void *buf, uint32_t len);
+int sl_send(int fd, const void *buf, uint32_t len);
+
+/* ---- processes ------------------------------------------------------------ */
+
+int sl_kill(int32_t pid, int sig);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SNAPLOAD_H */

@@ -1,0 +1,11 @@
+// Builds dist/snapload: one executable with the C core embedded (extracted to $TMPDIR at run time).
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+
+const root = join(import.meta.dir, "..");
+mkdirSync(join(root, "dist"), { recursive: true });
+const r = Bun.spawnSync(
+  [process.execPath, "build", "--compile", "--minify-syntax", join(root, "src/main.ts"), "--outfile", join(root, "dist/snapload")],
+  { stdout: "inherit", stderr: "inherit", cwd: root },
+);
+process.exit(r.exitCode ?? 1);

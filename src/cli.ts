@@ -1,0 +1,65 @@
+// The `snapload` command line: parses, validates once, and hands typed config to a command.
+import { ConfigError, SnaploadError } from "./errors.ts";
+import { demoSchema, inspectSchema, parseFlags, serveSchema, validate } from "./config.ts";
+
+export const USAGE = `snapload — lazy snapshot loading over userfaultfd
+
+usage:
+  snapload serve --socket PATH --mem FILE [options]
+      Serve Firecracker-style VMMs that connect to PATH, from a raw memory file or a
+      QEMU mapped-ram file (detected from its QEVM header).
+      --ramblock NAME         mapped-ram block to serve (default: the largest, the guest RAM)
+      --socket-mode MODE      socket file mode (default 0600)
+      --fault-around N        pages installed per fault, aligned window (default 1)
+      --handshake-timeout MS  drop peers that have not sent their handshake by then (default 5000)
+      --on-fatal kill|drop    a VM that can no longer be served is killed (SIGKILL) or dropped (default kill)
+      --log-level LEVEL       error|warn|info|debug (default info)
+  snapload inspect FILE [--ramblock NAME] [--json]
+      Show an image's format, blocks, page size, and data vs zero pages.
+  snapload demo [--size-mib N] [--threads N] [--fault-around N] [--dir DIR] [--keep]
+      Make a demo image, serve it, restore a stand-in VM from it and verify every page.
+  snapload help
+`;
+
+export async function runCli(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  try {
+    switch (command) {
+      case "serve": {
+        const { flags } = parseFlags(rest);
+        const config = validate(serveSchema, flags, Object.keys(serveSchema.shape));
+        const { serveCommand } = await import("./serve-command.ts");
+        return await serveCommand(config);
+      }
+      case "inspect": {
+        const { flags, positional } = parseFlags(rest, ["json"]);
+        if (positional.length > 1) throw new ConfigError(`inspect takes one FILE, got ${positional.length}`);
+        const config = validate(inspectSchema, { ...flags, file: positional[0] ?? "" }, Object.keys(inspectSchema.shape));
+        const { inspectImage } = await import("./inspect.ts");
+        process.stdout.write(`${inspectImage(config.file, { ramblock: config.ramblock, json: config.json })}\n`);
+        return 0;
+      }
+      case "demo": {
+        const { flags } = parseFlags(rest, ["keep"]);
+        const config = validate(demoSchema, flags, Object.keys(demoSchema.shape));
+        const { demoCommand } = await import("./demo.ts");
+        return await demoCommand(config);
+      }
+      case undefined:
+      case "help":
+      case "--help":
+      case "-h":
+        process.stdout.write(USAGE);
+        return command === undefined ? 2 : 0;
+      default:
+        throw new ConfigError(`unknown command '${command}'`);
+    }
+  } catch (e) {
+    if (e instanceof SnaploadError) {
+      process.stderr.write(`snapload: ${e.message}\n`);
+      if (e instanceof ConfigError) process.stderr.write("run 'snapload help' for usage\n");
+      return 2;
+    }
+    throw e;
+  }
+}

@@ -1,0 +1,80 @@
+// Command-line configuration, validated once at the edge. Everything past here trusts its input.
+import { z } from "zod";
+import { ConfigError } from "./errors.ts";
+
+const intFlag = (min: number, max: number) =>
+  z
+    .string()
+    .regex(/^\d+$/, "must be a whole number")
+    .transform(Number)
+    .pipe(z.number().int().min(min).max(max));
+
+export const serveSchema = z.object({
+  socket: z.string().min(1, "--socket is required"),
+  mem: z.string().min(1, "--mem is required"),
+  ramblock: z.string().optional(),
+  "socket-mode": z
+    .string()
+    .regex(/^0?[0-7]{3}$/, "must be an octal mode such as 0600")
+    .transform((s) => Number.parseInt(s, 8))
+    .default(0o600),
+  "fault-around": intFlag(1, 512).default(1),
+  "handshake-timeout": intFlag(10, 600_000).default(5000),
+  "on-fatal": z.enum(["kill", "drop"]).default("kill"),
+  "log-level": z.enum(["error", "warn", "info", "debug"]).default("info"),
+});
+export type ServeConfig = z.output<typeof serveSchema>;
+
+export const inspectSchema = z.object({
+  file: z.string().min(1, "inspect needs a FILE"),
+  ramblock: z.string().optional(),
+  json: z.boolean().default(false),
+});
+export type InspectConfig = z.output<typeof inspectSchema>;
+
+export const demoSchema = z.object({
+  "size-mib": intFlag(4, 65536).default(256),
+  threads: intFlag(1, 64).default(2),
+  "fault-around": intFlag(1, 512).default(1),
+  dir: z.string().optional(),
+  keep: z.boolean().default(false),
+});
+export type DemoConfig = z.output<typeof demoSchema>;
+
+/** Splits `--flag value`, `--flag=value` and bare `--switch` (for the names in `switches`). */
+export function parseFlags(argv: string[], switches: string[] = []): { flags: Record<string, string | boolean>; positional: string[] } {
+  const flags: Record<string, string | boolean> = {};
+  const positional: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (!a.startsWith("--")) {
+      positional.push(a);
+      continue;
+    }
+    const eq = a.indexOf("=");
+    const name = eq > 0 ? a.slice(2, eq) : a.slice(2);
+    if (switches.includes(name)) {
+      flags[name] = true;
+      continue;
+    }
+    const value = eq > 0 ? a.slice(eq + 1) : argv[++i];
+    if (value === undefined) throw new ConfigError(`--${name} needs a value`);
+    flags[name] = value;
+  }
+  return { flags, positional };
+}
+
+export function validate<S extends z.ZodType>(schema: S, input: unknown, known: string[]): z.output<S> {
+  if (input && typeof input === "object") {
+    for (const k of Object.keys(input)) {
+      if (!known.includes(k)) throw new ConfigError(`unknown option --${k}`);
+    }
+  }
+  const r = schema.safeParse(input);
+  if (!r.success) {
+    const issue = r.error.issues[0]!;
+    const name = issue.path.join(".");
+    throw new ConfigError(name ? `--${name}: ${issue.message}` : issue.message);
+  }
+  return r.data;
+}

@@ -1,0 +1,54 @@
+// Typed errors: every failure carries a stable `code` and the context needed for one clear log line.
+
+export type ErrorCode =
+  | "BAD_CONFIG"
+  | "BAD_IMAGE"
+  | "BAD_HANDSHAKE"
+  | "REGION_OUT_OF_IMAGE"
+  | "SYSCALL"
+  | "PEER_GONE"
+  | "BAD_FRAME"
+  | "AUTH_FAILED"
+  | "BAD_WORKING_SET";
+
+export class SnaploadError extends Error {
+  readonly code: ErrorCode;
+  readonly context: Record<string, unknown>;
+
+  constructor(code: ErrorCode, message: string, context: Record<string, unknown> = {}) {
+    super(message);
+    this.name = "SnaploadError";
+    this.code = code;
+    this.context = context;
+  }
+}
+
+export class ImageError extends SnaploadError {
+  constructor(message: string, context: Record<string, unknown> = {}) {
+    super("BAD_IMAGE", message, context);
+    this.name = "ImageError";
+  }
+}
+
+export class HandshakeError extends SnaploadError {
+  constructor(message: string, context: Record<string, unknown> = {}, code: ErrorCode = "BAD_HANDSHAKE") {
+    super(code, message, context);
+    this.name = "HandshakeError";
+  }
+}
+
+export class SyscallError extends SnaploadError {
+  readonly errno: number;
+  constructor(call: string, errno: number, errnoName: string, context: Record<string, unknown> = {}) {
+    super("SYSCALL", `${call} failed: ${errnoName}`, { ...context, call, errno });
+    this.name = "SyscallError";
+    this.errno = errno;
+  }
+}
+
+export class ConfigError extends SnaploadError {
+  constructor(message: string, context: Record<string, unknown> = {}) {
+    super("BAD_CONFIG", message, context);
+    this.name = "ConfigError";
+  }
+}

@@ -1,0 +1,147 @@
+// The loop every fd of the daemon lives in: one epoll set, drained in C, dispatched by token.
+// Bun cannot wait on an arbitrary fd, so the loop blocks in epoll_wait itself and hands the
+// thread back to Bun's own event loop every YIELD_EVERY_MS (signals, child processes, timers).
+import { check } from "./check.ts";
+import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, NativeBuffer, SL_EVENT_SIZE, sl } from "./ffi.ts";
+
+export type FdHandler = (events: number) => void;
+
+const MAX_EVENTS = 256;
+const YIELD_EVERY_MS = 20;
+const IDLE_WAIT_MS = 50;
+
+interface Timer {
+  at: number;
+  fn: () => void;
+  cancelled: boolean;
+}
+
+export class EventLoop {
+  readonly epfd: number;
+  private readonly events = new NativeBuffer(MAX_EVENTS * SL_EVENT_SIZE);
+  private readonly handlers: (FdHandler | undefined)[] = [];
+  private readonly freeTokens: number[] = [];
+  private readonly timers: Timer[] = [];
+  private readonly background: (() => boolean)[] = [];
+  private running = false;
+  private stopped = false;
+  private wake = -1;
+
+  constructor() {
+    this.epfd = check("epoll_create", sl.sl_epoll_create());
+    this.wake = check("eventfd", sl.sl_eventfd());
+    this.add(this.wake, 0x001, () => sl.sl_eventfd_drain(this.wake));
+  }
+
+  /** Watches fd; returns the token to remove it with. */
+  add(fd: number, events: number, handler: FdHandler): number {
+    const token = this.freeTokens.pop() ?? this.handlers.length;
+    this.handlers[token] = handler;
+    const r = sl.sl_epoll_ctl(this.epfd, EPOLL_CTL_ADD, fd, events, token);
+    if (r < 0) {
+      this.handlers[token] = undefined;
+      this.freeTokens.push(token);
+      check("epoll_ctl(ADD)", r, { fd });
+    }
+    return token;
+  }
+
+  modify(token: number, fd: number, events: number): void {
+    check("epoll_ctl(MOD)", sl.sl_epoll_ctl(this.epfd, EPOLL_CTL_MOD, fd, events, token), { fd });
+  }
+
+  /** Stops watching; safe to call from inside a handler, and before the fd is closed. */
+  remove(token: number, fd: number): void {
+    if (this.handlers[token] === undefined) return;
+    sl.sl_epoll_ctl(this.epfd, EPOLL_CTL_DEL, fd, 0, 0);
+    this.handlers[token] = undefined;
+    this.freeTokens.push(token);
+  }
+
+  /** Runs fn after ms; returns a cancel function. */
+  after(ms: number, fn: () => void): () => void {
+    const t: Timer = { at: performance.now() + ms, fn, cancelled: false };
+    let i = this.timers.length;
+    while (i > 0 && this.timers[i - 1]!.at > t.at) i--;
+    this.timers.splice(i, 0, t);
+    return () => {
+      t.cancelled = true;
+    };
+  }
+
+  /** Work done while no fd is ready (prefetch, background population). Return true while more remains. */
+  addBackground(step: () => boolean): void {
+    this.background.push(step);
+  }
+
+  removeBackground(step: () => boolean): void {
+    const i = this.background.indexOf(step);
+    if (i >= 0) this.background.splice(i, 1);
+  }
+
+  stop(): void {
+    this.stopped = true;
+    sl.sl_eventfd_signal(this.wake);
+  }
+
+  get isRunning(): boolean {
+    return this.running;
+  }
+
+  async run(): Promise<void> {
+    this.running = true;
+    this.stopped = false;
+    const buf = this.events;
+    const u32 = buf.u32;
+    let lastYield = performance.now();
+    let busy = false;
+    try {
+      while (!this.stopped) {
+        const now = performance.now();
+        let timeout = busy ? 0 : IDLE_WAIT_MS;
+        if (this.timers.length) timeout = Math.max(0, Math.min(timeout, Math.ceil(this.timers[0]!.at - now)));
+        const n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, timeout);
+        for (let i = 0; i < n; i++) {
+          // sl_event: u64 data (token < 2^32), u32 events.
+          const token = u32[i * 4]!;
+          const handler = this.handlers[token];
+          if (handler !== undefined) handler(u32[i * 4 + 2]!);
+        }
+        this.runTimers();
+        busy = n === 0 ? this.runBackground() : this.background.length > 0;
+        const t = performance.now();
+        if (n === 0 && !busy ? true : t - lastYield >= YIELD_EVERY_MS) {
+          await yieldToBun();
+          lastYield = performance.now();
+        }
+      }
+    } finally {
+      this.running = false;
+    }
+  }
+
+  private runTimers(): void {
+    if (!this.timers.length) return;
+    const now = performance.now();
+    while (this.timers.length && this.timers[0]!.at <= now) {
+      const t = this.timers.shift()!;
+      if (!t.cancelled) t.fn();
+    }
+  }
+
+  private runBackground(): boolean {
+    let more = false;
+    for (const step of this.background.slice()) if (step()) more = true;
+    return more;
+  }
+
+  close(): void {
+    sl.sl_close(this.wake);
+    sl.sl_close(this.epfd);
+    this.events.free();
+  }
+}
+
+function yieldToBun(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}

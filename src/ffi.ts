@@ -1,0 +1,139 @@
+// Bindings to the C core (csrc/snapload.h). Every function returns >= 0 or -errno.
+// Addresses travel as plain numbers: host addresses are < 2^47, so no BigInt on the hot path.
+import { dlopen, FFIType, toArrayBuffer, type Pointer } from "bun:ffi";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+// Embedded into the single binary by `bun build --compile`; a plain path when run from source.
+import embeddedLib from "../build/libsnapload.so" with { type: "file" };
+
+const { i32, u32, u64, ptr, cstring } = FFIType;
+
+const symbols = {
+  sl_abi_version: { args: [], returns: i32 },
+  sl_buffer_alloc: { args: [u64, ptr], returns: i32 },
+  sl_buffer_free: { args: [ptr, u64], returns: i32 },
+  sl_file_open_ro: { args: [cstring], returns: i32 },
+  sl_file_stat: { args: [i32, ptr, ptr], returns: i32 },
+  sl_file_seek_data: { args: [i32, u64, ptr], returns: i32 },
+  sl_file_seek_hole: { args: [i32, u64, ptr], returns: i32 },
+  sl_file_pread: { args: [i32, ptr, u32, u64], returns: i32 },
+  sl_file_map: { args: [i32, u64, u64, i32, ptr], returns: i32 },
+  sl_unmap: { args: [ptr, u64], returns: i32 },
+  sl_madvise: { args: [ptr, u64, i32], returns: i32 },
+  sl_close: { args: [i32], returns: i32 },
+  sl_set_nonblock: { args: [i32], returns: i32 },
+  sl_uffd_open: { args: [i32], returns: i32 },
+  sl_uffd_api: { args: [i32, u64, ptr, ptr], returns: i32 },
+  sl_uffd_register: { args: [i32, u64, u64, u64, ptr], returns: i32 },
+  sl_uffd_unregister: { args: [i32, u64, u64], returns: i32 },
+  sl_fd_is_uffd: { args: [i32], returns: i32 },
+  sl_uffd_read: { args: [i32, ptr, i32], returns: i32 },
+  sl_uffd_copy: { args: [i32, u64, ptr, u64, i32, ptr], returns: i32 },
+  sl_uffd_zeropage: { args: [i32, u64, u64, i32, ptr], returns: i32 },
+  sl_uffd_wake: { args: [i32, u64, u64], returns: i32 },
+  sl_epoll_create: { args: [], returns: i32 },
+  sl_epoll_ctl: { args: [i32, i32, i32, u32, u64], returns: i32 },
+  sl_epoll_wait: { args: [i32, ptr, i32, i32], returns: i32 },
+  sl_eventfd: { args: [], returns: i32 },
+  sl_eventfd_signal: { args: [i32], returns: i32 },
+  sl_eventfd_drain: { args: [i32], returns: i32 },
+  sl_unix_listen: { args: [cstring, u32, i32], returns: i32 },
+  sl_unix_connect: { args: [cstring], returns: i32 },
+  sl_accept: { args: [i32], returns: i32 },
+  sl_recv_fds: { args: [i32, ptr, u32, ptr, i32, ptr, ptr], returns: i32 },
+  sl_send_fds: { args: [i32, ptr, u32, ptr, i32], returns: i32 },
+  sl_peer_cred: { args: [i32, ptr], returns: i32 },
+  sl_tcp_listen: { args: [cstring, i32, i32], returns: i32 },
+  sl_local_port: { args: [i32], returns: i32 },
+  sl_tcp_connect: { args: [cstring, i32], returns: i32 },
+  sl_socket_error: { args: [i32], returns: i32 },
+  sl_recv: { args: [i32, ptr, u32], returns: i32 },
+  sl_send: { args: [i32, ptr, u32], returns: i32 },
+  sl_kill: { args: [i32, i32], returns: i32 },
+} as const;
+
+function libraryPath(): string {
+  const override = process.env.SNAPLOAD_LIB;
+  if (override) return override;
+  if (existsSync(embeddedLib)) return embeddedLib;
+  return join(import.meta.dir, "..", "build", "libsnapload.so");
+}
+
+export const ABI_VERSION = 1;
+const loaded = dlopen(libraryPath(), symbols);
+export const sl = loaded.symbols;
+if (sl.sl_abi_version() !== ABI_VERSION) {
+  throw new Error(`libsnapload ABI ${sl.sl_abi_version()} does not match ${ABI_VERSION}`);
+}
+
+/** A NUL-terminated string for `cstring` arguments. */
+export function cstr(s: string): Buffer {
+  return Buffer.from(`${s}\0`, "utf8");
+}
+
+/** Memory owned by us, allocated by C (stable address), viewed from JS without copies. */
+export class NativeBuffer {
+  readonly address: number;
+  readonly bytes: Uint8Array;
+  readonly u32: Uint32Array;
+  readonly view: DataView;
+  #freed = false;
+
+  constructor(readonly length: number) {
+    const out = new BigUint64Array(1);
+    const r = sl.sl_buffer_alloc(length, out);
+    if (r < 0) throw new Error(`cannot allocate ${length} bytes: ${errnoName(-r)}`);
+    this.address = Number(out[0]);
+    const ab = toArrayBuffer(this.address as Pointer, 0, length);
+    this.bytes = new Uint8Array(ab);
+    this.u32 = new Uint32Array(ab);
+    this.view = new DataView(ab);
+  }
+
+  /** Reads a u64 that is known to fit in 2^53 (addresses, sizes). */
+  u64(offset: number): number {
+    return this.view.getUint32(offset, true) + this.view.getUint32(offset + 4, true) * 0x1_0000_0000;
+  }
+
+  free(): void {
+    if (this.#freed) return;
+    this.#freed = true;
+    sl.sl_buffer_free(this.address as Pointer, this.length);
+  }
+}
+
+const ERRNO_NAMES: Record<number, string> = {
+  1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM",
+  13: "EACCES", 14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR",
+  22: "EINVAL", 24: "EMFILE", 25: "ENOTTY", 28: "ENOSPC", 32: "EPIPE", 36: "ENAMETOOLONG", 38: "ENOSYS",
+  75: "EOVERFLOW", 88: "ENOTSOCK", 95: "EOPNOTSUPP", 97: "EAFNOSUPPORT", 98: "EADDRINUSE",
+  104: "ECONNRESET", 107: "ENOTCONN", 110: "ETIMEDOUT", 111: "ECONNREFUSED", 113: "EHOSTUNREACH",
+  115: "EINPROGRESS", 6: "ENXIO",
+};
+
+export function errnoName(errno: number): string {
+  return ERRNO_NAMES[errno] ?? `errno ${errno}`;
+}
+
+export const Errno = {
+  EPERM: 1, ENOENT: 2, ESRCH: 3, EINTR: 4, EAGAIN: 11, EEXIST: 17, EINVAL: 22, ENXIO: 6, ENOMEM: 12,
+  EINPROGRESS: 115, ECONNREFUSED: 111,
+} as const;
+
+export const EPOLLIN = 0x001;
+export const EPOLLOUT = 0x004;
+export const EPOLLERR = 0x008;
+export const EPOLLHUP = 0x010;
+export const EPOLLRDHUP = 0x2000;
+export const EPOLL_CTL_ADD = 1;
+export const EPOLL_CTL_DEL = 2;
+export const EPOLL_CTL_MOD = 3;
+
+export const UFFD_EVENT_PAGEFAULT = 0x12;
+export const UFFD_EVENT_FORK = 0x13;
+export const UFFD_EVENT_REMAP = 0x14;
+export const UFFD_EVENT_REMOVE = 0x15;
+export const UFFD_EVENT_UNMAP = 0x16;
+export const UFFD_MSG_SIZE = 32;
+export const SL_EVENT_SIZE = 16;
+export const COPY_DONTWAKE = 1;

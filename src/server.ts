@@ -1,0 +1,233 @@
+// `snapload serve`: the Unix socket VMMs hand their userfaultfd to, and every VM's lifecycle.
+// A bad peer costs one log line and its own connection; every other VM keeps being served.
+import { unlinkSync } from "node:fs";
+import { check } from "./check.ts";
+import { HandshakeError, SnaploadError } from "./errors.ts";
+import { EventLoop } from "./event-loop.ts";
+import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "./ffi.ts";
+import { checkRegionsFitImage, MAX_HANDSHAKE_BYTES, parseHandshake, scanJson } from "./handshake.ts";
+import { HandlerTable, type PageBackend } from "./handler-table.ts";
+import { formatBytes, type Logger } from "./log.ts";
+import { Scratch, VmSession, type VmStats } from "./vm-session.ts";
+
+export interface ServerOptions {
+  socketPath: string;
+  socketMode: number;
+  backend: PageBackend;
+  faultAround: number;
+  /** A peer that has not completed its handshake by then is dropped. */
+  handshakeTimeoutMs: number;
+  /** What to do with a VM that can no longer be served: Firecracker's docs advise SIGKILL. */
+  onFatal: "kill" | "drop";
+  logger: Logger;
+}
+
+export interface VmExit {
+  id: number;
+  pid: number;
+  reason: string;
+  stats: VmStats;
+  seconds: number;
+}
+
+/** Known VMMs send the uffd and at most two more fds (e2b: a memfd; unreleased Firecracker: up to 3). */
+const MAX_FDS = 3;
+
+interface Pending {
+  fd: number;
+  token: number;
+  pid: number;
+  bytes: Uint8Array;
+  length: number;
+  fds: number[];
+  cancelTimer: () => void;
+}
+
+export class Server {
+  readonly loop: EventLoop;
+  readonly vms = new Map<number, VmSession>();
+  readonly exits: VmExit[] = [];
+  onVmExit: ((exit: VmExit) => void) | undefined;
+  private listenFd = -1;
+  private readonly scratch = new Scratch();
+  private readonly recvBuf = new NativeBuffer(MAX_HANDSHAKE_BYTES);
+  private readonly recvFds = new Int32Array(16);
+  private readonly recvCounts = new Int32Array(2);
+  private readonly pending = new Set<Pending>();
+  private readonly tokens = new Map<VmSession, { uffd: number; sock: number }>();
+  private nextId = 1;
+  private closed = false;
+
+  constructor(private readonly opts: ServerOptions, loop?: EventLoop) {
+    this.loop = loop ?? new EventLoop();
+  }
+
+  listen(): void {
+    this.listenFd = check("listen", sl.sl_unix_listen(cstr(this.opts.socketPath), this.opts.socketMode, 128), {
+      path: this.opts.socketPath,
+    });
+    this.loop.add(this.listenFd, EPOLLIN, () => this.acceptAll());
+  }
+
+  async run(): Promise<void> {
+    await this.loop.run();
+  }
+
+  private acceptAll(): void {
+    for (;;) {
+      const fd = sl.sl_accept(this.listenFd);
+      if (fd < 0) {
+        if (-fd !== Errno.EAGAIN) this.opts.logger.warn(`accept failed: ${errnoName(-fd)}`);
+        return;
+      }
+      const cred = new Int32Array(3);
+      const pid = sl.sl_peer_cred(fd, cred) === 0 ? cred[0]! : -1;
+      const p: Pending = { fd, token: -1, pid, bytes: new Uint8Array(4096), length: 0, fds: [], cancelTimer: () => {} };
+      this.pending.add(p);
+      p.token = this.loop.add(fd, EPOLLIN | EPOLLRDHUP, () => this.readHandshake(p));
+      p.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
+        this.reject(p, new HandshakeError(`no complete handshake within ${this.opts.handshakeTimeoutMs} ms`)),
+      );
+    }
+  }
+
+  private readHandshake(p: Pending): void {
+    const n = sl.sl_recv_fds(p.fd, this.recvBuf.address, MAX_HANDSHAKE_BYTES, this.recvFds, this.recvFds.length, this.recvCounts, this.recvCounts.subarray(1));
+    if (n < 0) {
+      if (-n === Errno.EAGAIN) return;
+      return this.reject(p, new HandshakeError(`reading the handshake failed: ${errnoName(-n)}`));
+    }
+    for (let i = 0; i < this.recvCounts[0]!; i++) p.fds.push(this.recvFds[i]!);
+    if (this.recvCounts[1]) return this.reject(p, new HandshakeError(`more file descriptors than the ${this.recvFds.length} a handshake may carry`));
+    if (n === 0) {
+      const what = p.length ? "in the middle of its handshake" : "without sending a handshake";
+      return this.reject(p, new HandshakeError(`peer closed the connection ${what}`));
+    }
+    if (p.length + n > MAX_HANDSHAKE_BYTES) {
+      return this.reject(p, new HandshakeError(`handshake larger than ${MAX_HANDSHAKE_BYTES} bytes`));
+    }
+    if (p.length + n > p.bytes.length) {
+      const grown = new Uint8Array(Math.min(MAX_HANDSHAKE_BYTES, Math.max(p.bytes.length * 2, p.length + n)));
+      grown.set(p.bytes.subarray(0, p.length));
+      p.bytes = grown;
+    }
+    p.bytes.set(this.recvBuf.bytes.subarray(0, n), p.length);
+    p.length += n;
+    const scan = scanJson(p.bytes.subarray(0, p.length));
+    if (scan.state === "incomplete") return;
+    if (scan.state === "invalid") return this.reject(p, new HandshakeError(`handshake is not valid JSON: ${scan.reason}`));
+    try {
+      this.accept(p, new TextDecoder("utf-8", { fatal: true }).decode(p.bytes.subarray(0, scan.end)));
+    } catch (e) {
+      this.reject(p, e instanceof SnaploadError ? e : new HandshakeError(`handshake failed: ${(e as Error).message}`));
+    }
+  }
+
+  private accept(p: Pending, text: string): void {
+    const regions = parseHandshake(text);
+    checkRegionsFitImage(regions, this.opts.backend.size);
+    if (p.fds.length === 0) throw new HandshakeError("no file descriptor came with the handshake (expected the userfaultfd)");
+    if (p.fds.length > MAX_FDS) throw new HandshakeError(`${p.fds.length} file descriptors came with the handshake; at most ${MAX_FDS} expected`);
+    const uffds = p.fds.filter((fd) => sl.sl_fd_is_uffd(fd) === 1);
+    if (uffds.length === 0) throw new HandshakeError(`none of the ${p.fds.length} file descriptors is a userfaultfd`);
+    if (uffds.length > 1) throw new HandshakeError(`${uffds.length} userfaultfds came with the handshake; which one to serve is ambiguous`);
+    const uffd = uffds[0]!;
+    check("fcntl(O_NONBLOCK)", sl.sl_set_nonblock(uffd));
+    // Extra fds (e2b's memfd, future guest_memfd) are not ours to keep.
+    for (const fd of p.fds) if (fd !== uffd) sl.sl_close(fd);
+    p.fds = [];
+    this.forgetPending(p);
+
+    const table = new HandlerTable(regions, this.opts.backend);
+    const vm = new VmSession(this.nextId++, p.pid, uffd, p.fd, table, this.scratch, { faultAround: this.opts.faultAround });
+    this.vms.set(vm.id, vm);
+    const uffdToken = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
+    const sockToken = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
+      if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) this.closeVm(vm, "VMM hung up");
+    });
+    this.tokens.set(vm, { uffd: uffdToken, sock: sockToken });
+    const pageSizes = [...new Set(regions.map((r) => formatBytes(r.pageSize)))].join("/");
+    this.opts.logger.info(
+      `vm ${vm.id} pid ${vm.pid} connected: ${regions.length} region${regions.length > 1 ? "s" : ""}, ${formatBytes(table.bytes)}, ${pageSizes} pages`,
+    );
+    // The VMM may have faulted already, before we watched the uffd.
+    this.serveVm(vm);
+  }
+
+  private serveVm(vm: VmSession): void {
+    if (vm.closed) return;
+    if (!vm.drain()) return this.failVm(vm);
+    if (vm.retry.length) this.loop.after(1, () => this.serveVm(vm));
+  }
+
+  private failVm(vm: VmSession): void {
+    const reason = vm.fatal ?? "unknown failure";
+    if (this.opts.onFatal === "kill" && vm.pid > 0) {
+      // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice).
+      sl.sl_kill(vm.pid, 9);
+      this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`);
+    } else {
+      this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; dropped`);
+    }
+    this.closeVm(vm, `failed: ${reason}`, true);
+  }
+
+  closeVm(vm: VmSession, reason: string, quiet = false): void {
+    if (vm.closed) return;
+    vm.closed = true;
+    const t = this.tokens.get(vm);
+    if (t) {
+      this.loop.remove(t.uffd, vm.uffd);
+      this.loop.remove(t.sock, vm.sock);
+      this.tokens.delete(vm);
+    }
+    sl.sl_close(vm.uffd);
+    sl.sl_close(vm.sock);
+    this.vms.delete(vm.id);
+    const seconds = (performance.now() - vm.connectedAt) / 1000;
+    const s = vm.stats;
+    const exit: VmExit = { id: vm.id, pid: vm.pid, reason, stats: { ...s }, seconds };
+    this.exits.push(exit);
+    if (!quiet) {
+      this.opts.logger.info(
+        `vm ${vm.id} pid ${vm.pid} exited (${reason}): ${s.pagesInstalled} pages served (${s.zeroPagesInstalled} zero) in ${s.faults} faults over ${seconds.toFixed(2)} s`,
+      );
+    }
+    this.onVmExit?.(exit);
+  }
+
+  private reject(p: Pending, e: SnaploadError): void {
+    if (!this.pending.has(p)) return;
+    this.opts.logger.warn(`connection from pid ${p.pid} rejected: ${e.message}`);
+    for (const fd of p.fds) sl.sl_close(fd);
+    this.forgetPending(p);
+    sl.sl_close(p.fd);
+  }
+
+  private forgetPending(p: Pending): void {
+    p.cancelTimer();
+    this.loop.remove(p.token, p.fd);
+    this.pending.delete(p);
+  }
+
+  /** Stops serving: closes every connection and removes the socket file. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.loop.stop();
+    if (this.vms.size) {
+      this.opts.logger.warn(`shutting down with ${this.vms.size} VM(s) connected: their next fault will block`);
+    }
+    for (const vm of [...this.vms.values()]) this.closeVm(vm, "snapload shut down");
+    for (const p of [...this.pending]) this.reject(p, new HandshakeError("snapload shut down"));
+    if (this.listenFd >= 0) {
+      sl.sl_close(this.listenFd);
+      this.listenFd = -1;
+      try {
+        unlinkSync(this.opts.socketPath);
+      } catch {
+        // Already gone: nothing to clean.
+      }
+    }
+  }
+}

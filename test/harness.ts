@@ -1,0 +1,115 @@
+// Shared test plumbing: real processes only — the daemon under test and the C VMM stand-in.
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+export const ROOT = join(import.meta.dir, "..");
+export const BUN = process.execPath;
+export const STANDIN = join(ROOT, "build", "vmm-standin");
+
+let built = false;
+/** Builds the C core and the stand-in (a no-op when up to date). */
+export function ensureBuilt(): void {
+  if (built) return;
+  const r = Bun.spawnSync([BUN, join(ROOT, "scripts/build-c.ts")], { stdout: "inherit", stderr: "inherit" });
+  if (r.exitCode !== 0) throw new Error("C build failed");
+  built = true;
+}
+
+export function tempDir(prefix = "snapload-test-"): { path: string; cleanup: () => void } {
+  const path = mkdtempSync(join(tmpdir(), prefix));
+  return { path, cleanup: () => rmSync(path, { recursive: true, force: true }) };
+}
+
+export class Daemon {
+  private stderrText = "";
+  private readonly done: Promise<number>;
+  private waiters: (() => void)[] = [];
+
+  constructor(
+    readonly proc: Bun.Subprocess<"ignore", "pipe", "pipe">,
+    readonly socket: string,
+  ) {
+    this.done = this.pump().then(() => proc.exited);
+  }
+
+  private async pump(): Promise<void> {
+    const decoder = new TextDecoder();
+    for await (const chunk of this.proc.stderr) {
+      this.stderrText += decoder.decode(chunk, { stream: true });
+      for (const w of this.waiters.splice(0)) w();
+    }
+  }
+
+  get log(): string {
+    return this.stderrText;
+  }
+
+  /** Resolves when the log matches, or rejects after timeoutMs with the log so far. */
+  async waitForLog(pattern: RegExp, timeoutMs = 10_000): Promise<RegExpMatchArray> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = this.stderrText.match(pattern);
+      if (m) return m;
+      if (Date.now() > deadline) throw new Error(`log never matched ${pattern}; log so far:\n${this.stderrText}`);
+      if (this.proc.exitCode !== null) throw new Error(`daemon exited (${this.proc.exitCode}) before ${pattern}; log:\n${this.stderrText}`);
+      await new Promise<void>((resolve) => {
+        this.waiters.push(resolve);
+        setTimeout(resolve, 50);
+      });
+    }
+  }
+
+  /** SIGTERM, then the exit code. */
+  async stop(): Promise<number> {
+    if (this.proc.exitCode === null) this.proc.kill("SIGTERM");
+    const killer = setTimeout(() => this.proc.kill("SIGKILL"), 5000);
+    const code = await this.done;
+    clearTimeout(killer);
+    return code;
+  }
+}
+
+export async function startDaemon(args: string[], socket: string, extraEnv: Record<string, string> = {}): Promise<Daemon> {
+  const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), "serve", "--socket", socket, ...args], {
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+    env: { ...process.env, ...extraEnv },
+  });
+  const d = new Daemon(proc, socket);
+  await d.waitForLog(/listening on/);
+  return d;
+}
+
+export interface StandinResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+  report?: {
+    pages: number;
+    verified: number;
+    mismatches: number;
+    first_mismatch: number;
+    touch_ns: number;
+    lat_p50_ns: number;
+    lat_p99_ns: number;
+  };
+}
+
+/** Runs the C VMM stand-in to completion. */
+export async function runStandin(args: string[], timeoutMs = 60_000): Promise<StandinResult> {
+  const proc = Bun.spawn([STANDIN, ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+  const killer = setTimeout(() => proc.kill("SIGKILL"), timeoutMs);
+  const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  clearTimeout(killer);
+  let report: StandinResult["report"];
+  const line = stdout.trim().split("\n").pop();
+  if (line?.startsWith("{")) report = JSON.parse(line);
+  return { code, stdout, stderr, report };
+}
+
+/** Expects a clean, fully verified restore, with the stand-in's words in the failure message. */
+export function describeRun(r: StandinResult): string {
+  return `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
+}
