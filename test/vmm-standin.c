@@ -22,7 +22,8 @@
  *   --format v1|v7|v12|future  JSON flavour (default v12); future also sends a memfd as an extra fd
  *   --body STRING            send exactly STRING as the body
  *   --garbage N              send N bytes of xorshift garbage (first byte 0xff) as the body
- *   --fds uffd|none|notuffd|two  SCM_RIGHTS payload (two = uffd + /dev/null)
+ *   --fds uffd|none|notuffd|two|many  SCM_RIGHTS payload (two = uffd + /dev/null,
+ *                                many = uffd + 4 x /dev/null)
  *   --silent                 connect, send nothing, wait for the handler to close (implies --expect-reject)
  *   --expect-reject          after sending, touch nothing; wait for the handler to close the socket
  *   --reject-timeout MS      (default 10000) window for --expect-reject, counted from the start of sending
@@ -128,7 +129,7 @@ struct range {
 };
 
 enum fmt { FMT_V1, FMT_V7, FMT_V12, FMT_FUTURE };
-enum fdsmode { FDS_UFFD, FDS_NONE, FDS_NOTUFFD, FDS_TWO };
+enum fdsmode { FDS_UFFD, FDS_NONE, FDS_NOTUFFD, FDS_TWO, FDS_MANY };
 enum ordmode { ORD_SEQ, ORD_REV, ORD_RANDOM, ORD_FILE };
 enum vermode { VER_TOUCHED, VER_ALL, VER_NONE };
 
@@ -380,7 +381,7 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: vmm-standin --socket PATH [--expect FILE] [--region SIZE[@OFFSET]]...\n"
 		"  [--far] [--hugepages] [--format v1|v7|v12|future] [--body STR | --garbage N]\n"
-		"  [--fds uffd|none|notuffd|two] [--silent] [--expect-reject] [--reject-timeout MS]\n"
+		"  [--fds uffd|none|notuffd|two|many] [--silent] [--expect-reject] [--reject-timeout MS]\n"
 		"  [--order seq|reverse|random|file:PATH] [--seed N] [--fraction F] [--threads N]\n"
 		"  [--cpu LIST] [--touch read|write] [--balloon OFF:LEN]... [--balloon-after OFF:LEN]...\n"
 		"  [--exit-after N] [--verify touched|all|none] [--progress] [--hold MS] [--timeout MS]\n");
@@ -446,7 +447,8 @@ static void parse_args(int argc, char **argv)
 			else if (!strcmp(optarg, "none")) opt.fds = FDS_NONE;
 			else if (!strcmp(optarg, "notuffd")) opt.fds = FDS_NOTUFFD;
 			else if (!strcmp(optarg, "two")) opt.fds = FDS_TWO;
-			else usage_err("bad --fds '%s' (uffd|none|notuffd|two)", optarg);
+			else if (!strcmp(optarg, "many")) opt.fds = FDS_MANY;
+			else usage_err("bad --fds '%s' (uffd|none|notuffd|two|many)", optarg);
 			break;
 		case O_SILENT: opt.silent = true; break;
 		case O_EXPREJ: opt.expect_reject = true; break;
@@ -1153,9 +1155,9 @@ int main(int argc, char **argv)
 	} else {
 		body = (uint8_t *)build_json(&body_len);
 	}
-	int fds[4], nfds = 0;
+	int fds[8], nfds = 0;
 	int devnull = -1;
-	if (opt.fds == FDS_NOTUFFD || opt.fds == FDS_TWO) {
+	if (opt.fds == FDS_NOTUFFD || opt.fds == FDS_TWO || opt.fds == FDS_MANY) {
 		devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
 		if (devnull < 0)
 			syserr("open /dev/null");
@@ -1165,6 +1167,11 @@ int main(int argc, char **argv)
 	case FDS_NONE: break;
 	case FDS_NOTUFFD: fds[nfds++] = devnull; break;
 	case FDS_TWO: fds[nfds++] = uffd; fds[nfds++] = devnull; break;
+	case FDS_MANY:
+		fds[nfds++] = uffd;
+		for (int i = 0; i < 4; i++)
+			fds[nfds++] = devnull;
+		break;
 	}
 	if (opt.format == FMT_FUTURE && opt.fds != FDS_NONE) {
 		int mfd = (int)syscall(SYS_memfd_create, "guest_mem", MFD_CLOEXEC);
