@@ -74,14 +74,14 @@ export function inspectImage(path: string, opts: InspectOptions = {}): string {
       b.name === r.block ? "*" : " ",
       b.name,
       String(b.usedLength),
-      mib(b.usedLength),
+      (b.usedLength / (1024 * 1024)).toFixed(1),
       String(b.pageSize),
       String(b.dataPages),
       String(b.zeroPages),
       `0x${b.bitmapOffset.toString(16)}`,
       `0x${b.pagesOffset.toString(16)}`,
     ]);
-    const header = ["", "name", "used length", "", "page", "data", "zero", "bitmap@", "pages@"];
+    const header = ["", "name", "used length", "MiB", "page", "data", "zero", "bitmap@", "pages@"];
     lines.push(...table([header, ...rows]).map((l) => `  ${l}`));
   }
   return lines.join("\n");

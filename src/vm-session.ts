@@ -1,19 +1,12 @@
 // One connected VM: its uffd, its handler table, and the fault path.
 // The fault path never touches guest memory and allocates nothing per fault: messages are
-// decoded from a buffer shared with C, pages go from our mapping to the guest by UFFDIO_COPY.
+// decoded from a buffer shared with C, pages go from our mapping (or a receive buffer) to the
+// guest by UFFDIO_COPY.
 import { toArrayBuffer, type Pointer } from "bun:ffi";
-import {
-  COPY_DONTWAKE,
-  Errno,
-  errnoName,
-  NativeBuffer,
-  sl,
-  UFFD_EVENT_PAGEFAULT,
-  UFFD_EVENT_REMOVE,
-  UFFD_MSG_SIZE,
-} from "./ffi.ts";
-import { HandlerTable, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type Region } from "./handler-table.ts";
+import { COPY_DONTWAKE, Errno, errnoName, NativeBuffer, sl, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_MSG_SIZE } from "./ffi.ts";
+import { type HandlerTable, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRequester, type Region } from "./handler-table.ts";
 import { IMAGE_PAGE } from "./image/snapshot-image.ts";
+import type { TouchRecorder } from "./working-set.ts";
 
 /** Buffers shared by every VM of one loop (the loop is single-threaded). */
 export class Scratch {
@@ -25,6 +18,8 @@ export class Scratch {
   readonly zero2m = new NativeBuffer(2 * 1024 * 1024);
   /** Assembly area for a 2 MiB page that mixes data and zero pages of a mapped-ram image. */
   readonly staging = new NativeBuffer(2 * 1024 * 1024);
+  /** Fault addresses of one batch, for coalescing neighbours. */
+  readonly faults = new Float64Array(Scratch.MAX_MSGS);
 
   free(): void {
     this.msgs.free();
@@ -38,6 +33,8 @@ export interface VmStats {
   faults: number;
   pagesInstalled: number;
   zeroPagesInstalled: number;
+  prefetchedPages: number;
+  populatedPages: number;
   bytesCopied: number;
   eexist: number;
   eagain: number;
@@ -47,21 +44,40 @@ export interface VmStats {
 export interface VmOptions {
   /** Pages installed per fault: the aligned window of this many region pages around the fault. */
   faultAround: number;
+  /** Records first touches (image pages) when set. */
+  recorder?: TouchRecorder;
+  /** Asks for pages of a remote backend; absent for local images. */
+  requester?: PageRequester;
 }
 
-const OK = 0;
-const AGAIN = 1;
-const GONE = 2;
-const FAILED = 3;
+export const OK = 0;
+export const AGAIN = 1;
+export const GONE = 2;
+export const FAILED = 3;
+
+/** Bytes per background install: large enough to amortise the ioctl, small enough that a fault never waits long. */
+const BACKGROUND_RUN_BYTES = 512 * 1024;
 
 export class VmSession {
-  readonly stats: VmStats = { faults: 0, pagesInstalled: 0, zeroPagesInstalled: 0, bytesCopied: 0, eexist: 0, eagain: 0, removes: 0 };
+  readonly stats: VmStats = {
+    faults: 0,
+    pagesInstalled: 0,
+    zeroPagesInstalled: 0,
+    prefetchedPages: 0,
+    populatedPages: 0,
+    bytesCopied: 0,
+    eexist: 0,
+    eagain: 0,
+    removes: 0,
+  };
   readonly connectedAt = performance.now();
   /** Fault addresses that met EAGAIN (a REMOVE was pending): retried after the next drain. */
   readonly retry: number[] = [];
   /** Set when the VM can no longer be served; the server closes it. */
   fatal: string | undefined;
   closed = false;
+  /** Unregistered after full population: the VM no longer needs us. */
+  detached = false;
   private hitEexist = false;
   private lastErrno = 0;
 
@@ -95,36 +111,56 @@ export class VmSession {
   /** Retries faults that met EAGAIN; returns true when none is left. */
   serveRetries(): boolean {
     const pending = this.retry.splice(0, this.retry.length);
-    for (const addr of pending) this.fault(addr);
+    for (const addr of pending) this.fault(addr, 1);
     return this.retry.length === 0;
   }
 
   private dispatch(buf: NativeBuffer, n: number): void {
     const bytes = buf.bytes;
     const u32 = buf.u32;
+    const faults = this.scratch.faults;
+    let nf = 0;
     // REMOVEs first: a fault read in the same batch must not install data the guest already discarded.
     for (let i = 0; i < n; i++) {
       const o = i * UFFD_MSG_SIZE;
-      if (bytes[o] === UFFD_EVENT_REMOVE) {
-        const w = o >> 2;
-        this.remove(u32[w + 2]! + u32[w + 3]! * 0x1_0000_0000, u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000);
-      }
-    }
-    for (let i = 0; i < n; i++) {
-      const o = i * UFFD_MSG_SIZE;
+      const w = o >> 2;
       const event = bytes[o];
-      if (event === UFFD_EVENT_PAGEFAULT) {
-        const w = o >> 2;
-        this.fault(u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000);
-        if (this.fatal !== undefined) return;
-      } else if (event !== UFFD_EVENT_REMOVE) {
-        // FORK/REMAP/UNMAP are never enabled by a Firecracker-style VMM; nothing to do for them.
+      if (event === UFFD_EVENT_REMOVE) {
+        this.remove(u32[w + 2]! + u32[w + 3]! * 0x1_0000_0000, u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000);
+      } else if (event === UFFD_EVENT_PAGEFAULT) {
+        faults[nf++] = u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000;
       }
+      // FORK/REMAP/UNMAP are never enabled by a Firecracker-style VMM: nothing to do for them.
+    }
+    if (nf === 0) return;
+    if (nf > 1) faults.subarray(0, nf).sort();
+    // Faults on neighbouring pages (several vCPUs walking memory) become one run, one ioctl.
+    let i = 0;
+    while (i < nf) {
+      const addr = faults[i]!;
+      let j = i + 1;
+      const region = this.table.find(addr);
+      if (region !== undefined) {
+        const ps = region.pageSize;
+        let last = Math.floor((addr - region.base) / ps);
+        while (j < nf && faults[j]! < region.end && Math.floor((faults[j]! - region.base) / ps) <= last + 1) {
+          last = Math.floor((faults[j]! - region.base) / ps);
+          j++;
+        }
+      }
+      this.fault(addr, j - i > 1 ? Math.floor((faults[j - 1]! - addr) / (region?.pageSize ?? 1)) + 1 : 1);
+      if (this.fatal !== undefined) return;
+      // Faults beyond the first of a coalesced group: counted, and woken by the run's wake.
+      this.stats.faults += j - i - 1;
+      i = j;
     }
   }
 
-  /** Serves one fault: the run of pages around it first (waking the vCPU), then the rest of the window. */
-  fault(addr: number): void {
+  /**
+   * Serves a fault (or `span` neighbouring faults starting at addr): the run of pages around it
+   * first, waking the vCPU, then the rest of the fault-around window without waking.
+   */
+  fault(addr: number, span: number): void {
     const region = this.table.find(addr);
     if (region === undefined) {
       this.fatal = `fault at 0x${addr.toString(16)} outside every region the VMM announced`;
@@ -133,57 +169,147 @@ export class VmSession {
     this.stats.faults++;
     const ps = region.pageSize;
     const i = Math.floor((addr - region.base) / ps);
+    const iEnd = Math.min(i + span, region.pages);
+    const state = region.state;
+    const recorder = this.options.recorder;
+    if (recorder !== undefined) {
+      for (let k = i; k < iEnd; k++) if (state[k] === PAGE_MISSING || state[k] === PAGE_IN_FLIGHT) recorder.add(region.firstImagePage + k * region.imagePagesPerPage);
+    }
     const fa = this.options.faultAround;
     let w0 = i;
-    let w1 = i + 1;
+    let w1 = iEnd;
     if (fa > 1) {
       w0 = i - (i % fa);
-      w1 = Math.min(w0 + fa, region.pages);
+      w1 = Math.min(Math.max(w0 + fa, iEnd), region.pages);
     }
-    const state = region.state;
-    const removed = state[i] === PAGE_REMOVED;
-    const zero = removed || region.isZeroPage(i);
-    // Grow the run over missing neighbours of the same kind, so one ioctl serves them all.
-    let a = i;
-    let b = i + 1;
-    if (!removed && !region.isMixedPage(i)) {
-      while (a > w0 && state[a - 1] === PAGE_MISSING && region.isZeroPage(a - 1) === zero && !region.isMixedPage(a - 1)) a--;
-      while (b < w1 && state[b] === PAGE_MISSING && region.isZeroPage(b) === zero && !region.isMixedPage(b)) b++;
-    }
+    if (this.options.requester !== undefined) return this.faultRemote(region, i, iEnd, w0, w1);
+
+    // Every page of the fault span is installed (or re-tried: EEXIST then wakes it).
+    let r = OK;
+    let k = i;
     this.hitEexist = false;
-    const r = this.installRun(region, a, b - a, zero, false);
+    while (k < iEnd) {
+      const removed = state[k] === PAGE_REMOVED;
+      const zero = removed || region.isZeroPage(k);
+      let a = k;
+      let b = k + 1;
+      if (!removed && !region.isMixedPage(k)) {
+        // Grow the run over neighbours of the same kind, so one ioctl serves them all.
+        if (k === i) while (a > w0 && state[a - 1] === PAGE_MISSING && this.sameKind(region, a - 1, zero)) a--;
+        while (b < w1 && (b < iEnd ? state[b] !== PAGE_REMOVED : state[b] === PAGE_MISSING) && this.sameKind(region, b, zero)) b++;
+      }
+      r = this.installRun(region, a, b - a, zero, false);
+      if (r !== OK) break;
+      k = b;
+    }
     if (r === AGAIN) {
       this.stats.eagain++;
-      this.retry.push(addr);
+      this.retry.push(region.base + k * ps);
       return;
     }
     if (r === FAILED) {
-      this.fatal = `installing page 0x${(region.base + i * ps).toString(16)} failed: ${errnoName(this.lastErrno)}`;
+      this.fatal = `installing page 0x${(region.base + k * ps).toString(16)} failed: ${errnoName(this.lastErrno)}`;
       return;
     }
-    // The faulting page already existed (raced with another install): its waiter still sleeps.
-    if (this.hitEexist) sl.sl_uffd_wake(this.uffd, region.base + i * ps, ps);
+    // A faulting page already existed (raced with another install): its waiter still sleeps.
+    if (this.hitEexist) sl.sl_uffd_wake(this.uffd, region.base + i * ps, (iEnd - i) * ps);
     if (fa > 1) {
-      this.installMissing(region, w0, a);
-      this.installMissing(region, b, w1);
+      this.installMissing(region, w0, i, 0);
+      this.installMissing(region, iEnd, w1, 0);
     }
   }
 
-  /** Installs every missing page in [from, to) of a region without waking anyone. */
-  installMissing(region: Region, from: number, to: number): number {
+  private sameKind(region: Region, k: number, zero: boolean): boolean {
+    return region.isZeroPage(k) === zero && !region.isMixedPage(k);
+  }
+
+  /** Remote backend: zero pages are installed here and now; data pages are requested. */
+  private faultRemote(region: Region, i: number, iEnd: number, w0: number, w1: number): void {
+    const requester = this.options.requester!;
     const state = region.state;
+    for (let k = i; k < iEnd; k++) {
+      const s = state[k];
+      if (s === PAGE_IN_FLIGHT) requester.hurry(region, k);
+      else if (s === PAGE_REMOVED || region.isZeroPage(k)) {
+        const r = this.installRun(region, k, 1, true, false);
+        if (r === AGAIN) {
+          this.stats.eagain++;
+          this.retry.push(region.base + k * region.pageSize);
+        }
+      } else if (s === PAGE_MISSING) this.requestRun(region, k, Math.max(w1, k + 1), true);
+      else sl.sl_uffd_wake(this.uffd, region.base + k * region.pageSize, region.pageSize); // installed meanwhile
+    }
+    if (w1 > w0) {
+      this.installMissing(region, w0, i, 0);
+      this.installMissing(region, iEnd, w1, 0);
+    }
+  }
+
+  /** Marks and requests the missing data pages from k up to `limit` (stopping at the first other page). */
+  private requestRun(region: Region, k: number, limit: number, urgent: boolean): number {
+    let e = k;
+    while (e < limit && region.state[e] === PAGE_MISSING && !region.isZeroPage(e)) {
+      region.setState(e, PAGE_IN_FLIGHT);
+      e++;
+    }
+    if (e > k) this.options.requester!.request(region, k, e - k, urgent);
+    return e;
+  }
+
+  /**
+   * Installs (or, for a remote backend, requests) every missing page in [from, to) of a region
+   * without waking anyone. Stops after `budget` pages when budget > 0. Returns OK, AGAIN, GONE or FAILED.
+   */
+  installMissing(region: Region, from: number, to: number, budget: number): number {
+    const state = region.state;
+    const remote = this.options.requester !== undefined;
+    const maxRun = Math.max(1, Math.floor(BACKGROUND_RUN_BYTES / region.pageSize));
     let k = from;
+    let used = 0;
     while (k < to) {
       if (state[k] !== PAGE_MISSING) {
         k++;
         continue;
       }
+      if (budget > 0 && used >= budget) break;
       const zero = region.isZeroPage(k);
-      let e = k + 1;
-      if (!region.isMixedPage(k)) {
-        while (e < to && state[e] === PAGE_MISSING && region.isZeroPage(e) === zero && !region.isMixedPage(e)) e++;
+      const limit = Math.min(to, k + maxRun);
+      if (remote && !zero) {
+        const e = this.requestRun(region, k, limit, false);
+        used += e - k;
+        k = e;
+        continue;
       }
+      let e = k + 1;
+      if (!region.isMixedPage(k)) while (e < limit && state[e] === PAGE_MISSING && this.sameKind(region, e, zero)) e++;
       const r = this.installRun(region, k, e - k, zero, true);
+      if (r !== OK) return r;
+      used += e - k;
+      k = e;
+    }
+    return OK;
+  }
+
+  /** Bytes for region pages [first, first+count) arrived at src (a remote backend's buffer). */
+  deliver(region: Region, first: number, count: number, src: number): number {
+    const ps = region.pageSize;
+    const state = region.state;
+    let k = first;
+    while (k < first + count) {
+      if (state[k] !== PAGE_IN_FLIGHT) {
+        k++; // removed or installed meanwhile: these bytes are stale for it
+        continue;
+      }
+      let e = k + 1;
+      while (e < first + count && state[e] === PAGE_IN_FLIGHT) e++;
+      for (let p = k; p < e; p++) region.setState(p, PAGE_MISSING);
+      // Always wake: a vCPU may be waiting on any of these pages.
+      const r = this.installFrom(region, k, e - k, src + (k - first) * ps, false);
+      if (r === AGAIN) {
+        // A REMOVE is pending: serve these again (as faults) once it has been read, rather than guess.
+        for (let p = k; p < e; p++) if (state[p] === PAGE_MISSING) this.retry.push(region.base + p * ps);
+        return AGAIN;
+      }
       if (r !== OK) return r;
       k = e;
     }
@@ -204,7 +330,8 @@ export class VmSession {
       const dst = region.base + k * ps;
       let len = (end - k) * ps;
       let r: number;
-      if (region.state[k] === PAGE_REMOVED || zero) {
+      const isZero = zero || region.state[k] === PAGE_REMOVED;
+      if (isZero) {
         if (ps === IMAGE_PAGE) {
           r = sl.sl_uffd_zeropage(this.uffd, dst, len, mode, doneBuf.address);
         } else {
@@ -215,40 +342,60 @@ export class VmSession {
         len = ps;
         r = sl.sl_uffd_copy(this.uffd, dst, this.assembleMixed(region, k), len, mode, doneBuf.address);
       } else {
-        const src = region.backend.base + region.offset + k * ps;
-        r = sl.sl_uffd_copy(this.uffd, dst, src, len, mode, doneBuf.address);
+        r = sl.sl_uffd_copy(this.uffd, dst, region.backend.base + region.offset + k * ps, len, mode, doneBuf.address);
       }
-      if (r === 0) {
-        this.settle(region, k, len / ps, zero);
-        k += len / ps;
-        continue;
-      }
-      const donePages = Math.floor(doneBuf.u64(0) / ps);
-      if (donePages > 0) this.settle(region, k, donePages, zero);
-      k += donePages;
-      const err = -r;
-      // A partial copy reports EAGAIN with progress: go on from where it stopped.
-      if (err === Errno.EAGAIN && donePages > 0) continue;
-      if (err === Errno.EEXIST) {
-        // Someone (a racing install, or the page was never gone) got there first.
-        this.stats.eexist++;
-        this.hitEexist = true;
-        if (region.state[k] === PAGE_MISSING) region.setState(k, PAGE_INSTALLED);
-        k++;
-        continue;
-      }
-      if (err === Errno.EAGAIN) return AGAIN;
-      // ENOENT: the range is no longer registered (unmapped); ESRCH: the process is exiting.
-      if (err === Errno.ENOENT || err === Errno.ESRCH) return GONE;
-      this.lastErrno = err;
-      return FAILED;
+      const step = this.afterInstall(region, k, len / ps, isZero, r);
+      if (step < 0) return -step;
+      k += step;
     }
     return OK;
   }
 
+  /** Like installRun for data pages whose bytes are at src (not in the image mapping). */
+  private installFrom(region: Region, first: number, count: number, src: number, dontWake: boolean): number {
+    const ps = region.pageSize;
+    let k = first;
+    while (k < first + count) {
+      const r = sl.sl_uffd_copy(this.uffd, region.base + k * ps, src + (k - first) * ps, (first + count - k) * ps, dontWake ? COPY_DONTWAKE : 0, this.scratch.done.address);
+      const step = this.afterInstall(region, k, first + count - k, false, r);
+      if (step < 0) return -step;
+      k += step;
+    }
+    return OK;
+  }
+
+  /** Books the result of one install ioctl. Returns pages to advance, or -status to stop with. */
+  private afterInstall(region: Region, k: number, pages: number, zero: boolean, r: number): number {
+    if (r === 0) {
+      this.settle(region, k, pages, zero);
+      return pages;
+    }
+    const ps = region.pageSize;
+    const donePages = Math.floor(this.scratch.done.u64(0) / ps);
+    if (donePages > 0) this.settle(region, k, donePages, zero);
+    const err = -r;
+    // A partial install reports EAGAIN with progress: go on from where it stopped.
+    if (err === Errno.EAGAIN && donePages > 0) return donePages;
+    if (err === Errno.EEXIST) {
+      // Someone (a racing install, or the page was never gone) got there first.
+      this.stats.eexist++;
+      this.hitEexist = true;
+      if (region.state[k + donePages] !== PAGE_REMOVED) region.setState(k + donePages, PAGE_INSTALLED);
+      return donePages + 1;
+    }
+    if (donePages > 0) return donePages;
+    if (err === Errno.EAGAIN) return -AGAIN;
+    // ENOENT: the range is no longer registered (unmapped); ESRCH: the process is exiting.
+    if (err === Errno.ENOENT || err === Errno.ESRCH) return -GONE;
+    this.lastErrno = err;
+    return -FAILED;
+  }
+
   private settle(region: Region, first: number, count: number, zero: boolean): void {
+    const state = region.state;
     for (let k = first; k < first + count; k++) {
-      if (region.state[k] === PAGE_MISSING) region.setState(k, PAGE_INSTALLED);
+      const s = state[k];
+      if (s === PAGE_MISSING || s === PAGE_IN_FLIGHT) region.setState(k, PAGE_INSTALLED);
     }
     this.stats.pagesInstalled += count;
     if (zero) this.stats.zeroPagesInstalled += count;
@@ -258,7 +405,7 @@ export class VmSession {
   /** Builds a 2 MiB page whose zero 4 KiB pages must not come from the file (mapped-ram). */
   private assembleMixed(region: Region, k: number): number {
     const st = this.scratch.staging;
-    const firstImage = (region.offset + k * region.pageSize) / IMAGE_PAGE;
+    const firstImage = region.firstImagePage + k * region.imagePagesPerPage;
     const src = new Uint8Array(toArrayBuffer((region.backend.base + region.offset + k * region.pageSize) as Pointer, 0, region.pageSize));
     for (let p = 0; p < region.imagePagesPerPage; p++) {
       const off = p * IMAGE_PAGE;
@@ -279,5 +426,19 @@ export class VmSession {
       const last = Math.ceil((e - region.base) / region.pageSize);
       for (let k = first; k < last; k++) region.setState(k, PAGE_REMOVED);
     }
+  }
+
+  /** Unregisters every region: the VM no longer depends on us. Only when every page is settled. */
+  detach(): boolean {
+    if (this.detached || !this.table.complete) return false;
+    for (const r of this.table.regions) {
+      const rc = sl.sl_uffd_unregister(this.uffd, r.base, r.size);
+      if (rc < 0 && -rc !== Errno.ENOENT && -rc !== Errno.EINVAL) {
+        this.fatal = `unregistering region ${r.index} failed: ${errnoName(-rc)}`;
+        return false;
+      }
+    }
+    this.detached = true;
+    return true;
   }
 }

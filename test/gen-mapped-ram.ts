@@ -19,6 +19,8 @@ export interface GenBlockSpec {
   usedLength: number;
   pageSize?: number; // default 4096
   fill?: "mixed" | "zero" | "data"; // default mixed
+  postcopyPageSize?: number; // written after used_length, as QEMU does with postcopy-ram and huge pages
+  address?: number; // written when the capabilities include x-ignore-shared (default 0)
 }
 
 export interface MappedRamGenOptions {
@@ -102,6 +104,8 @@ export function generateMappedRam(out: string, opts: MappedRamGenOptions = {}): 
       const pages = Math.floor(spec.usedLength / pageSize);
       const rec = new Bytes();
       rec.u8(spec.name.length).ascii(spec.name).be64(spec.usedLength);
+      if (spec.postcopyPageSize !== undefined) rec.be64(spec.postcopyPageSize);
+      if (caps.includes("x-ignore-shared")) rec.be64(spec.address ?? 0);
       const headerOffset = pos + rec.length;
       const bitmapOffset = headerOffset + HEADER_SIZE;
       const bitmapSize = Math.ceil(pages / 64) * 8; // BITS_TO_LONGS(num_pages) * sizeof(long)

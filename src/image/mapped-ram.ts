@@ -226,6 +226,16 @@ function parseWith(r: HeaderReader): MappedRamFile {
     }
     pos = block.pagesOffset + block.usedLength;
   }
+  // The stream goes on with a be64 RAM flag (EOS), whose first byte is 0; a non-zero byte there is
+  // another block's name length, i.e. the total stopped short of the blocks actually written.
+  if (pos < fileSize && r.u8(pos, "end of the RAM block records") !== 0) {
+    const last = blocks[blocks.length - 1]!;
+    throw fail(
+      `RAM block used lengths reach the total RAM size ${totalRam} at block "${last.name}", ` +
+        `but another RAM block record follows at ${hex(pos)}`,
+      { block: last.name, recordOffset: pos, totalRam },
+    );
+  }
   return { path, fileSize, totalRam, ramSectionOffset, ignoreShared, blocks };
 }
 
