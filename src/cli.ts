@@ -13,6 +13,11 @@ usage:
       --fault-around N        pages installed per fault, aligned window (default 1)
       --handshake-timeout MS  drop peers that have not sent their handshake by then (default 5000)
       --on-fatal kill|drop    a VM that can no longer be served is killed (SIGKILL) or dropped (default kill)
+      --prefetch FILE         install this recorded working set as soon as a VM connects (faults first)
+      --populate MODE         none: pure on demand; background: install every page left, then
+                              unregister the VM (detach) (default none)
+      --record FILE           write each VM's first-touch order when it exits and on SIGUSR1;
+                              {vm} and {pid} in FILE are replaced (else the last writer wins)
       --log-level LEVEL       error|warn|info|debug (default info)
   snapload inspect FILE [--ramblock NAME] [--json]
       Show an image's format, blocks, page size, and data vs zero pages.

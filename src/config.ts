@@ -21,6 +21,9 @@ export const serveSchema = z.object({
   "fault-around": intFlag(1, 512).default(1),
   "handshake-timeout": intFlag(10, 600_000).default(5000),
   "on-fatal": z.enum(["kill", "drop"]).default("kill"),
+  populate: z.enum(["none", "background"]).default("none"),
+  prefetch: z.string().min(1).optional(),
+  record: z.string().min(1).optional(),
   "log-level": z.enum(["error", "warn", "info", "debug"]).default("info"),
 });
 export type ServeConfig = z.output<typeof serveSchema>;

@@ -41,6 +41,7 @@ export async function demoCommand(config: DemoConfig): Promise<number> {
       faultAround: config["fault-around"],
       handshakeTimeoutMs: 5000,
       onFatal: "kill",
+      populate: "none",
       logger: new Logger("warn"),
     });
     server.listen();

@@ -8,7 +8,9 @@ import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, Native
 import { checkRegionsFitImage, MAX_HANDSHAKE_BYTES, parseHandshake, scanJson } from "./handshake.ts";
 import { HandlerTable, type PageBackend } from "./handler-table.ts";
 import { formatBytes, type Logger } from "./log.ts";
+import { Populator, type PopulateMode } from "./populator.ts";
 import { Scratch, VmSession, type VmStats } from "./vm-session.ts";
+import { TouchRecorder, writeWorkingSet } from "./working-set.ts";
 
 export interface ServerOptions {
   socketPath: string;
@@ -19,6 +21,11 @@ export interface ServerOptions {
   handshakeTimeoutMs: number;
   /** What to do with a VM that can no longer be served: Firecracker's docs advise SIGKILL. */
   onFatal: "kill" | "drop";
+  /** Pages to install as soon as a VM connects, in this order (image pages). */
+  prefetch?: Uint32Array;
+  populate: PopulateMode;
+  /** Where to write each VM's first-touch order; `{vm}` and `{pid}` are substituted. */
+  recordPath?: string;
   logger: Logger;
 }
 
@@ -55,6 +62,10 @@ export class Server {
   private readonly recvCounts = new Int32Array(2);
   private readonly pending = new Set<Pending>();
   private readonly tokens = new Map<VmSession, { uffd: number; sock: number }>();
+  private readonly populators = new Map<VmSession, Populator>();
+  private readonly recorders = new Map<VmSession, TouchRecorder>();
+  private backgroundOn = false;
+  private readonly background = () => this.populateStep();
   private nextId = 1;
   private closed = false;
 
@@ -139,7 +150,9 @@ export class Server {
     this.forgetPending(p);
 
     const table = new HandlerTable(regions, this.opts.backend);
-    const vm = new VmSession(this.nextId++, p.pid, uffd, p.fd, table, this.scratch, { faultAround: this.opts.faultAround });
+    const recorder = this.opts.recordPath !== undefined ? new TouchRecorder(Math.ceil(this.opts.backend.size / 4096)) : undefined;
+    const vm = new VmSession(this.nextId++, p.pid, uffd, p.fd, table, this.scratch, { faultAround: this.opts.faultAround, recorder });
+    if (recorder) this.recorders.set(vm, recorder);
     this.vms.set(vm.id, vm);
     const uffdToken = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
     const sockToken = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
@@ -150,14 +163,74 @@ export class Server {
     this.opts.logger.info(
       `vm ${vm.id} pid ${vm.pid} connected: ${regions.length} region${regions.length > 1 ? "s" : ""}, ${formatBytes(table.bytes)}, ${pageSizes} pages`,
     );
+    const populator = new Populator(vm, this.opts.prefetch, this.opts.populate);
+    if (!populator.idle) {
+      this.populators.set(vm, populator);
+      if (!this.backgroundOn) {
+        this.backgroundOn = true;
+        this.loop.addBackground(this.background);
+      }
+    }
     // The VMM may have faulted already, before we watched the uffd.
     this.serveVm(vm);
   }
 
   private serveVm(vm: VmSession): void {
-    if (vm.closed) return;
+    if (vm.closed || vm.detached) return;
     if (!vm.drain()) return this.failVm(vm);
     if (vm.retry.length) this.loop.after(1, () => this.serveVm(vm));
+    else if (vm.table.complete) this.detachVm(vm);
+  }
+
+  /** One slice of prefetch/population per VM, round robin; faults are served between slices. */
+  private populateStep(): boolean {
+    let more = false;
+    for (const [vm, populator] of this.populators) {
+      if (populator.step()) more = true;
+      else this.populators.delete(vm);
+      if (vm.fatal !== undefined) this.failVm(vm);
+      else if (!vm.closed && !vm.detached && vm.retry.length === 0 && vm.table.complete) this.detachVm(vm);
+    }
+    if (!more && this.populators.size === 0) {
+      this.loop.removeBackground(this.background);
+      this.backgroundOn = false;
+    }
+    return more;
+  }
+
+  /** Every page is settled: unregister so the VM no longer depends on us (or on the network). */
+  private detachVm(vm: VmSession): void {
+    if (!vm.detach()) {
+      if (vm.fatal !== undefined) this.failVm(vm);
+      return;
+    }
+    const t = this.tokens.get(vm);
+    if (t) this.loop.remove(t.uffd, vm.uffd);
+    sl.sl_close(vm.uffd);
+    this.populators.delete(vm);
+    const s = vm.stats;
+    const seconds = (performance.now() - vm.connectedAt) / 1000;
+    this.opts.logger.info(
+      `vm ${vm.id} pid ${vm.pid} fully populated in ${seconds.toFixed(3)} s (${s.faults} faults, ${s.prefetchedPages} prefetched, ${s.populatedPages} populated pages); detached`,
+    );
+  }
+
+  /** Writes the first-touch order of every connected VM (SIGUSR1). */
+  writeRecordings(): void {
+    for (const vm of this.vms.values()) this.writeRecording(vm);
+  }
+
+  private writeRecording(vm: VmSession): void {
+    const rec = this.recorders.get(vm);
+    const pattern = this.opts.recordPath;
+    if (!rec || pattern === undefined) return;
+    const path = pattern.replaceAll("{vm}", String(vm.id)).replaceAll("{pid}", String(vm.pid));
+    try {
+      writeWorkingSet(path, rec.order, this.opts.backend.size);
+      this.opts.logger.info(`vm ${vm.id} pid ${vm.pid}: recorded ${rec.length} first touches to ${path}`);
+    } catch (e) {
+      this.opts.logger.error(`vm ${vm.id}: writing the working set to ${path} failed: ${(e as Error).message}`);
+    }
   }
 
   private failVm(vm: VmSession): void {
@@ -177,13 +250,16 @@ export class Server {
     vm.closed = true;
     const t = this.tokens.get(vm);
     if (t) {
-      this.loop.remove(t.uffd, vm.uffd);
+      if (!vm.detached) this.loop.remove(t.uffd, vm.uffd);
       this.loop.remove(t.sock, vm.sock);
       this.tokens.delete(vm);
     }
-    sl.sl_close(vm.uffd);
+    if (!vm.detached) sl.sl_close(vm.uffd);
     sl.sl_close(vm.sock);
     this.vms.delete(vm.id);
+    this.populators.delete(vm);
+    this.writeRecording(vm);
+    this.recorders.delete(vm);
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     const s = vm.stats;
     const exit: VmExit = { id: vm.id, pid: vm.pid, reason, stats: { ...s }, seconds };

@@ -184,6 +184,12 @@ export class VmSession {
     }
     if (this.options.requester !== undefined) return this.faultRemote(region, i, iEnd, w0, w1);
 
+    // The rest of the window goes in first, unwoken: a vCPU walking memory must not fault on
+    // the next page while we are still installing it.
+    if (fa > 1) {
+      this.installMissing(region, w0, i, 0);
+      this.installMissing(region, iEnd, w1, 0);
+    }
     // Every page of the fault span is installed (or re-tried: EEXIST then wakes it).
     let r = OK;
     let k = i;
@@ -213,10 +219,6 @@ export class VmSession {
     }
     // A faulting page already existed (raced with another install): its waiter still sleeps.
     if (this.hitEexist) sl.sl_uffd_wake(this.uffd, region.base + i * ps, (iEnd - i) * ps);
-    if (fa > 1) {
-      this.installMissing(region, w0, i, 0);
-      this.installMissing(region, iEnd, w1, 0);
-    }
   }
 
   private sameKind(region: Region, k: number, zero: boolean): boolean {

@@ -113,3 +113,24 @@ export async function runStandin(args: string[], timeoutMs = 60_000): Promise<St
 export function describeRun(r: StandinResult): string {
   return `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
 }
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `snapload ARGS...` from source to completion (killed after timeoutMs). */
+export async function runSnapload(args: string[], opts: { timeoutMs?: number; cwd?: string; env?: Record<string, string> } = {}): Promise<CliResult> {
+  const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), ...args], {
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+    cwd: opts.cwd,
+    env: opts.env ?? process.env,
+  });
+  const killer = setTimeout(() => proc.kill("SIGKILL"), opts.timeoutMs ?? 20_000);
+  const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  clearTimeout(killer);
+  return { code, stdout, stderr };
+}

@@ -40,6 +40,8 @@
  *   --verify touched|all|none  (default touched)
  *   --progress               "progress <touched> <total>" lines on stderr, about every 1%
  *   --hold MS                keep the socket open MS ms after printing the result
+ *   --pause MS               sleep MS ms after the touch phase, before verifying
+ *                            (lets a background populator finish first)
  *   --timeout MS             (default 120000) overall watchdog
  *
  * Global page index g: pages numbered across regions in region order, page = page size.
@@ -161,6 +163,7 @@ static struct {
 	enum vermode verify;
 	bool progress;
 	long long hold_ms;
+	long long pause_ms;
 	long long timeout_ms;
 } opt = {
 	.format = FMT_V12,
@@ -384,13 +387,13 @@ static void usage(FILE *f)
 		"  [--fds uffd|none|notuffd|two|many] [--silent] [--expect-reject] [--reject-timeout MS]\n"
 		"  [--order seq|reverse|random|file:PATH] [--seed N] [--fraction F] [--threads N]\n"
 		"  [--cpu LIST] [--touch read|write] [--balloon OFF:LEN]... [--balloon-after OFF:LEN]...\n"
-		"  [--exit-after N] [--verify touched|all|none] [--progress] [--hold MS] [--timeout MS]\n");
+		"  [--exit-after N] [--verify touched|all|none] [--progress] [--hold MS] [--pause MS] [--timeout MS]\n");
 }
 
 enum {
 	O_SOCKET = 1000, O_EXPECT, O_REGION, O_FAR, O_HUGE, O_FORMAT, O_BODY, O_GARBAGE, O_FDS,
 	O_SILENT, O_EXPREJ, O_REJTO, O_ORDER, O_SEED, O_FRACTION, O_THREADS, O_CPU, O_TOUCH,
-	O_BALLOON, O_BALLOON_AFTER, O_EXIT_AFTER, O_VERIFY, O_PROGRESS, O_HOLD, O_TIMEOUT, O_HELP,
+	O_BALLOON, O_BALLOON_AFTER, O_EXIT_AFTER, O_VERIFY, O_PROGRESS, O_HOLD, O_PAUSE, O_TIMEOUT, O_HELP,
 };
 
 static void parse_args(int argc, char **argv)
@@ -420,6 +423,7 @@ static void parse_args(int argc, char **argv)
 		{ "verify", required_argument, 0, O_VERIFY },
 		{ "progress", no_argument, 0, O_PROGRESS },
 		{ "hold", required_argument, 0, O_HOLD },
+		{ "pause", required_argument, 0, O_PAUSE },
 		{ "timeout", required_argument, 0, O_TIMEOUT },
 		{ "help", no_argument, 0, O_HELP },
 		{ 0, 0, 0, 0 },
@@ -502,6 +506,7 @@ static void parse_args(int argc, char **argv)
 			break;
 		case O_PROGRESS: opt.progress = true; break;
 		case O_HOLD: opt.hold_ms = parse_nonneg("hold", optarg, LLONG_MAX / 1000000); break;
+		case O_PAUSE: opt.pause_ms = parse_nonneg("pause", optarg, LLONG_MAX / 1000000); break;
 		case O_TIMEOUT: opt.timeout_ms = parse_nonneg("timeout", optarg, LLONG_MAX / 1000000); break;
 		case O_HELP: usage(stdout); exit(0);
 		default:
@@ -1252,6 +1257,8 @@ int main(int argc, char **argv)
 	uint64_t t1 = now_ns();
 
 	do_balloon(opt.balloon_after, opt.nballoon_after);
+	if (opt.pause_ms > 0)
+		sleep_ms(opt.pause_ms);
 
 	/* Verification (untimed). */
 	uint64_t verified = 0, mismatches = 0;

@@ -1,0 +1,125 @@
+// Installs pages nobody has faulted on yet, while faults keep priority: first the recorded
+// working set (prefetch, in recorded order), then — with `--populate background` — every page
+// left, until the VM no longer needs us. Runs only when the event loop has no fd ready.
+import { sl } from "./ffi.ts";
+import { PAGE_MISSING, type Region } from "./handler-table.ts";
+import { FAILED, GONE, OK, type VmSession } from "./vm-session.ts";
+
+export type PopulateMode = "none" | "background";
+
+/** Image pages per prefetch step: one wake per step covers everything it installed. */
+const PREFETCH_STEP_PAGES = 256;
+/** Bytes per background step. */
+const SWEEP_STEP_BYTES = 1024 * 1024;
+
+export class Populator {
+  private prefetchPos = 0;
+  private sweepRegion = 0;
+  private sweepPage = 0;
+  private done = false;
+  /** performance.now() when the last page was settled by us, for the log. */
+  finishedAt = 0;
+
+  constructor(
+    private readonly vm: VmSession,
+    private readonly prefetch: Uint32Array | undefined,
+    private readonly mode: PopulateMode,
+  ) {
+    if (!prefetch?.length && mode === "none") this.done = true;
+  }
+
+  get idle(): boolean {
+    return this.done;
+  }
+
+  /** One slice of work. Returns true while more remains. */
+  step(): boolean {
+    if (this.done || this.vm.closed || this.vm.detached) return false;
+    const order = this.prefetch;
+    if (order !== undefined && this.prefetchPos < order.length) {
+      this.prefetchStep(order);
+      return true;
+    }
+    if (this.mode === "background" && this.sweepStep()) return true;
+    this.done = true;
+    this.finishedAt = performance.now();
+    return false;
+  }
+
+  private prefetchStep(order: Uint32Array): void {
+    const regions = this.vm.table.regions;
+    const end = Math.min(order.length, this.prefetchPos + PREFETCH_STEP_PAGES);
+    // Per region, the span installed in this step, woken once at the end.
+    let woke: Region | undefined;
+    let lo = 0;
+    let hi = 0;
+    let i = this.prefetchPos;
+    while (i < end) {
+      const p = order[i]!;
+      let region: Region | undefined;
+      let k = -1;
+      for (const r of regions) {
+        k = r.pageOfImagePage(p);
+        if (k >= 0) {
+          region = r;
+          break;
+        }
+      }
+      i++;
+      if (region === undefined || region.state[k] !== PAGE_MISSING) continue;
+      // Coalesce recorded pages that follow each other in the image into one run.
+      let e = k + 1;
+      while (i < end && e < region.pages && region.pageOfImagePage(order[i]!) === e) {
+        e++;
+        i++;
+      }
+      const r = this.vm.installMissing(region, k, e, 0);
+      if (r === FAILED || r === GONE) continue;
+      this.vm.stats.prefetchedPages += e - k;
+      if (woke !== region) {
+        if (woke !== undefined) this.wake(woke, lo, hi);
+        woke = region;
+        lo = k;
+        hi = e;
+      } else {
+        lo = Math.min(lo, k);
+        hi = Math.max(hi, e);
+      }
+    }
+    if (woke !== undefined) this.wake(woke, lo, hi);
+    this.prefetchPos = end;
+  }
+
+  private wake(region: Region, lo: number, hi: number): void {
+    // A vCPU that faulted on one of these pages while we installed it is released here.
+    sl.sl_uffd_wake(this.vm.uffd, region.base + lo * region.pageSize, (hi - lo) * region.pageSize);
+  }
+
+  /** Returns true while pages remain to sweep. */
+  private sweepStep(): boolean {
+    const regions = this.vm.table.regions;
+    while (this.sweepRegion < regions.length) {
+      const region = regions[this.sweepRegion]!;
+      if (this.sweepPage >= region.pages || region.settled === region.pages) {
+        this.sweepRegion++;
+        this.sweepPage = 0;
+        continue;
+      }
+      const span = Math.max(1, Math.floor(SWEEP_STEP_BYTES / region.pageSize));
+      const to = Math.min(region.pages, this.sweepPage + span);
+      const before = region.settled;
+      const r = this.vm.installMissing(region, this.sweepPage, to, 0);
+      if (r === OK) {
+        this.vm.stats.populatedPages += region.settled - before;
+        this.sweepPage = to;
+      } else if (r === GONE || r === FAILED) {
+        // The range went away (unmapped) or cannot be installed: faults still get served.
+        this.sweepRegion++;
+        this.sweepPage = 0;
+      }
+      // AGAIN: a REMOVE is pending; the loop reads it before our next step.
+      return true;
+    }
+    return false;
+  }
+}

@@ -1,0 +1,196 @@
+// End to end: `snapload serve --mem FILE` on a QEMU mapped-ram file (made by the independent
+// generator in gen-mapped-ram.ts), restored by the C VMM stand-in against each block's flat
+// expected contents. Bitmap-0 pages have stale non-zero bytes in the file: they must read as zeros.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { closeSync, copyFileSync, existsSync, openSync, readSync, truncateSync, writeSync } from "node:fs";
+import { join } from "node:path";
+import { generateMappedRam, PAGES_ALIGN, type GeneratedBlock, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
+import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
+
+const MIB = 1024 * 1024;
+const PAGE = 4096;
+const VGA = "0000:00:02.0/vga.vram";
+
+let dir: ReturnType<typeof tempDir>;
+let gen: GeneratedMappedRam;
+let ram: GeneratedBlock;
+let vga: GeneratedBlock;
+const daemons: Daemon[] = [];
+
+beforeAll(() => {
+  ensureBuilt();
+  dir = tempDir("snapload-mrserve-");
+  gen = generateMappedRam(join(dir.path, "guest.mapped-ram"), { ramMiB: 24, seed: 11 });
+  ram = gen.blocks.find((b) => b.name === "pc.ram")!;
+  vga = gen.blocks.find((b) => b.name === VGA)!;
+});
+
+afterAll(async () => {
+  await Promise.all(daemons.map((d) => d.stop()));
+  dir?.cleanup();
+});
+
+async function serve(args: string[], name: string): Promise<Daemon> {
+  const d = await startDaemon(["--mem", gen.path, "--handshake-timeout", "2000", ...args], join(dir.path, `${name}.sock`));
+  daemons.push(d);
+  return d;
+}
+
+function readAt(path: string, offset: number, len: number): Buffer {
+  const fd = openSync(path, "r");
+  try {
+    const b = Buffer.alloc(len);
+    readSync(fd, b, 0, len, offset);
+    return b;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function patch(path: string, offset: number, bytes: number[]): void {
+  const fd = openSync(path, "r+");
+  try {
+    writeSync(fd, Uint8Array.from(bytes), 0, bytes.length, offset);
+  } finally {
+    closeSync(fd);
+  }
+}
+const be64 = (v: number) => {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(BigInt(v));
+  return [...b];
+};
+
+describe("the generated file has what the cases rely on", () => {
+  test("several blocks, 1 MiB aligned pages, zero pages, stale bytes behind bitmap-0 pages", () => {
+    expect(gen.blocks.length).toBeGreaterThanOrEqual(5);
+    for (const b of gen.blocks) expect(b.pagesOffset % PAGES_ALIGN).toBe(0);
+    for (const b of [ram, vga]) {
+      expect(b.kinds.filter((k) => k === "zero").length).toBeGreaterThan(10);
+      expect(b.dataPages).toBeGreaterThan(10);
+      const stale = b.kinds.map((k, i) => (k === "stale" ? i : -1)).filter((i) => i >= 0);
+      expect(stale.length).toBeGreaterThan(3);
+      // The file really holds junk there, and the bitmap says zero.
+      for (const i of stale.slice(0, 5)) {
+        expect(readAt(gen.path, b.pagesOffset + i * PAGE, PAGE).some((x) => x !== 0)).toBe(true);
+        expect((b.bitmap[i >> 3]! >> (i & 7)) & 1).toBe(0);
+        expect(readAt(b.expectFile!, i * PAGE, PAGE).every((x) => x === 0)).toBe(true);
+      }
+    }
+    // pc.ram is the largest block: serve's default.
+    expect(Math.max(...gen.blocks.map((b) => b.usedLength))).toBe(ram.usedLength);
+  });
+});
+
+describe("serve a mapped-ram file", () => {
+  let defaultDaemon: Daemon;
+  test("default block (pc.ram): random order, 2 threads, every page verified", async () => {
+    const d = (defaultDaemon = await serve([], "default"));
+    expect(d.log).toMatch(/mapped-ram image .* block pc\.ram/);
+    const r = await runStandin(["--socket", d.socket, "--expect", ram.expectFile!, "--order", "random", "--seed", "5", "--threads", "2", "--verify", "all"]);
+    expect(r.code, describeRun(r)).toBe(0);
+    expect(r.report!.mismatches).toBe(0);
+    expect(r.report!.verified).toBe(ram.usedLength / PAGE);
+    expect(r.report!.pages).toBe(ram.usedLength / PAGE);
+  });
+
+  test("default block with fault-around 64: runs mixing data, zero and stale pages", async () => {
+    const d = await serve(["--fault-around", "64"], "fa64");
+    for (const order of ["seq", "random"]) {
+      const r = await runStandin(["--socket", d.socket, "--expect", ram.expectFile!, "--order", order, "--threads", "2", "--verify", "all"]);
+      expect(r.code, `${order}: ${describeRun(r)}`).toBe(0);
+      expect(r.report!.mismatches).toBe(0);
+      expect(r.report!.verified).toBe(ram.usedLength / PAGE);
+    }
+  });
+
+  test("two regions of pc.ram, out of order, far apart", async () => {
+    const d = defaultDaemon;
+    expect(d).toBeDefined();
+    const half = ram.usedLength / 2;
+    const r = await runStandin([
+      "--socket", d.socket, "--expect", ram.expectFile!,
+      "--region", `${half}@${half}`, "--region", `${half}@0`, "--far", "--order", "random", "--verify", "all",
+    ]);
+    expect(r.code, describeRun(r)).toBe(0);
+    expect(r.report!.mismatches).toBe(0);
+    expect(r.report!.verified).toBe(ram.usedLength / PAGE);
+  });
+
+  let vgaDaemon: Daemon;
+  test("--ramblock names a smaller block (vga.vram): served with its own contents", async () => {
+    vgaDaemon = await serve(["--ramblock", VGA], "vga");
+    expect(vgaDaemon.log).toContain(`block ${VGA}`);
+    const r = await runStandin(["--socket", vgaDaemon.socket, "--expect", vga.expectFile!, "--order", "random", "--threads", "2", "--verify", "all"]);
+    expect(r.code, describeRun(r)).toBe(0);
+    expect(r.report!.mismatches).toBe(0);
+    expect(r.report!.verified).toBe(vga.usedLength / PAGE);
+  });
+
+  test("a region reaching past the end of the chosen block is rejected", async () => {
+    expect(vgaDaemon).toBeDefined();
+    // vga.vram is 2 MiB: a region [1 MiB, +2 MiB) ends 1 MiB past it (pc.ram would have room).
+    const r = await runStandin(["--socket", vgaDaemon.socket, "--region", `${2 * MIB}@${MIB}`, "--expect-reject"]);
+    expect(r.code, describeRun(r)).toBe(3);
+    const line = await vgaDaemon.waitForLog(/rejected:.*past the end of the image.*/);
+    expect(line[0]).toContain(`(${vga.usedLength} bytes)`);
+    // The same daemon still serves a good VM afterwards.
+    const ok = await runStandin(["--socket", vgaDaemon.socket, "--expect", vga.expectFile!, "--verify", "all"]);
+    expect(ok.code, describeRun(ok)).toBe(0);
+    expect(ok.report!.mismatches).toBe(0);
+  });
+
+  test("a region past the end of the default block is rejected too", async () => {
+    const d = defaultDaemon;
+    expect(d).toBeDefined();
+    const r = await runStandin(["--socket", d.socket, "--region", `${4 * MIB}@${ram.usedLength - 2 * MIB}`, "--expect-reject"]);
+    expect(r.code, describeRun(r)).toBe(3);
+    const line = await d.waitForLog(/rejected:.*past the end of the image.*/);
+    expect(line[0]).toContain(`(${ram.usedLength} bytes)`);
+  });
+});
+
+describe("serve refuses to start", () => {
+  test("unknown --ramblock: non-zero exit, names every block, no socket left behind", async () => {
+    const sock = join(dir.path, "unknown.sock");
+    const r = await runSnapload(["serve", "--socket", sock, "--mem", gen.path, "--ramblock", "pc.rom"]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toContain('no RAM block named "pc.rom"');
+    for (const b of gen.blocks) expect(r.stderr).toContain(`"${b.name}"`);
+    expect(r.stdout + r.stderr).not.toMatch(/listening on/);
+    expect(existsSync(sock)).toBe(false);
+  });
+
+  const broken: [string, (path: string) => void, RegExp][] = [
+    [
+      "truncated in the middle of pc.ram's pages",
+      (p) => truncateSync(p, ram.pagesOffset + ram.usedLength / 2),
+      /truncated file\?/,
+    ],
+    ["truncated inside the block records", (p) => truncateSync(p, ram.headerOffset + 10), /truncated file\?/],
+    [
+      "total RAM size smaller than the blocks written",
+      (p) => patch(p, gen.totalOffset, be64(ram.usedLength + 0x04)),
+      /another RAM block record follows/,
+    ],
+    [
+      "pages_offset not 1 MiB aligned",
+      (p) => patch(p, ram.headerOffset + 20, be64(ram.pagesOffset + PAGE)),
+      /not aligned to 1 MiB/,
+    ],
+  ];
+  for (const [name, breakIt, pattern] of broken) {
+    test(`${name}: non-zero exit with a clear message`, async () => {
+      const bad = join(dir.path, `bad-${name.replace(/\W+/g, "-")}.mapped-ram`);
+      copyFileSync(gen.path, bad);
+      breakIt(bad);
+      const sock = join(dir.path, "bad.sock");
+      const r = await runSnapload(["serve", "--socket", sock, "--mem", bad]);
+      expect(r.code, r.stderr).not.toBe(0);
+      expect(r.stderr).toMatch(pattern);
+      expect(r.stderr).toContain(bad);
+      expect(r.stdout + r.stderr).not.toMatch(/listening on/);
+      expect(existsSync(sock)).toBe(false);
+    });
+  }
+});

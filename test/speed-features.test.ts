@@ -1,0 +1,179 @@
+// Fault-around, working sets (record → prefetch), background population and detach.
+// These check behaviour and contents; how fast they are is the benchmark suite's business.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { writeDemoImage } from "../src/demo-image.ts";
+import { decodeWorkingSet, encodeWorkingSet } from "../src/working-set.ts";
+import { describeRun, ensureBuilt, runStandin, startDaemon, tempDir } from "./harness.ts";
+
+const MIB = 1024 * 1024;
+const PAGES = (32 * MIB) / 4096;
+let dir: ReturnType<typeof tempDir>;
+let image: string;
+
+beforeAll(() => {
+  ensureBuilt();
+  dir = tempDir();
+  image = join(dir.path, "vm.mem");
+  writeDemoImage(image, 32 * MIB, 11);
+});
+afterAll(() => dir?.cleanup());
+
+/** Faults the daemon reported for its most recent VM exit. */
+function lastExit(log: string): { pages: number; faults: number } {
+  const all = [...log.matchAll(/(\d+) pages served \((\d+) zero\) in (\d+) faults/g)];
+  const m = all.at(-1);
+  if (!m) throw new Error(`no exit line in log:\n${log}`);
+  return { pages: Number(m[1]), faults: Number(m[3]) };
+}
+
+function orderFile(name: string, pages: number[]): string {
+  const path = join(dir.path, name);
+  writeFileSync(path, new Uint8Array(Uint32Array.from(pages).buffer));
+  return path;
+}
+
+/** A deterministic random subset of page indexes, in random order. */
+function randomPages(count: number, seed: number): number[] {
+  const all = Array.from({ length: PAGES }, (_, i) => i);
+  let s = seed;
+  for (let i = all.length - 1; i > 0; i--) {
+    s = (s * 1103515245 + 12345) >>> 0;
+    const j = s % (i + 1);
+    [all[i], all[j]] = [all[j]!, all[i]!];
+  }
+  return all.slice(0, count);
+}
+
+describe("fault-around", () => {
+  test("--fault-around 16 serves a sequential restore in about 1/16 of the faults", async () => {
+    const sock = join(dir.path, "fa.sock");
+    const d = await startDaemon(["--mem", image, "--fault-around", "16"], sock);
+    const r = await runStandin(["--socket", sock, "--expect", image, "--order", "seq", "--verify", "all"]);
+    expect(r.code, describeRun(r)).toBe(0);
+    expect(r.report!.verified).toBe(PAGES);
+    await d.waitForLog(/exited/);
+    const { faults } = lastExit(d.log);
+    expect(faults).toBeLessThanOrEqual(PAGES / 16 + 64);
+    expect(faults).toBeGreaterThan(0);
+    await d.stop();
+  });
+
+  test("--fault-around 1 is one page per fault", async () => {
+    const sock = join(dir.path, "fa1.sock");
+    const d = await startDaemon(["--mem", image, "--fault-around", "1"], sock);
+    const r = await runStandin(["--socket", sock, "--expect", image, "--order", "random", "--fraction", "0.25"]);
+    expect(r.code, describeRun(r)).toBe(0);
+    await d.waitForLog(/exited/);
+    const { pages, faults } = lastExit(d.log);
+    expect(pages).toBe(r.report!.pages);
+    expect(faults).toBe(r.report!.pages);
+    await d.stop();
+  });
+
+  test("fault-around never overwrites pages the guest discarded", async () => {
+    const sock = join(dir.path, "fab.sock");
+    const d = await startDaemon(["--mem", image, "--fault-around", "64"], sock);
+    const r = await runStandin(["--socket", sock, "--expect", image, "--balloon", "1m:1m", "--order", "random", "--verify", "all"]);
+    expect(r.code, describeRun(r)).toBe(0);
+    await d.stop();
+  });
+});
+
+describe("working sets", () => {
+  test("record, then prefetch: the same pages, far fewer faults, every page correct", async () => {
+    const subset = randomPages(PAGES / 10, 5);
+    const order = orderFile("ws.order", subset);
+    const ws = join(dir.path, "vm.ws");
+    const sock = join(dir.path, "rec.sock");
+    const rec = await startDaemon(["--mem", image, "--record", ws], sock);
+    const r1 = await runStandin(["--socket", sock, "--expect", image, "--order", `file:${order}`]);
+    expect(r1.code, describeRun(r1)).toBe(0);
+    await rec.waitForLog(/recorded \d+ first touches/);
+    await rec.stop();
+    const recorded = decodeWorkingSet(readFileSync(ws), 32 * MIB);
+    expect([...recorded]).toEqual(subset);
+
+    const sock2 = join(dir.path, "pf.sock");
+    const pf = await startDaemon(["--mem", image, "--prefetch", ws], sock2);
+    expect(pf.log).toContain(`prefetching ${subset.length} pages`);
+    // The guest touches the same set in another order, and verifies every page it touched.
+    const reordered = orderFile("ws2.order", [...subset].reverse());
+    const r2 = await runStandin(["--socket", sock2, "--expect", image, "--order", `file:${reordered}`]);
+    expect(r2.code, describeRun(r2)).toBe(0);
+    expect(r2.report!.verified).toBe(subset.length);
+    await pf.waitForLog(/exited/);
+    const { faults } = lastExit(pf.log);
+    // Prefetch races the guest from the handshake on; most touches must find their page installed.
+    expect(faults).toBeLessThan(subset.length / 2);
+    await pf.stop();
+  });
+
+  test("SIGUSR1 writes the recording of a running VM", async () => {
+    const ws = join(dir.path, "usr1-{vm}.ws");
+    const sock = join(dir.path, "usr1.sock");
+    const d = await startDaemon(["--mem", image, "--record", ws], sock);
+    const run = runStandin(["--socket", sock, "--expect", image, "--order", "seq", "--fraction", "0.1", "--hold", "1500"]);
+    await new Promise((r) => setTimeout(r, 700));
+    d.proc.kill("SIGUSR1");
+    await d.waitForLog(/recorded \d+ first touches to .*usr1-1\.ws/);
+    const path = join(dir.path, "usr1-1.ws");
+    expect(existsSync(path)).toBe(true);
+    const recorded = decodeWorkingSet(readFileSync(path), 32 * MIB);
+    expect(recorded.length).toBe(Math.ceil(PAGES * 0.1));
+    expect(recorded[0]).toBe(0);
+    expect((await run).code).toBe(0);
+    await d.stop();
+  });
+
+  test("a missing or corrupt working-set file is refused at start", async () => {
+    const good = encodeWorkingSet(Uint32Array.from([1, 2, 3]), 32 * MIB);
+    const corrupt = good.slice();
+    corrupt[30] = (corrupt[30] ?? 0) ^ 0xff;
+    const beyond = encodeWorkingSet(Uint32Array.from([PAGES + 5]), 32 * MIB);
+    const otherImage = encodeWorkingSet(Uint32Array.from([1]), 64 * MIB);
+    const cases: [string, Uint8Array | null, RegExp][] = [
+      ["missing.ws", null, /not found/],
+      ["corrupt.ws", corrupt, /checksum mismatch/],
+      ["beyond.ws", beyond, /beyond the image/],
+      ["other.ws", otherImage, /recorded from an image of/],
+      ["garbage.ws", new TextEncoder().encode("definitely not a working set file"), /bad magic/],
+    ];
+    for (const [name, bytes, pattern] of cases) {
+      const path = join(dir.path, name);
+      if (bytes) writeFileSync(path, bytes);
+      const proc = Bun.spawn([process.execPath, join(import.meta.dir, "../src/main.ts"), "serve", "--socket", join(dir.path, "x.sock"), "--mem", image, "--prefetch", path], {
+        stderr: "pipe",
+      });
+      const err = await new Response(proc.stderr).text();
+      expect(await proc.exited, name).toBe(2);
+      expect(err, name).toMatch(pattern);
+    }
+  });
+});
+
+describe("background population", () => {
+  test("a VM that touches 1% is fully populated, then detached; every page correct", async () => {
+    const sock = join(dir.path, "pop.sock");
+    const d = await startDaemon(["--mem", image, "--populate", "background"], sock);
+    const r = await runStandin(["--socket", sock, "--expect", image, "--order", "random", "--fraction", "0.01", "--pause", "1500", "--verify", "all"]);
+    expect(r.code, describeRun(r)).toBe(0);
+    expect(r.report!.verified).toBe(PAGES);
+    await d.waitForLog(/fully populated in [\d.]+ s .*detached/);
+    await d.waitForLog(/exited/);
+    const { faults } = lastExit(d.log);
+    // Verification touched every page after the pause: served by the populator, not by faults.
+    expect(faults).toBeLessThan(PAGES / 2);
+    await d.stop();
+  });
+
+  test("population skips pages the guest discarded (they stay zero)", async () => {
+    const sock = join(dir.path, "popb.sock");
+    const d = await startDaemon(["--mem", image, "--populate", "background"], sock);
+    const r = await runStandin(["--socket", sock, "--expect", image, "--balloon", "4m:8m", "--fraction", "0.01", "--pause", "1500", "--verify", "all"]);
+    expect(r.code, describeRun(r)).toBe(0);
+    await d.waitForLog(/detached/);
+    await d.stop();
+  });
+});
