@@ -7,7 +7,8 @@ export const USAGE = `snapload — lazy snapshot loading over userfaultfd
 usage:
   snapload serve --socket PATH --mem FILE [options]
       Serve Firecracker-style VMMs that connect to PATH, from a raw memory file or a
-      QEMU mapped-ram file (detected from its QEVM header).
+      QEMU mapped-ram file (detected from its QEVM header). Repeat --socket (and --mem)
+      to serve several images from one daemon: sockets and images pair up in order.
       --ramblock NAME         mapped-ram block to serve (default: the largest, the guest RAM)
       --socket-mode MODE      socket file mode (default 0600)
       --fault-around N        pages installed per fault, aligned window (default 1)
@@ -26,13 +27,18 @@ usage:
   snapload help
 `;
 
+const SERVE_FLAGS = [
+  "socket", "mem", "ramblock", "socket-mode", "fault-around", "handshake-timeout", "on-fatal", "populate",
+  "prefetch", "record", "log-level", "page-server-deadline", "token-file",
+];
+
 export async function runCli(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   try {
     switch (command) {
       case "serve": {
         const { flags } = parseFlags(rest);
-        const config = validate(serveSchema, flags, Object.keys(serveSchema.shape));
+        const config = validate(serveSchema, flags, SERVE_FLAGS, ["socket", "mem"]);
         const { serveCommand } = await import("./serve-command.ts");
         return await serveCommand(config);
       }

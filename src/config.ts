@@ -9,9 +9,13 @@ const intFlag = (min: number, max: number) =>
     .transform(Number)
     .pipe(z.number().int().min(min).max(max));
 
-export const serveSchema = z.object({
-  socket: z.string().min(1, "--socket is required"),
-  mem: z.string().min(1, "--mem is required"),
+const repeated = (name: string) =>
+  z.preprocess((v) => (v === undefined ? [] : Array.isArray(v) ? v : [v]), z.array(z.string().min(1)).min(1, `--${name} is required`));
+
+export const serveSchema = z
+  .object({
+  socket: repeated("socket"),
+  mem: repeated("mem"),
   ramblock: z.string().optional(),
   "socket-mode": z
     .string()
@@ -25,7 +29,13 @@ export const serveSchema = z.object({
   prefetch: z.string().min(1).optional(),
   record: z.string().min(1).optional(),
   "log-level": z.enum(["error", "warn", "info", "debug"]).default("info"),
-});
+  "page-server-deadline": intFlag(100, 86_400_000).default(30_000),
+  "token-file": z.string().min(1).optional(),
+})
+  .refine((c) => c.mem.length === 1 || c.mem.length === c.socket.length, {
+    message: "give one --mem for all sockets, or one --mem per --socket (paired in order)",
+    path: ["mem"],
+  });
 export type ServeConfig = z.output<typeof serveSchema>;
 
 export const inspectSchema = z.object({
@@ -44,9 +54,12 @@ export const demoSchema = z.object({
 });
 export type DemoConfig = z.output<typeof demoSchema>;
 
-/** Splits `--flag value`, `--flag=value` and bare `--switch` (for the names in `switches`). */
-export function parseFlags(argv: string[], switches: string[] = []): { flags: Record<string, string | boolean>; positional: string[] } {
-  const flags: Record<string, string | boolean> = {};
+/**
+ * Splits `--flag value`, `--flag=value` and bare `--switch` (for the names in `switches`).
+ * A flag given twice becomes an array (the schema decides whether that is allowed).
+ */
+export function parseFlags(argv: string[], switches: string[] = []): { flags: Record<string, string | string[] | boolean>; positional: string[] } {
+  const flags: Record<string, string | string[] | boolean> = {};
   const positional: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
@@ -62,15 +75,17 @@ export function parseFlags(argv: string[], switches: string[] = []): { flags: Re
     }
     const value = eq > 0 ? a.slice(eq + 1) : argv[++i];
     if (value === undefined) throw new ConfigError(`--${name} needs a value`);
-    flags[name] = value;
+    const prev = flags[name];
+    flags[name] = prev === undefined ? value : Array.isArray(prev) ? [...prev, value] : [String(prev), value];
   }
   return { flags, positional };
 }
 
-export function validate<S extends z.ZodType>(schema: S, input: unknown, known: string[]): z.output<S> {
+export function validate<S extends z.ZodType>(schema: S, input: unknown, known: string[], repeatable: string[] = []): z.output<S> {
   if (input && typeof input === "object") {
-    for (const k of Object.keys(input)) {
+    for (const [k, v] of Object.entries(input)) {
       if (!known.includes(k)) throw new ConfigError(`unknown option --${k}`);
+      if (Array.isArray(v) && !repeatable.includes(k)) throw new ConfigError(`--${k} given more than once`);
     }
   }
   const r = schema.safeParse(input);

@@ -35,9 +35,7 @@ export async function demoCommand(config: DemoConfig): Promise<number> {
 
     const socketPath = join(dir, "handler.sock");
     const server = new Server({
-      socketPath,
-      socketMode: 0o600,
-      backend: imageBackend(image),
+      listeners: [{ socketPath, socketMode: 0o600, source: { backend: imageBackend(image) } }],
       faultAround: config["fault-around"],
       handshakeTimeoutMs: 5000,
       onFatal: "kill",

@@ -1,41 +1,52 @@
-// `snapload serve`: opens the image, listens, serves until SIGINT/SIGTERM.
+// `snapload serve`: opens the sources, listens, serves until SIGINT/SIGTERM.
 import type { ServeConfig } from "./config.ts";
-import { imageBackend } from "./image-backend.ts";
-import { openImage } from "./image/open-image.ts";
-import { formatBytes, Logger } from "./log.ts";
-import { Server } from "./server.ts";
+import { Logger } from "./log.ts";
+import { type OpenedSource, openSource } from "./page-source.ts";
+import { type Listener, Server } from "./server.ts";
 import { readWorkingSet } from "./working-set.ts";
 
 export async function serveCommand(config: ServeConfig): Promise<number> {
   const logger = new Logger(config["log-level"]);
-  const image = openImage(config.mem, { ramblock: config.ramblock });
-  const backend = imageBackend(image);
-  const prefetch = config.prefetch !== undefined ? await readWorkingSet(config.prefetch, image.size) : undefined;
-  const server = new Server({
-    socketPath: config.socket,
-    socketMode: config["socket-mode"],
-    backend,
-    faultAround: config["fault-around"],
-    handshakeTimeoutMs: config["handshake-timeout"],
-    onFatal: config["on-fatal"],
-    prefetch,
-    populate: config.populate,
-    recordPath: config.record,
-    logger,
-  });
-  server.listen();
-  logger.info(
-    `listening on ${config.socket}: ${backend.description}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages), fault-around ${config["fault-around"]}, populate ${config.populate}${prefetch ? `, prefetching ${prefetch.length} pages` : ""}`,
-  );
-  const shutdown = (signal: string) => {
-    logger.info(`${signal}: shutting down`);
+  const opened: OpenedSource[] = [];
+  try {
+    const listeners: Listener[] = [];
+    const summaries: string[] = [];
+    for (let i = 0; i < config.socket.length; i++) {
+      const mem = config.mem[config.mem.length === 1 ? 0 : i]!;
+      // Sockets that share one --mem share one opened image.
+      const src = config.mem.length === 1 && opened.length ? opened[0]! : await openSource(mem, {
+        ramblock: config.ramblock,
+        tokenFile: config["token-file"],
+        deadlineMs: config["page-server-deadline"],
+        logger,
+      });
+      if (!opened.includes(src)) opened.push(src);
+      const prefetch = config.prefetch !== undefined ? await readWorkingSet(config.prefetch, src.source.backend.size) : undefined;
+      listeners.push({ socketPath: config.socket[i]!, socketMode: config["socket-mode"], source: src.source, prefetch });
+      summaries.push(`${src.summary}, fault-around ${config["fault-around"]}, populate ${config.populate}${prefetch ? `, prefetching ${prefetch.length} pages` : ""}`);
+    }
+    const server = new Server({
+      listeners,
+      faultAround: config["fault-around"],
+      handshakeTimeoutMs: config["handshake-timeout"],
+      onFatal: config["on-fatal"],
+      populate: config.populate,
+      recordPath: config.record,
+      logger,
+    });
+    server.listen();
+    listeners.forEach((l, i) => logger.info(`listening on ${l.socketPath}: ${summaries[i]}`));
+    const shutdown = (signal: string) => {
+      logger.info(`${signal}: shutting down`);
+      server.close();
+    };
+    process.on("SIGINT", () => shutdown("SIGINT"));
+    process.on("SIGTERM", () => shutdown("SIGTERM"));
+    process.on("SIGUSR1", () => server.writeRecordings());
+    await server.run();
     server.close();
-  };
-  process.on("SIGINT", () => shutdown("SIGINT"));
-  process.on("SIGTERM", () => shutdown("SIGTERM"));
-  process.on("SIGUSR1", () => server.writeRecordings());
-  await server.run();
-  server.close();
-  image.close();
-  return 0;
+    return 0;
+  } finally {
+    for (const s of opened) s.close();
+  }
 }

@@ -6,23 +6,35 @@ import { HandshakeError, SnaploadError } from "./errors.ts";
 import { EventLoop } from "./event-loop.ts";
 import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "./ffi.ts";
 import { checkRegionsFitImage, MAX_HANDSHAKE_BYTES, parseHandshake, scanJson } from "./handshake.ts";
-import { HandlerTable, type PageBackend } from "./handler-table.ts";
+import { HandlerTable, type PageBackend, type PageRequester } from "./handler-table.ts";
 import { formatBytes, type Logger } from "./log.ts";
 import { Populator, type PopulateMode } from "./populator.ts";
 import { Scratch, VmSession, type VmStats } from "./vm-session.ts";
 import { TouchRecorder, writeWorkingSet } from "./working-set.ts";
 
-export interface ServerOptions {
+/** Where a listener's pages come from: a local image, or a remote page server (one requester per VM). */
+export interface PageSource {
+  readonly backend: PageBackend;
+  /** Remote sources only: the per-VM channel that fetches pages and delivers them to the VM. */
+  openRequester?(vm: VmSession): PageRequester & { close(): void };
+}
+
+/** One Unix socket VMMs connect to, and the source its VMs are restored from. */
+export interface Listener {
   socketPath: string;
   socketMode: number;
-  backend: PageBackend;
+  source: PageSource;
+  /** Pages to install as soon as a VM connects, in this order (image pages). */
+  prefetch?: Uint32Array;
+}
+
+export interface ServerOptions {
+  listeners: Listener[];
   faultAround: number;
   /** A peer that has not completed its handshake by then is dropped. */
   handshakeTimeoutMs: number;
   /** What to do with a VM that can no longer be served: Firecracker's docs advise SIGKILL. */
   onFatal: "kill" | "drop";
-  /** Pages to install as soon as a VM connects, in this order (image pages). */
-  prefetch?: Uint32Array;
   populate: PopulateMode;
   /** Where to write each VM's first-touch order; `{vm}` and `{pid}` are substituted. */
   recordPath?: string;
@@ -40,7 +52,13 @@ export interface VmExit {
 /** Known VMMs send the uffd and at most two more fds (e2b: a memfd; unreleased Firecracker: up to 3). */
 const MAX_FDS = 3;
 
+interface BoundListener extends Listener {
+  fd: number;
+  token: number;
+}
+
 interface Pending {
+  listener: BoundListener;
   fd: number;
   token: number;
   pid: number;
@@ -55,7 +73,9 @@ export class Server {
   readonly vms = new Map<number, VmSession>();
   readonly exits: VmExit[] = [];
   onVmExit: ((exit: VmExit) => void) | undefined;
-  private listenFd = -1;
+  private readonly bound: BoundListener[] = [];
+  private readonly backends = new Map<VmSession, PageBackend>();
+  private readonly requesters = new Map<VmSession, { close(): void }>();
   private readonly scratch = new Scratch();
   private readonly recvBuf = new NativeBuffer(MAX_HANDSHAKE_BYTES);
   private readonly recvFds = new Int32Array(16);
@@ -74,26 +94,28 @@ export class Server {
   }
 
   listen(): void {
-    this.listenFd = check("listen", sl.sl_unix_listen(cstr(this.opts.socketPath), this.opts.socketMode, 128), {
-      path: this.opts.socketPath,
-    });
-    this.loop.add(this.listenFd, EPOLLIN, () => this.acceptAll());
+    for (const l of this.opts.listeners) {
+      const fd = check("listen", sl.sl_unix_listen(cstr(l.socketPath), l.socketMode, 128), { path: l.socketPath });
+      const b: BoundListener = { ...l, fd, token: -1 };
+      b.token = this.loop.add(fd, EPOLLIN, () => this.acceptAll(b));
+      this.bound.push(b);
+    }
   }
 
   async run(): Promise<void> {
     await this.loop.run();
   }
 
-  private acceptAll(): void {
+  private acceptAll(listener: BoundListener): void {
     for (;;) {
-      const fd = sl.sl_accept(this.listenFd);
+      const fd = sl.sl_accept(listener.fd);
       if (fd < 0) {
         if (-fd !== Errno.EAGAIN) this.opts.logger.warn(`accept failed: ${errnoName(-fd)}`);
         return;
       }
       const cred = new Int32Array(3);
       const pid = sl.sl_peer_cred(fd, cred) === 0 ? cred[0]! : -1;
-      const p: Pending = { fd, token: -1, pid, bytes: new Uint8Array(4096), length: 0, fds: [], cancelTimer: () => {} };
+      const p: Pending = { listener, fd, token: -1, pid, bytes: new Uint8Array(4096), length: 0, fds: [], cancelTimer: () => {} };
       this.pending.add(p);
       p.token = this.loop.add(fd, EPOLLIN | EPOLLRDHUP, () => this.readHandshake(p));
       p.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
@@ -136,7 +158,9 @@ export class Server {
 
   private accept(p: Pending, text: string): void {
     const regions = parseHandshake(text);
-    checkRegionsFitImage(regions, this.opts.backend.size);
+    const source = p.listener.source;
+    const backend = source.backend;
+    checkRegionsFitImage(regions, backend.size);
     if (p.fds.length === 0) throw new HandshakeError("no file descriptor came with the handshake (expected the userfaultfd)");
     if (p.fds.length > MAX_FDS) throw new HandshakeError(`${p.fds.length} file descriptors came with the handshake; at most ${MAX_FDS} expected`);
     const uffds = p.fds.filter((fd) => sl.sl_fd_is_uffd(fd) === 1);
@@ -149,10 +173,16 @@ export class Server {
     p.fds = [];
     this.forgetPending(p);
 
-    const table = new HandlerTable(regions, this.opts.backend);
-    const recorder = this.opts.recordPath !== undefined ? new TouchRecorder(Math.ceil(this.opts.backend.size / 4096)) : undefined;
+    const table = new HandlerTable(regions, backend);
+    const recorder = this.opts.recordPath !== undefined ? new TouchRecorder(Math.ceil(backend.size / 4096)) : undefined;
     const vm = new VmSession(this.nextId++, p.pid, uffd, p.fd, table, this.scratch, { faultAround: this.opts.faultAround, recorder });
+    this.backends.set(vm, backend);
     if (recorder) this.recorders.set(vm, recorder);
+    if (source.openRequester) {
+      const requester = source.openRequester(vm);
+      vm.setRequester(requester);
+      this.requesters.set(vm, requester);
+    }
     this.vms.set(vm.id, vm);
     const uffdToken = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
     const sockToken = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
@@ -163,7 +193,7 @@ export class Server {
     this.opts.logger.info(
       `vm ${vm.id} pid ${vm.pid} connected: ${regions.length} region${regions.length > 1 ? "s" : ""}, ${formatBytes(table.bytes)}, ${pageSizes} pages`,
     );
-    const populator = new Populator(vm, this.opts.prefetch, this.opts.populate);
+    const populator = new Populator(vm, p.listener.prefetch, this.opts.populate);
     if (!populator.idle) {
       this.populators.set(vm, populator);
       if (!this.backgroundOn) {
@@ -226,7 +256,7 @@ export class Server {
     if (!rec || pattern === undefined) return;
     const path = pattern.replaceAll("{vm}", String(vm.id)).replaceAll("{pid}", String(vm.pid));
     try {
-      writeWorkingSet(path, rec.order, this.opts.backend.size);
+      writeWorkingSet(path, rec.order, this.backends.get(vm)!.size);
       this.opts.logger.info(`vm ${vm.id} pid ${vm.pid}: recorded ${rec.length} first touches to ${path}`);
     } catch (e) {
       this.opts.logger.error(`vm ${vm.id}: writing the working set to ${path} failed: ${(e as Error).message}`);
@@ -258,8 +288,11 @@ export class Server {
     sl.sl_close(vm.sock);
     this.vms.delete(vm.id);
     this.populators.delete(vm);
+    this.requesters.get(vm)?.close();
+    this.requesters.delete(vm);
     this.writeRecording(vm);
     this.recorders.delete(vm);
+    this.backends.delete(vm);
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     const s = vm.stats;
     const exit: VmExit = { id: vm.id, pid: vm.pid, reason, stats: { ...s }, seconds };
@@ -296,11 +329,11 @@ export class Server {
     }
     for (const vm of [...this.vms.values()]) this.closeVm(vm, "snapload shut down");
     for (const p of [...this.pending]) this.reject(p, new HandshakeError("snapload shut down"));
-    if (this.listenFd >= 0) {
-      sl.sl_close(this.listenFd);
-      this.listenFd = -1;
+    for (const l of this.bound.splice(0)) {
+      this.loop.remove(l.token, l.fd);
+      sl.sl_close(l.fd);
       try {
-        unlinkSync(this.opts.socketPath);
+        unlinkSync(l.socketPath);
       } catch {
         // Already gone: nothing to clean.
       }

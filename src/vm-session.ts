@@ -46,8 +46,6 @@ export interface VmOptions {
   faultAround: number;
   /** Records first touches (image pages) when set. */
   recorder?: TouchRecorder;
-  /** Asks for pages of a remote backend; absent for local images. */
-  requester?: PageRequester;
 }
 
 export const OK = 0;
@@ -80,6 +78,8 @@ export class VmSession {
   detached = false;
   private hitEexist = false;
   private lastErrno = 0;
+  /** Asks for pages of a remote backend; undefined for local images. */
+  private requester: PageRequester | undefined;
 
   constructor(
     readonly id: number,
@@ -90,6 +90,10 @@ export class VmSession {
     private readonly scratch: Scratch,
     private readonly options: VmOptions,
   ) {}
+
+  setRequester(r: PageRequester): void {
+    this.requester = r;
+  }
 
   /** Reads and serves every queued message. Returns false if the VM must be dropped. */
   drain(): boolean {
@@ -182,7 +186,7 @@ export class VmSession {
       w0 = i - (i % fa);
       w1 = Math.min(Math.max(w0 + fa, iEnd), region.pages);
     }
-    if (this.options.requester !== undefined) return this.faultRemote(region, i, iEnd, w0, w1);
+    if (this.requester !== undefined) return this.faultRemote(region, i, iEnd, w0, w1);
 
     // The rest of the window goes in first, unwoken: a vCPU walking memory must not fault on
     // the next page while we are still installing it.
@@ -227,7 +231,7 @@ export class VmSession {
 
   /** Remote backend: zero pages are installed here and now; data pages are requested. */
   private faultRemote(region: Region, i: number, iEnd: number, w0: number, w1: number): void {
-    const requester = this.options.requester!;
+    const requester = this.requester!;
     const state = region.state;
     for (let k = i; k < iEnd; k++) {
       const s = state[k];
@@ -254,7 +258,7 @@ export class VmSession {
       region.setState(e, PAGE_IN_FLIGHT);
       e++;
     }
-    if (e > k) this.options.requester!.request(region, k, e - k, urgent);
+    if (e > k) this.requester!.request(region, k, e - k, urgent);
     return e;
   }
 
@@ -264,7 +268,7 @@ export class VmSession {
    */
   installMissing(region: Region, from: number, to: number, budget: number): number {
     const state = region.state;
-    const remote = this.options.requester !== undefined;
+    const remote = this.requester !== undefined;
     const maxRun = Math.max(1, Math.floor(BACKGROUND_RUN_BYTES / region.pageSize));
     let k = from;
     let used = 0;

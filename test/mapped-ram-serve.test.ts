@@ -150,6 +150,29 @@ describe("serve a mapped-ram file", () => {
   });
 });
 
+describe("a block with 2 MiB pages (postcopy-ram records the page size)", () => {
+  test("a stale 2 MiB page (bitmap 0, junk in the file) reads as zeros in a 4 KiB VM", async () => {
+    const arm = generateMappedRam(join(dir.path, "arm.mapped-ram"), {
+      seed: 3, // block pages: random, stale, random x6
+      capabilities: ["mapped-ram", "postcopy-ram"],
+      blocks: [
+        { name: "mach-virt.ram", usedLength: 16 * MIB, pageSize: 2 * MIB, postcopyPageSize: 2 * MIB },
+        { name: "virt.flash0", usedLength: MIB, fill: "data" },
+      ],
+    });
+    const main = arm.blocks[0]!;
+    expect(main.kinds).toContain("stale");
+    expect(main.kinds.some((k) => k !== "zero" && k !== "stale")).toBe(true);
+    const d = await startDaemon(["--mem", arm.path, "--fault-around", "16"], join(dir.path, "arm.sock"));
+    daemons.push(d);
+    expect(d.log).toContain("block mach-virt.ram");
+    const r = await runStandin(["--socket", d.socket, "--expect", main.expectFile!, "--order", "random", "--threads", "2", "--verify", "all"]);
+    expect(r.code, describeRun(r)).toBe(0);
+    expect(r.report!.mismatches).toBe(0);
+    expect(r.report!.verified).toBe(main.usedLength / PAGE);
+  });
+});
+
 describe("serve refuses to start", () => {
   test("unknown --ramblock: non-zero exit, names every block, no socket left behind", async () => {
     const sock = join(dir.path, "unknown.sock");

@@ -1,0 +1,143 @@
+// What every scenario shares: options, the scratch directory, images, feature flags, rows.
+import { closeSync, existsSync, openSync, writeSync } from "node:fs";
+import { randomFillSync } from "node:crypto";
+
+export interface BenchOptions {
+  quick: boolean;
+  runs: number;
+  only: Set<string> | undefined;
+}
+
+/** What `snapload help` says exists today (other engineers are adding these). */
+export interface Features {
+  record: boolean;
+  prefetch: boolean;
+  populate: boolean;
+  pageServer: boolean;
+}
+
+export interface Ctx {
+  opts: BenchOptions;
+  dir: string;
+  features: Features;
+  /** A random-data image of `mib` MiB (made once per run, page cache warm). */
+  image(mib: number): string;
+  /** A fresh socket path in the scratch directory. */
+  socket(tag: string): string;
+  log(msg: string): void;
+}
+
+/** One line of the markdown table. */
+export interface Row {
+  what: string;
+  median?: string;
+  best?: string;
+  result?: string;
+  target?: string;
+}
+
+export interface ScenarioResult {
+  id: string;
+  title: string;
+  status: "ok" | "partial" | "skipped" | "failed";
+  notes: string[];
+  rows: Row[];
+  data: Record<string, unknown>;
+  error?: string;
+}
+
+export type Scenario = (ctx: Ctx) => Promise<ScenarioResult>;
+
+// ---- numbers ---------------------------------------------------------------------------------
+
+export interface Summary {
+  median: number;
+  min: number;
+  max: number;
+  values: number[];
+}
+
+export function summarize(values: number[]): Summary {
+  const s = [...values].sort((a, b) => a - b);
+  const n = s.length;
+  const median = n === 0 ? NaN : n % 2 ? s[(n - 1) >> 1]! : (s[n / 2 - 1]! + s[n / 2]!) / 2;
+  return { median, min: s[0] ?? NaN, max: s[n - 1] ?? NaN, values };
+}
+
+export function fmtTime(ns: number): string {
+  if (!Number.isFinite(ns)) return "–";
+  if (ns >= 1e9) return `${(ns / 1e9).toFixed(2)} s`;
+  if (ns >= 1e6) return `${(ns / 1e6).toFixed(ns >= 1e8 ? 0 : 1)} ms`;
+  if (ns >= 1e3) return `${(ns / 1e3).toFixed(1)} µs`;
+  return `${ns.toFixed(0)} ns`;
+}
+
+export function fmtRate(bytesPerSec: number): string {
+  if (!Number.isFinite(bytesPerSec)) return "–";
+  return bytesPerSec >= 1e9 ? `${(bytesPerSec / 1e9).toFixed(2)} GB/s` : `${(bytesPerSec / 1e6).toFixed(0)} MB/s`;
+}
+
+export function fmtCount(n: number): string {
+  if (n >= 1e6) return `${(n / 1e6).toFixed(2)} M`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} k`;
+  return n.toFixed(0);
+}
+
+export function fmtKiB(kib: number): string {
+  return `${(kib / 1024).toFixed(1)} MiB`;
+}
+
+export const check = (ok: boolean) => (ok ? "✅" : "❌");
+
+// ---- images and orders -----------------------------------------------------------------------
+
+export const PAGE = 4096;
+export const MiB = 1024 * 1024;
+
+/** Writes `mib` MiB of random bytes (not compressible, no zero pages) unless the file exists. */
+export function makeRandomImage(path: string, mib: number): void {
+  if (existsSync(path)) return;
+  const chunk = Buffer.allocUnsafe(16 * MiB);
+  const fd = openSync(path, "w");
+  try {
+    for (let left = mib * MiB; left > 0; left -= chunk.length) {
+      const n = Math.min(left, chunk.length);
+      randomFillSync(chunk, 0, n);
+      let off = 0;
+      while (off < n) off += writeSync(fd, chunk, off, n - off);
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** mulberry32: a small seeded PRNG (orders only need to be reproducible, not strong). */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export function shuffle(a: Uint32Array, seed: number): Uint32Array {
+  const rnd = prng(seed);
+  for (let i = a.length - 1; i > 0; i--) {
+    const j = Math.floor(rnd() * (i + 1));
+    const t = a[i]!;
+    a[i] = a[j]!;
+    a[j] = t;
+  }
+  return a;
+}
+
+/** Order file for `--order file:PATH`: little-endian u32 page indexes. */
+export async function writeOrder(path: string, order: Uint32Array): Promise<void> {
+  const out = new Uint8Array(order.length * 4);
+  const v = new DataView(out.buffer);
+  for (let i = 0; i < order.length; i++) v.setUint32(i * 4, order[i]!, true);
+  await Bun.write(path, out);
+}

@@ -1,0 +1,38 @@
+// Opens what `--mem` names: a local image file (raw or mapped-ram), or `tcp://HOST:PORT`,
+// a remote page server (postcopy).
+import { ConfigError } from "./errors.ts";
+import { imageBackend } from "./image-backend.ts";
+import { openImage } from "./image/open-image.ts";
+import type { Logger } from "./log.ts";
+import type { PageSource } from "./server.ts";
+
+export interface OpenedSource {
+  source: PageSource;
+  /** One line for the log: what is served, how big, data vs zero. */
+  summary: string;
+  close(): void;
+}
+
+export interface SourceOptions {
+  ramblock?: string;
+  tokenFile?: string;
+  /** How long VMs may wait for an unreachable page server before they are killed. */
+  deadlineMs: number;
+  logger: Logger;
+}
+
+export async function openSource(mem: string, opts: SourceOptions): Promise<OpenedSource> {
+  if (mem.startsWith("tcp://")) {
+    const { openRemoteSource } = await import("./remote-source.ts").catch(() => {
+      throw new ConfigError(`--mem ${mem}: this build has no postcopy client`);
+    });
+    return openRemoteSource(mem, opts);
+  }
+  const image = openImage(mem, { ramblock: opts.ramblock });
+  const backend = imageBackend(image);
+  return {
+    source: { backend },
+    summary: `${backend.description}, ${image.size} bytes (${image.dataPages} data, ${image.zeroPages} zero pages)`,
+    close: () => image.close(),
+  };
+}
