@@ -12,11 +12,21 @@ import { Populator, type PopulateMode } from "./populator.ts";
 import { Scratch, VmSession, type VmStats } from "./vm-session.ts";
 import { TouchRecorder, writeWorkingSet } from "./working-set.ts";
 
+/** What a remote source's per-VM requester may use of the daemon. */
+export interface RequesterContext {
+  loop: EventLoop;
+  logger: Logger;
+  /** The VM cannot be served any more (e.g. no page server within the deadline): kill or drop it. */
+  fail(reason: string): void;
+  /** Call after vm.deliver(): serves retries, detaches a VM whose pages are all installed. */
+  delivered(): void;
+}
+
 /** Where a listener's pages come from: a local image, or a remote page server (one requester per VM). */
 export interface PageSource {
   readonly backend: PageBackend;
   /** Remote sources only: the per-VM channel that fetches pages and delivers them to the VM. */
-  openRequester?(vm: VmSession): PageRequester & { close(): void };
+  openRequester?(vm: VmSession, ctx: RequesterContext): PageRequester & { close(): void };
 }
 
 /** One Unix socket VMMs connect to, and the source its VMs are restored from. */
@@ -179,7 +189,21 @@ export class Server {
     this.backends.set(vm, backend);
     if (recorder) this.recorders.set(vm, recorder);
     if (source.openRequester) {
-      const requester = source.openRequester(vm);
+      const requester = source.openRequester(vm, {
+        loop: this.loop,
+        logger: this.opts.logger,
+        fail: (reason) => {
+          if (vm.closed) return;
+          vm.fatal = reason;
+          this.failVm(vm);
+        },
+        delivered: () => {
+          if (vm.closed || vm.detached) return;
+          if (vm.fatal !== undefined) return this.failVm(vm);
+          if (vm.retry.length) this.serveVm(vm);
+          else if (vm.table.complete) this.detachVm(vm);
+        },
+      });
       vm.setRequester(requester);
       this.requesters.set(vm, requester);
     }
