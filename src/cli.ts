@@ -1,6 +1,6 @@
 // The `snapload` command line: parses, validates once, and hands typed config to a command.
 import { ConfigError, SnaploadError } from "./errors.ts";
-import { demoSchema, inspectSchema, parseFlags, serveSchema, validate } from "./config.ts";
+import { demoSchema, inspectSchema, pageServerSchema, parseFlags, serveSchema, validate } from "./config.ts";
 
 export const USAGE = `snapload — lazy snapshot loading over userfaultfd
 
@@ -19,6 +19,19 @@ usage:
                               unregister the VM (detach) (default none)
       --record FILE           write each VM's first-touch order when it exits and on SIGUSR1;
                               {vm} and {pid} in FILE are replaced (else the last writer wins)
+      --log-level LEVEL       error|warn|info|debug (default info)
+      --mem tcp://HOST:PORT   fetch pages from a page server instead (postcopy; see page-server);
+                              every page not touched yet is pulled in the background, then the VM
+                              is detached
+      --token-file FILE       the page server's shared secret (required with tcp://)
+      --page-server-deadline MS  a VM whose page server stays unreachable this long is killed
+                              (default 30000)
+  snapload page-server --listen HOST:PORT --mem FILE --token-file FILE [options]
+      Serve an image's pages over TCP to daemons started with --mem tcp://HOST:PORT (postcopy).
+      Clients must prove they hold the same --token-file secret. The channel is NOT encrypted:
+      use it on a trusted network or inside a tunnel.
+      --ramblock NAME         mapped-ram block to serve (as for serve)
+      --handshake-timeout MS  drop clients that have not authenticated by then (default 5000)
       --log-level LEVEL       error|warn|info|debug (default info)
   snapload inspect FILE [--ramblock NAME] [--json]
       Show an image's format, blocks, page size, and data vs zero pages.
@@ -41,6 +54,12 @@ export async function runCli(argv: string[]): Promise<number> {
         const config = validate(serveSchema, flags, SERVE_FLAGS, ["socket", "mem"]);
         const { serveCommand } = await import("./serve-command.ts");
         return await serveCommand(config);
+      }
+      case "page-server": {
+        const { flags } = parseFlags(rest);
+        const config = validate(pageServerSchema, flags, Object.keys(pageServerSchema.shape));
+        const { pageServerCommand } = await import("./page-server-command.ts");
+        return await pageServerCommand(config);
       }
       case "inspect": {
         const { flags, positional } = parseFlags(rest, ["json"]);

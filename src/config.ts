@@ -38,6 +38,20 @@ export const serveSchema = z
   });
 export type ServeConfig = z.output<typeof serveSchema>;
 
+export const pageServerSchema = z.object({
+  listen: z.string({ error: (i) => (i.input === undefined ? "is required (HOST:PORT to listen on)" : "must be HOST:PORT") }).min(1),
+  mem: z.string({ error: (i) => (i.input === undefined ? "is required (the image to serve)" : "must be a path") }).min(1),
+  ramblock: z.string().optional(),
+  "token-file": z.string({
+    error: (i) => (i.input === undefined ? "is required: the page server serves only clients that prove they hold this shared secret" : "must be a path"),
+  }).min(1),
+  "handshake-timeout": intFlag(10, 600_000).default(5000),
+  "log-level": z.enum(["error", "warn", "info", "debug"]).default("info"),
+  // TEST ONLY (not in the usage text): flip a payload byte of every Nth reply to exercise client checksums.
+  "test-only-corrupt-every": intFlag(1, 1_000_000_000).optional(),
+});
+export type PageServerConfig = z.output<typeof pageServerSchema>;
+
 export const inspectSchema = z.object({
   file: z.string().min(1, "inspect needs a FILE"),
   ramblock: z.string().optional(),

@@ -1,7 +1,7 @@
 // `snapload demo`: a whole lazy restore on this machine, end to end, in one command.
 // Makes an image, serves it, runs the C VMM stand-in (Firecracker's side of the handshake)
 // as the guest, and shows that every page the guest read equals the image.
-import { chmodSync, copyFileSync, existsSync, mkdtempSync, rmSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 // Embedded into the single binary; a plain path when run from source.
@@ -92,7 +92,8 @@ export async function demoCommand(config: DemoConfig): Promise<number> {
 function standinBinary(dir: string): string {
   if (existsSync(standinEmbedded) && !standinEmbedded.startsWith("/$bunfs")) return standinEmbedded;
   const path = join(dir, "vmm-standin");
-  copyFileSync(standinEmbedded, path);
+  // copyFileSync cannot read Bun's embedded file system; readFileSync can.
+  writeFileSync(path, readFileSync(standinEmbedded), { mode: 0o755 });
   chmodSync(path, 0o755);
   return path;
 }

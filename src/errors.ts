@@ -40,7 +40,9 @@ export class HandshakeError extends SnaploadError {
 export class SyscallError extends SnaploadError {
   readonly errno: number;
   constructor(call: string, errno: number, errnoName: string, context: Record<string, unknown> = {}) {
-    super("SYSCALL", `${call} failed: ${errnoName}`, { ...context, call, errno });
+    // The path (when there is one) is what a person needs to act on the error.
+    const where = typeof context.path === "string" ? `${context.path}: ` : "";
+    super("SYSCALL", `${where}${call} failed: ${errnoName}`, { ...context, call, errno });
     this.name = "SyscallError";
     this.errno = errno;
   }

@@ -230,7 +230,10 @@ export class Server {
   }
 
   private serveVm(vm: VmSession): void {
-    if (vm.closed || vm.detached) return;
+    if (vm.closed) return;
+    // A detached VM may still have a REMOVE queued from before the unregister; its madvise
+    // waits until someone reads it, so keep reading (and ignoring) until the VMM hangs up.
+    if (vm.detached) return vm.discardMessages();
     if (!vm.drain()) return this.failVm(vm);
     if (vm.retry.length) this.loop.after(1, () => this.serveVm(vm));
     else if (vm.table.complete) this.detachVm(vm);
@@ -258,10 +261,8 @@ export class Server {
       if (vm.fatal !== undefined) this.failVm(vm);
       return;
     }
-    const t = this.tokens.get(vm);
-    if (t) this.loop.remove(t.uffd, vm.uffd);
-    sl.sl_close(vm.uffd);
     this.populators.delete(vm);
+    vm.discardMessages();
     const s = vm.stats;
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     this.opts.logger.info(
@@ -304,11 +305,11 @@ export class Server {
     vm.closed = true;
     const t = this.tokens.get(vm);
     if (t) {
-      if (!vm.detached) this.loop.remove(t.uffd, vm.uffd);
+      this.loop.remove(t.uffd, vm.uffd);
       this.loop.remove(t.sock, vm.sock);
       this.tokens.delete(vm);
     }
-    if (!vm.detached) sl.sl_close(vm.uffd);
+    sl.sl_close(vm.uffd);
     sl.sl_close(vm.sock);
     this.vms.delete(vm.id);
     this.populators.delete(vm);

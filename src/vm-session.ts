@@ -434,6 +434,14 @@ export class VmSession {
     }
   }
 
+  /** After detach: reads whatever is queued so no event waits on us; nothing is left to serve. */
+  discardMessages(): void {
+    const buf = this.scratch.msgs;
+    while (sl.sl_uffd_read(this.uffd, buf.address, Scratch.MAX_MSGS) > 0) {
+      // Faults queued before the unregister were woken by it; REMOVEs need no answer now.
+    }
+  }
+
   /** Unregisters every region: the VM no longer depends on us. Only when every page is settled. */
   detach(): boolean {
     if (this.detached || !this.table.complete) return false;

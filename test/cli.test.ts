@@ -29,7 +29,7 @@ beforeAll(() => {
       { name: "virt.flash0", usedLength: 1 * MIB, fill: "data" },
     ],
   });
-});
+}, 30_000);
 
 afterAll(() => dir?.cleanup());
 

@@ -10,6 +10,8 @@ import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, startDa
 const MIB = 1024 * 1024;
 const PAGE = 4096;
 const VGA = "0000:00:02.0/vga.vram";
+/** Per test: bunfig's [test] timeout is not applied, and the stand-in's own watchdog (5 s) must fire first. */
+const T = 20_000;
 
 let dir: ReturnType<typeof tempDir>;
 let gen: GeneratedMappedRam;
@@ -23,12 +25,12 @@ beforeAll(() => {
   gen = generateMappedRam(join(dir.path, "guest.mapped-ram"), { ramMiB: 24, seed: 11 });
   ram = gen.blocks.find((b) => b.name === "pc.ram")!;
   vga = gen.blocks.find((b) => b.name === VGA)!;
-});
+}, 30_000);
 
 afterAll(async () => {
   await Promise.all(daemons.map((d) => d.stop()));
   dir?.cleanup();
-});
+}, 15_000);
 
 async function serve(args: string[], name: string): Promise<Daemon> {
   const d = await startDaemon(["--mem", gen.path, "--handshake-timeout", "2000", ...args], join(dir.path, `${name}.sock`));
@@ -87,22 +89,22 @@ describe("serve a mapped-ram file", () => {
   test("default block (pc.ram): random order, 2 threads, every page verified", async () => {
     const d = (defaultDaemon = await serve([], "default"));
     expect(d.log).toMatch(/mapped-ram image .* block pc\.ram/);
-    const r = await runStandin(["--socket", d.socket, "--expect", ram.expectFile!, "--order", "random", "--seed", "5", "--threads", "2", "--verify", "all"]);
+    const r = await runStandin(["--timeout", "5000", "--socket", d.socket, "--expect", ram.expectFile!, "--order", "random", "--seed", "5", "--threads", "2", "--verify", "all"]);
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.report!.mismatches).toBe(0);
     expect(r.report!.verified).toBe(ram.usedLength / PAGE);
     expect(r.report!.pages).toBe(ram.usedLength / PAGE);
-  });
+  }, T);
 
   test("default block with fault-around 64: runs mixing data, zero and stale pages", async () => {
     const d = await serve(["--fault-around", "64"], "fa64");
     for (const order of ["seq", "random"]) {
-      const r = await runStandin(["--socket", d.socket, "--expect", ram.expectFile!, "--order", order, "--threads", "2", "--verify", "all"]);
+      const r = await runStandin(["--timeout", "5000", "--socket", d.socket, "--expect", ram.expectFile!, "--order", order, "--threads", "2", "--verify", "all"]);
       expect(r.code, `${order}: ${describeRun(r)}`).toBe(0);
       expect(r.report!.mismatches).toBe(0);
       expect(r.report!.verified).toBe(ram.usedLength / PAGE);
     }
-  });
+  }, T);
 
   test("two regions of pc.ram, out of order, far apart", async () => {
     const d = defaultDaemon;
@@ -115,39 +117,49 @@ describe("serve a mapped-ram file", () => {
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.report!.mismatches).toBe(0);
     expect(r.report!.verified).toBe(ram.usedLength / PAGE);
-  });
+  }, T);
+
+  test("balloon right after the last fault, 20 rounds: MADV_DONTNEED never hangs, zeros read back", async () => {
+    const d = defaultDaemon;
+    expect(d).toBeDefined();
+    for (let round = 0; round < 20; round++) {
+      const r = await runStandin(["--timeout", "3000", "--socket", d.socket, "--expect", ram.expectFile!, "--region", "2m@0", "--balloon-after", "1m:1m", "--order", "seq", "--threads", "2", "--verify", "all"]);
+      expect(r.code, `round ${round}: ${describeRun(r)}`).toBe(0);
+      expect(r.report!.mismatches).toBe(0);
+    }
+  }, 40_000);
 
   let vgaDaemon: Daemon;
   test("--ramblock names a smaller block (vga.vram): served with its own contents", async () => {
     vgaDaemon = await serve(["--ramblock", VGA], "vga");
     expect(vgaDaemon.log).toContain(`block ${VGA}`);
-    const r = await runStandin(["--socket", vgaDaemon.socket, "--expect", vga.expectFile!, "--order", "random", "--threads", "2", "--verify", "all"]);
+    const r = await runStandin(["--timeout", "5000", "--socket", vgaDaemon.socket, "--expect", vga.expectFile!, "--order", "random", "--threads", "2", "--verify", "all"]);
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.report!.mismatches).toBe(0);
     expect(r.report!.verified).toBe(vga.usedLength / PAGE);
-  });
+  }, T);
 
   test("a region reaching past the end of the chosen block is rejected", async () => {
     expect(vgaDaemon).toBeDefined();
     // vga.vram is 2 MiB: a region [1 MiB, +2 MiB) ends 1 MiB past it (pc.ram would have room).
-    const r = await runStandin(["--socket", vgaDaemon.socket, "--region", `${2 * MIB}@${MIB}`, "--expect-reject"]);
+    const r = await runStandin(["--timeout", "5000", "--socket", vgaDaemon.socket, "--region", `${2 * MIB}@${MIB}`, "--expect-reject"]);
     expect(r.code, describeRun(r)).toBe(3);
     const line = await vgaDaemon.waitForLog(/rejected:.*past the end of the image.*/);
     expect(line[0]).toContain(`(${vga.usedLength} bytes)`);
     // The same daemon still serves a good VM afterwards.
-    const ok = await runStandin(["--socket", vgaDaemon.socket, "--expect", vga.expectFile!, "--verify", "all"]);
+    const ok = await runStandin(["--timeout", "5000", "--socket", vgaDaemon.socket, "--expect", vga.expectFile!, "--verify", "all"]);
     expect(ok.code, describeRun(ok)).toBe(0);
     expect(ok.report!.mismatches).toBe(0);
-  });
+  }, T);
 
   test("a region past the end of the default block is rejected too", async () => {
     const d = defaultDaemon;
     expect(d).toBeDefined();
-    const r = await runStandin(["--socket", d.socket, "--region", `${4 * MIB}@${ram.usedLength - 2 * MIB}`, "--expect-reject"]);
+    const r = await runStandin(["--timeout", "5000", "--socket", d.socket, "--region", `${4 * MIB}@${ram.usedLength - 2 * MIB}`, "--expect-reject"]);
     expect(r.code, describeRun(r)).toBe(3);
     const line = await d.waitForLog(/rejected:.*past the end of the image.*/);
     expect(line[0]).toContain(`(${ram.usedLength} bytes)`);
-  });
+  }, T);
 });
 
 describe("a block with 2 MiB pages (postcopy-ram records the page size)", () => {
@@ -166,11 +178,11 @@ describe("a block with 2 MiB pages (postcopy-ram records the page size)", () => 
     const d = await startDaemon(["--mem", arm.path, "--fault-around", "16"], join(dir.path, "arm.sock"));
     daemons.push(d);
     expect(d.log).toContain("block mach-virt.ram");
-    const r = await runStandin(["--socket", d.socket, "--expect", main.expectFile!, "--order", "random", "--threads", "2", "--verify", "all"]);
+    const r = await runStandin(["--timeout", "5000", "--socket", d.socket, "--expect", main.expectFile!, "--order", "random", "--threads", "2", "--verify", "all"]);
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.report!.mismatches).toBe(0);
     expect(r.report!.verified).toBe(main.usedLength / PAGE);
-  });
+  }, T);
 });
 
 describe("serve refuses to start", () => {
@@ -182,7 +194,7 @@ describe("serve refuses to start", () => {
     for (const b of gen.blocks) expect(r.stderr).toContain(`"${b.name}"`);
     expect(r.stdout + r.stderr).not.toMatch(/listening on/);
     expect(existsSync(sock)).toBe(false);
-  });
+  }, T);
 
   const broken: [string, (path: string) => void, RegExp][] = [
     [
@@ -214,6 +226,6 @@ describe("serve refuses to start", () => {
       expect(r.stderr).toContain(bad);
       expect(r.stdout + r.stderr).not.toMatch(/listening on/);
       expect(existsSync(sock)).toBe(false);
-    });
+    }, T);
   }
 });

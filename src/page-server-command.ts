@@ -1,0 +1,61 @@
+// `snapload page-server`: opens the image, listens, serves until SIGINT/SIGTERM.
+import { createHash } from "node:crypto";
+import { statSync } from "node:fs";
+import type { PageServerConfig } from "./config.ts";
+import { openImage } from "./image/open-image.ts";
+import type { SnapshotImage } from "./image/snapshot-image.ts";
+import { formatBytes, Logger } from "./log.ts";
+import { PageServer } from "./page-server.ts";
+import { formatHostPort, parseHostPort, resolveHost } from "./postcopy/address.ts";
+import { readTokenFile } from "./postcopy/auth.ts";
+import { zeroMapBytes } from "./postcopy/protocol.ts";
+
+export async function pageServerCommand(config: PageServerConfig): Promise<number> {
+  const logger = new Logger(config["log-level"]);
+  const token = readTokenFile(config["token-file"], logger);
+  const where = await resolveHost(parseHostPort(config.listen, "--listen", true), "--listen");
+  const image = openImage(config.mem, { ramblock: config.ramblock });
+  try {
+    const corrupt = config["test-only-corrupt-every"];
+    const server = new PageServer({
+      host: where.host,
+      port: where.port,
+      image,
+      imageId: imageIdentity(image),
+      token,
+      logger,
+      handshakeTimeoutMs: config["handshake-timeout"],
+      testCorruptEvery: corrupt,
+    });
+    const port = server.listen();
+    const what = image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
+    logger.info(
+      `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated, not encrypted`,
+    );
+    if (corrupt !== undefined) logger.warn(`TEST ONLY: corrupting one payload byte of every ${corrupt}th reply`);
+    const shutdown = (signal: string) => {
+      logger.info(`${signal}: shutting down`);
+      server.close();
+    };
+    process.on("SIGINT", () => shutdown("SIGINT"));
+    process.on("SIGTERM", () => shutdown("SIGTERM"));
+    await server.run();
+    server.close();
+    return 0;
+  } finally {
+    image.close();
+  }
+}
+
+/**
+ * Names the served bytes without reading them: the file's identity and modification time, the
+ * block, and the zero map. A page server restarted on the same file gives the same id; a
+ * replaced or rewritten file gives another, and clients mid-restore refuse it.
+ */
+export function imageIdentity(image: SnapshotImage): Uint8Array {
+  const st = statSync(image.path, { bigint: true });
+  const h = createHash("sha256");
+  h.update(`${image.format}\0${image.blockName ?? ""}\0${image.size}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeNs}\0`);
+  h.update(zeroMapBytes(image.zero));
+  return new Uint8Array(h.digest().subarray(0, 16));
+}

@@ -1,0 +1,415 @@
+// `snapload page-server`: serves one image's pages over TCP to any number of snapload daemons
+// (docs/postcopy-protocol.md). Single-threaded on our EventLoop; payloads are sent straight from
+// the read-only image mapping. Urgent connections are answered as soon as their requests are
+// read; background connections get one bounded chunk per turn, and only when no fd is ready,
+// so a fault never waits behind a bulk transfer in this process.
+import { toArrayBuffer, type Pointer } from "bun:ffi";
+import { check } from "./check.ts";
+import { EventLoop } from "./event-loop.ts";
+import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "./ffi.ts";
+import type { ZeroMap } from "./image/snapshot-image.ts";
+import { formatBytes, type Logger } from "./log.ts";
+import { clientProof, nonce, proofsEqual, serverProof } from "./postcopy/auth.ts";
+import {
+  decodeErrorText, decodeHello, encodeChallenge, encodeWelcome, ErrorCode, errorFrame, frame, FRAME_NAMES, FrameType, type FrameHeader,
+  HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_REQUEST, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, Role, ROLE_NAMES,
+  WANT_ZERO_MAP, WIRE_PAGE, zeroMapBytes,
+} from "./postcopy/protocol.ts";
+import { FrameReader, type FrameSink, READ_AGAIN, READ_EOF, READ_MORE, SEND_BLOCKED, SENT_ALL, FrameWriter } from "./postcopy/wire.ts";
+
+/** The bytes a page server serves: what an opened image offers. */
+export interface ServedImage {
+  readonly size: number;
+  readonly zero: ZeroMap;
+  /** Address of image byte 0 (read-only mapping). Zero pages there are never read. */
+  readonly base: number;
+}
+
+export interface PageServerOptions {
+  host: string;
+  port: number;
+  image: ServedImage;
+  /** Identity of the served file: a reconnecting client refuses a different one. */
+  imageId: Uint8Array;
+  token: Buffer;
+  logger: Logger;
+  /** A client that has not authenticated by then is dropped. */
+  handshakeTimeoutMs: number;
+  /** TEST ONLY (fault injection): flip one payload byte of every Nth DATA frame; the CRC stays the true one. */
+  testCorruptEvery?: number;
+}
+
+/** Bytes read from one connection per wake-up before others get a turn. */
+const READ_BUDGET = 64 * 1024;
+/** Bytes of background payload sent per idle turn of the loop, over all connections. */
+const BACKGROUND_STEP_BYTES = 256 * 1024;
+/** A connection that refused us or was refused gets this long to take our last frame. */
+const LINGER_MS = 1000;
+
+interface Job {
+  id: number;
+  /** Image byte range [start, end); `pos` is the next byte to send. */
+  start: number;
+  end: number;
+  pos: number;
+}
+
+type ConnState = "hello" | "auth" | "ready" | "closing" | "closed";
+
+class Conn {
+  token = -1;
+  role: Role = Role.PROBE;
+  state: ConnState = "hello";
+  readonly reader: FrameReader;
+  readonly writer = new FrameWriter();
+  readonly jobs: Job[] = [];
+  jobHead = 0;
+  wantZeroMap = false;
+  clientNonce: Uint8Array | undefined;
+  serverNonce: Uint8Array | undefined;
+  cancelTimer: () => void = () => {};
+  /** Waiting for EPOLLOUT: the kernel's send buffer is full. */
+  blocked = false;
+  queuedForBackground = false;
+  dataFrames = 0;
+  requests = 0;
+  bytesSent = 0;
+  staging: NativeBuffer | undefined;
+
+  constructor(readonly n: number, readonly fd: number, sink: FrameSink) {
+    this.reader = new FrameReader(sink);
+  }
+
+  get outstanding(): number {
+    return this.jobs.length - this.jobHead;
+  }
+
+  get name(): string {
+    return this.state === "hello" || this.state === "auth" ? `client #${this.n}` : `client #${this.n} (${ROLE_NAMES[this.role]})`;
+  }
+}
+
+export class PageServer {
+  readonly loop: EventLoop;
+  port = 0;
+  private lfd = -1;
+  private ltoken = -1;
+  private nextConn = 1;
+  private readonly conns = new Set<Conn>();
+  /** Background connections with work and room to send, in turn order. */
+  private readonly backgroundQueue: Conn[] = [];
+  private backgroundOn = false;
+  private readonly background = () => this.backgroundStep();
+  private readonly info: ImageInfo;
+  private readonly zeroBits: Uint8Array;
+  private closed = false;
+
+  constructor(private readonly opts: PageServerOptions, loop?: EventLoop) {
+    this.loop = loop ?? new EventLoop();
+    const zero = opts.image.zero;
+    const zeroPages = zero.countZero();
+    this.info = { size: opts.image.size, pages: zero.pages, dataPages: zero.pages - zeroPages, id: opts.imageId };
+    this.zeroBits = zeroMapBytes(zero);
+  }
+
+  /** Binds and listens; returns the port (useful with port 0). */
+  listen(): number {
+    this.lfd = check("listen", sl.sl_tcp_listen(cstr(this.opts.host), this.opts.port, 512), { host: this.opts.host, port: this.opts.port });
+    this.port = check("getsockname", sl.sl_local_port(this.lfd));
+    this.ltoken = this.loop.add(this.lfd, EPOLLIN, () => this.acceptAll());
+    return this.port;
+  }
+
+  async run(): Promise<void> {
+    await this.loop.run();
+  }
+
+  get connections(): number {
+    return this.conns.size;
+  }
+
+  private acceptAll(): void {
+    for (;;) {
+      const fd = sl.sl_accept(this.lfd);
+      if (fd < 0) {
+        if (-fd !== Errno.EAGAIN) this.opts.logger.warn(`accept failed: ${errnoName(-fd)}`);
+        return;
+      }
+      const sink: FrameSink = {
+        target: (h) => this.target(conn, h),
+        frame: (h, own) => this.onFrame(conn, h, own!),
+      };
+      const conn = new Conn(this.nextConn++, fd, sink);
+      this.conns.add(conn);
+      conn.token = this.loop.add(fd, EPOLLIN | EPOLLRDHUP, (ev) => this.onEvents(conn, ev));
+      conn.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
+        this.refuse(conn, ErrorCode.TIMEOUT, `no authentication within ${this.opts.handshakeTimeoutMs} ms`),
+      );
+      this.opts.logger.debug(`${conn.name} connected`);
+    }
+  }
+
+  private onEvents(conn: Conn, ev: number): void {
+    if (ev & EPOLLOUT && conn.blocked) {
+      conn.blocked = false;
+      this.loop.modify(conn.token, conn.fd, EPOLLIN | EPOLLRDHUP);
+      if (conn.state === "closing") return this.lingerFlush(conn);
+      if (!this.flush(conn)) return;
+      if (conn.role === Role.BACKGROUND) this.queueBackground(conn);
+      else this.pump(conn, Number.POSITIVE_INFINITY);
+    }
+    if (conn.state === "closing" && ev & (EPOLLHUP | EPOLLERR)) return this.closeConn(conn, "refused", "debug");
+    if (conn.state === "closed" || conn.state === "closing") return;
+    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) this.readFrames(conn);
+  }
+
+  private readFrames(conn: Conn): void {
+    let r: number;
+    try {
+      r = conn.reader.read(conn.fd, READ_BUDGET);
+    } catch (e) {
+      if (e instanceof ProtocolError) return this.refuse(conn, e.wireCode, e.message);
+      throw e;
+    }
+    if (r === READ_EOF) {
+      const partial = conn.reader.idle ? "" : " in the middle of a frame";
+      return this.closeConn(conn, `closed the connection${partial}`, conn.state === "ready" ? "debug" : "warn");
+    }
+    if (r < 0) return this.closeConn(conn, `connection failed: ${errnoName(-r)}`, "warn");
+    if (r !== READ_AGAIN && r !== READ_MORE) return;
+    // Requests read in this turn: an urgent connection is answered right away.
+    if (conn.state === "ready" && conn.outstanding > 0) {
+      if (conn.role === Role.BACKGROUND) this.queueBackground(conn);
+      else this.pump(conn, Number.POSITIVE_INFINITY);
+    }
+  }
+
+  /** Which frames each state accepts; every payload is small and goes to the reader's buffer. */
+  private target(conn: Conn, h: FrameHeader): number {
+    const t = h.type;
+    const ok =
+      conn.state === "hello" ? t === FrameType.HELLO
+      : conn.state === "auth" ? t === FrameType.AUTH || t === FrameType.ERROR
+      : conn.state === "ready" ? t === FrameType.REQUEST || t === FrameType.PING || t === FrameType.ERROR
+      : false;
+    if (!ok) throw new ProtocolError(`unexpected ${FRAME_NAMES[t]} frame ${conn.state === "hello" ? "before HELLO" : `in state ${conn.state}`}`);
+    return -1;
+  }
+
+  private onFrame(conn: Conn, h: FrameHeader, payload: Uint8Array): void {
+    switch (h.type) {
+      case FrameType.HELLO:
+        return this.onHello(conn, payload);
+      case FrameType.AUTH:
+        return this.onAuth(conn, payload);
+      case FrameType.REQUEST:
+        return this.onRequest(conn, h);
+      case FrameType.PING:
+        conn.writer.push(frame(FrameType.PONG, null, h.id));
+        this.flush(conn);
+        return;
+      case FrameType.ERROR:
+        return this.closeConn(conn, `reported an error and closed: ${decodeErrorText(payload)}`, "warn");
+    }
+  }
+
+  private onHello(conn: Conn, payload: Uint8Array): void {
+    const hello = decodeHello(payload);
+    if (PROTOCOL_VERSION < hello.versionMin || PROTOCOL_VERSION > hello.versionMax) {
+      return this.refuse(conn, ErrorCode.VERSION, `client speaks protocol versions ${hello.versionMin}-${hello.versionMax}; this server speaks ${PROTOCOL_VERSION}`);
+    }
+    conn.role = hello.role;
+    conn.clientNonce = hello.nonce;
+    conn.serverNonce = nonce();
+    conn.state = "auth";
+    conn.wantZeroMap = (hello.flags & WANT_ZERO_MAP) !== 0;
+    conn.writer.push(frame(FrameType.CHALLENGE, encodeChallenge(PROTOCOL_VERSION, conn.serverNonce)));
+    this.flush(conn);
+  }
+
+  private onAuth(conn: Conn, proof: Uint8Array): void {
+    const want = clientProof(this.opts.token, conn.serverNonce!, conn.clientNonce!);
+    if (!proofsEqual(proof, want)) {
+      return this.refuse(conn, ErrorCode.AUTH_FAILED, "authentication failed: the client's proof does not match our token (is --token-file the same on both sides?)");
+    }
+    conn.cancelTimer();
+    conn.state = "ready";
+    conn.writer.push(frame(FrameType.WELCOME, encodeWelcome(serverProof(this.opts.token, conn.clientNonce!, conn.serverNonce!), this.info)));
+    if (conn.wantZeroMap) {
+      for (let at = 0; at < this.zeroBits.length; at += MAX_ZERO_MAP_CHUNK) {
+        const part = this.zeroBits.subarray(at, Math.min(this.zeroBits.length, at + MAX_ZERO_MAP_CHUNK));
+        conn.writer.push(frame(FrameType.ZERO_MAP, part, 0, at, 0, Bun.hash.crc32(part)));
+      }
+    }
+    this.opts.logger.info(`${conn.name} authenticated`);
+    this.flush(conn);
+  }
+
+  private onRequest(conn: Conn, h: FrameHeader): void {
+    const size = h.arg;
+    const start = h.offset;
+    if (size === 0 || size > MAX_REQUEST || size % WIRE_PAGE !== 0 || start % WIRE_PAGE !== 0) {
+      throw new ProtocolError(`REQUEST ${h.id} for ${size} bytes at ${start}: requests are whole 4 KiB pages, 4 KiB to ${formatBytes(MAX_REQUEST)}`);
+    }
+    conn.requests++;
+    // Bounds: never read outside the image, whatever the client asks.
+    if (start + size > this.info.size) {
+      this.opts.logger.warn(`${conn.name}: request ${h.id} for bytes [${start}, ${start + size}) lies outside the ${this.info.size}-byte image; refused`);
+      conn.writer.push(errorFrame(ErrorCode.OUT_OF_BOUNDS, `bytes [${start}, ${start + size}) lie outside the ${this.info.size}-byte image`, h.id));
+      return;
+    }
+    if (conn.outstanding >= MAX_OUTSTANDING) throw new ProtocolError(`more than ${MAX_OUTSTANDING} requests outstanding`, ErrorCode.OVERLOADED);
+    conn.jobs.push({ id: h.id, start, end: start + size, pos: start });
+  }
+
+  /**
+   * Sends chunks of the connection's requests, oldest first, until `budget` bytes went out,
+   * the socket is full, or nothing is left. Returns true while work remains and the socket has room.
+   */
+  private pump(conn: Conn, budget: number): boolean {
+    const zero = this.opts.image.zero;
+    while (budget > 0) {
+      if (!conn.writer.empty && !this.flush(conn)) return false;
+      if (conn.jobHead >= conn.jobs.length) {
+        conn.jobs.length = 0;
+        conn.jobHead = 0;
+        return false;
+      }
+      const job = conn.jobs[conn.jobHead]!;
+      const endPage = job.end / WIRE_PAGE;
+      // Zero pages never cross the wire: the client knows them from the zero map.
+      const first = zero.nextData(job.pos / WIRE_PAGE, endPage);
+      if (first >= endPage) {
+        conn.jobHead++;
+        continue;
+      }
+      const last = zero.nextZero(first, Math.min(endPage, first + MAX_CHUNK / WIRE_PAGE));
+      const len = (last - first) * WIRE_PAGE;
+      const at = first * WIRE_PAGE;
+      job.pos = last * WIRE_PAGE;
+      this.sendChunk(conn, job, at, len);
+      budget -= len;
+    }
+    return this.flush(conn) && conn.outstanding > 0;
+  }
+
+  private sendChunk(conn: Conn, job: Job, at: number, len: number): void {
+    const addr = this.opts.image.base + at;
+    const payload = new Uint8Array(toArrayBuffer(addr as Pointer, 0, len));
+    const crc = Bun.hash.crc32(payload);
+    conn.writer.push(frame(FrameType.DATA, null, job.id, at - job.start, 0, crc));
+    // Header and payload leave as two sends: the listener's TCP_NODELAY (inherited by accepted
+    // sockets) keeps the payload from waiting for the header's ACK (~40 ms of delayed ACK).
+    const every = this.opts.testCorruptEvery;
+    if (every !== undefined && ++conn.dataFrames % every === 0) {
+      // TEST ONLY: a corrupted copy, so the client's checksum check is exercised end to end.
+      conn.staging ??= new NativeBuffer(MAX_CHUNK);
+      conn.staging.bytes.set(payload);
+      conn.staging.bytes[len >> 1]! ^= 0x5a;
+      conn.writer.pushRaw(conn.staging.address, len);
+    } else {
+      conn.writer.pushRaw(addr, len);
+    }
+    conn.bytesSent += len + HEADER_SIZE;
+  }
+
+  /** Returns true when everything queued went out. */
+  private flush(conn: Conn): boolean {
+    if (conn.state === "closed") return false;
+    const r = conn.writer.flush(conn.fd);
+    if (r === SENT_ALL) return true;
+    if (r === SEND_BLOCKED) {
+      if (!conn.blocked) {
+        conn.blocked = true;
+        this.loop.modify(conn.token, conn.fd, EPOLLIN | EPOLLRDHUP | EPOLLOUT);
+      }
+      return false;
+    }
+    this.closeConn(conn, `send failed: ${errnoName(-r)}`, conn.state === "closing" ? "debug" : "warn");
+    return false;
+  }
+
+  private queueBackground(conn: Conn): void {
+    if (conn.queuedForBackground || conn.blocked || conn.state !== "ready") return;
+    conn.queuedForBackground = true;
+    this.backgroundQueue.push(conn);
+    if (!this.backgroundOn) {
+      this.backgroundOn = true;
+      this.loop.addBackground(this.background);
+    }
+  }
+
+  /** Runs only when no fd is ready: one chunk per background connection, in turn, within a byte budget. */
+  private backgroundStep(): boolean {
+    let budget = BACKGROUND_STEP_BYTES;
+    let turns = this.backgroundQueue.length;
+    while (turns-- > 0 && budget > 0) {
+      const conn = this.backgroundQueue.shift()!;
+      conn.queuedForBackground = false;
+      if (conn.state !== "ready") continue;
+      const before = conn.bytesSent;
+      if (this.pump(conn, MAX_CHUNK)) {
+        conn.queuedForBackground = true;
+        this.backgroundQueue.push(conn);
+      }
+      budget -= conn.bytesSent - before;
+    }
+    if (this.backgroundQueue.length === 0) {
+      this.loop.removeBackground(this.background);
+      this.backgroundOn = false;
+      return false;
+    }
+    return true;
+  }
+
+  /** Sends an ERROR frame, logs why, and closes once it is out (or after LINGER_MS). */
+  private refuse(conn: Conn, code: ErrorCode, message: string): void {
+    if (conn.state === "closing" || conn.state === "closed") return;
+    this.opts.logger.warn(`${conn.name}: ${message}; connection closed`);
+    conn.cancelTimer();
+    conn.reader.stop();
+    conn.jobs.length = 0;
+    conn.jobHead = 0;
+    conn.writer.push(errorFrame(code, message));
+    conn.state = "closing";
+    conn.cancelTimer = this.loop.after(LINGER_MS, () => this.closeConn(conn, "did not take our last frame", "debug"));
+    this.lingerFlush(conn);
+  }
+
+  private lingerFlush(conn: Conn): void {
+    const r = conn.writer.flush(conn.fd);
+    if (r === SEND_BLOCKED) {
+      conn.blocked = true;
+      this.loop.modify(conn.token, conn.fd, EPOLLOUT);
+      return;
+    }
+    this.closeConn(conn, "refused", "debug");
+  }
+
+  private closeConn(conn: Conn, reason: string, level: "debug" | "info" | "warn"): void {
+    if (conn.state === "closed") return;
+    conn.state = "closed";
+    conn.cancelTimer();
+    this.loop.remove(conn.token, conn.fd);
+    sl.sl_close(conn.fd);
+    conn.reader.stop();
+    conn.writer.clear();
+    conn.staging?.free();
+    this.conns.delete(conn);
+    const i = this.backgroundQueue.indexOf(conn);
+    if (i >= 0) this.backgroundQueue.splice(i, 1);
+    this.opts.logger.log(level, `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`);
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.loop.stop();
+    for (const conn of [...this.conns]) this.closeConn(conn, "dropped: page server shutting down", "debug");
+    if (this.lfd >= 0) {
+      this.loop.remove(this.ltoken, this.lfd);
+      sl.sl_close(this.lfd);
+      this.lfd = -1;
+    }
+  }
+}

@@ -1,0 +1,564 @@
+// One VM's side of postcopy: the PageRequester a VmSession asks for pages it does not have.
+// Two connections per VM, like QEMU's postcopy-preempt channel: faults go on the urgent one,
+// so they never queue behind background bytes already sitting in kernel socket buffers; the
+// background one pulls every page not installed yet (a bounded window in flight), then the
+// server detaches the VM. Payloads land in slots (C memory) and go from there to UFFDIO_COPY.
+//
+// If the page server goes away, requests stay outstanding (a vCPU waiting on a page keeps
+// waiting: pages are never guessed), the channels reconnect with backoff and re-send them; a VM
+// left without a page server for the deadline is failed (the server kills its VMM).
+import type { EventLoop } from "../event-loop.ts";
+import { NativeBuffer } from "../ffi.ts";
+import { PAGE_IN_FLIGHT, type PageRequester, type Region } from "../handler-table.ts";
+import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
+import { formatBytes } from "../log.ts";
+import type { RequesterContext } from "../server.ts";
+import { AGAIN, FAILED, GONE, type VmSession } from "../vm-session.ts";
+import type { HostPort } from "./address.ts";
+import { ClientChannel, type LostKind } from "./client-channel.ts";
+import { frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
+
+export interface RemoteTarget {
+  url: string;
+  addr: HostPort;
+  token: Buffer;
+  /** What the page server said at startup; every later connection must say the same. */
+  info: ImageInfo;
+  zero: ZeroMap;
+  deadlineMs: number;
+}
+
+/** Smallest slot: one request's bytes (a 2 MiB page needs a 2 MiB slot). */
+const MIN_SLOT = 512 * 1024;
+/** Background bytes requested and not yet delivered: enough to keep a fast link busy. */
+const BACKGROUND_WINDOW = 8 * 1024 * 1024;
+/** Region pages the sweep looks at per turn, so a mostly-installed VM does not stall faults. */
+const SWEEP_PAGES_PER_TURN = 16_384;
+const RECONNECT_FIRST_MS = 50;
+const RECONNECT_MAX_MS = 1000;
+const HANDSHAKE_TIMEOUT_MS = 5000;
+/** Silence with requests outstanding: ping after this, give the connection up after DEAD_AFTER_MS. */
+const PING_AFTER_MS = 1000;
+const DEAD_AFTER_MS = 5000;
+/** Checksum failures of one request in a row before the page server is declared broken. */
+const MAX_BAD_REPLIES = 8;
+const FREE_SLOTS_KEPT = 32;
+
+const URGENT = 0;
+const BACKGROUND = 1;
+const CHANNEL_NAMES = ["urgent", "background"];
+
+interface Req {
+  id: number;
+  region: Region;
+  first: number;
+  count: number;
+  /** Image byte range [start, start+bytes). */
+  start: number;
+  bytes: number;
+  urgent: boolean;
+  sweep: boolean;
+  slot: NativeBuffer | undefined;
+  /** Next byte (within the request) a DATA frame may start at: chunks come in order. */
+  cursor: number;
+  sent: boolean;
+  badReplies: number;
+}
+
+export class VmClient implements PageRequester {
+  private readonly loop: EventLoop;
+  private readonly channels: (ClientChannel | undefined)[] = [undefined, undefined];
+  private readonly sent = new Map<number, Req>();
+  private nextId = 1;
+  private readonly urgentQueue: Req[] = [];
+  private readonly backgroundQueue: Req[] = [];
+  private readonly sweepQueue: Req[] = [];
+  private urgentInFlight = 0;
+  private backgroundInFlight = 0;
+  /** Per region (by index): 1 where an urgent request covers the page (no second hurry). */
+  private readonly urgentPages: Uint8Array[] = [];
+  private readonly slotSize: number;
+  private readonly freeSlots: NativeBuffer[] = [];
+  private readonly redeliveries: Req[] = [];
+  private sweeping = false;
+  private sweepScheduled = false;
+  private sweepRegion = 0;
+  private sweepPage = 0;
+  private requestedThisPass = 0;
+  private readonly backoff = [RECONNECT_FIRST_MS, RECONNECT_FIRST_MS];
+  private readonly cancelReconnect: ((() => void) | undefined)[] = [undefined, undefined];
+  private downSince: number;
+  private cancelDeadline: (() => void) | undefined;
+  private lastError = "not connected yet";
+  private everConnected = false;
+  private outageLogged = false;
+  private cancelTick: () => void = () => {};
+  private done = false;
+  readonly counters = { requests: 0, bytes: 0, badReplies: 0, reconnects: 0 };
+
+  constructor(
+    private readonly vm: VmSession,
+    private readonly ctx: RequesterContext,
+    private readonly target: RemoteTarget,
+  ) {
+    this.loop = ctx.loop;
+    let biggestPage = IMAGE_PAGE;
+    for (const r of vm.table.regions) {
+      this.urgentPages[r.index] = new Uint8Array(r.pages);
+      biggestPage = Math.max(biggestPage, r.pageSize);
+    }
+    this.slotSize = Math.max(MIN_SLOT, biggestPage);
+    // Until both channels are up the VM is "without a page server": the deadline runs.
+    this.downSince = performance.now();
+    this.cancelDeadline = this.loop.after(target.deadlineMs, () => this.giveUp());
+    this.connect(URGENT);
+    this.connect(BACKGROUND);
+    this.tick();
+    this.scheduleSweep();
+  }
+
+  // ---- PageRequester ------------------------------------------------------------------------
+
+  request(region: Region, first: number, count: number, urgent: boolean): void {
+    if (this.done) return;
+    const per = Math.max(1, Math.floor(this.slotSize / region.pageSize));
+    for (let k = first; k < first + count; k += per) {
+      const req = this.newRequest(region, k, Math.min(per, first + count - k), urgent);
+      if (urgent) this.urgentQueue.push(req);
+      else if (this.sweeping) this.sweepQueue.push(req);
+      else this.backgroundQueue.push(req); // fault-around neighbours and prefetch: before the sweep
+    }
+    if (urgent) this.sendUrgent();
+    else if (!this.sweeping) this.sendBackground();
+  }
+
+  hurry(region: Region, page: number): void {
+    if (this.done || this.urgentPages[region.index]![page]) return;
+    // The page is on its way in the background: ask for it again, alone, on the urgent channel.
+    // Whichever copy arrives first is installed; the other finds the page settled and is dropped.
+    this.urgentQueue.push(this.newRequest(region, page, 1, true));
+    this.sendUrgent();
+  }
+
+  private newRequest(region: Region, first: number, count: number, urgent: boolean): Req {
+    const ps = region.pageSize;
+    if (urgent) this.urgentPages[region.index]!.fill(1, first, first + count);
+    return {
+      id: this.nextId++,
+      region,
+      first,
+      count,
+      start: region.offset + first * ps,
+      bytes: count * ps,
+      urgent,
+      sweep: this.sweeping,
+      slot: undefined,
+      cursor: 0,
+      sent: false,
+      badReplies: 0,
+    };
+  }
+
+  // ---- sending ------------------------------------------------------------------------------
+
+  private sendUrgent(): void {
+    const ch = this.channels[URGENT];
+    if (!ch?.ready) return;
+    while (this.urgentQueue.length) this.send(this.urgentQueue.shift()!, ch);
+  }
+
+  private sendBackground(): void {
+    const ch = this.channels[BACKGROUND];
+    if (ch?.ready) {
+      while (this.backgroundInFlight < BACKGROUND_WINDOW) {
+        const req = this.backgroundQueue.shift() ?? this.sweepQueue.shift();
+        if (req === undefined) break;
+        this.send(req, ch);
+      }
+    }
+    if (this.backgroundInFlight < BACKGROUND_WINDOW && this.sweepQueue.length === 0) this.scheduleSweep();
+  }
+
+  private send(req: Req, ch: ClientChannel): void {
+    if (!this.stillWanted(req)) return this.release(req);
+    req.slot ??= this.takeSlot();
+    req.cursor = 0;
+    if (this.target.zero.isRangeZero(req.start / IMAGE_PAGE, req.bytes / IMAGE_PAGE)) {
+      // Nothing of it would cross the wire (cannot happen for requests the VM makes; cheap to be sure).
+      req.slot.bytes.fill(0, 0, req.bytes);
+      return this.deliver(req);
+    }
+    req.sent = true;
+    this.sent.set(req.id, req);
+    // The silence clock of a connection starts when it starts owing us something.
+    if ((req.urgent ? this.urgentInFlight : this.backgroundInFlight) === 0) ch.lastRxAt = performance.now();
+    if (req.urgent) this.urgentInFlight++;
+    else this.backgroundInFlight += req.bytes;
+    this.counters.requests++;
+    ch.send(frame(FrameType.REQUEST, null, req.id, req.start, req.bytes));
+  }
+
+  /** False when every page of the request was installed or discarded meanwhile. */
+  private stillWanted(req: Req): boolean {
+    const state = req.region.state;
+    for (let k = req.first; k < req.first + req.count; k++) if (state[k] === PAGE_IN_FLIGHT) return true;
+    return false;
+  }
+
+  private takeSlot(): NativeBuffer {
+    return this.freeSlots.pop() ?? new NativeBuffer(this.slotSize);
+  }
+
+  /** The request is finished with (delivered, or no longer wanted). */
+  private release(req: Req): void {
+    if (req.urgent) this.urgentPages[req.region.index]!.fill(0, req.first, req.first + req.count);
+    if (req.slot !== undefined) {
+      if (this.freeSlots.length < FREE_SLOTS_KEPT && !this.done) this.freeSlots.push(req.slot);
+      else req.slot.free();
+      req.slot = undefined;
+    }
+  }
+
+  /** Forgets that a request was sent (reply complete, dropped, or its connection lost). */
+  private unsend(req: Req): void {
+    if (!this.sent.delete(req.id)) return;
+    req.sent = false;
+    if (req.urgent) this.urgentInFlight--;
+    else this.backgroundInFlight -= req.bytes;
+  }
+
+  // ---- receiving ----------------------------------------------------------------------------
+
+  /** Where a DATA payload goes: straight into its request's slot, at its offset. */
+  private dataTarget(h: FrameHeader): number {
+    const req = this.sent.get(h.id);
+    if (req === undefined) {
+      // A request re-sent under a new id (bad checksum) or given up: its late chunks are dropped.
+      if (h.id > 0 && h.id < this.nextId) return -1;
+      throw new ProtocolError(`DATA for request ${h.id}, which was never made`);
+    }
+    const off = h.offset;
+    const len = h.length;
+    if (len === 0 || off % IMAGE_PAGE !== 0 || len % IMAGE_PAGE !== 0 || off < req.cursor || off + len > req.bytes) {
+      throw new ProtocolError(`DATA for request ${h.id} at [${off}, +${len}) does not fit [${req.cursor}, ${req.bytes}) in whole pages`);
+    }
+    // Zero pages never cross the wire: the chunk holds data pages only, and what it skipped is zero.
+    const zero = this.target.zero;
+    const skipFrom = (req.start + req.cursor) / IMAGE_PAGE;
+    const chunkFirst = (req.start + off) / IMAGE_PAGE;
+    if (!zero.isRangeZero(skipFrom, chunkFirst - skipFrom) || !zero.isRangeData(chunkFirst, len / IMAGE_PAGE)) {
+      throw new ProtocolError(`DATA for request ${h.id} at [${off}, +${len}) disagrees with the zero map`);
+    }
+    return req.slot!.address + off;
+  }
+
+  private onData(h: FrameHeader): void {
+    const req = this.sent.get(h.id);
+    if (req === undefined) return;
+    this.counters.bytes += h.length;
+    const payload = req.slot!.bytes.subarray(h.offset, h.offset + h.length);
+    const crc = Bun.hash.crc32(payload);
+    if (crc !== h.crc) return this.badReply(req, h, crc);
+    req.cursor = h.offset + h.length;
+    const restFirst = (req.start + req.cursor) / IMAGE_PAGE;
+    const restCount = (req.bytes - req.cursor) / IMAGE_PAGE;
+    if (restCount === 0 || this.target.zero.isRangeZero(restFirst, restCount)) this.complete(req);
+  }
+
+  /** A reply whose bytes do not match its checksum: never installed; the request goes out again. */
+  private badReply(req: Req, h: FrameHeader, crc: number): void {
+    this.counters.badReplies++;
+    req.badReplies++;
+    const a = req.start + h.offset;
+    this.ctx.logger.warn(
+      `vm ${this.vm.id}: page server reply for image bytes [0x${a.toString(16)}, 0x${(a + h.length).toString(16)}) failed its checksum ` +
+        `(crc 0x${crc.toString(16)}, frame says 0x${h.crc.toString(16)}); dropped, re-requesting`,
+    );
+    if (req.badReplies > MAX_BAD_REPLIES) {
+      this.ctx.fail(`page server ${this.target.url} sent ${req.badReplies} corrupt replies in a row for image bytes at 0x${req.start.toString(16)}`);
+      return;
+    }
+    this.unsend(req);
+    req.id = this.nextId++; // the rest of the old reply is dropped as it arrives
+    if (req.urgent) {
+      this.urgentQueue.unshift(req);
+      this.sendUrgent();
+    } else {
+      this.backgroundQueue.unshift(req);
+      this.sendBackground();
+    }
+  }
+
+  private complete(req: Req): void {
+    this.unsend(req);
+    req.badReplies = 0;
+    const region = req.region;
+    if (region.imagePagesPerPage > 1) {
+      // A huge page mixing data and zero 4 KiB pages: the zero ones never came; write them.
+      for (const run of this.target.zero.runs(req.start / IMAGE_PAGE, req.bytes / IMAGE_PAGE)) {
+        if (run.zero) req.slot!.bytes.fill(0, run.first * IMAGE_PAGE - req.start, (run.first + run.count) * IMAGE_PAGE - req.start);
+      }
+    }
+    this.deliver(req);
+  }
+
+  private deliver(req: Req): void {
+    const region = req.region;
+    const before = region.settled;
+    const r = this.vm.deliver(region, req.first, req.count, req.slot!.address);
+    if (!req.urgent) this.vm.stats.populatedPages += region.settled - before;
+    if (r === AGAIN) {
+      // A REMOVE is pending: let the server read it, then install what is still wanted from the same bytes.
+      this.redeliveries.push(req);
+      this.ctx.delivered();
+      if (!this.done) this.loop.after(1, () => this.redeliver());
+      return;
+    }
+    this.release(req);
+    if (r === FAILED) return this.ctx.fail(`installing pages fetched from ${this.target.url} failed`);
+    this.ctx.delivered();
+    if (this.finishedWithVm()) return;
+    if (r === GONE) return;
+    if (!req.urgent) this.sendBackground();
+    this.maybeRestartSweep();
+  }
+
+  private redeliver(): void {
+    if (this.done) return;
+    for (const req of this.redeliveries.splice(0)) {
+      if (this.done) return;
+      if (this.stillWanted(req)) this.deliver(req);
+      else this.release(req);
+    }
+  }
+
+  private requestError(id: number, message: string): void {
+    const req = this.sent.get(id);
+    if (req === undefined) return;
+    this.ctx.fail(`page server ${this.target.url} refused image bytes [0x${req.start.toString(16)}, +${req.bytes}): ${message}`);
+  }
+
+  // ---- background completion ---------------------------------------------------------------
+
+  private scheduleSweep(): void {
+    if (this.sweepScheduled || this.done || this.sweepRegion >= this.vm.table.regions.length) return;
+    this.sweepScheduled = true;
+    this.loop.after(0, () => {
+      this.sweepScheduled = false;
+      this.sweep();
+    });
+  }
+
+  /** Requests the next missing pages, in image order, while the background window has room. */
+  private sweep(): void {
+    if (this.done || this.vm.closed || this.vm.detached) return;
+    const regions = this.vm.table.regions;
+    let looked = 0;
+    this.sweeping = true;
+    try {
+      while (this.sweepRegion < regions.length) {
+        if (this.backgroundInFlight + queuedBytes(this.sweepQueue) >= BACKGROUND_WINDOW) break;
+        if (looked >= SWEEP_PAGES_PER_TURN) {
+          this.sweeping = false;
+          this.scheduleSweep();
+          break;
+        }
+        const region = regions[this.sweepRegion]!;
+        if (this.sweepPage >= region.pages || region.settled === region.pages) {
+          this.sweepRegion++;
+          this.sweepPage = 0;
+          continue;
+        }
+        const to = Math.min(region.pages, this.sweepPage + Math.max(1, Math.floor(this.slotSize / region.pageSize)));
+        const before = region.settled;
+        const queued = this.sweepQueue.length;
+        const r = this.vm.installMissing(region, this.sweepPage, to, 0);
+        this.vm.stats.populatedPages += region.settled - before; // zero pages, installed right here
+        this.requestedThisPass += this.sweepQueue.length - queued;
+        if (r === AGAIN) {
+          // A REMOVE is pending; the server reads it before our next turn.
+          this.loop.after(1, () => this.scheduleSweep());
+          break;
+        }
+        if (r === GONE || r === FAILED) {
+          this.sweepRegion++;
+          this.sweepPage = 0;
+          continue;
+        }
+        looked += to - this.sweepPage;
+        this.sweepPage = to;
+      }
+    } finally {
+      this.sweeping = false;
+    }
+    this.sendBackground();
+    // Zero pages alone may have completed the VM.
+    if (this.vm.table.complete) this.ctx.delivered();
+    if (!this.finishedWithVm()) this.maybeRestartSweep();
+  }
+
+  /**
+   * One pass is not always enough: pages that met a pending REMOVE went back to missing. When a
+   * pass is over and nothing is in flight, start another, as long as the last one asked for something.
+   */
+  private maybeRestartSweep(): void {
+    if (this.sweepRegion < this.vm.table.regions.length || this.vm.table.complete) return;
+    if (this.sent.size || this.urgentQueue.length || this.backgroundQueue.length || this.sweepQueue.length || this.redeliveries.length) return;
+    if (this.requestedThisPass === 0) return;
+    this.requestedThisPass = 0;
+    this.sweepRegion = 0;
+    this.sweepPage = 0;
+    this.scheduleSweep();
+  }
+
+  // ---- connections --------------------------------------------------------------------------
+
+  private connect(i: number): void {
+    this.cancelReconnect[i] = undefined;
+    if (this.done) return;
+    const role = i === URGENT ? Role.URGENT : Role.BACKGROUND;
+    const ch: ClientChannel = new ClientChannel(this.loop, this.target.addr, this.target.token, role, false, {
+      ready: (info) => this.onReady(i, ch, info),
+      dataTarget: (h) => this.dataTarget(h),
+      data: (h) => this.onData(h),
+      requestError: (id, message) => this.requestError(id, message),
+      lost: (reason, kind) => this.onLost(i, reason, kind),
+    }, Math.min(HANDSHAKE_TIMEOUT_MS, this.target.deadlineMs));
+    this.channels[i] = ch;
+  }
+
+  private onReady(i: number, ch: ClientChannel, info: ImageInfo): void {
+    const want = this.target.info;
+    if (info.size !== want.size || info.pages !== want.pages || !sameBytes(info.id, want.id)) {
+      ch.close();
+      this.channels[i] = undefined;
+      return this.ctx.fail(`page server ${this.target.url} now serves a different image (${info.size} bytes, id ${hex(info.id)}; this VM was started from ${want.size} bytes, id ${hex(want.id)})`);
+    }
+    this.backoff[i] = RECONNECT_FIRST_MS;
+    if (this.channels.every((c) => c?.ready)) {
+      const downFor = performance.now() - this.downSince;
+      if (this.everConnected) {
+        this.counters.reconnects++;
+        const waiting = this.urgentQueue.length + this.backgroundQueue.length + this.sweepQueue.length;
+        this.ctx.logger.info(`vm ${this.vm.id}: page server ${this.target.url} is back after ${downFor.toFixed(0)} ms; re-requesting ${waiting} outstanding requests`);
+      } else {
+        this.ctx.logger.debug(`vm ${this.vm.id}: connected to page server ${this.target.url} in ${downFor.toFixed(1)} ms`);
+      }
+      this.everConnected = true;
+      this.outageLogged = false;
+      this.cancelDeadline?.();
+      this.cancelDeadline = undefined;
+    }
+    if (i === URGENT) this.sendUrgent();
+    else this.sendBackground();
+  }
+
+  private onLost(i: number, reason: string, kind: LostKind): void {
+    this.channels[i] = undefined;
+    if (this.done) return;
+    this.lastError = reason;
+    // Whatever was sent on that connection goes out again, first, in the order it was asked for.
+    const again: Req[] = [];
+    for (const req of this.sent.values()) if ((req.urgent ? URGENT : BACKGROUND) === i) again.push(req);
+    for (const req of again) this.unsend(req);
+    again.sort((a, b) => a.id - b.id);
+    if (i === URGENT) this.urgentQueue.unshift(...again);
+    else this.backgroundQueue.unshift(...again);
+    if (this.cancelDeadline === undefined) {
+      this.downSince = performance.now();
+      this.cancelDeadline = this.loop.after(this.target.deadlineMs, () => this.giveUp());
+    }
+    if (!this.outageLogged) {
+      this.outageLogged = true;
+      const level = kind === "auth" || kind === "version" || kind === "protocol" ? "error" : "warn";
+      this.ctx.logger.log(
+        level,
+        `vm ${this.vm.id}: ${this.everConnected ? "lost the" : "cannot reach the"} page server ${this.target.url} (${CHANNEL_NAMES[i]} channel: ${reason}); ` +
+          `${again.length} requests to re-send; reconnecting, the VM is killed if it is not back within ${this.target.deadlineMs} ms`,
+      );
+    } else {
+      this.ctx.logger.debug(`vm ${this.vm.id}: ${CHANNEL_NAMES[i]} channel: ${reason}`);
+    }
+    const delay = this.backoff[i]!;
+    this.backoff[i] = Math.min(RECONNECT_MAX_MS, delay * 2);
+    this.cancelReconnect[i] = this.loop.after(delay, () => this.connect(i));
+  }
+
+  private giveUp(): void {
+    this.cancelDeadline = undefined;
+    if (this.done) return;
+    const waiting = this.sent.size + this.urgentQueue.length + this.backgroundQueue.length + this.sweepQueue.length;
+    this.ctx.fail(`no page server at ${this.target.url} for ${this.target.deadlineMs} ms (last: ${this.lastError}); ${waiting} requests unanswered`);
+  }
+
+  /** Every second: ping a quiet connection that owes us replies; drop one silent for too long. */
+  private tick(): void {
+    this.cancelTick = this.loop.after(PING_AFTER_MS, () => {
+      if (this.done) return;
+      const now = performance.now();
+      for (let i = 0; i < 2; i++) {
+        const ch = this.channels[i];
+        if (!ch?.ready) continue;
+        const owed = i === URGENT ? this.urgentInFlight > 0 : this.backgroundInFlight > 0;
+        if (!owed) continue;
+        const quiet = now - ch.lastRxAt;
+        if (quiet >= DEAD_AFTER_MS) {
+          ch.close();
+          this.onLost(i, `no reply for ${(quiet / 1000).toFixed(1)} s`, "timeout");
+        } else if (quiet >= PING_AFTER_MS) {
+          ch.ping();
+        }
+      }
+      this.tick();
+    });
+  }
+
+  // ---- the end --------------------------------------------------------------------------------
+
+  /** After the server detached or closed the VM, nothing more is needed from the page server. */
+  private finishedWithVm(): boolean {
+    if (this.done) return true;
+    if (!this.vm.closed && !this.vm.detached) return false;
+    this.close();
+    return true;
+  }
+
+  close(): void {
+    if (this.done) return;
+    this.done = true;
+    this.cancelTick();
+    this.cancelDeadline?.();
+    for (let i = 0; i < 2; i++) {
+      this.cancelReconnect[i]?.();
+      this.channels[i]?.close();
+      this.channels[i] = undefined;
+    }
+    for (const req of [...this.sent.values(), ...this.urgentQueue, ...this.backgroundQueue, ...this.sweepQueue, ...this.redeliveries]) this.release(req);
+    this.sent.clear();
+    this.urgentQueue.length = 0;
+    this.backgroundQueue.length = 0;
+    this.sweepQueue.length = 0;
+    this.redeliveries.length = 0;
+    for (const s of this.freeSlots.splice(0)) s.free();
+    const c = this.counters;
+    this.ctx.logger.debug(
+      `vm ${this.vm.id}: page server ${this.target.url}: ${c.requests} requests, ${formatBytes(c.bytes)} received, ${c.badReplies} bad replies, ${c.reconnects} reconnects`,
+    );
+  }
+}
+
+function queuedBytes(q: Req[]): number {
+  let n = 0;
+  for (const r of q) n += r.bytes;
+  return n;
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+function hex(b: Uint8Array): string {
+  return Buffer.from(b).toString("hex").slice(0, 16);
+}
