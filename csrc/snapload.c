@@ -463,6 +463,8 @@ int sl_tcp_listen(const char *host, int port, int backlog)
 		return NEG_ERRNO();
 	int one = 1;
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+	/* Accepted sockets inherit it: a small reply sent as header + payload must not wait for an ACK. */
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	if (bind(fd, (struct sockaddr *)&ss, sl) || listen(fd, backlog)) {
 		int r = NEG_ERRNO();
 		close(fd);

@@ -131,8 +131,9 @@ int sl_peer_cred(int fd, struct sl_peer *out);
 
 /* ---- TCP (postcopy page server and client) -------------------------------- */
 
-/* host is a numeric IPv4/IPv6 address. Non-blocking, close-on-exec, SO_REUSEADDR.
- * port 0 picks one; sl_local_port tells which. Returns the fd. */
+/* host is a numeric IPv4/IPv6 address. Non-blocking, close-on-exec, SO_REUSEADDR,
+ * TCP_NODELAY (inherited by accepted sockets). port 0 picks one; sl_local_port tells which.
+ * Returns the fd. */
 int sl_tcp_listen(const char *host, int port, int backlog);
 int sl_local_port(int fd);
 /* Starts a non-blocking connect; returns the fd (connect may still be in
