@@ -108,9 +108,11 @@ export class EventLoop {
           if (handler !== undefined) handler(u32[i * 4 + 2]!);
         }
         this.runTimers();
-        busy = n === 0 ? this.runBackground() : this.background.length > 0;
-        const t = performance.now();
-        if (n === 0 && !busy ? true : t - lastYield >= YIELD_EVERY_MS) {
+        // Ready fds were all served first; then one slice of background work, even while faults
+        // keep coming — a guest that faults continuously must not starve its own prefetch.
+        busy = this.background.length > 0 ? this.runBackground() : false;
+        const idle = n === 0 && !busy;
+        if (idle || performance.now() - lastYield >= YIELD_EVERY_MS) {
           await yieldToBun();
           lastYield = performance.now();
         }

@@ -8,7 +8,7 @@ import { FAILED, GONE, OK, type VmSession } from "./vm-session.ts";
 export type PopulateMode = "none" | "background";
 
 /** Image pages per prefetch step: one wake per step covers everything it installed. */
-const PREFETCH_STEP_PAGES = 256;
+const PREFETCH_STEP_PAGES = 64;
 /** Bytes per background step. */
 const SWEEP_STEP_BYTES = 1024 * 1024;
 
