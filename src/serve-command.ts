@@ -3,6 +3,7 @@ import type { ServeConfig } from "./config.ts";
 import { Logger } from "./log.ts";
 import { type OpenedSource, openSource } from "./page-source.ts";
 import { type Listener, Server } from "./server.ts";
+import { warmUpFaultPath } from "./warmup.ts";
 import { readWorkingSet } from "./working-set.ts";
 
 export async function serveCommand(config: ServeConfig): Promise<number> {
@@ -34,6 +35,9 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
       recordPath: config.record,
       logger,
     });
+    const t0 = performance.now();
+    const warm = warmUpFaultPath();
+    logger.debug(warm ? `fault path warmed up in ${(performance.now() - t0).toFixed(1)} ms` : "fault path warm-up skipped (no userfaultfd)");
     server.listen();
     listeners.forEach((l, i) => logger.info(`listening on ${l.socketPath}: ${summaries[i]}`));
     const shutdown = (signal: string) => {

@@ -119,7 +119,8 @@ export class VmSession {
     return this.retry.length === 0;
   }
 
-  private dispatch(buf: NativeBuffer, n: number): void {
+  /** Serves n messages already in buf (what drain read; the JIT warm-up feeds it too). */
+  dispatch(buf: NativeBuffer, n: number): void {
     const bytes = buf.bytes;
     const u32 = buf.u32;
     const faults = this.scratch.faults;
@@ -233,17 +234,26 @@ export class VmSession {
   private faultRemote(region: Region, i: number, iEnd: number, w0: number, w1: number): void {
     const requester = this.requester!;
     const state = region.state;
+    const ps = region.pageSize;
     for (let k = i; k < iEnd; k++) {
       const s = state[k];
       if (s === PAGE_IN_FLIGHT) requester.hurry(region, k);
+      // Installed meanwhile (background zero pages go in unwoken): only the wake is missing.
+      // Checked before "zero" so an installed zero page is not installed again (EEXIST, no wake).
+      else if (s === PAGE_INSTALLED) sl.sl_uffd_wake(this.uffd, region.base + k * ps, ps);
       else if (s === PAGE_REMOVED || region.isZeroPage(k)) {
+        this.hitEexist = false;
         const r = this.installRun(region, k, 1, true, false);
         if (r === AGAIN) {
           this.stats.eagain++;
-          this.retry.push(region.base + k * region.pageSize);
+          this.retry.push(region.base + k * ps);
+        } else if (r === FAILED) {
+          this.fatal = `installing page 0x${(region.base + k * ps).toString(16)} failed: ${errnoName(this.lastErrno)}`;
+          return;
+        } else if (this.hitEexist) {
+          sl.sl_uffd_wake(this.uffd, region.base + k * ps, ps); // a removed page answered before: its waiter still sleeps
         }
-      } else if (s === PAGE_MISSING) this.requestRun(region, k, Math.max(w1, k + 1), true);
-      else sl.sl_uffd_wake(this.uffd, region.base + k * region.pageSize, region.pageSize); // installed meanwhile
+      } else this.requestRun(region, k, Math.max(w1, k + 1), true);
     }
     if (w1 > w0) {
       this.installMissing(region, w0, i, 0);
