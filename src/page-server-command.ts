@@ -27,12 +27,12 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
       handshakeTimeoutMs: config["handshake-timeout"],
       testCorruptEvery: corrupt,
     });
+    if (corrupt !== undefined) logger.warn(`TEST ONLY: corrupting one payload byte of every ${corrupt}th reply`);
     const port = server.listen();
     const what = image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
     logger.info(
       `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated, not encrypted`,
     );
-    if (corrupt !== undefined) logger.warn(`TEST ONLY: corrupting one payload byte of every ${corrupt}th reply`);
     const shutdown = (signal: string) => {
       logger.info(`${signal}: shutting down`);
       server.close();

@@ -1,8 +1,8 @@
 // `snapload page-server`: serves one image's pages over TCP to any number of snapload daemons
 // (docs/postcopy-protocol.md). Single-threaded on our EventLoop; payloads are sent straight from
 // the read-only image mapping. Urgent connections are answered as soon as their requests are
-// read; background connections get one bounded chunk per turn, and only when no fd is ready,
-// so a fault never waits behind a bulk transfer in this process.
+// read; background connections share one bounded slice per loop turn, taken after every ready
+// fd was served, so a fault waits behind at most one slice of bulk transfer in this process.
 import { toArrayBuffer, type Pointer } from "bun:ffi";
 import { check } from "./check.ts";
 import { EventLoop } from "./event-loop.ts";
@@ -11,7 +11,7 @@ import type { ZeroMap } from "./image/snapshot-image.ts";
 import { formatBytes, type Logger } from "./log.ts";
 import { clientProof, nonce, proofsEqual, serverProof } from "./postcopy/auth.ts";
 import {
-  decodeErrorText, decodeHello, encodeChallenge, encodeWelcome, ErrorCode, errorFrame, frame, FRAME_NAMES, FrameType, type FrameHeader,
+  decodeErrorText, decodeHello, encodeChallenge, encodeHeader, encodeWelcome, ErrorCode, errorFrame, frame, FRAME_NAMES, FrameType, type FrameHeader,
   HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_REQUEST, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, Role, ROLE_NAMES,
   WANT_ZERO_MAP, WIRE_PAGE, zeroMapBytes,
 } from "./postcopy/protocol.ts";
@@ -175,8 +175,11 @@ export class PageServer {
       const partial = conn.reader.idle ? "" : " in the middle of a frame";
       return this.closeConn(conn, `closed the connection${partial}`, conn.state === "ready" ? "debug" : "warn");
     }
-    if (r < 0) return this.closeConn(conn, `connection failed: ${errnoName(-r)}`, "warn");
+    // A client that closes with replies still coming (its VM detached) resets: routine once authenticated.
+    if (r < 0) return this.closeConn(conn, `connection failed: ${errnoName(-r)}`, conn.state === "ready" ? "debug" : "warn");
     if (r !== READ_AGAIN && r !== READ_MORE) return;
+    // Control replies (PONG, refused requests) go out now, whatever the role.
+    if (!conn.writer.empty && !this.flush(conn)) return;
     // Requests read in this turn: an urgent connection is answered right away.
     if (conn.state === "ready" && conn.outstanding > 0) {
       if (conn.role === Role.BACKGROUND) this.queueBackground(conn);
@@ -297,7 +300,9 @@ export class PageServer {
     const addr = this.opts.image.base + at;
     const payload = new Uint8Array(toArrayBuffer(addr as Pointer, 0, len));
     const crc = Bun.hash.crc32(payload);
-    conn.writer.push(frame(FrameType.DATA, null, job.id, at - job.start, 0, crc));
+    const header = new Uint8Array(HEADER_SIZE);
+    encodeHeader(new DataView(header.buffer), 0, FrameType.DATA, len, job.id, at - job.start, 0, crc);
+    conn.writer.push(header);
     // Header and payload leave as two sends: the listener's TCP_NODELAY (inherited by accepted
     // sockets) keeps the payload from waiting for the header's ACK (~40 ms of delayed ACK).
     const every = this.opts.testCorruptEvery;
@@ -325,7 +330,7 @@ export class PageServer {
       }
       return false;
     }
-    this.closeConn(conn, `send failed: ${errnoName(-r)}`, conn.state === "closing" ? "debug" : "warn");
+    this.closeConn(conn, `send failed: ${errnoName(-r)}`, conn.state === "hello" || conn.state === "auth" ? "warn" : "debug");
     return false;
   }
 
@@ -339,7 +344,7 @@ export class PageServer {
     }
   }
 
-  /** Runs only when no fd is ready: one chunk per background connection, in turn, within a byte budget. */
+  /** One slice per loop turn, after the ready fds: a chunk per background connection, in turn, within a byte budget. */
   private backgroundStep(): boolean {
     let budget = BACKGROUND_STEP_BYTES;
     let turns = this.backgroundQueue.length;

@@ -18,7 +18,7 @@ const PROBE_RETRY_FIRST_MS = 100;
 const PROBE_RETRY_MAX_MS = 1000;
 
 export async function openRemoteSource(url: string, opts: SourceOptions): Promise<OpenedSource> {
-  if (opts.ramblock !== undefined) throw new ConfigError(`--ramblock applies to image files; with --mem ${url} give it to the page server`);
+  // --ramblock is for the daemon's local mapped-ram files; the page server picks its own block.
   if (opts.tokenFile === undefined) throw new ConfigError(`--mem ${url}: a page server needs --token-file (the secret both sides share)`);
   const token = readTokenFile(opts.tokenFile, opts.logger);
   const addr = await resolveHost(parseTcpUrl(url), `--mem ${url}`);

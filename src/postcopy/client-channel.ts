@@ -78,11 +78,11 @@ export class ClientChannel {
     return this.state === "ready";
   }
 
-  /** Queues a frame and sends what the socket takes now. */
-  send(bytes: Uint8Array): void {
+  /** Queues a frame and (unless `now` is false: the caller flushes a batch) sends what the socket takes. */
+  send(bytes: Uint8Array, now = true): void {
     if (this.state === "closed") return;
     this.writer.push(bytes);
-    if (this.state !== "connecting") this.flush();
+    if (now && this.state !== "connecting") this.flush();
   }
 
   private onEvents(ev: number): void {
@@ -201,8 +201,9 @@ export class ClientChannel {
     if (this.state === "ready") this.send(frame(FrameType.PING, null));
   }
 
-  private flush(): void {
-    const r = this.writer.flush(this.fd);
+  flush(): void {
+    if (this.state === "closed" || this.state === "connecting") return;
+    const r = this.writer.empty ? SENT_ALL : this.writer.flush(this.fd);
     if (r === SENT_ALL) {
       if (this.events & EPOLLOUT) this.setEvents(EPOLLIN | EPOLLRDHUP);
     } else if (r === SEND_BLOCKED) {

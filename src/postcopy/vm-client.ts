@@ -13,7 +13,7 @@ import { PAGE_IN_FLIGHT, type PageRequester, type Region } from "../handler-tabl
 import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
 import { formatBytes } from "../log.ts";
 import type { RequesterContext } from "../server.ts";
-import { AGAIN, FAILED, GONE, type VmSession } from "../vm-session.ts";
+import { AGAIN, FAILED, GONE, OK, type VmSession } from "../vm-session.ts";
 import type { HostPort } from "./address.ts";
 import { ClientChannel, type LostKind } from "./client-channel.ts";
 import { frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
@@ -37,9 +37,11 @@ const SWEEP_PAGES_PER_TURN = 16_384;
 const RECONNECT_FIRST_MS = 50;
 const RECONNECT_MAX_MS = 1000;
 const HANDSHAKE_TIMEOUT_MS = 5000;
-/** Silence with requests outstanding: ping after this, give the connection up after DEAD_AFTER_MS. */
-const PING_AFTER_MS = 1000;
-const DEAD_AFTER_MS = 5000;
+/** A connection silent this long while it owes us replies is given up (then pinged at half of it). */
+const DEAD_AFTER_MAX_MS = 5000;
+const DEAD_AFTER_MIN_MS = 500;
+/** How often connection health and the deadline are looked at. */
+const TICK_MAX_MS = 250;
 /** Checksum failures of one request in a row before the page server is declared broken. */
 const MAX_BAD_REPLIES = 8;
 const FREE_SLOTS_KEPT = 32;
@@ -62,7 +64,12 @@ interface Req {
   /** Next byte (within the request) a DATA frame may start at: chunks come in order. */
   cursor: number;
   sent: boolean;
+  /** Replies in a row for these pages that failed their checksum. */
   badReplies: number;
+  /** Byte ranges of this reply that failed their checksum: never installed, asked for again. */
+  bad: [number, number][] | undefined;
+  /** Region pages (relative to `first`) not to install from the slot (they went out again). */
+  skip: Uint8Array | undefined;
 }
 
 export class VmClient implements PageRequester {
@@ -73,6 +80,7 @@ export class VmClient implements PageRequester {
   private readonly urgentQueue: Req[] = [];
   private readonly backgroundQueue: Req[] = [];
   private readonly sweepQueue: Req[] = [];
+  private sweepQueuedBytes = 0;
   private urgentInFlight = 0;
   private backgroundInFlight = 0;
   /** Per region (by index): 1 where an urgent request covers the page (no second hurry). */
@@ -87,8 +95,15 @@ export class VmClient implements PageRequester {
   private requestedThisPass = 0;
   private readonly backoff = [RECONNECT_FIRST_MS, RECONNECT_FIRST_MS];
   private readonly cancelReconnect: ((() => void) | undefined)[] = [undefined, undefined];
-  private downSince: number;
-  private cancelDeadline: (() => void) | undefined;
+  /**
+   * Since when this VM has been without a working page server: set when a connection is lost
+   * (or was never up), cleared only by progress (a DATA frame, or both connections up with
+   * nothing owed). A server that reconnects but never delivers is still "without".
+   */
+  private stallSince: number | undefined;
+  /** Per connection: the last DATA frame, or when it started owing us replies. */
+  private readonly waitingSince = [0, 0];
+  private readonly deadAfterMs: number;
   private lastError = "not connected yet";
   private everConnected = false;
   private outageLogged = false;
@@ -108,9 +123,9 @@ export class VmClient implements PageRequester {
       biggestPage = Math.max(biggestPage, r.pageSize);
     }
     this.slotSize = Math.max(MIN_SLOT, biggestPage);
-    // Until both channels are up the VM is "without a page server": the deadline runs.
-    this.downSince = performance.now();
-    this.cancelDeadline = this.loop.after(target.deadlineMs, () => this.giveUp());
+    // Until the page server delivers, the VM is "without a page server": the deadline runs.
+    this.stallSince = performance.now();
+    this.deadAfterMs = Math.max(DEAD_AFTER_MIN_MS, Math.min(DEAD_AFTER_MAX_MS, target.deadlineMs / 2));
     this.connect(URGENT);
     this.connect(BACKGROUND);
     this.tick();
@@ -122,14 +137,31 @@ export class VmClient implements PageRequester {
   request(region: Region, first: number, count: number, urgent: boolean): void {
     if (this.done) return;
     const per = Math.max(1, Math.floor(this.slotSize / region.pageSize));
+    const queue = urgent ? this.urgentQueue : this.sweeping ? this.sweepQueue : this.backgroundQueue;
+    // Background runs split only by zero pages become one request: the server skips zero pages anyway.
+    if (!urgent && this.extend(queue.at(-1), region, first, count)) return;
     for (let k = first; k < first + count; k += per) {
       const req = this.newRequest(region, k, Math.min(per, first + count - k), urgent);
-      if (urgent) this.urgentQueue.push(req);
-      else if (this.sweeping) this.sweepQueue.push(req);
-      else this.backgroundQueue.push(req); // fault-around neighbours and prefetch: before the sweep
+      queue.push(req); // background (not sweep): fault-around neighbours and prefetch, sent before the sweep
+      if (queue === this.sweepQueue) this.sweepQueuedBytes += req.bytes;
     }
     if (urgent) this.sendUrgent();
     else if (!this.sweeping) this.sendBackground();
+  }
+
+  /** Grows a queued (unsent) background request over [first, first+count) when only zero pages lie between. */
+  private extend(last: Req | undefined, region: Region, first: number, count: number): boolean {
+    if (last === undefined || last.sent || last.slot !== undefined || last.region !== region) return false;
+    const end = last.first + last.count;
+    const newCount = first + count - last.first;
+    if (first < end || newCount * region.pageSize > this.slotSize) return false;
+    const ipp = region.imagePagesPerPage;
+    if (!this.target.zero.isRangeZero(region.firstImagePage + end * ipp, (first - end) * ipp)) return false;
+    const grow = (newCount - last.count) * region.pageSize;
+    last.count = newCount;
+    last.bytes += grow;
+    if (last.sweep) this.sweepQueuedBytes += grow;
+    return true;
   }
 
   hurry(region: Region, page: number): void {
@@ -156,6 +188,8 @@ export class VmClient implements PageRequester {
       cursor: 0,
       sent: false,
       badReplies: 0,
+      bad: undefined,
+      skip: undefined,
     };
   }
 
@@ -171,18 +205,24 @@ export class VmClient implements PageRequester {
     const ch = this.channels[BACKGROUND];
     if (ch?.ready) {
       while (this.backgroundInFlight < BACKGROUND_WINDOW) {
-        const req = this.backgroundQueue.shift() ?? this.sweepQueue.shift();
-        if (req === undefined) break;
-        this.send(req, ch);
+        let req = this.backgroundQueue.shift();
+        if (req === undefined) {
+          req = this.sweepQueue.shift();
+          if (req === undefined) break;
+          this.sweepQueuedBytes -= req.bytes;
+        }
+        this.send(req, ch, false);
       }
+      ch.flush();
     }
     if (this.backgroundInFlight < BACKGROUND_WINDOW && this.sweepQueue.length === 0) this.scheduleSweep();
   }
 
-  private send(req: Req, ch: ClientChannel): void {
+  private send(req: Req, ch: ClientChannel, now = true): void {
     if (!this.stillWanted(req)) return this.release(req);
     req.slot ??= this.takeSlot();
     req.cursor = 0;
+    req.bad = undefined; // a reply cut short by a lost connection starts over
     if (this.target.zero.isRangeZero(req.start / IMAGE_PAGE, req.bytes / IMAGE_PAGE)) {
       // Nothing of it would cross the wire (cannot happen for requests the VM makes; cheap to be sure).
       req.slot.bytes.fill(0, 0, req.bytes);
@@ -190,12 +230,15 @@ export class VmClient implements PageRequester {
     }
     req.sent = true;
     this.sent.set(req.id, req);
-    // The silence clock of a connection starts when it starts owing us something.
-    if ((req.urgent ? this.urgentInFlight : this.backgroundInFlight) === 0) ch.lastRxAt = performance.now();
+    // The silence and progress clocks of a connection start when it starts owing us something.
+    if ((req.urgent ? this.urgentInFlight : this.backgroundInFlight) === 0) {
+      ch.lastRxAt = performance.now();
+      this.waitingSince[req.urgent ? URGENT : BACKGROUND] = ch.lastRxAt;
+    }
     if (req.urgent) this.urgentInFlight++;
     else this.backgroundInFlight += req.bytes;
     this.counters.requests++;
-    ch.send(frame(FrameType.REQUEST, null, req.id, req.start, req.bytes));
+    ch.send(frame(FrameType.REQUEST, null, req.id, req.start, req.bytes), now);
   }
 
   /** False when every page of the request was installed or discarded meanwhile. */
@@ -211,7 +254,10 @@ export class VmClient implements PageRequester {
 
   /** The request is finished with (delivered, or no longer wanted). */
   private release(req: Req): void {
-    if (req.urgent) this.urgentPages[req.region.index]!.fill(0, req.first, req.first + req.count);
+    if (req.urgent) {
+      const flags = this.urgentPages[req.region.index]!;
+      for (let k = 0; k < req.count; k++) if (!req.skip?.[k]) flags[req.first + k] = 0;
+    }
     if (req.slot !== undefined) {
       if (this.freeSlots.length < FREE_SLOTS_KEPT && !this.done) this.freeSlots.push(req.slot);
       else req.slot.free();
@@ -258,40 +304,26 @@ export class VmClient implements PageRequester {
     this.counters.bytes += h.length;
     const payload = req.slot!.bytes.subarray(h.offset, h.offset + h.length);
     const crc = Bun.hash.crc32(payload);
-    if (crc !== h.crc) return this.badReply(req, h, crc);
+    if (crc !== h.crc) this.badReply(req, h, crc);
     req.cursor = h.offset + h.length;
     const restFirst = (req.start + req.cursor) / IMAGE_PAGE;
     const restCount = (req.bytes - req.cursor) / IMAGE_PAGE;
     if (restCount === 0 || this.target.zero.isRangeZero(restFirst, restCount)) this.complete(req);
   }
 
-  /** A reply whose bytes do not match its checksum: never installed; the request goes out again. */
+  /** A chunk whose bytes do not match its checksum: its pages are never installed from it. */
   private badReply(req: Req, h: FrameHeader, crc: number): void {
     this.counters.badReplies++;
-    req.badReplies++;
     const a = req.start + h.offset;
     this.ctx.logger.warn(
       `vm ${this.vm.id}: page server reply for image bytes [0x${a.toString(16)}, 0x${(a + h.length).toString(16)}) failed its checksum ` +
         `(crc 0x${crc.toString(16)}, frame says 0x${h.crc.toString(16)}); dropped, re-requesting`,
     );
-    if (req.badReplies > MAX_BAD_REPLIES) {
-      this.ctx.fail(`page server ${this.target.url} sent ${req.badReplies} corrupt replies in a row for image bytes at 0x${req.start.toString(16)}`);
-      return;
-    }
-    this.unsend(req);
-    req.id = this.nextId++; // the rest of the old reply is dropped as it arrives
-    if (req.urgent) {
-      this.urgentQueue.unshift(req);
-      this.sendUrgent();
-    } else {
-      this.backgroundQueue.unshift(req);
-      this.sendBackground();
-    }
+    (req.bad ??= []).push([h.offset, h.length]);
   }
 
   private complete(req: Req): void {
     this.unsend(req);
-    req.badReplies = 0;
     const region = req.region;
     if (region.imagePagesPerPage > 1) {
       // A huge page mixing data and zero 4 KiB pages: the zero ones never came; write them.
@@ -299,13 +331,48 @@ export class VmClient implements PageRequester {
         if (run.zero) req.slot!.bytes.fill(0, run.first * IMAGE_PAGE - req.start, (run.first + run.count) * IMAGE_PAGE - req.start);
       }
     }
+    if (req.bad !== undefined && !this.askAgain(req)) return;
     this.deliver(req);
+  }
+
+  /**
+   * The region pages a corrupt chunk touched go out again as a new request (they stay in
+   * flight); the rest of this reply is delivered. False when the page server keeps lying.
+   */
+  private askAgain(req: Req): boolean {
+    const ps = req.region.pageSize;
+    const skip = new Uint8Array(req.count);
+    for (const [off, len] of req.bad!) skip.fill(1, Math.floor(off / ps), Math.ceil((off + len) / ps));
+    req.bad = undefined;
+    req.skip = skip;
+    const tries = req.badReplies + 1;
+    if (tries > MAX_BAD_REPLIES) {
+      this.ctx.fail(`page server ${this.target.url} sent ${tries} corrupt replies in a row for image bytes at 0x${req.start.toString(16)}`);
+      return false;
+    }
+    const queue = req.urgent ? this.urgentQueue : this.backgroundQueue;
+    let a = 0;
+    while (a < req.count) {
+      if (!skip[a]) {
+        a++;
+        continue;
+      }
+      let b = a + 1;
+      while (b < req.count && skip[b]) b++;
+      const again = this.newRequest(req.region, req.first + a, b - a, req.urgent);
+      again.badReplies = tries;
+      queue.unshift(again);
+      a = b;
+    }
+    if (req.urgent) this.sendUrgent();
+    else this.sendBackground();
+    return true;
   }
 
   private deliver(req: Req): void {
     const region = req.region;
     const before = region.settled;
-    const r = this.vm.deliver(region, req.first, req.count, req.slot!.address);
+    const r = this.deliverParts(req);
     if (!req.urgent) this.vm.stats.populatedPages += region.settled - before;
     if (r === AGAIN) {
       // A REMOVE is pending: let the server read it, then install what is still wanted from the same bytes.
@@ -321,6 +388,26 @@ export class VmClient implements PageRequester {
     if (r === GONE) return;
     if (!req.urgent) this.sendBackground();
     this.maybeRestartSweep();
+  }
+
+  /** vm.deliver of the request's pages, minus those asked for again. */
+  private deliverParts(req: Req): number {
+    const skip = req.skip;
+    if (skip === undefined) return this.vm.deliver(req.region, req.first, req.count, req.slot!.address);
+    const ps = req.region.pageSize;
+    let a = 0;
+    while (a < req.count) {
+      if (skip[a]) {
+        a++;
+        continue;
+      }
+      let b = a + 1;
+      while (b < req.count && !skip[b]) b++;
+      const r = this.vm.deliver(req.region, req.first + a, b - a, req.slot!.address + a * ps);
+      if (r !== OK) return r;
+      a = b;
+    }
+    return OK;
   }
 
   private redeliver(): void {
@@ -357,7 +444,7 @@ export class VmClient implements PageRequester {
     this.sweeping = true;
     try {
       while (this.sweepRegion < regions.length) {
-        if (this.backgroundInFlight + queuedBytes(this.sweepQueue) >= BACKGROUND_WINDOW) break;
+        if (this.backgroundInFlight + this.sweepQueuedBytes >= BACKGROUND_WINDOW) break;
         if (looked >= SWEEP_PAGES_PER_TURN) {
           this.sweeping = false;
           this.scheduleSweep();
@@ -420,7 +507,10 @@ export class VmClient implements PageRequester {
     const ch: ClientChannel = new ClientChannel(this.loop, this.target.addr, this.target.token, role, false, {
       ready: (info) => this.onReady(i, ch, info),
       dataTarget: (h) => this.dataTarget(h),
-      data: (h) => this.onData(h),
+      data: (h) => {
+        this.progress(i);
+        this.onData(h);
+      },
       requestError: (id, message) => this.requestError(id, message),
       lost: (reason, kind) => this.onLost(i, reason, kind),
     }, Math.min(HANDSHAKE_TIMEOUT_MS, this.target.deadlineMs));
@@ -436,24 +526,15 @@ export class VmClient implements PageRequester {
     }
     this.backoff[i] = RECONNECT_FIRST_MS;
     if (this.channels.every((c) => c?.ready)) {
-      const downFor = performance.now() - this.downSince;
-      if (this.everConnected) {
-        this.counters.reconnects++;
-        const waiting = this.urgentQueue.length + this.backgroundQueue.length + this.sweepQueue.length;
-        this.ctx.logger.info(`vm ${this.vm.id}: page server ${this.target.url} is back after ${downFor.toFixed(0)} ms; re-requesting ${waiting} outstanding requests`);
-      } else {
-        this.ctx.logger.debug(`vm ${this.vm.id}: connected to page server ${this.target.url} in ${downFor.toFixed(1)} ms`);
-      }
       this.everConnected = true;
-      this.outageLogged = false;
-      this.cancelDeadline?.();
-      this.cancelDeadline = undefined;
+      // Back in business if nothing is owed; otherwise the first DATA frame says so.
+      if (this.sent.size + this.urgentQueue.length + this.backgroundQueue.length === 0) this.recovered();
     }
     if (i === URGENT) this.sendUrgent();
     else this.sendBackground();
   }
 
-  private onLost(i: number, reason: string, kind: LostKind): void {
+  private onLost(i: number, reason: string, kind: LostKind, quietMs = 0): void {
     this.channels[i] = undefined;
     if (this.done) return;
     this.lastError = reason;
@@ -464,10 +545,7 @@ export class VmClient implements PageRequester {
     again.sort((a, b) => a.id - b.id);
     if (i === URGENT) this.urgentQueue.unshift(...again);
     else this.backgroundQueue.unshift(...again);
-    if (this.cancelDeadline === undefined) {
-      this.downSince = performance.now();
-      this.cancelDeadline = this.loop.after(this.target.deadlineMs, () => this.giveUp());
-    }
+    this.stallSince ??= performance.now() - quietMs;
     if (!this.outageLogged) {
       this.outageLogged = true;
       const level = kind === "auth" || kind === "version" || kind === "protocol" ? "error" : "warn";
@@ -484,30 +562,63 @@ export class VmClient implements PageRequester {
     this.cancelReconnect[i] = this.loop.after(delay, () => this.connect(i));
   }
 
-  private giveUp(): void {
-    this.cancelDeadline = undefined;
-    if (this.done) return;
-    const waiting = this.sent.size + this.urgentQueue.length + this.backgroundQueue.length + this.sweepQueue.length;
-    this.ctx.fail(`no page server at ${this.target.url} for ${this.target.deadlineMs} ms (last: ${this.lastError}); ${waiting} requests unanswered`);
+  /** A DATA frame arrived on connection i: the page server delivers. */
+  private progress(i: number): void {
+    this.waitingSince[i] = performance.now();
+    if (this.stallSince !== undefined && this.channels.every((c) => c?.ready)) this.recovered();
   }
 
-  /** Every second: ping a quiet connection that owes us replies; drop one silent for too long. */
+  private recovered(): void {
+    if (this.stallSince === undefined) return;
+    const stalled = performance.now() - this.stallSince;
+    this.stallSince = undefined;
+    if (this.outageLogged) {
+      this.counters.reconnects++;
+      this.ctx.logger.info(`vm ${this.vm.id}: page server ${this.target.url} is back after ${stalled.toFixed(0)} ms; outstanding requests re-sent`);
+    } else {
+      this.ctx.logger.debug(`vm ${this.vm.id}: page server ${this.target.url} delivering after ${stalled.toFixed(1)} ms`);
+    }
+    this.outageLogged = false;
+  }
+
+  private giveUp(why: string): void {
+    if (this.done) return;
+    const waiting = this.sent.size + this.urgentQueue.length + this.backgroundQueue.length + this.sweepQueue.length;
+    this.ctx.fail(`${why} (last: ${this.lastError}); ${waiting} requests unanswered`);
+  }
+
+  /**
+   * Connection health, a few times a second: ping a connection that owes us replies and has
+   * been quiet; give it up when silent for too long; fail the VM past the deadline.
+   */
   private tick(): void {
-    this.cancelTick = this.loop.after(PING_AFTER_MS, () => {
+    const every = Math.min(TICK_MAX_MS, this.target.deadlineMs / 4);
+    this.cancelTick = this.loop.after(every, () => {
       if (this.done) return;
       const now = performance.now();
+      const deadline = this.target.deadlineMs;
       for (let i = 0; i < 2; i++) {
         const ch = this.channels[i];
         if (!ch?.ready) continue;
         const owed = i === URGENT ? this.urgentInFlight > 0 : this.backgroundInFlight > 0;
         if (!owed) continue;
         const quiet = now - ch.lastRxAt;
-        if (quiet >= DEAD_AFTER_MS) {
+        if (quiet >= this.deadAfterMs) {
           ch.close();
-          this.onLost(i, `no reply for ${(quiet / 1000).toFixed(1)} s`, "timeout");
-        } else if (quiet >= PING_AFTER_MS) {
+          this.onLost(i, `no reply for ${(quiet / 1000).toFixed(1)} s`, "timeout", quiet);
+          if (this.done) return;
+        } else if (quiet >= this.deadAfterMs / 2) {
           ch.ping();
+        } else if (now - this.waitingSince[i]! >= deadline) {
+          // It answers pings but sends no pages.
+          this.lastError = `no page data on the ${CHANNEL_NAMES[i]} connection for ${(deadline / 1000).toFixed(1)} s`;
+          return this.giveUp(`page server ${this.target.url} delivered nothing for ${deadline} ms`);
         }
+      }
+      if (this.stallSince !== undefined && now - this.stallSince >= deadline) {
+        if (!this.channels.every((c) => c?.ready)) return this.giveUp(`no page server at ${this.target.url} for ${deadline} ms`);
+        this.lastError = "connected and authenticated, but no page data came";
+        return this.giveUp(`page server ${this.target.url} delivered nothing for ${deadline} ms`);
       }
       this.tick();
     });
@@ -527,7 +638,6 @@ export class VmClient implements PageRequester {
     if (this.done) return;
     this.done = true;
     this.cancelTick();
-    this.cancelDeadline?.();
     for (let i = 0; i < 2; i++) {
       this.cancelReconnect[i]?.();
       this.channels[i]?.close();
@@ -538,6 +648,7 @@ export class VmClient implements PageRequester {
     this.urgentQueue.length = 0;
     this.backgroundQueue.length = 0;
     this.sweepQueue.length = 0;
+    this.sweepQueuedBytes = 0;
     this.redeliveries.length = 0;
     for (const s of this.freeSlots.splice(0)) s.free();
     const c = this.counters;
@@ -545,12 +656,6 @@ export class VmClient implements PageRequester {
       `vm ${this.vm.id}: page server ${this.target.url}: ${c.requests} requests, ${formatBytes(c.bytes)} received, ${c.badReplies} bad replies, ${c.reconnects} reconnects`,
     );
   }
-}
-
-function queuedBytes(q: Req[]): number {
-  let n = 0;
-  for (const r of q) n += r.bytes;
-  return n;
 }
 
 function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
