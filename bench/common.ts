@@ -1,6 +1,7 @@
 // What every scenario shares: options, the scratch directory, images, feature flags, rows.
-import { closeSync, existsSync, openSync, writeSync } from "node:fs";
+import { closeSync, existsSync, fsyncSync, openSync, renameSync, writeSync } from "node:fs";
 import { randomFillSync } from "node:crypto";
+import { writeDemoImage } from "../src/demo-image.ts";
 
 export interface BenchOptions {
   quick: boolean;
@@ -22,6 +23,11 @@ export interface Ctx {
   features: Features;
   /** A random-data image of `mib` MiB (made once per run, page cache warm). */
   image(mib: number): string;
+  /**
+   * A realistic image of `mib` MiB (src/demo-image.ts: ~40% zero pages left as file holes, text,
+   * random bytes, sparse pages), made once per run.
+   */
+  demoImage(mib: number): string;
   /** A fresh socket path in the scratch directory. */
   socket(tag: string): string;
   log(msg: string): void;
@@ -36,12 +42,20 @@ export interface Row {
   target?: string;
 }
 
+/** A small extra table a scenario renders under the main one (e.g. a sweep: rows × columns). */
+export interface ExtraTable {
+  title: string;
+  header: string[];
+  rows: string[][];
+}
+
 export interface ScenarioResult {
   id: string;
   title: string;
   status: "ok" | "partial" | "skipped" | "failed";
   notes: string[];
   rows: Row[];
+  tables?: ExtraTable[];
   data: Record<string, unknown>;
   error?: string;
 }
@@ -98,7 +112,8 @@ export const MiB = 1024 * 1024;
 export function makeRandomImage(path: string, mib: number): void {
   if (existsSync(path)) return;
   const chunk = Buffer.allocUnsafe(16 * MiB);
-  const fd = openSync(path, "w");
+  const tmp = `${path}.partial`;
+  const fd = openSync(tmp, "w");
   try {
     for (let left = mib * MiB; left > 0; left -= chunk.length) {
       const n = Math.min(left, chunk.length);
@@ -106,9 +121,26 @@ export function makeRandomImage(path: string, mib: number): void {
       let off = 0;
       while (off < n) off += writeSync(fd, chunk, off, n - off);
     }
+    fsyncSync(fd); // no writeback of dirty pages in the middle of a measurement
   } finally {
     closeSync(fd);
   }
+  renameSync(tmp, path);
+}
+
+/** `writeDemoImage` (src/demo-image.ts) of `mib` MiB unless the file exists; synced, then renamed into place. */
+export function makeDemoImage(path: string, mib: number, seed = 42): { pages: number; zeroPages: number } | undefined {
+  if (existsSync(path)) return undefined;
+  const tmp = `${path}.partial`;
+  const stats = writeDemoImage(tmp, mib * MiB, seed);
+  const fd = openSync(tmp, "r+");
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, path);
+  return stats;
 }
 
 /** mulberry32: a small seeded PRNG (orders only need to be reproducible, not strong). */
@@ -140,4 +172,32 @@ export async function writeOrder(path: string, order: Uint32Array): Promise<void
   const v = new DataView(out.buffer);
   for (let i = 0; i < order.length; i++) v.setUint32(i * 4, order[i]!, true);
   await Bun.write(path, out);
+}
+
+/** Pages 0..n-1. */
+export function allPages(n: number): Uint32Array {
+  const a = new Uint32Array(n);
+  for (let i = 0; i < n; i++) a[i] = i;
+  return a;
+}
+
+/** A scattered set: `count` random single pages of `pages`, in random order. */
+export function scatteredSet(pages: number, count: number, seed: number): Uint32Array {
+  return shuffle(allPages(pages), seed).slice(0, count);
+}
+
+/**
+ * A clustered set: ceil(count / run) runs of `run` consecutive pages at random, non-overlapping,
+ * unaligned positions (at least one page apart), every page of every run in one random order
+ * (random within each run and across runs).
+ */
+export function clusteredSet(pages: number, count: number, run: number, seed: number): Uint32Array {
+  const runs = Math.ceil(count / run);
+  const slack = pages - runs * run; // free pages to spread between the runs
+  if (slack < runs) throw new Error(`clusteredSet: ${runs} runs of ${run} pages do not fit in ${pages} pages`);
+  // Distinct sorted offsets in [0, slack]: run i starts at offset_i + i*run, so gaps are >= 1 page.
+  const starts = shuffle(allPages(slack + 1), seed).slice(0, runs).sort();
+  const out = new Uint32Array(runs * run);
+  for (let i = 0; i < runs; i++) for (let k = 0; k < run; k++) out[i * run + k] = starts[i]! + i * run + k;
+  return shuffle(out, seed ^ 0x5a5a5a5a);
 }

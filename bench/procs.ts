@@ -13,6 +13,8 @@ export const KERNEL = join(ROOT, "build", "kernel-baselines");
 export class BenchError extends Error {}
 
 const live = new Set<Proc>();
+/** CPU time (µs) of every child that has exited, for telling our load from other people's. */
+let childCpuUs = 0;
 
 /** Kills (SIGKILL) every process we started that is still running. */
 export function killAll(): void {
@@ -47,6 +49,8 @@ export class Proc {
     const pumps = [this.pump(this.proc.stdout, "stdout"), this.pump(this.proc.stderr, "stderr")];
     this.exited = Promise.all(pumps).then(async () => {
       const code = await this.proc.exited;
+      const ru = this.proc.resourceUsage();
+      if (ru) childCpuUs += Number(ru.cpuTime.total);
       live.delete(this);
       this.notify();
       return code;
@@ -74,10 +78,10 @@ export class Proc {
   }
 
   /** Waits until stdout or stderr matches; throws (with the output so far) on exit or timeout. */
-  async waitFor(pattern: RegExp, which: "stdout" | "stderr", timeoutMs = 15_000): Promise<RegExpMatchArray> {
+  async waitFor(pattern: RegExp, which: "stdout" | "stderr" | "either", timeoutMs = 15_000): Promise<RegExpMatchArray> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const m = this[which].match(pattern);
+      const m = which === "either" ? (this.stdout.match(pattern) ?? this.stderr.match(pattern)) : this[which].match(pattern);
       if (m) return m;
       if (!this.running) throw new BenchError(`${this.name} exited (${this.describeExit()}) before printing ${pattern}\n${this.tail()}`);
       if (Date.now() > deadline) throw new BenchError(`${this.name} did not print ${pattern} within ${timeoutMs} ms\n${this.tail()}`);
@@ -134,7 +138,14 @@ export class Proc {
 
 export interface DaemonFigures {
   faults?: number;
+  /** Pages the daemon installed (its exit line's "N pages served"), zero pages included. */
   pages?: number;
+  /** Of those, zero pages (UFFDIO_ZEROPAGE: no copy, no RAM until the guest writes). */
+  zeroPages?: number;
+  /** `--populate background`/`--prefetch`: seconds from connect until every page was settled. */
+  populatedSec?: number;
+  prefetchedPages?: number;
+  populatedPages?: number;
 }
 
 /** `snapload serve --socket S ...args`, ready once it logs "listening on". */
@@ -155,7 +166,16 @@ export async function stopSnapload(p: Proc): Promise<DaemonFigures[]> {
   if (code !== 0) throw new BenchError(`snapload serve exited with ${p.describeExit()}\n${p.tail()}`);
   const errors = p.stderr.split("\n").filter((l) => / error: /.test(l));
   if (errors.length) throw new BenchError(`snapload logged errors:\n${errors.slice(0, 5).join("\n")}`);
-  return [...p.stderr.matchAll(/(\d+) pages served \(\d+ zero\) in (\d+) faults/g)].map((m) => ({ pages: Number(m[1]), faults: Number(m[2]) }));
+  // Per VM, in order of their ids: the exit line, and the detach line when it was fully populated.
+  const vms = new Map<number, DaemonFigures>();
+  const vm = (id: string) => vms.get(Number(id)) ?? vms.set(Number(id), {}).get(Number(id))!;
+  for (const m of p.stderr.matchAll(/vm (\d+) pid -?\d+ exited .*?: (\d+) pages served \((\d+) zero\) in (\d+) faults/g)) {
+    Object.assign(vm(m[1]!), { pages: Number(m[2]), zeroPages: Number(m[3]), faults: Number(m[4]) });
+  }
+  for (const m of p.stderr.matchAll(/vm (\d+) pid -?\d+ fully populated in ([\d.]+) s \(\d+ faults, (\d+) prefetched, (\d+) populated pages\)/g)) {
+    Object.assign(vm(m[1]!), { populatedSec: Number(m[2]), prefetchedPages: Number(m[3]), populatedPages: Number(m[4]) });
+  }
+  return [...vms.entries()].sort((a, b) => a[0] - b[0]).map((e) => e[1]);
 }
 
 /** bench/plain-handler, ready once it prints "ready". It exits by itself after its VMM hangs up. */
@@ -272,6 +292,49 @@ export class MemSampler {
     this.sample();
     clearInterval(this.timer);
     return this.peak;
+  }
+}
+
+// ---- whose CPU time? ----------------------------------------------------------------------------
+
+/** Jiffies (USER_HZ = 100 on Linux) the whole machine spent busy, and stolen by the hypervisor. */
+function machineCpu(): { busyUs: number; stealUs: number } {
+  const f = readFileSync("/proc/stat", "utf8").split("\n")[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const [user = 0, nice = 0, system = 0, , , irq = 0, softirq = 0, steal = 0] = f;
+  return { busyUs: (user + nice + system + irq + softirq) * 10_000, stealUs: steal * 10_000 };
+}
+
+function ownCpuUs(): number {
+  const u = process.cpuUsage();
+  return childCpuUs + u.user + u.system;
+}
+
+export interface CpuShare {
+  wallSec: number;
+  /** CPU seconds the machine spent busy / of those ours (this process and its children) / the rest. */
+  busySec: number;
+  ownSec: number;
+  foreignSec: number;
+  stealSec: number;
+  /** foreign CPU time as a share of all CPU time available (wall × nproc). */
+  foreignShare: number;
+}
+
+/** Measures how much CPU other processes took while we measured: a busy machine skews every figure. */
+export class CpuMeter {
+  private readonly t0 = performance.now();
+  private readonly m0 = machineCpu();
+  private readonly own0 = ownCpuUs();
+
+  constructor(private readonly nproc: number) {}
+
+  stop(): CpuShare {
+    const wallSec = (performance.now() - this.t0) / 1000;
+    const m = machineCpu();
+    const busySec = (m.busyUs - this.m0.busyUs) / 1e6;
+    const ownSec = (ownCpuUs() - this.own0) / 1e6;
+    const foreignSec = Math.max(0, busySec - ownSec);
+    return { wallSec, busySec, ownSec, foreignSec, stealSec: (m.stealUs - this.m0.stealUs) / 1e6, foreignShare: wallSec > 0 ? foreignSec / (wallSec * this.nproc) : 0 };
   }
 }
 

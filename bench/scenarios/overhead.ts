@@ -2,7 +2,7 @@
 // one 4 KiB page per fault, every page of a random-data image, sequential and random order,
 // same-CPU and cross-CPU placement. Figure: the guest's touch_ns; target snapload/plain <= 1.05.
 import { check, type Ctx, fmtTime, type Row, type Scenario, summarize } from "../common.ts";
-import { CROSS_CPU, type Measured, plainRun, SAME_CPU, snaploadRun } from "../runs.ts";
+import { CROSS_CPU, LongLivedHandler, type Measured, SAME_CPU } from "../runs.ts";
 
 const TARGET = 1.05;
 
@@ -17,18 +17,30 @@ export const overhead: Scenario = async (ctx: Ctx) => {
       const guest = ["--order", order, "--seed", "1"];
       const plain: Measured[] = [];
       const snap: Measured[] = [];
-      for (let r = 0; r < ctx.opts.runs; r++) {
-        // Alternate who goes first so slow drift (page cache, host noise) hits both equally.
-        const doPlain = async () => plain.push(await plainRun(ctx, img, ["--strategy", "on_demand"], guest, at));
-        const doSnap = async () => snap.push(await snaploadRun(ctx, img, ["--fault-around", "1"], guest, at));
-        if (r % 2 === 0) {
-          await doPlain();
-          await doSnap();
-        } else {
-          await doSnap();
-          await doPlain();
+      // Both handlers live across the runs (as a daemon does) and serve one discarded guest first.
+      const plainH = await LongLivedHandler.plain(ctx, img, ["--strategy", "on_demand"], at, ctx.opts.runs + 1);
+      const snapH = await LongLivedHandler.snapload(ctx, img, ["--fault-around", "1"], at);
+      try {
+        await plainH.warmUp(guest);
+        await snapH.warmUp(guest);
+        for (let r = 0; r < ctx.opts.runs; r++) {
+          // Alternate who goes first so slow drift (page cache, host noise) hits both equally.
+          const doPlain = async () => plain.push({ report: await plainH.run(guest), handler: {} });
+          const doSnap = async () => snap.push({ report: await snapH.run(guest), handler: {} });
+          if (r % 2 === 0) {
+            await doPlain();
+            await doSnap();
+          } else {
+            await doSnap();
+            await doPlain();
+          }
+          ctx.log(`a ${at.name} ${order} run ${r + 1}: plain ${fmtTime(plain.at(-1)!.report.touch_ns)}, snapload ${fmtTime(snap.at(-1)!.report.touch_ns)}`);
         }
-        ctx.log(`a ${at.name} ${order} run ${r + 1}: plain ${fmtTime(plain.at(-1)!.report.touch_ns)}, snapload ${fmtTime(snap.at(-1)!.report.touch_ns)}`);
+      } finally {
+        const pf = await plainH.stop().catch(() => []);
+        const sf = await snapH.stop().catch(() => []);
+        if (plain[0] && pf[0]) plain[0].handler = pf[0];
+        if (snap[0] && sf[1]) snap[0].handler = sf[1];
       }
       const p = summarize(plain.map((m) => m.report.touch_ns));
       const s = summarize(snap.map((m) => m.report.touch_ns));

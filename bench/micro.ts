@@ -1,0 +1,89 @@
+// Micro-benchmarks (mitata) of the pieces on snapload's fault path.
+//   bun bench/micro.ts [--out FILE] [--quick]
+// Prints mitata's report on stderr; writes a ns/op summary as JSON to FILE.
+import { bench, do_not_optimize, group, run } from "mitata";
+import { NativeBuffer, sl, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_MSG_SIZE } from "../src/ffi.ts";
+import { HandlerTable, type PageBackend } from "../src/handler-table.ts";
+import { ZeroMap } from "../src/image/snapshot-image.ts";
+import { prng } from "./common.ts";
+
+const argv = process.argv.slice(2);
+const outIdx = argv.indexOf("--out");
+const out = outIdx >= 0 ? argv[outIdx + 1] : undefined;
+
+const PAGE = 4096;
+const BATCH = 64;
+const rnd = prng(42);
+
+// ---- a batch of 64 uffd_msg (struct uffd_msg: u8 event; ...; pagefault.flags u64 @8, address u64 @16)
+const msgs = new NativeBuffer(BATCH * UFFD_MSG_SIZE);
+const GUEST_BASE = 0x7f12_3400_0000;
+for (let i = 0; i < BATCH; i++) {
+  const o = i * UFFD_MSG_SIZE;
+  msgs.bytes[o] = UFFD_EVENT_PAGEFAULT;
+  const addr = GUEST_BASE + Math.floor(rnd() * 65536) * PAGE;
+  msgs.view.setUint32(o + 16, addr % 0x1_0000_0000, true);
+  msgs.view.setUint32(o + 20, Math.floor(addr / 0x1_0000_0000), true);
+}
+const faults = new Float64Array(BATCH);
+
+/** The decode loop of VmSession.dispatch (src/vm-session.ts), without serving. */
+function decode(buf: NativeBuffer, n: number): number {
+  const bytes = buf.bytes;
+  const u32 = buf.u32;
+  let nf = 0;
+  let removes = 0;
+  for (let i = 0; i < n; i++) {
+    const o = i * UFFD_MSG_SIZE;
+    const w = o >> 2;
+    const event = bytes[o];
+    if (event === UFFD_EVENT_REMOVE) {
+      removes += u32[w + 2]! + u32[w + 3]! * 0x1_0000_0000 + u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000;
+    } else if (event === UFFD_EVENT_PAGEFAULT) {
+      faults[nf++] = u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000;
+    }
+  }
+  return nf + removes;
+}
+
+// ---- a handler table of 4 regions (guest RAM split around an MMIO hole, like Firecracker's) ----
+const IMAGE = 1024 * 1024 * 1024;
+const zero = ZeroMap.forSize(IMAGE);
+for (let p = 0; p < zero.pages; p += 64) zero.setZeroRange(p, 16 + (p % 32)); // ~half zero, in runs
+const backend: PageBackend = { kind: "image", size: IMAGE, zero, base: 0, zeroBytesAreZero: true, description: "bench" };
+const REGION = IMAGE / 4;
+const table = new HandlerTable(
+  Array.from({ length: 4 }, (_, i) => ({ base: GUEST_BASE + i * 2 * REGION, size: REGION, offset: i * REGION, pageSize: PAGE })),
+  backend,
+);
+const sameRegion = Float64Array.from({ length: 1024 }, () => GUEST_BASE + Math.floor(rnd() * (REGION / PAGE)) * PAGE);
+const anyRegion = Float64Array.from({ length: 1024 }, () => GUEST_BASE + Math.floor(rnd() * 4) * 2 * REGION + Math.floor(rnd() * (REGION / PAGE)) * PAGE);
+const zeroQueries = Uint32Array.from({ length: 1024 }, () => Math.floor(rnd() * zero.pages));
+
+let k = 0;
+group("ffi", () => {
+  bench("sl_abi_version()", () => do_not_optimize(sl.sl_abi_version()));
+  bench("sl_uffd_wake(-1, addr, 4096) -> -EBADF", () => do_not_optimize(sl.sl_uffd_wake(-1, GUEST_BASE, PAGE)));
+});
+group("fault path, JS", () => {
+  bench("decode 64 uffd_msg (dispatch loop)", () => do_not_optimize(decode(msgs, BATCH)));
+  bench("decode 64 uffd_msg + sort (as dispatch)", () => {
+    const nf = decode(msgs, BATCH);
+    do_not_optimize(faults.subarray(0, nf).sort());
+  });
+  bench("HandlerTable.find, same region (last-hit cache)", () => do_not_optimize(table.find(sameRegion[k++ & 1023]!)));
+  bench("HandlerTable.find, random of 4 regions", () => do_not_optimize(table.find(anyRegion[k++ & 1023]!)));
+  bench("ZeroMap.isZero, random page of 1 GiB", () => do_not_optimize(zero.isZero(zeroQueries[k++ & 1023]!)));
+});
+
+const res = await run({ colors: false, print: (s: string) => process.stderr.write(`${s}\n`) });
+const summary: Record<string, { avg_ns: number; p50_ns: number; min_ns: number; p99_ns: number }> = {};
+for (const b of res.benchmarks) {
+  for (const r of b.runs) {
+    if (!r.stats) throw new Error(`micro: ${r.name} failed: ${String(r.error)}`);
+    summary[r.name] = { avg_ns: r.stats.avg, p50_ns: r.stats.p50, min_ns: r.stats.min, p99_ns: r.stats.p99 };
+  }
+}
+msgs.free();
+if (out) await Bun.write(out, JSON.stringify(summary, null, 2));
+else process.stdout.write(`${JSON.stringify(summary, null, 2)}\n`);
