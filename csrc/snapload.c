@@ -110,6 +110,11 @@ int sl_madvise(void *addr, uint64_t len, int advice)
 	return madvise(addr, len, advice) ? NEG_ERRNO() : 0;
 }
 
+int sl_mincore(void *addr, uint64_t len, uint8_t *vec)
+{
+	return mincore(addr, len, vec) ? NEG_ERRNO() : 0;
+}
+
 int sl_close(int fd) { return close(fd) ? NEG_ERRNO() : 0; }
 
 int sl_set_nonblock(int fd)

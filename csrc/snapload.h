@@ -64,8 +64,11 @@ int sl_file_pread(int fd, void *buf, uint32_t len, uint64_t off);
 /* mmap(PROT_READ, MAP_PRIVATE [| MAP_POPULATE]) of [off, off+len). *out = address. */
 int sl_file_map(int fd, uint64_t len, uint64_t off, int populate, uint64_t *out);
 int sl_unmap(void *addr, uint64_t len);
-/* madvise(addr, len, advice) on our own memory (e.g. MADV_WILLNEED = 3). */
+/* madvise(addr, len, advice) on our own memory (e.g. MADV_WILLNEED = 3,
+ * MADV_POPULATE_READ = 22). */
 int sl_madvise(void *addr, uint64_t len, int advice);
+/* mincore: one byte per page of [addr, addr+len) into vec, bit 0 = resident. */
+int sl_mincore(void *addr, uint64_t len, uint8_t *vec);
 
 int sl_close(int fd);
 /* Sets O_NONBLOCK on fd. */

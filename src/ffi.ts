@@ -20,6 +20,7 @@ const symbols = {
   sl_file_map: { args: [i32, u64, u64, i32, ptr], returns: i32 },
   sl_unmap: { args: [ptr, u64], returns: i32 },
   sl_madvise: { args: [ptr, u64, i32], returns: i32 },
+  sl_mincore: { args: [ptr, u64, ptr], returns: i32 },
   sl_close: { args: [i32], returns: i32 },
   sl_set_nonblock: { args: [i32], returns: i32 },
   sl_uffd_open: { args: [i32], returns: i32 },

@@ -10,7 +10,7 @@ export type PopulateMode = "none" | "background";
 /** Image pages per prefetch step: one wake per step covers everything it installed. */
 const PREFETCH_STEP_PAGES = 64;
 /** Bytes per background step. */
-const SWEEP_STEP_BYTES = 1024 * 1024;
+const SWEEP_STEP_BYTES = 2 * 1024 * 1024;
 
 export class Populator {
   private prefetchPos = 0;

@@ -54,7 +54,7 @@ export const GONE = 2;
 export const FAILED = 3;
 
 /** Bytes per background install: large enough to amortise the ioctl, small enough that a fault never waits long. */
-const BACKGROUND_RUN_BYTES = 512 * 1024;
+const BACKGROUND_RUN_BYTES = 2 * 1024 * 1024;
 
 export class VmSession {
   readonly stats: VmStats = {
