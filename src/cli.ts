@@ -11,7 +11,8 @@ usage:
       to serve several images from one daemon: sockets and images pair up in order.
       --ramblock NAME         mapped-ram block to serve (default: the largest, the guest RAM)
       --socket-mode MODE      socket file mode (default 0600)
-      --fault-around N        pages installed per fault, aligned window (default 1)
+      --fault-around N        pages installed per fault, aligned window (default 16, or 1
+                              with --record; 1 = one page per fault, Firecracker's on_demand)
       --handshake-timeout MS  drop peers that have not sent their handshake by then (default 5000)
       --on-fatal kill|drop    a VM that can no longer be served is killed (SIGKILL) or dropped (default kill)
       --prefetch FILE         install this recorded working set as soon as a VM connects (faults first)

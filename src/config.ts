@@ -12,6 +12,9 @@ const intFlag = (min: number, max: number) =>
 const repeated = (name: string) =>
   z.preprocess((v) => (v === undefined ? [] : Array.isArray(v) ? v : [v]), z.array(z.string().min(1)).min(1, `--${name} is required`));
 
+/** Pages per fault unless told otherwise: the best of the fault-around sweep (README, bench f). */
+export const DEFAULT_FAULT_AROUND = 16;
+
 export const serveSchema = z
   .object({
   socket: repeated("socket"),
@@ -22,7 +25,7 @@ export const serveSchema = z
     .regex(/^0?[0-7]{3}$/, "must be an octal mode such as 0600")
     .transform((s) => Number.parseInt(s, 8))
     .default(0o600),
-  "fault-around": intFlag(1, 512).default(1),
+  "fault-around": intFlag(1, 512).optional(),
   "handshake-timeout": intFlag(10, 600_000).default(5000),
   "on-fatal": z.enum(["kill", "drop"]).default("kill"),
   populate: z.enum(["none", "background"]).default("none"),
@@ -62,7 +65,7 @@ export type InspectConfig = z.output<typeof inspectSchema>;
 export const demoSchema = z.object({
   "size-mib": intFlag(4, 65536).default(256),
   threads: intFlag(1, 64).default(2),
-  "fault-around": intFlag(1, 512).default(1),
+  "fault-around": intFlag(1, 512).default(16),
   dir: z.string().optional(),
   keep: z.boolean().default(false),
 });

@@ -1,5 +1,5 @@
 // `snapload serve`: opens the sources, listens, serves until SIGINT/SIGTERM.
-import type { ServeConfig } from "./config.ts";
+import { DEFAULT_FAULT_AROUND, type ServeConfig } from "./config.ts";
 import { Logger } from "./log.ts";
 import { type OpenedSource, openSource } from "./page-source.ts";
 import { type Listener, Server } from "./server.ts";
@@ -8,6 +8,9 @@ import { readWorkingSet } from "./working-set.ts";
 
 export async function serveCommand(config: ServeConfig): Promise<number> {
   const logger = new Logger(config["log-level"]);
+  // 16 pages per fault won the fault-around sweep (README); a recording run defaults to one page
+  // per fault, so the working set it writes holds what the guest touched and nothing more.
+  const faultAround = config["fault-around"] ?? (config.record !== undefined ? 1 : DEFAULT_FAULT_AROUND);
   const opened: OpenedSource[] = [];
   try {
     const listeners: Listener[] = [];
@@ -24,11 +27,11 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
       if (!opened.includes(src)) opened.push(src);
       const prefetch = config.prefetch !== undefined ? await readWorkingSet(config.prefetch, src.source.backend.size) : undefined;
       listeners.push({ socketPath: config.socket[i]!, socketMode: config["socket-mode"], source: src.source, prefetch });
-      summaries.push(`${src.summary}, fault-around ${config["fault-around"]}, populate ${config.populate}${prefetch ? `, prefetching ${prefetch.length} pages` : ""}`);
+      summaries.push(`${src.summary}, fault-around ${faultAround}, populate ${config.populate}${prefetch ? `, prefetching ${prefetch.length} pages` : ""}`);
     }
     const server = new Server({
       listeners,
-      faultAround: config["fault-around"],
+      faultAround,
       handshakeTimeoutMs: config["handshake-timeout"],
       onFatal: config["on-fatal"],
       populate: config.populate,

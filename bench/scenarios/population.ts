@@ -5,7 +5,7 @@
 // is present every page is). Same-CPU placement. Target: snapload / plain-C-2MiB <= 1.10.
 import { check, type Ctx, fmtRate, fmtTime, MiB, type Row, type Scenario, summarize, type Summary } from "../common.ts";
 import { runKernel } from "../procs.ts";
-import { LongLivedHandler, SAME_CPU, warmUp } from "../runs.ts";
+import { LongLivedHandler, longLived, SAME_CPU, warmUp } from "../runs.ts";
 
 const TARGET = 1.1;
 
@@ -13,18 +13,6 @@ interface Variant {
   key: string;
   label: string;
   run: () => Promise<number>;
-}
-
-/** A handler that lives across all runs of its variant (as a daemon does), started on first use. */
-function longLived(start: () => Promise<LongLivedHandler>, guest: string[], all: LongLivedHandler[]): () => Promise<number> {
-  let h: Promise<LongLivedHandler> | undefined;
-  return async () => {
-    if (!h) {
-      h = start();
-      all.push(await h);
-    }
-    return (await (await h).run(guest)).touch_ns;
-  };
 }
 
 export const population: Scenario = async (ctx: Ctx) => {
