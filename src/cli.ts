@@ -17,7 +17,7 @@ usage:
       --on-fatal kill|drop    a VM that can no longer be served is killed (SIGKILL) or dropped (default kill)
       --prefetch FILE         install this recorded working set as soon as a VM connects (faults first)
       --populate MODE         none: pure on demand; background: install every page left, then
-                              unregister the VM (detach) (default none)
+                              unregister the VM (detach) (default none; background for tcp://)
       --record FILE           write each VM's first-touch order when it exits and on SIGUSR1;
                               {vm} and {pid} in FILE are replaced (else the last writer wins)
       --log-level LEVEL       error|warn|info|debug (default info)

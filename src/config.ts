@@ -28,7 +28,7 @@ export const serveSchema = z
   "fault-around": intFlag(1, 512).optional(),
   "handshake-timeout": intFlag(10, 600_000).default(5000),
   "on-fatal": z.enum(["kill", "drop"]).default("kill"),
-  populate: z.enum(["none", "background"]).default("none"),
+  populate: z.enum(["none", "background"]).optional(),
   prefetch: z.string().min(1).optional(),
   record: z.string().min(1).optional(),
   "log-level": z.enum(["error", "warn", "info", "debug"]).default("info"),

@@ -18,6 +18,8 @@ export interface SourceOptions {
   tokenFile?: string;
   /** How long VMs may wait for an unreachable page server before they are killed. */
   deadlineMs: number;
+  /** As given on the command line; undefined = the source's default (tcp:// pulls everything). */
+  populate?: "none" | "background";
   logger: Logger;
 }
 

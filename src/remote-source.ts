@@ -31,14 +31,15 @@ export async function openRemoteSource(url: string, opts: SourceOptions): Promis
     zeroBytesAreZero: false,
     description: `page server ${url}`,
   };
-  const target = { url, addr, token, info, zero, deadlineMs: opts.deadlineMs };
+  const sweep = opts.populate !== "none";
+  const target = { url, addr, token, info, zero, deadlineMs: opts.deadlineMs, sweep };
   const source: PageSource = {
     backend,
     openRequester: (vm, ctx) => new VmClient(vm, ctx, target),
   };
   return {
     source,
-    summary: `page server ${url}, ${info.size} bytes (${info.dataPages} data, ${info.pages - info.dataPages} zero pages), background completion, deadline ${opts.deadlineMs} ms`,
+    summary: `page server ${url}, ${info.size} bytes (${info.dataPages} data, ${info.pages - info.dataPages} zero pages), ${sweep ? "background completion" : "on demand only (--populate none)"}, deadline ${opts.deadlineMs} ms`,
     close: () => {},
   };
 }

@@ -22,19 +22,20 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
         ramblock: config.ramblock,
         tokenFile: config["token-file"],
         deadlineMs: config["page-server-deadline"],
+        populate: config.populate,
         logger,
       });
       if (!opened.includes(src)) opened.push(src);
       const prefetch = config.prefetch !== undefined ? await readWorkingSet(config.prefetch, src.source.backend.size) : undefined;
       listeners.push({ socketPath: config.socket[i]!, socketMode: config["socket-mode"], source: src.source, prefetch });
-      summaries.push(`${src.summary}, fault-around ${faultAround}, populate ${config.populate}${prefetch ? `, prefetching ${prefetch.length} pages` : ""}`);
+      summaries.push(`${src.summary}, fault-around ${faultAround}, populate ${config.populate ?? "none"}${prefetch ? `, prefetching ${prefetch.length} pages` : ""}`);
     }
     const server = new Server({
       listeners,
       faultAround,
       handshakeTimeoutMs: config["handshake-timeout"],
       onFatal: config["on-fatal"],
-      populate: config.populate,
+      populate: config.populate ?? "none",
       recordPath: config.record,
       logger,
     });

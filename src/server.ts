@@ -217,7 +217,8 @@ export class Server {
     this.opts.logger.info(
       `vm ${vm.id} pid ${vm.pid} connected: ${regions.length} region${regions.length > 1 ? "s" : ""}, ${formatBytes(table.bytes)}, ${pageSizes} pages`,
     );
-    const populator = new Populator(vm, p.listener.prefetch, this.opts.populate);
+    // A remote source's client does its own background completion (it knows what is in flight).
+    const populator = new Populator(vm, p.listener.prefetch, source.openRequester ? "none" : this.opts.populate);
     if (!populator.idle) {
       this.populators.set(vm, populator);
       if (!this.backgroundOn) {

@@ -118,6 +118,17 @@ describe("restores from a page server, every page verified", () => {
     expect(d.log).toMatch(new RegExp(`vm ${vm} pid \\d+ fully populated in [\\d.]+ s \\(\\d+ faults, \\d+ prefetched, \\d+ populated pages\\); detached`));
   }, T);
 
+  test("--populate none: pages come only when faulted, and the VM is never detached", async () => {
+    const od = await serve(url(server), ["--populate", "none", "--fault-around", "1"]);
+    expect(od.log).toContain("on demand only (--populate none)");
+    const r = await runStandin(["--socket", od.socket, "--expect", image, "--order", "random", "--fraction", "0.05", "--pause", "1000"]);
+    expectClean(r, r.report!.pages);
+    await od.waitForLog(/exited \(VMM hung up\)/);
+    // Every touched page was one fault and one page served: nothing was pulled ahead of the guest.
+    expect(lastExitFaults(od.log)).toBe(r.report!.pages);
+    expect(od.log).not.toContain("detached");
+  }, T);
+
   test("a QEMU mapped-ram image (stale bytes behind zero pages never cross the wire)", async () => {
     const mr = await pageServer(["--ramblock", "pc.ram"], 0, mapped.path);
     const md = await serve(url(mr));

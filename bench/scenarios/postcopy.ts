@@ -77,7 +77,8 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
   const raw: number[] = [];
   const token = tokenFile(ctx);
   const tcpArgs = ["--token-file", token];
-  const runTcp = () => withPageServer(img, token, (url) => snaploadRun(ctx, url, ["--fault-around", "1", ...tcpArgs], lat, at, img));
+  // --populate none: no background pull, so every touched page is a real fault round trip over TCP.
+  const runTcp = () => withPageServer(img, token, (url) => snaploadRun(ctx, url, ["--fault-around", "1", "--populate", "none", ...tcpArgs], lat, at, img));
   const runLocal = () => snaploadRun(ctx, img, ["--fault-around", "1"], lat, at);
   const runBg = () =>
     withPageServer(img, token, (url) => snaploadRun(ctx, url, ["--populate", "background", "--fault-around", "16", ...tcpArgs], ["--order", "seq"], at, img));
@@ -111,7 +112,7 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
   };
   const rows: Row[] = [
     {
-      what: "fault latency p50, serve --mem tcp:// (fault-around 1, random)",
+      what: "fault latency p50, serve --mem tcp:// (fault-around 1, --populate none, random)",
       median: fmtTime(s.tcpP50.median),
       best: fmtTime(s.tcpP50.min),
       result: `${(s.tcpP50.median / s.localP50.median).toFixed(1)}x local file`,

@@ -26,6 +26,8 @@ export interface RemoteTarget {
   info: ImageInfo;
   zero: ZeroMap;
   deadlineMs: number;
+  /** Pull every page the VM has not touched (background completion, then detach). */
+  sweep: boolean;
 }
 
 /** Smallest slot: one request's bytes (a 2 MiB page needs a 2 MiB slot). */
@@ -428,7 +430,7 @@ export class VmClient implements PageRequester {
   // ---- background completion ---------------------------------------------------------------
 
   private scheduleSweep(): void {
-    if (this.sweepScheduled || this.done || this.sweepRegion >= this.vm.table.regions.length) return;
+    if (!this.target.sweep || this.sweepScheduled || this.done || this.sweepRegion >= this.vm.table.regions.length) return;
     this.sweepScheduled = true;
     this.loop.after(0, () => {
       this.sweepScheduled = false;
