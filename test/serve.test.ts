@@ -1,7 +1,7 @@
 // End to end: `snapload serve` against the C VMM stand-in (Firecracker's side of the handshake).
 // Every restore compares every touched page with the image.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, readdirSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
 import { type Daemon, describeRun, ensureBuilt, runStandin, startDaemon, tempDir } from "./harness.ts";
@@ -97,6 +97,25 @@ describe("restores with every page correct", () => {
     expect(dying.code).not.toBe(0);
     await daemon.waitForLog(new RegExp(`(exited \\(VMM hung up\\)[\\s\\S]*){${before + 1}}`));
     await restore(["--region", "8m@0", "--verify", "all"]);
+  });
+});
+
+describe("resources", () => {
+  test("every fd a VM brought is released when it exits (no leak across 20 VMs, good and bad)", async () => {
+    const fds = () => readdirSync(`/proc/${daemon.proc.pid}/fd`).length;
+    // One VM first, so lazily opened descriptors (JIT, timers) are already counted.
+    await restore(["--region", "4m@0"]);
+    await daemon.waitForLog(/exited/);
+    const before = fds();
+    for (let i = 0; i < 10; i++) {
+      await restore(["--region", "4m@0", "--format", "future", "--fds", "two"]);
+      const bad = await runStandin(["--socket", socket, "--expect", image, "--fds", "many", "--expect-reject"]);
+      expect(bad.code, describeRun(bad)).toBe(3);
+    }
+    // Exits are logged once the daemon has closed everything.
+    const deadline = Date.now() + 5000;
+    while (fds() > before && Date.now() < deadline) await Bun.sleep(50);
+    expect(fds()).toBe(before);
   });
 });
 
