@@ -74,9 +74,10 @@ export async function demoCommand(config: DemoConfig): Promise<number> {
     const s = exit?.stats;
     out("");
     out(`  pages served:   ${s?.pagesInstalled ?? 0} (${s?.zeroPagesInstalled ?? 0} as zero pages, never read from the file)`);
-    out(`  faults served:  ${s?.faults ?? 0}`);
+    const fa = config["fault-around"];
+    out(`  faults served:  ${s?.faults ?? 0} (${fa === 1 ? "one page per fault" : `fault-around ${fa}: each fault installs the aligned ${fa} pages around it`})`);
     out(`  guest touch:    ${(report.touch_ns / 1e9).toFixed(2)} s for ${report.pages} pages (restore wall time ${seconds.toFixed(2)} s)`);
-    out(`  fault latency:  p50 ${(report.lat_p50_ns / 1000).toFixed(1)} µs, p99 ${(report.lat_p99_ns / 1000).toFixed(1)} µs`);
+    out(`  touch latency:  p50 ${(report.lat_p50_ns / 1000).toFixed(1)} µs, p99 ${(report.lat_p99_ns / 1000).toFixed(1)} µs (first touch of a page; a fault when it was not yet installed)`);
     if (report.mismatches === 0 && report.verified === made.pages) {
       out(`  all ${report.verified} pages verified against the image`);
       return 0;
