@@ -20,6 +20,8 @@ export class Populator {
   private prefetchPos = 0;
   private sweepRegion = 0;
   private sweepPage = 0;
+  private seenFaults = 0;
+  private settledAtPassStart = -1;
   private done = false;
   /** performance.now() when the last page was settled by us, for the log. */
   finishedAt = 0;
@@ -105,10 +107,27 @@ export class Populator {
     sl.sl_uffd_wake(this.vm.uffd, region.base + lo * region.pageSize, (hi - lo) * region.pageSize);
   }
 
-  /** Returns true while pages remain to sweep. */
+  /**
+   * Returns true while pages remain to sweep. The sweep follows the guest: after a fault it
+   * continues from the faulting page, so a guest walking memory finds the pages ahead of it
+   * installed; pages it jumped over are picked up by a later pass.
+   */
   private sweepStep(): boolean {
-    const regions = this.vm.table.regions;
-    while (this.sweepRegion < regions.length) {
+    const vm = this.vm;
+    const regions = vm.table.regions;
+    if (vm.lastFaultRegion !== undefined && vm.faultCount !== this.seenFaults) {
+      this.seenFaults = vm.faultCount;
+      this.sweepRegion = regions.indexOf(vm.lastFaultRegion);
+      this.sweepPage = vm.lastFaultPage;
+    }
+    for (;;) {
+      if (this.sweepRegion >= regions.length) {
+        // End of a pass: another one while the previous pass still made progress.
+        if (vm.table.complete || this.settledAtPassStart === vm.table.settledPages) return false;
+        this.settledAtPassStart = vm.table.settledPages;
+        this.sweepRegion = 0;
+        this.sweepPage = 0;
+      }
       const region = regions[this.sweepRegion]!;
       if (this.sweepPage >= region.pages || region.settled === region.pages) {
         this.sweepRegion++;
@@ -118,9 +137,9 @@ export class Populator {
       const span = Math.max(1, Math.floor(SWEEP_STEP_BYTES / region.pageSize));
       const to = Math.min(region.pages, this.sweepPage + span);
       const before = region.settled;
-      const r = this.vm.installMissing(region, this.sweepPage, to, 0);
+      const r = vm.installMissing(region, this.sweepPage, to, 0);
       if (r === OK) {
-        this.vm.stats.populatedPages += region.settled - before;
+        vm.stats.populatedPages += region.settled - before;
         this.sweepPage = to;
       } else if (r === GONE || r === FAILED) {
         // The range went away (unmapped) or cannot be installed: faults still get served.
@@ -130,6 +149,5 @@ export class Populator {
       // AGAIN: a REMOVE is pending; the loop reads it before our next step.
       return true;
     }
-    return false;
   }
 }

@@ -76,6 +76,10 @@ export class VmSession {
   closed = false;
   /** Unregistered after full population: the VM no longer needs us. */
   detached = false;
+  /** Where the guest last faulted (the populator follows it), and how many faults so far. */
+  lastFaultRegion: Region | undefined;
+  lastFaultPage = 0;
+  faultCount = 0;
   private hitEexist = false;
   private lastErrno = 0;
   /** Asks for pages of a remote backend; undefined for local images. */
@@ -175,6 +179,9 @@ export class VmSession {
     const ps = region.pageSize;
     const i = Math.floor((addr - region.base) / ps);
     const iEnd = Math.min(i + span, region.pages);
+    this.lastFaultRegion = region;
+    this.lastFaultPage = iEnd;
+    this.faultCount++;
     const state = region.state;
     const recorder = this.options.recorder;
     if (recorder !== undefined) {
