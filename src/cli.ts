@@ -13,6 +13,8 @@ usage:
       --socket-mode MODE      socket file mode (default 0600)
       --fault-around N        pages installed per fault, aligned window (default 16, or 1
                               with --record; 1 = one page per fault, Firecracker's on_demand)
+      --spin-us N             busy-poll N µs for the next fault before sleeping (default 50): a
+                              guest on another CPU is served without a cross-CPU wake-up; 0 = never
       --handshake-timeout MS  drop peers that have not sent their handshake by then (default 5000)
       --on-fatal kill|drop    a VM that can no longer be served is killed (SIGKILL) or dropped (default kill)
       --prefetch FILE         install this recorded working set as soon as a VM connects (faults first)
@@ -43,7 +45,7 @@ usage:
 
 const SERVE_FLAGS = [
   "socket", "mem", "ramblock", "socket-mode", "fault-around", "handshake-timeout", "on-fatal", "populate",
-  "prefetch", "record", "log-level", "page-server-deadline", "token-file",
+  "prefetch", "record", "log-level", "page-server-deadline", "token-file", "spin-us",
 ];
 
 export async function runCli(argv: string[]): Promise<number> {

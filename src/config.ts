@@ -26,6 +26,7 @@ export const serveSchema = z
     .transform((s) => Number.parseInt(s, 8))
     .default(0o600),
   "fault-around": intFlag(1, 512).optional(),
+  "spin-us": intFlag(0, 10_000).default(50),
   "handshake-timeout": intFlag(10, 600_000).default(5000),
   "on-fatal": z.enum(["kill", "drop"]).default("kill"),
   populate: z.enum(["none", "background"]).optional(),

@@ -26,6 +26,8 @@ export class EventLoop {
   private running = false;
   private stopped = false;
   private wake = -1;
+  /** Milliseconds to busy-poll before blocking (0 = never spin). */
+  spinMs = 0;
 
   constructor() {
     this.epfd = check("epoll_create", sl.sl_epoll_create());
@@ -100,7 +102,15 @@ export class EventLoop {
         const now = performance.now();
         let timeout = busy ? 0 : IDLE_WAIT_MS;
         if (this.timers.length) timeout = Math.max(0, Math.min(timeout, Math.ceil(this.timers[0]!.at - now)));
-        const n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, timeout);
+        let n = 0;
+        if (timeout > 0 && this.spinMs > 0) {
+          // Busy-poll briefly before sleeping: a guest on another CPU that faults again within the
+          // window is served without the cross-CPU wake-up (expensive in a VM).
+          const until = performance.now() + this.spinMs;
+          do n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, 0);
+          while (n === 0 && performance.now() < until);
+        }
+        if (n === 0) n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, timeout);
         for (let i = 0; i < n; i++) {
           // sl_event: u64 data (token < 2^32), u32 events.
           const token = u32[i * 4]!;

@@ -72,6 +72,20 @@ describe("fault-around", () => {
     await d.stop();
   });
 
+  test("--spin-us 0 (never busy-poll) and --spin-us 500 both serve every page correctly", async () => {
+    for (const spin of ["0", "500"]) {
+      const sock = join(dir.path, `spin${spin}.sock`);
+      const d = await startDaemon(["--mem", image, "--spin-us", spin], sock);
+      try {
+        const r = await runStandin(["--socket", sock, "--expect", image, "--order", "random", "--threads", "2", "--verify", "all"]);
+        expect(r.code, describeRun(r)).toBe(0);
+        expect(r.report!.verified).toBe(PAGES);
+      } finally {
+        await d.stop();
+      }
+    }
+  });
+
   test("fault-around never overwrites pages the guest discarded", async () => {
     const sock = join(dir.path, "fab.sock");
     const d = await startDaemon(["--mem", image, "--fault-around", "64"], sock);
