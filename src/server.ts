@@ -234,7 +234,11 @@ export class Server {
     if (vm.closed) return;
     // A detached VM may still have a REMOVE queued from before the unregister; its madvise
     // waits until someone reads it, so keep reading (and ignoring) until the VMM hangs up.
-    if (vm.detached) return vm.discardMessages();
+    if (vm.detached) {
+      vm.discardMessages();
+      if (vm.fatal !== undefined) this.failVm(vm);
+      return;
+    }
     if (!vm.drain()) return this.failVm(vm);
     if (vm.retry.length) this.loop.after(1, () => this.serveVm(vm));
     else if (vm.table.complete) this.detachVm(vm);
@@ -264,6 +268,7 @@ export class Server {
     }
     this.populators.delete(vm);
     vm.discardMessages();
+    if (vm.fatal !== undefined) return this.failVm(vm);
     const s = vm.stats;
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     this.opts.logger.info(

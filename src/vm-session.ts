@@ -451,11 +451,25 @@ export class VmSession {
     }
   }
 
-  /** After detach: reads whatever is queued so no event waits on us; nothing is left to serve. */
+  /**
+   * After detach: reads whatever is queued so no event waits on us. Faults queued before the
+   * unregister were woken by it and REMOVEs need no answer now; but a fault outside every
+   * announced region means the VMM registered memory it never told us about: fatal.
+   */
   discardMessages(): void {
     const buf = this.scratch.msgs;
-    while (sl.sl_uffd_read(this.uffd, buf.address, Scratch.MAX_MSGS) > 0) {
-      // Faults queued before the unregister were woken by it; REMOVEs need no answer now.
+    for (;;) {
+      const n = sl.sl_uffd_read(this.uffd, buf.address, Scratch.MAX_MSGS);
+      if (n <= 0) return;
+      for (let i = 0; i < n; i++) {
+        const o = i * UFFD_MSG_SIZE;
+        if (buf.bytes[o] !== UFFD_EVENT_PAGEFAULT) continue;
+        const addr = buf.u64(o + 16);
+        if (this.table.find(addr) === undefined) {
+          this.fatal = `fault at 0x${addr.toString(16)} outside every region the VMM announced`;
+          return;
+        }
+      }
     }
   }
 

@@ -198,6 +198,17 @@ describe("bad input from a VMM: one clear line, that connection closed, others u
     expect(g.report!.verified).toBe((64 * MIB) / 4096);
   });
 
+  test("a VMM whose faults land outside the regions it announced is killed, others unaffected", async () => {
+    const good = runStandin(["--socket", socket, "--expect", image, "--order", "random", "--verify", "all"]);
+    const liar = await runStandin(["--socket", socket, "--expect", image, "--region", "8m@0", "--announce-half", "--order", "seq"]);
+    // SIGKILL from the daemon (Firecracker's advice): the shell-style exit is a signal, not a code.
+    expect(liar.code, describeRun(liar)).not.toBe(0);
+    await daemon.waitForLog(/fault at 0x[0-9a-f]+ outside every region the VMM announced; killed the VMM/);
+    const g = await good;
+    expect(g.code, describeRun(g)).toBe(0);
+    expect(g.report!.verified).toBe((64 * MIB) / 4096);
+  });
+
   test("two fds (uffd + memfd, like e2b's VMM) are accepted and the extra closed", async () => {
     const rep = await restore(["--fds", "two", "--region", "4m@0", "--verify", "all"]);
     expect(rep.verified).toBe((4 * MIB) / 4096);

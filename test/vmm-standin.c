@@ -40,6 +40,8 @@
  *   --verify touched|all|none  (default touched)
  *   --progress               "progress <touched> <total>" lines on stderr, about every 1%
  *   --hold MS                keep the socket open MS ms after printing the result
+ *   --announce-half          tell the handler each region is half its registered size
+ *                            (a lying VMM: faults land outside what it announced)
  *   --pause MS               sleep MS ms after the touch phase, before verifying
  *                            (lets a background populator finish first)
  *   --timeout MS             (default 120000) overall watchdog
@@ -164,6 +166,7 @@ static struct {
 	bool progress;
 	long long hold_ms;
 	long long pause_ms;
+	int announce_half;
 	long long timeout_ms;
 } opt = {
 	.format = FMT_V12,
@@ -387,13 +390,13 @@ static void usage(FILE *f)
 		"  [--fds uffd|none|notuffd|two|many] [--silent] [--expect-reject] [--reject-timeout MS]\n"
 		"  [--order seq|reverse|random|file:PATH] [--seed N] [--fraction F] [--threads N]\n"
 		"  [--cpu LIST] [--touch read|write] [--balloon OFF:LEN]... [--balloon-after OFF:LEN]...\n"
-		"  [--exit-after N] [--verify touched|all|none] [--progress] [--hold MS] [--pause MS] [--timeout MS]\n");
+		"  [--exit-after N] [--verify touched|all|none] [--progress] [--hold MS] [--pause MS] [--announce-half] [--timeout MS]\n");
 }
 
 enum {
 	O_SOCKET = 1000, O_EXPECT, O_REGION, O_FAR, O_HUGE, O_FORMAT, O_BODY, O_GARBAGE, O_FDS,
 	O_SILENT, O_EXPREJ, O_REJTO, O_ORDER, O_SEED, O_FRACTION, O_THREADS, O_CPU, O_TOUCH,
-	O_BALLOON, O_BALLOON_AFTER, O_EXIT_AFTER, O_VERIFY, O_PROGRESS, O_HOLD, O_PAUSE, O_TIMEOUT, O_HELP,
+	O_BALLOON, O_BALLOON_AFTER, O_EXIT_AFTER, O_VERIFY, O_PROGRESS, O_HOLD, O_PAUSE, O_ANNOUNCE_HALF, O_TIMEOUT, O_HELP,
 };
 
 static void parse_args(int argc, char **argv)
@@ -424,6 +427,7 @@ static void parse_args(int argc, char **argv)
 		{ "progress", no_argument, 0, O_PROGRESS },
 		{ "hold", required_argument, 0, O_HOLD },
 		{ "pause", required_argument, 0, O_PAUSE },
+		{ "announce-half", no_argument, 0, O_ANNOUNCE_HALF },
 		{ "timeout", required_argument, 0, O_TIMEOUT },
 		{ "help", no_argument, 0, O_HELP },
 		{ 0, 0, 0, 0 },
@@ -507,6 +511,7 @@ static void parse_args(int argc, char **argv)
 		case O_PROGRESS: opt.progress = true; break;
 		case O_HOLD: opt.hold_ms = parse_nonneg("hold", optarg, LLONG_MAX / 1000000); break;
 		case O_PAUSE: opt.pause_ms = parse_nonneg("pause", optarg, LLONG_MAX / 1000000); break;
+		case O_ANNOUNCE_HALF: opt.announce_half = 1; break;
 		case O_TIMEOUT: opt.timeout_ms = parse_nonneg("timeout", optarg, LLONG_MAX / 1000000); break;
 		case O_HELP: usage(stdout); exit(0);
 		default:
@@ -759,7 +764,9 @@ static char *build_json(size_t *len_out)
 		n += (size_t)snprintf(b + n, cap - n,
 				      "%s{\"base_host_virt_addr\":%" PRIu64 ",\"size\":%" PRIu64
 				      ",\"offset\":%" PRIu64,
-				      i ? "," : "", (uint64_t)(uintptr_t)r->addr, r->size, r->offset);
+				      i ? "," : "", (uint64_t)(uintptr_t)r->addr,
+				      /* --announce-half: a lying VMM that registered more than it tells. */
+				      opt.announce_half ? r->size / 2 : r->size, r->offset);
 		if (opt.format == FMT_V7)
 			n += (size_t)snprintf(b + n, cap - n, ",\"page_size_kib\":%zu", page_size);
 		if (opt.format == FMT_V12 || opt.format == FMT_FUTURE)
