@@ -149,15 +149,18 @@ export class VmSession {
       const addr = faults[i]!;
       let j = i + 1;
       const region = this.table.find(addr);
+      let span = 1;
       if (region !== undefined) {
         const ps = region.pageSize;
-        let last = Math.floor((addr - region.base) / ps);
+        const first = Math.floor((addr - region.base) / ps);
+        let last = first;
         while (j < nf && faults[j]! < region.end && Math.floor((faults[j]! - region.base) / ps) <= last + 1) {
           last = Math.floor((faults[j]! - region.base) / ps);
           j++;
         }
+        span = last - first + 1;
       }
-      this.fault(addr, j - i > 1 ? Math.floor((faults[j - 1]! - addr) / (region?.pageSize ?? 1)) + 1 : 1);
+      this.fault(addr, span);
       if (this.fatal !== undefined) return;
       // Faults beyond the first of a coalesced group: counted, and woken by the run's wake.
       this.stats.faults += j - i - 1;
