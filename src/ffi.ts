@@ -74,7 +74,8 @@ export function cstr(s: string): Buffer {
 
 /** Memory owned by us, allocated by C (stable address), viewed from JS without copies. */
 export class NativeBuffer {
-  readonly address: number;
+  /** Typed as a Pointer for the FFI; it is a plain number at run time (arithmetic needs `as Pointer`). */
+  readonly address: Pointer;
   readonly bytes: Uint8Array;
   readonly u32: Uint32Array;
   readonly view: DataView;
@@ -84,7 +85,7 @@ export class NativeBuffer {
     const out = new BigUint64Array(1);
     const r = sl.sl_buffer_alloc(length, out);
     if (r < 0) throw new Error(`cannot allocate ${length} bytes: ${errnoName(-r)}`);
-    this.address = Number(out[0]);
+    this.address = Number(out[0]) as Pointer;
     const ab = toArrayBuffer(this.address as Pointer, 0, length);
     this.bytes = new Uint8Array(ab);
     this.u32 = new Uint32Array(ab);
@@ -99,7 +100,7 @@ export class NativeBuffer {
   free(): void {
     if (this.#freed) return;
     this.#freed = true;
-    sl.sl_buffer_free(this.address as Pointer, this.length);
+    sl.sl_buffer_free(this.address, this.length);
   }
 }
 

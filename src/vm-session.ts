@@ -2,44 +2,12 @@
 // The fault path never touches guest memory and allocates nothing per fault: messages are
 // decoded from a buffer shared with C, pages go from our mapping (or a receive buffer) to the
 // guest by UFFDIO_COPY.
-import { toArrayBuffer, type Pointer } from "bun:ffi";
-import { COPY_DONTWAKE, Errno, errnoName, NativeBuffer, sl, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_MSG_SIZE } from "./ffi.ts";
+import { Errno, errnoName, type NativeBuffer, sl, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_MSG_SIZE } from "./ffi.ts";
 import { type HandlerTable, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRequester, type Region } from "./handler-table.ts";
-import { IMAGE_PAGE } from "./image/snapshot-image.ts";
+import { AGAIN, FAILED, OK, PageInstaller, Scratch, type VmStats } from "./page-installer.ts";
 import type { TouchRecorder } from "./working-set.ts";
 
-/** Buffers shared by every VM of one loop (the loop is single-threaded). */
-export class Scratch {
-  static readonly MAX_MSGS = 64;
-  readonly msgs = new NativeBuffer(Scratch.MAX_MSGS * UFFD_MSG_SIZE);
-  /** Out-parameter of sl_uffd_copy / sl_uffd_zeropage. */
-  readonly done = new NativeBuffer(4096);
-  /** 2 MiB of zeros: the source of zero pages on hugetlbfs, where UFFDIO_ZEROPAGE does not exist. */
-  readonly zero2m = new NativeBuffer(2 * 1024 * 1024);
-  /** Assembly area for a 2 MiB page that mixes data and zero pages of a mapped-ram image. */
-  readonly staging = new NativeBuffer(2 * 1024 * 1024);
-  /** Fault addresses of one batch, for coalescing neighbours. */
-  readonly faults = new Float64Array(Scratch.MAX_MSGS);
-
-  free(): void {
-    this.msgs.free();
-    this.done.free();
-    this.zero2m.free();
-    this.staging.free();
-  }
-}
-
-export interface VmStats {
-  faults: number;
-  pagesInstalled: number;
-  zeroPagesInstalled: number;
-  prefetchedPages: number;
-  populatedPages: number;
-  bytesCopied: number;
-  eexist: number;
-  eagain: number;
-  removes: number;
-}
+export { AGAIN, FAILED, GONE, OK, Scratch, type VmStats } from "./page-installer.ts";
 
 export interface VmOptions {
   /** Pages installed per fault: the aligned window of this many region pages around the fault. */
@@ -47,11 +15,6 @@ export interface VmOptions {
   /** Records first touches (image pages) when set. */
   recorder?: TouchRecorder;
 }
-
-export const OK = 0;
-export const AGAIN = 1;
-export const GONE = 2;
-export const FAILED = 3;
 
 /** Bytes per background install: large enough to amortise the ioctl, small enough that a fault never waits long. */
 const BACKGROUND_RUN_BYTES = 2 * 1024 * 1024;
@@ -80,8 +43,8 @@ export class VmSession {
   lastFaultRegion: Region | undefined;
   lastFaultPage = 0;
   faultCount = 0;
-  private hitEexist = false;
-  private lastErrno = 0;
+  /** Puts pages into this VM's memory. */
+  readonly installer: PageInstaller;
   /** Asks for pages of a remote backend; undefined for local images. */
   private requester: PageRequester | undefined;
 
@@ -93,7 +56,9 @@ export class VmSession {
     readonly table: HandlerTable,
     private readonly scratch: Scratch,
     private readonly options: VmOptions,
-  ) {}
+  ) {
+    this.installer = new PageInstaller(uffd, scratch, this.stats);
+  }
 
   setRequester(r: PageRequester): void {
     this.requester = r;
@@ -208,7 +173,7 @@ export class VmSession {
     // Every page of the fault span is installed (or re-tried: EEXIST then wakes it).
     let r = OK;
     let k = i;
-    this.hitEexist = false;
+    this.installer.hitEexist = false;
     while (k < iEnd) {
       const removed = state[k] === PAGE_REMOVED;
       const zero = removed || region.isZeroPage(k);
@@ -219,7 +184,7 @@ export class VmSession {
         if (k === i) while (a > w0 && state[a - 1] === PAGE_MISSING && this.sameKind(region, a - 1, zero)) a--;
         while (b < w1 && (b < iEnd ? state[b] !== PAGE_REMOVED : state[b] === PAGE_MISSING) && this.sameKind(region, b, zero)) b++;
       }
-      r = this.installRun(region, a, b - a, zero, false);
+      r = this.installer.installRun(region, a, b - a, zero, false);
       if (r !== OK) break;
       k = b;
     }
@@ -229,11 +194,11 @@ export class VmSession {
       return;
     }
     if (r === FAILED) {
-      this.fatal = `installing page 0x${(region.base + k * ps).toString(16)} failed: ${errnoName(this.lastErrno)}`;
+      this.fatal = `installing page 0x${(region.base + k * ps).toString(16)} failed: ${errnoName(this.installer.lastErrno)}`;
       return;
     }
     // A faulting page already existed (raced with another install): its waiter still sleeps.
-    if (this.hitEexist) sl.sl_uffd_wake(this.uffd, region.base + i * ps, (iEnd - i) * ps);
+    if (this.installer.hitEexist) sl.sl_uffd_wake(this.uffd, region.base + i * ps, (iEnd - i) * ps);
   }
 
   private sameKind(region: Region, k: number, zero: boolean): boolean {
@@ -252,15 +217,15 @@ export class VmSession {
       // Checked before "zero" so an installed zero page is not installed again (EEXIST, no wake).
       else if (s === PAGE_INSTALLED) sl.sl_uffd_wake(this.uffd, region.base + k * ps, ps);
       else if (s === PAGE_REMOVED || region.isZeroPage(k)) {
-        this.hitEexist = false;
-        const r = this.installRun(region, k, 1, true, false);
+        this.installer.hitEexist = false;
+        const r = this.installer.installRun(region, k, 1, true, false);
         if (r === AGAIN) {
           this.stats.eagain++;
           this.retry.push(region.base + k * ps);
         } else if (r === FAILED) {
-          this.fatal = `installing page 0x${(region.base + k * ps).toString(16)} failed: ${errnoName(this.lastErrno)}`;
+          this.fatal = `installing page 0x${(region.base + k * ps).toString(16)} failed: ${errnoName(this.installer.lastErrno)}`;
           return;
-        } else if (this.hitEexist) {
+        } else if (this.installer.hitEexist) {
           sl.sl_uffd_wake(this.uffd, region.base + k * ps, ps); // a removed page answered before: its waiter still sleeps
         }
       } else this.requestRun(region, k, Math.max(w1, k + 1), true);
@@ -308,7 +273,7 @@ export class VmSession {
       }
       let e = k + 1;
       if (!region.isMixedPage(k)) while (e < limit && state[e] === PAGE_MISSING && this.sameKind(region, e, zero)) e++;
-      const r = this.installRun(region, k, e - k, zero, true);
+      const r = this.installer.installRun(region, k, e - k, zero, true);
       if (r !== OK) return r;
       used += e - k;
       k = e;
@@ -330,7 +295,7 @@ export class VmSession {
       while (e < first + count && state[e] === PAGE_IN_FLIGHT) e++;
       for (let p = k; p < e; p++) region.setState(p, PAGE_MISSING);
       // Always wake: a vCPU may be waiting on any of these pages.
-      const r = this.installFrom(region, k, e - k, src + (k - first) * ps, false);
+      const r = this.installer.installFrom(region, k, e - k, src + (k - first) * ps, false);
       if (r === AGAIN) {
         // A REMOVE is pending: serve these again (as faults) once it has been read, rather than guess.
         for (let p = k; p < e; p++) if (state[p] === PAGE_MISSING) this.retry.push(region.base + p * ps);
@@ -340,105 +305,6 @@ export class VmSession {
       k = e;
     }
     return OK;
-  }
-
-  /**
-   * Installs region pages [first, first+count), all of one kind (zero or data), in one ioctl when
-   * possible. EEXIST skips the existing page and goes on; EAGAIN stops (retry after a drain).
-   */
-  installRun(region: Region, first: number, count: number, zero: boolean, dontWake: boolean): number {
-    const ps = region.pageSize;
-    const mode = dontWake ? COPY_DONTWAKE : 0;
-    const doneBuf = this.scratch.done;
-    let k = first;
-    const end = first + count;
-    while (k < end) {
-      const dst = region.base + k * ps;
-      let len = (end - k) * ps;
-      let r: number;
-      const isZero = zero || region.state[k] === PAGE_REMOVED;
-      if (isZero) {
-        if (ps === IMAGE_PAGE) {
-          r = sl.sl_uffd_zeropage(this.uffd, dst, len, mode, doneBuf.address);
-        } else {
-          len = ps; // hugetlbfs has no UFFDIO_ZEROPAGE: copy from our 2 MiB of zeros, one page at a time
-          r = sl.sl_uffd_copy(this.uffd, dst, this.scratch.zero2m.address, len, mode, doneBuf.address);
-        }
-      } else if (ps !== IMAGE_PAGE && !region.backend.zeroBytesAreZero && region.isMixedPage(k)) {
-        len = ps;
-        r = sl.sl_uffd_copy(this.uffd, dst, this.assembleMixed(region, k), len, mode, doneBuf.address);
-      } else {
-        r = sl.sl_uffd_copy(this.uffd, dst, region.backend.base + region.offset + k * ps, len, mode, doneBuf.address);
-      }
-      const step = this.afterInstall(region, k, len / ps, isZero, r);
-      if (step < 0) return -step;
-      k += step;
-    }
-    return OK;
-  }
-
-  /** Like installRun for data pages whose bytes are at src (not in the image mapping). */
-  private installFrom(region: Region, first: number, count: number, src: number, dontWake: boolean): number {
-    const ps = region.pageSize;
-    let k = first;
-    while (k < first + count) {
-      const r = sl.sl_uffd_copy(this.uffd, region.base + k * ps, src + (k - first) * ps, (first + count - k) * ps, dontWake ? COPY_DONTWAKE : 0, this.scratch.done.address);
-      const step = this.afterInstall(region, k, first + count - k, false, r);
-      if (step < 0) return -step;
-      k += step;
-    }
-    return OK;
-  }
-
-  /** Books the result of one install ioctl. Returns pages to advance, or -status to stop with. */
-  private afterInstall(region: Region, k: number, pages: number, zero: boolean, r: number): number {
-    if (r === 0) {
-      this.settle(region, k, pages, zero);
-      return pages;
-    }
-    const ps = region.pageSize;
-    const donePages = Math.floor(this.scratch.done.u64(0) / ps);
-    if (donePages > 0) this.settle(region, k, donePages, zero);
-    const err = -r;
-    // A partial install reports EAGAIN with progress: go on from where it stopped.
-    if (err === Errno.EAGAIN && donePages > 0) return donePages;
-    if (err === Errno.EEXIST) {
-      // Someone (a racing install, or the page was never gone) got there first.
-      this.stats.eexist++;
-      this.hitEexist = true;
-      if (region.state[k + donePages] !== PAGE_REMOVED) region.setState(k + donePages, PAGE_INSTALLED);
-      return donePages + 1;
-    }
-    if (donePages > 0) return donePages;
-    if (err === Errno.EAGAIN) return -AGAIN;
-    // ENOENT: the range is no longer registered (unmapped); ESRCH: the process is exiting.
-    if (err === Errno.ENOENT || err === Errno.ESRCH) return -GONE;
-    this.lastErrno = err;
-    return -FAILED;
-  }
-
-  private settle(region: Region, first: number, count: number, zero: boolean): void {
-    const state = region.state;
-    for (let k = first; k < first + count; k++) {
-      const s = state[k];
-      if (s === PAGE_MISSING || s === PAGE_IN_FLIGHT) region.setState(k, PAGE_INSTALLED);
-    }
-    this.stats.pagesInstalled += count;
-    if (zero) this.stats.zeroPagesInstalled += count;
-    else this.stats.bytesCopied += count * region.pageSize;
-  }
-
-  /** Builds a 2 MiB page whose zero 4 KiB pages must not come from the file (mapped-ram). */
-  private assembleMixed(region: Region, k: number): number {
-    const st = this.scratch.staging;
-    const firstImage = region.firstImagePage + k * region.imagePagesPerPage;
-    const src = new Uint8Array(toArrayBuffer((region.backend.base + region.offset + k * region.pageSize) as Pointer, 0, region.pageSize));
-    for (let p = 0; p < region.imagePagesPerPage; p++) {
-      const off = p * IMAGE_PAGE;
-      if (region.backend.zero.isZero(firstImage + p)) st.bytes.fill(0, off, off + IMAGE_PAGE);
-      else st.bytes.set(src.subarray(off, off + IMAGE_PAGE), off);
-    }
-    return st.address;
   }
 
   /** UFFD_EVENT_REMOVE: [start, end) reads as zeros from now on. */

@@ -44,7 +44,7 @@ export class RawClient {
   private waiters: (() => void)[] = [];
   private constructor(readonly socket: Socket) {
     socket.on("data", (d) => {
-      this.buf = Buffer.concat([this.buf, d]);
+      this.buf = Buffer.concat([this.buf, d as Buffer]);
       this.parse();
       this.wake();
     });
@@ -145,7 +145,7 @@ export async function misbehavingPageServer(token: Buffer, size: number, mode: "
     let wantZeroMap = false;
     s.on("error", () => {});
     s.on("data", (d) => {
-      buf = Buffer.concat([buf, d]);
+      buf = Buffer.concat([buf, d as Buffer]);
       const h = new FrameHeader();
       while (buf.length >= HEADER_SIZE) {
         decodeHeader(new DataView(buf.buffer, buf.byteOffset, buf.length), 0, h);

@@ -201,7 +201,7 @@ function prefaultResident(addr: number, len: number): void {
     const chunk = Math.min(MINCORE_CHUNK, len - start);
     const pages = Math.ceil(chunk / IMAGE_PAGE);
     const vec = new Uint8Array(pages);
-    if (sl.sl_mincore(addr + start, chunk, vec) < 0) return;
+    if (sl.sl_mincore((addr + start) as Pointer, chunk, vec) < 0) return;
     let p = 0;
     while (p < pages) {
       if (!(vec[p]! & 1)) {
@@ -211,7 +211,7 @@ function prefaultResident(addr: number, len: number): void {
       let e = p + 1;
       while (e < pages && vec[e]! & 1) e++;
       const end = Math.min(e * IMAGE_PAGE, chunk);
-      if (sl.sl_madvise(addr + start + p * IMAGE_PAGE, end - p * IMAGE_PAGE, MADV_POPULATE_READ) < 0) return;
+      if (sl.sl_madvise((addr + start + p * IMAGE_PAGE) as Pointer, end - p * IMAGE_PAGE, MADV_POPULATE_READ) < 0) return;
       p = e;
     }
   }

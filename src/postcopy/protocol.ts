@@ -188,7 +188,7 @@ export function decodeHello(p: Uint8Array): Hello {
   if (role > Role.BACKGROUND) throw new ProtocolError(`HELLO with unknown role ${role}`);
   const flags = v.getUint8(9);
   if (flags & ~WANT_ZERO_MAP) throw new ProtocolError(`HELLO with unknown flags 0x${flags.toString(16)}`);
-  return { versionMin: v.getUint16(4, true), versionMax: v.getUint16(6, true), role, flags, nonce: p.slice(16, 48) };
+  return { versionMin: v.getUint16(4, true), versionMax: v.getUint16(6, true), role: role as Role, flags, nonce: p.slice(16, 48) };
 }
 
 export function encodeChallenge(version: number, nonce: Uint8Array): Uint8Array {
