@@ -107,7 +107,16 @@ export class VmSession {
       // FORK/REMAP/UNMAP are never enabled by a Firecracker-style VMM: nothing to do for them.
     }
     if (nf === 0) return;
-    if (nf > 1) faults.subarray(0, nf).sort();
+    // Insertion sort: batches are small and often already in order, and it allocates nothing.
+    for (let a = 1; a < nf; a++) {
+      const x = faults[a]!;
+      let b = a - 1;
+      while (b >= 0 && faults[b]! > x) {
+        faults[b + 1] = faults[b]!;
+        b--;
+      }
+      faults[b + 1] = x;
+    }
     // Faults on neighbouring pages (several vCPUs walking memory) become one run, one ioctl.
     let i = 0;
     while (i < nf) {
