@@ -78,7 +78,7 @@ function features(): Features {
   };
 }
 
-async function runMicro(opts: BenchOptions, dir: string): Promise<Results["micro"]> {
+async function runMicro(dir: string): Promise<Results["micro"]> {
   const out = join(dir, "micro.json");
   const p = new Proc("micro", pinned(0, [BUN, join(import.meta.dir, "micro.ts"), "--out", out]));
   const code = await p.wait(180_000);
@@ -149,7 +149,7 @@ async function main(): Promise<number> {
     }
     if (!opts.only || opts.only.has("micro")) {
       log("micro: mitata");
-      micro = await runMicro(opts, dir);
+      micro = await runMicro(dir);
     }
   } finally {
     killAll();

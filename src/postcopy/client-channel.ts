@@ -51,7 +51,7 @@ export class ClientChannel {
 
   constructor(
     private readonly loop: EventLoop,
-    private readonly addr: HostPort,
+    addr: HostPort,
     private readonly secret: Buffer,
     private readonly role: Role,
     private readonly wantZeroMap: boolean,
