@@ -3,7 +3,7 @@
 // left, until the VM no longer needs us. Runs only when the event loop has no fd ready.
 import { sl } from "./ffi.ts";
 import { PAGE_MISSING, type Region } from "./handler-table.ts";
-import { FAILED, GONE, OK, type VmSession } from "./vm-session.ts";
+import { AGAIN, FAILED, GONE, OK, type VmSession } from "./vm-session.ts";
 
 export type PopulateMode = "none" | "background";
 
@@ -86,6 +86,11 @@ export class Populator {
         i++;
       }
       const r = this.vm.installMissing(region, k, e, 0);
+      if (r === AGAIN) {
+        // A REMOVE is pending: this batch again next step (pages already in are skipped then).
+        if (woke !== undefined) this.wake(woke, lo, hi);
+        return;
+      }
       if (r === FAILED || r === GONE) continue;
       this.vm.stats.prefetchedPages += e - k;
       if (woke !== region) {

@@ -141,6 +141,8 @@ export class Server {
       return this.reject(p, new HandshakeError(`reading the handshake failed: ${errnoName(-n)}`));
     }
     for (let i = 0; i < this.recvCounts[0]!; i++) p.fds.push(this.recvFds[i]!);
+    // Checked per message, not once the JSON is complete: a peer must not pile up our fds.
+    if (p.fds.length > MAX_FDS) return this.reject(p, new HandshakeError(`${p.fds.length} file descriptors came with the handshake; at most ${MAX_FDS} expected`));
     if (this.recvCounts[1]) return this.reject(p, new HandshakeError(`more file descriptors than the ${this.recvFds.length} a handshake may carry`));
     if (n === 0) {
       const what = p.length ? "in the middle of its handshake" : "without sending a handshake";

@@ -2,7 +2,7 @@
 // The fault path never touches guest memory and allocates nothing per fault: messages are
 // decoded from a buffer shared with C, pages go from our mapping (or a receive buffer) to the
 // guest by UFFDIO_COPY.
-import { Errno, errnoName, type NativeBuffer, sl, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_MSG_SIZE } from "./ffi.ts";
+import { Errno, errnoName, type NativeBuffer, sl, UFFD_EVENT_FORK, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_MSG_SIZE } from "./ffi.ts";
 import { type HandlerTable, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRequester, type Region } from "./handler-table.ts";
 import { AGAIN, FAILED, OK, PageInstaller, Scratch, type VmStats } from "./page-installer.ts";
 import type { TouchRecorder } from "./working-set.ts";
@@ -103,8 +103,11 @@ export class VmSession {
         this.remove(u32[w + 2]! + u32[w + 3]! * 0x1_0000_0000, u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000);
       } else if (event === UFFD_EVENT_PAGEFAULT) {
         faults[nf++] = u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000;
+      } else if (event === UFFD_EVENT_FORK) {
+        // Reading a FORK installed the child's userfaultfd in our process: not ours to keep.
+        sl.sl_close(u32[w + 2]!);
       }
-      // FORK/REMAP/UNMAP are never enabled by a Firecracker-style VMM: nothing to do for them.
+      // REMAP/UNMAP are never enabled by a Firecracker-style VMM: nothing to do for them.
     }
     if (nf === 0) return;
     // Insertion sort: batches are small and often already in order, and it allocates nothing.
@@ -199,7 +202,10 @@ export class VmSession {
     }
     if (r === AGAIN) {
       this.stats.eagain++;
-      this.retry.push(region.base + k * ps);
+      // Every faulting page from k on has a vCPU asleep on it (coalesced faults), not only page k.
+      for (let p = k; p < iEnd; p++) this.retry.push(region.base + p * ps);
+      // Pages before k that already existed (EEXIST) still need their wake.
+      if (this.installer.hitEexist && k > i) sl.sl_uffd_wake(this.uffd, region.base + i * ps, (k - i) * ps);
       return;
     }
     if (r === FAILED) {
@@ -341,13 +347,15 @@ export class VmSession {
       if (n <= 0) return;
       for (let i = 0; i < n; i++) {
         const o = i * UFFD_MSG_SIZE;
+        if (buf.bytes[o] === UFFD_EVENT_FORK) sl.sl_close(buf.u32[(o >> 2) + 2]!);
         if (buf.bytes[o] !== UFFD_EVENT_PAGEFAULT) continue;
         const addr = buf.u64(o + 16);
-        if (this.table.find(addr) === undefined) {
+        if (this.fatal === undefined && this.table.find(addr) === undefined) {
           this.fatal = `fault at 0x${addr.toString(16)} outside every region the VMM announced`;
-          return;
         }
       }
+      // The whole batch was looked at (every FORK fd closed) before giving up on the VM.
+      if (this.fatal !== undefined) return;
     }
   }
 
