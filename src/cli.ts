@@ -11,8 +11,9 @@ usage:
       to serve several images from one daemon: sockets and images pair up in order.
       --ramblock NAME         mapped-ram block to serve (default: the largest, the guest RAM)
       --socket-mode MODE      socket file mode (default 0600)
-      --fault-around N        pages installed per fault, aligned window (default 16, or 1
-                              with --record; 1 = one page per fault, Firecracker's on_demand)
+      --fault-around N        4 KiB pages installed per fault, aligned window (default 16, or 1
+                              with --record; 1 = one page per fault, Firecracker's on_demand;
+                              on 2 MiB pages the window is N x 4 KiB, at least one page)
       --spin-us N             busy-poll N µs for the next fault before sleeping (default 50): a
                               guest on another CPU is served without a cross-CPU wake-up; 0 = never
       --handshake-timeout MS  drop peers that have not sent their handshake by then (default 5000)

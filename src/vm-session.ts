@@ -5,12 +5,13 @@
 import { Errno, errnoName, type NativeBuffer, sl, UFFD_EVENT_FORK, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_MSG_SIZE } from "./ffi.ts";
 import { type HandlerTable, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRequester, type Region } from "./handler-table.ts";
 import { AGAIN, FAILED, OK, PageInstaller, Scratch, type VmStats } from "./page-installer.ts";
+import { IMAGE_PAGE } from "./image/snapshot-image.ts";
 import type { TouchRecorder } from "./working-set.ts";
 
 export { AGAIN, FAILED, GONE, OK, Scratch, type VmStats } from "./page-installer.ts";
 
 export interface VmOptions {
-  /** Pages installed per fault: the aligned window of this many region pages around the fault. */
+  /** 4 KiB pages installed per fault: the aligned window around it (at least the faulting page). */
   faultAround: number;
   /** Records first touches (image pages) when set. */
   recorder?: TouchRecorder;
@@ -167,7 +168,8 @@ export class VmSession {
     if (recorder !== undefined) {
       for (let k = i; k < iEnd; k++) if (state[k] === PAGE_MISSING || state[k] === PAGE_IN_FLIGHT) recorder.add(region.firstImagePage + k * region.imagePagesPerPage);
     }
-    const fa = this.options.faultAround;
+    // Fault-around counts 4 KiB pages: on 2 MiB pages the same bytes are one page, not 16 x 2 MiB.
+    const fa = Math.max(1, Math.floor((this.options.faultAround * IMAGE_PAGE) / ps));
     let w0 = i;
     let w1 = iEnd;
     if (fa > 1) {
