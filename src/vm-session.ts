@@ -338,8 +338,8 @@ export class VmSession {
   }
 
   /**
-   * After detach: reads whatever is queued so no event waits on us. Faults queued before the
-   * unregister were woken by it and REMOVEs need no answer now; but a fault outside every
+   * After detach: reads whatever is queued so no event waits on us. REMOVEs need no answer now;
+   * faults inside our regions are woken (to retry as plain faults); a fault outside every
    * announced region means the VMM registered memory it never told us about: fatal.
    */
   discardMessages(): void {
@@ -352,9 +352,15 @@ export class VmSession {
         if (buf.bytes[o] === UFFD_EVENT_FORK) sl.sl_close(buf.u32[(o >> 2) + 2]!);
         if (buf.bytes[o] !== UFFD_EVENT_PAGEFAULT) continue;
         const addr = buf.u64(o + 16);
-        if (this.fatal === undefined && this.table.find(addr) === undefined) {
-          this.fatal = `fault at 0x${addr.toString(16)} outside every region the VMM announced`;
+        const region = this.table.find(addr);
+        if (region === undefined) {
+          if (this.fatal === undefined) this.fatal = `fault at 0x${addr.toString(16)} outside every region the VMM announced`;
+          continue;
         }
+        // A fault that raced the unregister can miss its wake-up (seen on hugetlbfs: the vCPU
+        // slept forever). Wake it: the range is no longer ours, so its retry is a plain fault.
+        const page = region.base + Math.floor((addr - region.base) / region.pageSize) * region.pageSize;
+        sl.sl_uffd_wake(this.uffd, page, region.pageSize);
       }
       // The whole batch was looked at (every FORK fd closed) before giving up on the VM.
       if (this.fatal !== undefined) return;

@@ -95,6 +95,25 @@ describe("fault-around", () => {
   });
 });
 
+describe("detach races", () => {
+  test("a fault racing the unregister is woken, never left asleep (40 restores that detach mid-touch)", async () => {
+    // Balloon first (those pages settle as removed), then 2 MiB windows: the table completes, and
+    // the VM detaches, while the guest still faults — on the removed pages among others. Before the
+    // fix about one restore in ten left a vCPU asleep forever (the stand-in's watchdog fired).
+    const sock = join(dir.path, "race.sock");
+    const d = await startDaemon(["--mem", image, "--fault-around", "512"], sock);
+    try {
+      for (let seed = 1; seed <= 40; seed++) {
+        const r = await runStandin(["--timeout", "4000", "--socket", sock, "--expect", image, "--region", "8m@0", "--balloon", "0:1m", "--order", "random", "--seed", String(seed), "--threads", "2", "--verify", "all"]);
+        expect(r.code, `seed ${seed}: ${describeRun(r)}`).toBe(0);
+      }
+      expect((d.log.match(/detached/g) ?? []).length).toBeGreaterThanOrEqual(40);
+    } finally {
+      await d.stop();
+    }
+  });
+});
+
 describe("working sets", () => {
   test("record, then prefetch: the same pages, far fewer faults, every page correct", async () => {
     const subset = randomPages(PAGES / 10, 5);
