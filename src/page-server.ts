@@ -45,6 +45,10 @@ const READ_BUDGET = 64 * 1024;
 const BACKGROUND_STEP_BYTES = 256 * 1024;
 /** A connection that refused us or was refused gets this long to take our last frame. */
 const LINGER_MS = 1000;
+/** Control replies (PONG, refusals) a client leaves unread past this: it is dropped, not buffered without bound. */
+const MAX_UNREAD_REPLY_BYTES = 1024 * 1024;
+/** accept() failed (out of fds): the listener stays readable, so it is not watched for this long. */
+const ACCEPT_PAUSE_MS = 100;
 
 interface Job {
   id: number;
@@ -103,6 +107,7 @@ export class PageServer {
   private readonly info: ImageInfo;
   private readonly zeroBits: Uint8Array;
   private closed = false;
+  private acceptPaused = false;
 
   constructor(private readonly opts: PageServerOptions, loop?: EventLoop) {
     this.loop = loop ?? new EventLoop();
@@ -132,7 +137,16 @@ export class PageServer {
     for (;;) {
       const fd = sl.sl_accept(this.lfd);
       if (fd < 0) {
-        if (-fd !== Errno.EAGAIN) this.opts.logger.warn(`accept failed: ${errnoName(-fd)}`);
+        if (-fd !== Errno.EAGAIN && !this.acceptPaused) {
+          // EMFILE/ENFILE leave the connection queued and the listener readable: pause, do not spin.
+          this.opts.logger.warn(`accept failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
+          this.acceptPaused = true;
+          this.loop.modify(this.ltoken, this.lfd, 0);
+          this.loop.after(ACCEPT_PAUSE_MS, () => {
+            this.acceptPaused = false;
+            if (this.lfd >= 0) this.loop.modify(this.ltoken, this.lfd, EPOLLIN);
+          });
+        }
         return;
       }
       const sink: FrameSink = {
@@ -208,6 +222,7 @@ export class PageServer {
       case FrameType.REQUEST:
         return this.onRequest(conn, h);
       case FrameType.PING:
+        this.checkUnread(conn);
         conn.writer.push(frame(FrameType.PONG, null, h.id));
         this.flush(conn);
         return;
@@ -257,12 +272,18 @@ export class PageServer {
     conn.requests++;
     // Bounds: never read outside the image, whatever the client asks.
     if (start + size > this.info.size) {
+      this.checkUnread(conn);
       this.opts.logger.warn(`${conn.name}: request ${h.id} for bytes [${start}, ${start + size}) lies outside the ${this.info.size}-byte image; refused`);
       conn.writer.push(errorFrame(ErrorCode.OUT_OF_BOUNDS, `bytes [${start}, ${start + size}) lie outside the ${this.info.size}-byte image`, h.id));
       return;
     }
     if (conn.outstanding >= MAX_OUTSTANDING) throw new ProtocolError(`more than ${MAX_OUTSTANDING} requests outstanding`, ErrorCode.OVERLOADED);
     conn.jobs.push({ id: h.id, start, end: start + size, pos: start });
+  }
+
+  /** A client that keeps asking for replies but does not read them. Throws ProtocolError. */
+  private checkUnread(conn: Conn): void {
+    if (conn.writer.pending > MAX_UNREAD_REPLY_BYTES) throw new ProtocolError(`more than ${formatBytes(MAX_UNREAD_REPLY_BYTES)} of replies left unread`, ErrorCode.OVERLOADED);
   }
 
   /**

@@ -61,6 +61,8 @@ export interface VmExit {
 
 /** Known VMMs send the uffd and at most two more fds (e2b: a memfd; unreleased Firecracker: up to 3). */
 const MAX_FDS = 3;
+/** accept() failed (out of fds): how long the listener is left unwatched. */
+const ACCEPT_PAUSE_MS = 100;
 
 interface BoundListener extends Listener {
   fd: number;
@@ -120,7 +122,14 @@ export class Server {
     for (;;) {
       const fd = sl.sl_accept(listener.fd);
       if (fd < 0) {
-        if (-fd !== Errno.EAGAIN) this.opts.logger.warn(`accept failed: ${errnoName(-fd)}`);
+        if (-fd !== Errno.EAGAIN) {
+          // EMFILE/ENFILE leave the peer queued and the listener readable: pause it, do not spin.
+          this.opts.logger.warn(`accept on ${listener.socketPath} failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
+          this.loop.modify(listener.token, listener.fd, 0);
+          this.loop.after(ACCEPT_PAUSE_MS, () => {
+            if (this.bound.includes(listener)) this.loop.modify(listener.token, listener.fd, EPOLLIN);
+          });
+        }
         return;
       }
       const cred = new Int32Array(3);

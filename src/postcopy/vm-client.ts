@@ -510,7 +510,9 @@ export class VmClient implements PageRequester {
       ready: (info) => this.onReady(i, ch, info),
       dataTarget: (h) => this.dataTarget(h),
       data: (h) => {
-        this.progress(i);
+        // Only bytes we still wait for are progress: a server replaying stale ids must not keep
+        // a VM alive past its deadline.
+        if (this.sent.has(h.id)) this.progress(i);
         this.onData(h);
       },
       requestError: (id, message) => this.requestError(id, message),

@@ -1,0 +1,50 @@
+// Review reproductions: hostile peers of the page server.
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { writeDemoImage } from "../src/demo-image.ts";
+import { readTokenFile } from "../src/postcopy/auth.ts";
+import { FrameType, frame, Role } from "../src/postcopy/protocol.ts";
+import { ensureBuilt, tempDir } from "./harness.ts";
+import { type PageServerProc, RawClient, startPageServer } from "./postcopy-wire.ts";
+
+let dir: ReturnType<typeof tempDir>;
+let ps: PageServerProc;
+let token: Buffer;
+
+beforeAll(async () => {
+  ensureBuilt();
+  dir = tempDir("snapload-review-");
+  const image = join(dir.path, "vm.mem");
+  writeDemoImage(image, 8 * 1024 * 1024, 5);
+  const tokenFile = join(dir.path, "token");
+  writeFileSync(tokenFile, "correct horse battery staple\n", { mode: 0o600 });
+  token = readTokenFile(tokenFile);
+  ps = await startPageServer(["--mem", image, "--token-file", tokenFile]);
+});
+afterAll(async () => {
+  await ps?.daemon.stop();
+  dir?.cleanup();
+});
+
+const rssKiB = (pid: number) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]);
+
+for (const kind of ["PING", "out-of-bounds REQUEST"] as const) {
+  test(`an authenticated client that floods ${kind}s and never reads does not grow the page server without bound`, async () => {
+    const c = await RawClient.connect(ps.port);
+    await c.authenticate(token, Role.URGENT);
+    c.socket.pause(); // never read again
+    const pid = ps.daemon.proc.pid;
+    const before = rssKiB(pid);
+    const one = kind === "PING" ? frame(FrameType.PING, null, 7) : frame(FrameType.REQUEST, null, 7, 2 ** 40, 4096);
+    const batch = Buffer.concat(Array.from({ length: 4096 }, () => one)); // 128 KiB
+    for (let i = 0; i < 1024 && !c.closed; i++) { // 128 MiB of frames
+      if (!c.socket.write(batch)) await new Promise((r) => { c.socket.once("drain", r); setTimeout(r, 2000); });
+    }
+    await Bun.sleep(500);
+    const grown = rssKiB(pid) - before;
+    console.log(`${kind}: page server RSS grew by ${(grown / 1024).toFixed(0)} MiB; connection closed: ${c.closed}`);
+    c.close();
+    expect(grown).toBeLessThan(64 * 1024);
+  }, 60_000);
+}
