@@ -2,9 +2,10 @@
 //   bun bench/micro.ts [--out FILE] [--quick]
 // Prints mitata's report on stderr; writes a ns/op summary as JSON to FILE.
 import { bench, do_not_optimize, group, run } from "mitata";
-import { NativeBuffer, sl, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_MSG_SIZE } from "../src/ffi.ts";
+import { NativeBuffer, sl, UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE } from "../src/ffi.ts";
 import { HandlerTable, type PageBackend } from "../src/handler-table.ts";
 import { ZeroMap } from "../src/image/snapshot-image.ts";
+import { decodeMessages } from "../src/uffd-messages.ts";
 import { prng } from "./common.ts";
 
 const argv = process.argv.slice(2);
@@ -26,25 +27,7 @@ for (let i = 0; i < BATCH; i++) {
   msgs.view.setUint32(o + 20, Math.floor(addr / 0x1_0000_0000), true);
 }
 const faults = new Float64Array(BATCH);
-
-/** The decode loop of VmSession.dispatch (src/vm-session.ts), without serving. */
-function decode(buf: NativeBuffer, n: number): number {
-  const bytes = buf.bytes;
-  const u32 = buf.u32;
-  let nf = 0;
-  let removes = 0;
-  for (let i = 0; i < n; i++) {
-    const o = i * UFFD_MSG_SIZE;
-    const w = o >> 2;
-    const event = bytes[o];
-    if (event === UFFD_EVENT_REMOVE) {
-      removes += u32[w + 2]! + u32[w + 3]! * 0x1_0000_0000 + u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000;
-    } else if (event === UFFD_EVENT_PAGEFAULT) {
-      faults[nf++] = u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000;
-    }
-  }
-  return nf + removes;
-}
+const noRemove = () => {};
 
 // ---- a handler table of 4 regions (guest RAM split around an MMIO hole, like Firecracker's) ----
 const IMAGE = 1024 * 1024 * 1024;
@@ -66,20 +49,8 @@ group("ffi", () => {
   bench("sl_uffd_wake(-1, addr, 4096) -> -EBADF", () => do_not_optimize(sl.sl_uffd_wake(-1, GUEST_BASE, PAGE)));
 });
 group("fault path, JS", () => {
-  bench("decode 64 uffd_msg (dispatch loop)", () => do_not_optimize(decode(msgs, BATCH)));
-  bench("decode 64 uffd_msg + in-place insertion sort (as dispatch; random order is its worst case)", () => {
-    const nf = decode(msgs, BATCH);
-    for (let a = 1; a < nf; a++) {
-      const x = faults[a]!;
-      let b = a - 1;
-      while (b >= 0 && faults[b]! > x) {
-        faults[b + 1] = faults[b]!;
-        b--;
-      }
-      faults[b + 1] = x;
-    }
-    do_not_optimize(faults);
-  });
+  // The decoder VmSession.dispatch runs; random addresses are its sort's worst case.
+  bench("decodeMessages: 64 uffd_msg, decoded and sorted", () => do_not_optimize(decodeMessages(msgs, BATCH, faults, noRemove)));
   bench("HandlerTable.find, same region (last-hit cache)", () => do_not_optimize(table.find(sameRegion[k++ & 1023]!)));
   bench("HandlerTable.find, random of 4 regions", () => do_not_optimize(table.find(anyRegion[k++ & 1023]!)));
   bench("ZeroMap.isZero, random page of 1 GiB", () => do_not_optimize(zero.isZero(zeroQueries[k++ & 1023]!)));

@@ -120,8 +120,8 @@ export class Populator {
   private sweepStep(): boolean {
     const vm = this.vm;
     const regions = vm.table.regions;
-    if (vm.lastFaultRegion !== undefined && vm.faultCount !== this.seenFaults) {
-      this.seenFaults = vm.faultCount;
+    if (vm.lastFaultRegion !== undefined && vm.stats.faults !== this.seenFaults) {
+      this.seenFaults = vm.stats.faults;
       this.sweepRegion = regions.indexOf(vm.lastFaultRegion);
       this.sweepPage = vm.lastFaultPage;
     }

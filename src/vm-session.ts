@@ -2,11 +2,14 @@
 // The fault path never touches guest memory and allocates nothing per fault: messages are
 // decoded from a buffer shared with C, pages go from our mapping (or a receive buffer) to the
 // guest by UFFDIO_COPY.
-import { Errno, errnoName, type NativeBuffer, sl, UFFD_EVENT_FORK, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE, UFFD_MSG_SIZE } from "./ffi.ts";
+import { Errno, errnoName, type NativeBuffer, sl } from "./ffi.ts";
 import { type HandlerTable, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRequester, type Region } from "./handler-table.ts";
 import { AGAIN, FAILED, OK, PageInstaller, Scratch, type VmStats } from "./page-installer.ts";
 import { IMAGE_PAGE } from "./image/snapshot-image.ts";
+import { decodeMessages } from "./uffd-messages.ts";
 import type { TouchRecorder } from "./working-set.ts";
+
+const ignoreRemove = () => {};
 
 export { AGAIN, FAILED, GONE, OK, Scratch, type VmStats } from "./page-installer.ts";
 
@@ -40,12 +43,12 @@ export class VmSession {
   closed = false;
   /** Unregistered after full population: the VM no longer needs us. */
   detached = false;
-  /** Where the guest last faulted (the populator follows it), and how many faults so far. */
+  /** Where the guest last faulted (the populator follows it). */
   lastFaultRegion: Region | undefined;
   lastFaultPage = 0;
-  faultCount = 0;
   /** Puts pages into this VM's memory. */
   readonly installer: PageInstaller;
+  private readonly onRemove = (start: number, end: number) => this.remove(start, end);
   /** Asks for pages of a remote backend; undefined for local images. */
   private requester: PageRequester | undefined;
 
@@ -91,36 +94,10 @@ export class VmSession {
 
   /** Serves n messages already in buf (what drain read; the JIT warm-up feeds it too). */
   dispatch(buf: NativeBuffer, n: number): void {
-    const bytes = buf.bytes;
-    const u32 = buf.u32;
     const faults = this.scratch.faults;
-    let nf = 0;
-    // REMOVEs first: a fault read in the same batch must not install data the guest already discarded.
-    for (let i = 0; i < n; i++) {
-      const o = i * UFFD_MSG_SIZE;
-      const w = o >> 2;
-      const event = bytes[o];
-      if (event === UFFD_EVENT_REMOVE) {
-        this.remove(u32[w + 2]! + u32[w + 3]! * 0x1_0000_0000, u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000);
-      } else if (event === UFFD_EVENT_PAGEFAULT) {
-        faults[nf++] = u32[w + 4]! + u32[w + 5]! * 0x1_0000_0000;
-      } else if (event === UFFD_EVENT_FORK) {
-        // Reading a FORK installed the child's userfaultfd in our process: not ours to keep.
-        sl.sl_close(u32[w + 2]!);
-      }
-      // REMAP/UNMAP are never enabled by a Firecracker-style VMM: nothing to do for them.
-    }
-    if (nf === 0) return;
-    // Insertion sort: batches are small and often already in order, and it allocates nothing.
-    for (let a = 1; a < nf; a++) {
-      const x = faults[a]!;
-      let b = a - 1;
-      while (b >= 0 && faults[b]! > x) {
-        faults[b + 1] = faults[b]!;
-        b--;
-      }
-      faults[b + 1] = x;
-    }
+    // REMOVEs are applied while decoding, before any fault of the batch is served: a fault read
+    // with them must not install data the guest already discarded.
+    const nf = decodeMessages(buf, n, faults, this.onRemove);
     // Faults on neighbouring pages (several vCPUs walking memory) become one run, one ioctl.
     let i = 0;
     while (i < nf) {
@@ -162,7 +139,6 @@ export class VmSession {
     const iEnd = Math.min(i + span, region.pages);
     this.lastFaultRegion = region;
     this.lastFaultPage = iEnd;
-    this.faultCount++;
     const state = region.state;
     const recorder = this.options.recorder;
     if (recorder !== undefined) {
@@ -344,21 +320,21 @@ export class VmSession {
    */
   discardMessages(): void {
     const buf = this.scratch.msgs;
+    const faults = this.scratch.faults;
     for (;;) {
       const n = sl.sl_uffd_read(this.uffd, buf.address, Scratch.MAX_MSGS);
       if (n <= 0) return;
-      for (let i = 0; i < n; i++) {
-        const o = i * UFFD_MSG_SIZE;
-        if (buf.bytes[o] === UFFD_EVENT_FORK) sl.sl_close(buf.u32[(o >> 2) + 2]!);
-        if (buf.bytes[o] !== UFFD_EVENT_PAGEFAULT) continue;
-        const addr = buf.u64(o + 16);
+      const nf = decodeMessages(buf, n, faults, ignoreRemove);
+      for (let i = 0; i < nf; i++) {
+        const addr = faults[i]!;
         const region = this.table.find(addr);
         if (region === undefined) {
           if (this.fatal === undefined) this.fatal = `fault at 0x${addr.toString(16)} outside every region the VMM announced`;
           continue;
         }
-        // A fault that raced the unregister can miss its wake-up (seen on hugetlbfs: the vCPU
-        // slept forever). Wake it: the range is no longer ours, so its retry is a plain fault.
+        // A fault that raced the unregister can miss its wake-up (seen on hugetlbfs and 4 KiB
+        // pages: the vCPU slept forever). Wake it: the range is no longer ours, so its retry is
+        // a plain fault.
         const page = region.base + Math.floor((addr - region.base) / region.pageSize) * region.pageSize;
         sl.sl_uffd_wake(this.uffd, page, region.pageSize);
       }
