@@ -1,5 +1,8 @@
 // What every scenario shares: options, the scratch directory, images, feature flags, rows.
 import { closeSync, existsSync, fsyncSync, openSync, renameSync, writeSync } from "node:fs";
+import { prng } from "../src/prng.ts";
+
+export { prng };
 import { randomFillSync } from "node:crypto";
 import { writeDemoImage } from "../src/demo-image.ts";
 
@@ -143,17 +146,6 @@ export function makeDemoImage(path: string, mib: number, seed = 42): { pages: nu
   return stats;
 }
 
-/** mulberry32: a small seeded PRNG (orders only need to be reproducible, not strong). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 export function shuffle(a: Uint32Array, seed: number): Uint32Array {
   const rnd = prng(seed);

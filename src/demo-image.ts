@@ -1,6 +1,7 @@
 // A demo memory image with the mix a real guest has: zero pages (left as file holes),
 // text, random bytes, and sparse pages. Written in 1 MiB chunks, so memory stays flat.
 import { closeSync, ftruncateSync, openSync, writeSync } from "node:fs";
+import { prng } from "./prng.ts";
 
 const PAGE = 4096;
 const CHUNK = 256; // pages per write
@@ -14,14 +15,9 @@ export function writeDemoImage(path: string, bytes: number, seed = 42): DemoImag
   const pages = Math.floor(bytes / PAGE);
   const fd = openSync(path, "w");
   ftruncateSync(fd, pages * PAGE);
-  let state = BigInt(seed) | 1n;
-  const rand32 = () => {
-    // xorshift64*: deterministic, so the same seed makes the same image.
-    state ^= state >> 12n;
-    state ^= (state << 25n) & 0xffff_ffff_ffff_ffffn;
-    state ^= state >> 27n;
-    return Number(((state * 0x2545f4914f6cdd1dn) >> 32n) & 0xffff_ffffn);
-  };
+  // Deterministic: the same seed makes the same image.
+  const rnd = prng(seed);
+  const rand32 = () => (rnd() * 4294967296) >>> 0;
   const text = new TextEncoder().encode("snapload demo: every page a guest reads must equal the snapshot's page. ");
   const chunk = new Uint8Array(CHUNK * PAGE);
   const words = new Uint32Array(chunk.buffer);

@@ -5,6 +5,7 @@
 //   bun test/gen-mapped-ram.ts OUT [--ram-mib N] [--seed N]     a mapped-ram file + OUT.<block>.expect
 //   bun test/gen-mapped-ram.ts OUT --raw-mib N [--seed N]       a sparse raw memory file
 import { closeSync, ftruncateSync, openSync, writeSync } from "node:fs";
+import { prng } from "../src/prng.ts";
 
 export const PAGES_ALIGN = 1 << 20;
 const HEADER_SIZE = 28;
@@ -294,17 +295,6 @@ function writeAt(fd: number, data: Uint8Array, position: number): void {
   while (done < data.length) done += writeSync(fd, data, done, data.length - done, position + done);
 }
 
-function prng(seed: number): () => number {
-  // mulberry32: small, deterministic, good enough for test content.
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Big-endian byte builder for the stream's header fields. */
 class Bytes {

@@ -11,6 +11,7 @@ import { openImage } from "../src/image/open-image.ts";
 import { openRawImage } from "../src/image/raw-image.ts";
 import { IMAGE_PAGE, ZeroMap, type SnapshotImage } from "../src/image/snapshot-image.ts";
 import { inspectImage, inspectReport } from "../src/inspect.ts";
+import { prng } from "../src/prng.ts";
 import { generateMappedRam, generateRawImage, type GenBlockSpec, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
 
 const MiB = 1024 * 1024;
@@ -61,8 +62,7 @@ describe("ZeroMap", () => {
     const pages = 1000;
     const ref: boolean[] = [];
     const map = new ZeroMap(pages);
-    let seed = 7;
-    const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+    const rand = prng(7);
     for (let p = 0; p < pages; ) {
       const run = 1 + Math.floor(rand() * 70);
       const zero = rand() < 0.5;

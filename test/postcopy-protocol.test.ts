@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
 import { ZeroMap } from "../src/image/snapshot-image.ts";
 import { parseHostPort, parseTcpUrl } from "../src/postcopy/address.ts";
+import { prng } from "../src/prng.ts";
 import { clientProof, proofsEqual, readTokenFile, serverProof } from "../src/postcopy/auth.ts";
 import {
   decodeHeader, decodeHello, decodeWelcome, encodeHeader, encodeHello, encodeWelcome, ErrorCode, FrameHeader, FrameType, frame, HEADER_SIZE,
@@ -94,11 +95,8 @@ describe("frames", () => {
   test("the zero map round-trips bit for bit; stray bits past the end are refused", () => {
     const pages = 1000;
     const z = new ZeroMap(pages);
-    let s = 12345;
-    for (let p = 0; p < pages; p++) {
-      s = (s * 1103515245 + 12345) >>> 0;
-      if (s % 3 === 0) z.setZero(p);
-    }
+    const rnd = prng(12345);
+    for (let p = 0; p < pages; p++) if (rnd() < 1 / 3) z.setZero(p);
     z.setZeroRange(100, 300);
     const bits = zeroMapBytes(z);
     expect(bits.length).toBe(125);

@@ -4,6 +4,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
+import { prng } from "../src/prng.ts";
 import { decodeWorkingSet, encodeWorkingSet } from "../src/working-set.ts";
 import { describeRun, ensureBuilt, runStandin, startDaemon, tempDir } from "./harness.ts";
 
@@ -37,10 +38,9 @@ function orderFile(name: string, pages: number[]): string {
 /** A deterministic random subset of page indexes, in random order. */
 function randomPages(count: number, seed: number): number[] {
   const all = Array.from({ length: PAGES }, (_, i) => i);
-  let s = seed;
+  const rnd = prng(seed);
   for (let i = all.length - 1; i > 0; i--) {
-    s = (s * 1103515245 + 12345) >>> 0;
-    const j = s % (i + 1);
+    const j = Math.floor(rnd() * (i + 1));
     [all[i], all[j]] = [all[j]!, all[i]!];
   }
   return all.slice(0, count);
