@@ -2,6 +2,9 @@
 // any way out — normal end, error, Ctrl-C — so no daemon outlives the run.
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import type { StandinReport } from "../test/harness.ts";
+
+export type { StandinReport };
 
 export const ROOT = join(import.meta.dir, "..");
 export const BUN = process.execPath;
@@ -199,17 +202,6 @@ export async function finishPlain(p: Proc): Promise<DaemonFigures> {
 
 // ---- the guest -------------------------------------------------------------------------------
 
-export interface StandinReport {
-  pages: number;
-  verified: number;
-  mismatches: number;
-  first_mismatch: number;
-  touch_ns: number;
-  lat_p50_ns: number;
-  lat_p99_ns: number;
-  lat_max_ns: number;
-  threads: number;
-}
 
 /** Starts the VMM stand-in; `finishStandin` checks it served every page right. */
 export function startStandin(socket: string, args: string[], cpu: number | undefined, timeoutMs = 120_000): Proc {

@@ -1,5 +1,5 @@
 // Shared test plumbing: real processes only — the daemon under test and the C VMM stand-in.
-import { mkdtempSync, rmSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -82,19 +82,34 @@ export async function startDaemon(args: string[], socket: string, extraEnv: Reco
   return d;
 }
 
+/** The one JSON line the VMM stand-in prints on success. */
+export interface StandinReport {
+  pages: number;
+  verified: number;
+  mismatches: number;
+  first_mismatch: number;
+  touch_ns: number;
+  lat_p50_ns: number;
+  lat_p99_ns: number;
+  lat_max_ns: number;
+  threads: number;
+}
+
 export interface StandinResult {
   code: number;
   stdout: string;
   stderr: string;
-  report?: {
-    pages: number;
-    verified: number;
-    mismatches: number;
-    first_mismatch: number;
-    touch_ns: number;
-    lat_p50_ns: number;
-    lat_p99_ns: number;
-  };
+  report?: StandinReport;
+}
+
+/** Writes bytes at offset into an existing file (tests that corrupt images and headers). */
+export function patchFile(path: string, offset: number, bytes: number[]): void {
+  const fd = openSync(path, "r+");
+  try {
+    writeSync(fd, Uint8Array.from(bytes), 0, bytes.length, offset);
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /** Runs the C VMM stand-in to completion. */

@@ -2,7 +2,7 @@
 // checked against the independent generator in gen-mapped-ram.ts.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { toArrayBuffer, type Pointer } from "bun:ffi";
-import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ConfigError, ImageError, SnaploadError, SyscallError } from "../src/errors.ts";
@@ -13,6 +13,7 @@ import { IMAGE_PAGE, ZeroMap, type SnapshotImage } from "../src/image/snapshot-i
 import { inspectImage, inspectReport } from "../src/inspect.ts";
 import { prng } from "../src/prng.ts";
 import { generateMappedRam, generateRawImage, type GenBlockSpec, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
+import { patchFile } from "./harness.ts";
 
 const MiB = 1024 * 1024;
 let dir = "";
@@ -31,14 +32,6 @@ function mapped(image: SnapshotImage, len: number): Uint8Array {
   return new Uint8Array(toArrayBuffer(image.base as Pointer, 0, len));
 }
 
-function patch(path: string, offset: number, bytes: number[]): void {
-  const fd = openSync(path, "r+");
-  try {
-    writeSync(fd, Uint8Array.from(bytes), 0, bytes.length, offset);
-  } finally {
-    closeSync(fd);
-  }
-}
 const be32 = (v: number) => [v >>> 24, (v >>> 16) & 0xff, (v >>> 8) & 0xff, v & 0xff];
 const be64 = (v: number) => [...be32(Math.floor(v / 0x1_0000_0000)), ...be32(v >>> 0)];
 
@@ -145,7 +138,7 @@ describe("raw image", () => {
     const tail = fresh("tail");
     writeFileSync(tail, "");
     truncateSync(tail, 2 * IMAGE_PAGE + 100);
-    patch(tail, 2 * IMAGE_PAGE + 99, [7]); // data in the partial page only
+    patchFile(tail, 2 * IMAGE_PAGE + 99, [7]); // data in the partial page only
     const b = openRawImage(tail);
     expect([0, 1, 2].map((p) => b.zero.isZero(p))).toEqual([true, true, false]);
     expect(mapped(b, 2 * IMAGE_PAGE + 100)[2 * IMAGE_PAGE + 99]).toBe(7);
@@ -357,7 +350,7 @@ describe("mapped-ram refusals", () => {
 
   test("stream version other than 3", () => {
     const g = small();
-    patch(g.path, 4, be32(2));
+    patchFile(g.path, 4, be32(2));
     refusal(() => openImage(g.path), "unsupported QEMU migration stream version 2", g.path);
   });
 
@@ -383,34 +376,34 @@ describe("mapped-ram refusals", () => {
   test("pages_offset not aligned to 1 MiB", () => {
     const g = small();
     const b = g.blocks[0]!;
-    patch(g.path, b.headerOffset + 20, be64(b.pagesOffset + 4096));
+    patchFile(g.path, b.headerOffset + 20, be64(b.pagesOffset + 4096));
     const err = refusal(() => openImage(g.path), "not aligned to 1 MiB", g.path);
     expect(err.context.pagesOffset).toBe(b.pagesOffset + 4096);
   });
 
   test("used lengths that do not add up to the total", () => {
     const more = small();
-    patch(more.path, more.totalOffset, be64(more.totalRam + 2 * MiB + 4));
+    patchFile(more.path, more.totalOffset, be64(more.totalRam + 2 * MiB + 4));
     refusal(() => openImage(more.path), `add up to ${more.totalRam} bytes but the total RAM size is`, more.path);
     const less = small();
-    patch(less.path, less.totalOffset, be64(less.totalRam - 3 * 4096 + 4));
+    patchFile(less.path, less.totalOffset, be64(less.totalRam - 3 * 4096 + 4));
     refusal(() => openImage(less.path), "more than the total RAM size", less.path);
     // A total that equals the sum of the first blocks only: the next record must not be ignored.
     const prefix = small();
-    patch(prefix.path, prefix.totalOffset, be64(prefix.totalRam - 2 * 4096 + 4));
+    patchFile(prefix.path, prefix.totalOffset, be64(prefix.totalRam - 2 * 4096 + 4));
     refusal(() => openImage(prefix.path), "but another RAM block record follows", prefix.path);
   });
 
   test("page size 0, page size below 4 KiB, header version other than 1", () => {
     const zero = small();
-    patch(zero.path, zero.blocks[0]!.headerOffset + 4, be64(0));
+    patchFile(zero.path, zero.blocks[0]!.headerOffset + 4, be64(0));
     refusal(() => openImage(zero.path), "page size 0 is not a power of two", zero.path);
     const tiny = small();
-    patch(tiny.path, tiny.blocks[1]!.headerOffset + 4, be64(2048));
+    patchFile(tiny.path, tiny.blocks[1]!.headerOffset + 4, be64(2048));
     const err = refusal(() => openImage(tiny.path), "page size 2048", tiny.path);
     expect(err.context.block).toBe("pc.bios");
     const v2 = small();
-    patch(v2.path, v2.blocks[0]!.headerOffset, be32(2));
+    patchFile(v2.path, v2.blocks[0]!.headerOffset, be32(2));
     refusal(() => openImage(v2.path), "MappedRamHeader version 2", v2.path);
   });
 
@@ -418,7 +411,7 @@ describe("mapped-ram refusals", () => {
     const g = small({ blocks: [{ name: "ram", usedLength: 20 * 4096 }, { name: "rom", usedLength: 8192 }] });
     const b = g.blocks[0]!;
     // 20 pages: bits 20..63 of the 8-byte bitmap are padding.
-    patch(g.path, b.bitmapOffset + 2, [b.bitmap[2]! | 0xf0, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    patchFile(g.path, b.bitmapOffset + 2, [b.bitmap[2]! | 0xf0, 0xff, 0xff, 0xff, 0xff, 0xff]);
     const image = openMappedRamImage(g.path);
     try {
       expect(image.zero.pages).toBe(20);
@@ -436,7 +429,7 @@ describe("mapped-ram refusals", () => {
     const err = refusal(() => openImage(g.path), "RAM block name (6 bytes)", g.path);
     expect(err.message).toContain("truncated");
     const long = small();
-    patch(long.path, rec, [255]);
+    patchFile(long.path, rec, [255]);
     truncateSync(long.path, rec + 100);
     refusal(() => openImage(long.path), "RAM block name (255 bytes)", long.path);
   });

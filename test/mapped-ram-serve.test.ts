@@ -2,10 +2,10 @@
 // generator in gen-mapped-ram.ts), restored by the C VMM stand-in against each block's flat
 // expected contents. Bitmap-0 pages have stale non-zero bytes in the file: they must read as zeros.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { closeSync, copyFileSync, existsSync, openSync, readSync, truncateSync, writeSync } from "node:fs";
+import { closeSync, copyFileSync, existsSync, openSync, readSync, truncateSync } from "node:fs";
 import { join } from "node:path";
 import { generateMappedRam, PAGES_ALIGN, type GeneratedBlock, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
-import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, patchFile, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const PAGE = 4096;
@@ -49,14 +49,6 @@ function readAt(path: string, offset: number, len: number): Buffer {
   }
 }
 
-function patch(path: string, offset: number, bytes: number[]): void {
-  const fd = openSync(path, "r+");
-  try {
-    writeSync(fd, Uint8Array.from(bytes), 0, bytes.length, offset);
-  } finally {
-    closeSync(fd);
-  }
-}
 const be64 = (v: number) => {
   const b = Buffer.alloc(8);
   b.writeBigUInt64BE(BigInt(v));
@@ -205,12 +197,12 @@ describe("serve refuses to start", () => {
     ["truncated inside the block records", (p) => truncateSync(p, ram.headerOffset + 10), /truncated file\?/],
     [
       "total RAM size smaller than the blocks written",
-      (p) => patch(p, gen.totalOffset, be64(ram.usedLength + 0x04)),
+      (p) => patchFile(p, gen.totalOffset, be64(ram.usedLength + 0x04)),
       /another RAM block record follows/,
     ],
     [
       "pages_offset not 1 MiB aligned",
-      (p) => patch(p, ram.headerOffset + 20, be64(ram.pagesOffset + PAGE)),
+      (p) => patchFile(p, ram.headerOffset + 20, be64(ram.pagesOffset + PAGE)),
       /not aligned to 1 MiB/,
     ],
   ];
