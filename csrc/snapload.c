@@ -324,23 +324,6 @@ int sl_unix_listen(const char *path, uint32_t mode, int backlog)
 	return fd;
 }
 
-int sl_unix_connect(const char *path)
-{
-	struct sockaddr_un sa;
-	int r = fill_sun(&sa, path);
-	if (r)
-		return r;
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return NEG_ERRNO();
-	if (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
-		r = NEG_ERRNO();
-		close(fd);
-		return r;
-	}
-	return fd;
-}
-
 int sl_accept(int lfd)
 {
 	for (;;) {
@@ -391,33 +374,6 @@ int sl_recv_fds(int fd, void *buf, uint32_t len, int32_t *fds, int max_fds, int3
 	*out_nfds = count;
 	*out_truncated = truncated;
 	return (int)n;
-}
-
-int sl_send_fds(int fd, const void *buf, uint32_t len, const int32_t *fds, int nfds)
-{
-	union {
-		struct cmsghdr hdr;
-		char bytes[CMSG_SPACE(sizeof(int) * SL_MAX_FDS)];
-	} ctl;
-	if (nfds < 0 || nfds > SL_MAX_FDS)
-		return -EINVAL;
-	struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
-	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
-	if (nfds > 0) {
-		memset(&ctl, 0, sizeof ctl);
-		msg.msg_control = ctl.bytes;
-		msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
-		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-		c->cmsg_level = SOL_SOCKET;
-		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
-		memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
-	}
-	ssize_t n;
-	do
-		n = sendmsg(fd, &msg, MSG_NOSIGNAL);
-	while (n < 0 && errno == EINTR);
-	return n < 0 ? NEG_ERRNO() : (int)n;
 }
 
 int sl_peer_cred(int fd, struct sl_peer *out)

@@ -119,8 +119,6 @@ int sl_eventfd_drain(int fd);
  * A stale socket file at path is replaced; any other kind of file is not
  * (-EEXIST). Non-blocking, close-on-exec. Returns the fd. */
 int sl_unix_listen(const char *path, uint32_t mode, int backlog);
-/* Connects to a Unix socket (blocking, close-on-exec). Returns the fd. */
-int sl_unix_connect(const char *path);
 /* accept4(NONBLOCK|CLOEXEC). Returns the fd; -EAGAIN when none is waiting. */
 int sl_accept(int lfd);
 /* One recvmsg: up to len bytes into buf and up to max_fds SCM_RIGHTS fds into
@@ -128,8 +126,6 @@ int sl_accept(int lfd);
  * *out_truncated as 1). Received fds are close-on-exec.
  * Returns bytes read (0 = peer closed). */
 int sl_recv_fds(int fd, void *buf, uint32_t len, int32_t *fds, int max_fds, int32_t *out_nfds, int32_t *out_truncated);
-/* One sendmsg of buf with nfds fds as SCM_RIGHTS. Returns bytes sent. */
-int sl_send_fds(int fd, const void *buf, uint32_t len, const int32_t *fds, int nfds);
 int sl_peer_cred(int fd, struct sl_peer *out);
 
 /* ---- TCP (postcopy page server and client) -------------------------------- */

@@ -23,7 +23,6 @@ export class EventLoop {
   private readonly freeTokens: number[] = [];
   private readonly timers: Timer[] = [];
   private readonly background: (() => boolean)[] = [];
-  private running = false;
   private stopped = false;
   private wake = -1;
   /** Milliseconds to busy-poll before blocking (0 = never spin). */
@@ -50,6 +49,19 @@ export class EventLoop {
 
   modify(token: number, fd: number, events: number): void {
     check("epoll_ctl(MOD)", sl.sl_epoll_ctl(this.epfd, EPOLL_CTL_MOD, fd, events, token), { fd });
+  }
+
+  /**
+   * Stops watching fd for ms, then watches `events` again (unless it was removed meanwhile).
+   * For a listener whose accept() fails with EMFILE: the peer stays queued and the fd stays
+   * readable, so without a pause the loop would spin.
+   */
+  pause(token: number, fd: number, events: number, ms: number): void {
+    const handler = this.handlers[token];
+    this.modify(token, fd, 0);
+    this.after(ms, () => {
+      if (this.handlers[token] === handler) this.modify(token, fd, events);
+    });
   }
 
   /** Stops watching; safe to call from inside a handler, and before the fd is closed. */
@@ -90,50 +102,41 @@ export class EventLoop {
     sl.sl_eventfd_signal(this.wake);
   }
 
-  get isRunning(): boolean {
-    return this.running;
-  }
-
   async run(): Promise<void> {
-    this.running = true;
     this.stopped = false;
     const buf = this.events;
     const u32 = buf.u32;
     let lastYield = performance.now();
     let busy = false;
     let turns = 0;
-    try {
-      while (!this.stopped) {
-        let timeout = busy ? 0 : IDLE_WAIT_MS;
-        if (this.timers.length) timeout = Math.max(0, Math.min(timeout, Math.ceil(this.timers[0]!.at - performance.now())));
-        let n = 0;
-        if (timeout > 0 && this.spinMs > 0) {
-          // Busy-poll briefly before sleeping: a guest on another CPU that faults again within the
-          // window is served without the cross-CPU wake-up (expensive in a VM).
-          const until = performance.now() + this.spinMs;
-          do n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, 0);
-          while (n === 0 && performance.now() < until);
-        }
-        if (n === 0) n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, timeout);
-        for (let i = 0; i < n; i++) {
-          // sl_event: u64 data (token < 2^32), u32 events.
-          const token = u32[i * 4]!;
-          const handler = this.handlers[token];
-          if (handler !== undefined) handler(u32[i * 4 + 2]!);
-        }
-        this.runTimers();
-        // Ready fds were all served first; then one slice of background work, even while faults
-        // keep coming — a guest that faults continuously must not starve its own prefetch.
-        busy = this.background.length > 0 ? this.runBackground() : false;
-        const idle = n === 0 && !busy;
-        // The clock is read every 16 turns only: a turn is a few microseconds when faults stream.
-        if (idle || ((++turns & 15) === 0 && performance.now() - lastYield >= YIELD_EVERY_MS)) {
-          await yieldToBun();
-          lastYield = performance.now();
-        }
+    while (!this.stopped) {
+      let timeout = busy ? 0 : IDLE_WAIT_MS;
+      if (this.timers.length) timeout = Math.max(0, Math.min(timeout, Math.ceil(this.timers[0]!.at - performance.now())));
+      let n = 0;
+      if (timeout > 0 && this.spinMs > 0) {
+        // Busy-poll briefly before sleeping: a guest on another CPU that faults again within the
+        // window is served without the cross-CPU wake-up (expensive in a VM).
+        const until = performance.now() + this.spinMs;
+        do n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, 0);
+        while (n === 0 && performance.now() < until);
       }
-    } finally {
-      this.running = false;
+      if (n === 0) n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, timeout);
+      for (let i = 0; i < n; i++) {
+        // sl_event: u64 data (token < 2^32), u32 events.
+        const token = u32[i * 4]!;
+        const handler = this.handlers[token];
+        if (handler !== undefined) handler(u32[i * 4 + 2]!);
+      }
+      this.runTimers();
+      // Ready fds were all served first; then one slice of background work, even while faults
+      // keep coming — a guest that faults continuously must not starve its own prefetch.
+      busy = this.background.length > 0 ? this.runBackground() : false;
+      const idle = n === 0 && !busy;
+      // The clock is read every 16 turns only: a turn is a few microseconds when faults stream.
+      if (idle || ((++turns & 15) === 0 && performance.now() - lastYield >= YIELD_EVERY_MS)) {
+        await yieldToBun();
+        lastYield = performance.now();
+      }
     }
   }
 

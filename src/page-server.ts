@@ -107,7 +107,6 @@ export class PageServer {
   private readonly info: ImageInfo;
   private readonly zeroBits: Uint8Array;
   private closed = false;
-  private acceptPaused = false;
 
   constructor(private readonly opts: PageServerOptions, loop?: EventLoop) {
     this.loop = loop ?? new EventLoop();
@@ -137,15 +136,10 @@ export class PageServer {
     for (;;) {
       const fd = sl.sl_accept(this.lfd);
       if (fd < 0) {
-        if (-fd !== Errno.EAGAIN && !this.acceptPaused) {
+        if (-fd !== Errno.EAGAIN) {
           // EMFILE/ENFILE leave the connection queued and the listener readable: pause, do not spin.
           this.opts.logger.warn(`accept failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
-          this.acceptPaused = true;
-          this.loop.modify(this.ltoken, this.lfd, 0);
-          this.loop.after(ACCEPT_PAUSE_MS, () => {
-            this.acceptPaused = false;
-            if (this.lfd >= 0) this.loop.modify(this.ltoken, this.lfd, EPOLLIN);
-          });
+          this.loop.pause(this.ltoken, this.lfd, EPOLLIN, ACCEPT_PAUSE_MS);
         }
         return;
       }

@@ -125,10 +125,7 @@ export class Server {
         if (-fd !== Errno.EAGAIN) {
           // EMFILE/ENFILE leave the peer queued and the listener readable: pause it, do not spin.
           this.opts.logger.warn(`accept on ${listener.socketPath} failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
-          this.loop.modify(listener.token, listener.fd, 0);
-          this.loop.after(ACCEPT_PAUSE_MS, () => {
-            if (this.bound.includes(listener)) this.loop.modify(listener.token, listener.fd, EPOLLIN);
-          });
+          this.loop.pause(listener.token, listener.fd, EPOLLIN, ACCEPT_PAUSE_MS);
         }
         return;
       }
