@@ -2,10 +2,10 @@
 //   bun bench/micro.ts [--out FILE] [--quick]
 // Prints mitata's report on stderr; writes a ns/op summary as JSON to FILE.
 import { bench, do_not_optimize, group, run } from "mitata";
-import { NativeBuffer, sl, UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE } from "../src/ffi.ts";
+import { NativeBuffer, sl, UFFD_MSG_SIZE } from "../src/ffi.ts";
 import { HandlerTable, type PageBackend } from "../src/handler-table.ts";
 import { ZeroMap } from "../src/image/snapshot-image.ts";
-import { decodeMessages } from "../src/uffd-messages.ts";
+import { decodeMessages, writeFaultMessage } from "../src/uffd-messages.ts";
 import { prng } from "./common.ts";
 
 const argv = process.argv.slice(2);
@@ -19,13 +19,7 @@ const rnd = prng(42);
 // ---- a batch of 64 uffd_msg (struct uffd_msg: u8 event; ...; pagefault.flags u64 @8, address u64 @16)
 const msgs = new NativeBuffer(BATCH * UFFD_MSG_SIZE);
 const GUEST_BASE = 0x7f12_3400_0000;
-for (let i = 0; i < BATCH; i++) {
-  const o = i * UFFD_MSG_SIZE;
-  msgs.bytes[o] = UFFD_EVENT_PAGEFAULT;
-  const addr = GUEST_BASE + Math.floor(rnd() * 65536) * PAGE;
-  msgs.view.setUint32(o + 16, addr % 0x1_0000_0000, true);
-  msgs.view.setUint32(o + 20, Math.floor(addr / 0x1_0000_0000), true);
-}
+for (let i = 0; i < BATCH; i++) writeFaultMessage(msgs, i, GUEST_BASE + Math.floor(rnd() * 65536) * PAGE);
 const faults = new Float64Array(BATCH);
 const noRemove = () => {};
 

@@ -34,3 +34,12 @@ export function decodeMessages(buf: NativeBuffer, n: number, faults: Float64Arra
   }
   return nf;
 }
+
+/** Writes a page-fault message as the kernel would, at slot i (the JIT warm-up and benchmarks). */
+export function writeFaultMessage(buf: NativeBuffer, i: number, addr: number): void {
+  const o = i * UFFD_MSG_SIZE;
+  buf.bytes.fill(0, o, o + UFFD_MSG_SIZE);
+  buf.bytes[o] = UFFD_EVENT_PAGEFAULT;
+  buf.view.setUint32(o + 16, addr % 0x1_0000_0000, true);
+  buf.view.setUint32(o + 20, Math.floor(addr / 0x1_0000_0000), true);
+}

@@ -3,10 +3,11 @@
 // the interpreter. Plain C needs no warm-up; a daemon that restores thousands of VMs reaches
 // this state after its first VM anyway — this only spares that first VM.
 import { check } from "./check.ts";
-import { NativeBuffer, sl, UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE } from "./ffi.ts";
+import { NativeBuffer, sl } from "./ffi.ts";
 import { HandlerTable, type PageBackend } from "./handler-table.ts";
 import { IMAGE_PAGE, ZeroMap } from "./image/snapshot-image.ts";
 import { Scratch, VmSession } from "./vm-session.ts";
+import { writeFaultMessage } from "./uffd-messages.ts";
 
 const PAGES = 64;
 const MADV_DONTNEED = 4;
@@ -35,7 +36,7 @@ export function warmUpFaultPath(rounds = 150): boolean {
       // Batches of 1..4 faults, as a loaded daemon sees them; every page faults once per round.
       for (let p = 0; p < PAGES; ) {
         const n = Math.min(1 + (p % 4), PAGES - p);
-        for (let k = 0; k < n; k++) writeFault(msgs, k, guest.address + (p + k) * IMAGE_PAGE);
+        for (let k = 0; k < n; k++) writeFaultMessage(msgs, k, guest.address + (p + k) * IMAGE_PAGE);
         vm.dispatch(msgs, n);
         p += n;
       }
@@ -53,12 +54,4 @@ export function warmUpFaultPath(rounds = 150): boolean {
     source.free();
     scratch.free();
   }
-}
-
-function writeFault(msgs: NativeBuffer, i: number, addr: number): void {
-  const o = i * UFFD_MSG_SIZE;
-  msgs.bytes.fill(0, o, o + UFFD_MSG_SIZE);
-  msgs.bytes[o] = UFFD_EVENT_PAGEFAULT;
-  msgs.view.setUint32(o + 16, addr % 0x1_0000_0000, true);
-  msgs.view.setUint32(o + 20, Math.floor(addr / 0x1_0000_0000), true);
 }
