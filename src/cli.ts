@@ -39,6 +39,18 @@ usage:
       --log-level LEVEL       error|warn|info|debug (default info)
   snapload inspect FILE [--ramblock NAME] [--json]
       Show an image's format, blocks, page size, and data vs zero pages.
+  snapload qemu-restore --mem SNAPSHOT --qmp SOCKET [options]
+      Restore a QEMU guest from a mapped-ram snapshot into a QEMU started with the same command
+      line plus -incoming defer (unmodified QEMU: snapload is its postcopy migration source).
+      The guest runs at once; its RAM follows on request and in the background.
+      --to unix:PATH|tcp:HOST:PORT  migration address (without --qmp: QEMU already listens there,
+                              with postcopy-ram (and postcopy-preempt) set by you)
+      --no-preempt            do not use the postcopy-preempt channel for requested pages
+      --fault-around N        4 KiB pages sent per request, aligned window (default 1)
+      --prefetch FILE         send this recorded working set first, right after the device state
+      --record FILE           write the order of the guest's page requests (a working set)
+      --completion-timeout MS give up when the restore has not completed by then (default 600000)
+      --json                  print the summary as JSON
   snapload demo [--size-mib N] [--threads N] [--fault-around N] [--dir DIR] [--keep]
       Make a demo image, serve it, restore a stand-in VM from it and verify every page.
   snapload help
@@ -72,6 +84,11 @@ export async function runCli(argv: string[]): Promise<number> {
         const { inspectImage } = await import("./inspect.ts");
         process.stdout.write(`${inspectImage(config.file, { ramblock: config.ramblock, json: config.json })}\n`);
         return 0;
+      }
+      case "qemu-restore": {
+        const { qemuRestoreSchema, qemuRestoreCommand } = await import("./qemu/restore-command.ts");
+        const { flags } = parseFlags(rest, ["no-preempt", "json"]);
+        return await qemuRestoreCommand(validate(qemuRestoreSchema, flags, Object.keys(qemuRestoreSchema.shape)));
       }
       case "demo": {
         const { flags } = parseFlags(rest, ["keep"]);

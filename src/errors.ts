@@ -9,7 +9,10 @@ export type ErrorCode =
   | "PEER_GONE"
   | "BAD_FRAME"
   | "AUTH_FAILED"
-  | "BAD_WORKING_SET";
+  | "BAD_WORKING_SET"
+  | "QMP"
+  | "QEMU_MISMATCH"
+  | "MIGRATION";
 
 export class SnaploadError extends Error {
   readonly code: ErrorCode;

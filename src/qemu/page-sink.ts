@@ -1,0 +1,408 @@
+// The QEMU page sink: plays the postcopy migration SOURCE for an unmodified QEMU destination.
+// Sends the minimal order of shared/docs/qemu-postcopy-source.md §3.2, then answers the guest's
+// page requests first (on the preempt channel when there is one) while every other page streams
+// in the background, each page exactly once across all channels (§4: a second copy is fatal).
+import { connect, type Socket } from "node:net";
+import { toArrayBuffer, type Pointer } from "bun:ffi";
+import { SnaploadError } from "../errors.ts";
+import type { PageBackend } from "../handler-table.ts";
+import type { Logger } from "../log.ts";
+import {
+  Bytes,
+  Cmd,
+  ReturnPathDecoder,
+  RpError,
+  TARGET_PAGE,
+  advise,
+  command,
+  discard,
+  endHeader,
+  eof,
+  packaged,
+  pageRecord,
+  partHeader,
+  ping,
+  ramStart,
+  sectionTail,
+  type RpMessage,
+  type StreamBlock,
+} from "./stream.ts";
+
+export class MigrationError extends SnaploadError {
+  constructor(message: string, context: Record<string, unknown> = {}, options?: { cause?: unknown }) {
+    super("MIGRATION", message, context);
+    this.name = "MigrationError";
+    if (options?.cause !== undefined) this.cause = options.cause;
+  }
+}
+
+/** unix:PATH or tcp:HOST:PORT, as QEMU's migrate-incoming takes it. */
+export type MigrationAddress = { kind: "unix"; path: string } | { kind: "tcp"; host: string; port: number };
+
+export function parseMigrationAddress(s: string): MigrationAddress {
+  if (s.startsWith("unix:") && s.length > 5) return { kind: "unix", path: s.slice(5) };
+  const m = s.match(/^tcp:(\[[^\]]+\]|[^:]+):(\d{1,5})$/);
+  if (m && Number(m[2]) > 0 && Number(m[2]) < 65536) return { kind: "tcp", host: m[1]!.replace(/^\[|\]$/g, ""), port: Number(m[2]) };
+  throw new SnaploadError("BAD_CONFIG", `"${s}" is not a migration address: use unix:PATH or tcp:HOST:PORT`);
+}
+
+export function formatMigrationAddress(a: MigrationAddress): string {
+  return a.kind === "unix" ? `unix:${a.path}` : `tcp:${a.host}:${a.port}`;
+}
+
+export interface SinkBlock extends StreamBlock {
+  /** Where the page bytes come from: a page source's backend (its zero map and mapping). */
+  backend: PageBackend;
+}
+
+export interface SinkOptions {
+  sectionId: number;
+  header: Uint8Array;
+  deviceState: Uint8Array;
+  pageSizeSummary: number;
+  preempt: boolean;
+  /** Neighbouring 4 KiB pages sent with each request (aligned window; 1 = the page alone). */
+  faultAround: number;
+  logger: Logger;
+  /** Pages to send first, in order, right after the device state (a recorded working set). */
+  prefetch?: { block: number; page: number }[];
+  /** Called for every page the guest requests (block index, 4 KiB page), in request order. */
+  onRequest?: (block: number, page: number) => void;
+}
+
+export interface SinkStats {
+  requests: number;
+  /** Requests for pages already on their way (sent in the background before the request). */
+  requestsInFlight: number;
+  pagesOnRequest: number;
+  pagesBackground: number;
+  pagesPrefetched: number;
+  bytesMain: number;
+  bytesPreempt: number;
+  latenciesMs: number[];
+  packageSentMs: number;
+  eofSentMs: number;
+  shutMs: number;
+}
+
+const CHUNK_PAGES = 64;
+const HIGH_WATER = 512 * 1024; // bytes queued in our socket buffer before the background waits
+const HINT_WINDOW = 256; // pages the background follows after a request before the linear sweep
+const PONG_TIMEOUT_MS = 10_000;
+
+function connectTo(addr: MigrationAddress): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const s = addr.kind === "unix" ? connect(addr.path) : connect(addr.port, addr.host);
+    s.once("connect", () => {
+      s.removeAllListeners("error");
+      resolve(s);
+    });
+    s.once("error", (e: NodeJS.ErrnoException) =>
+      reject(new MigrationError(`cannot connect to the destination's migration address ${formatMigrationAddress(addr)}: ${e.code ?? e.message}`, {}, { cause: e })),
+    );
+  });
+}
+
+export class QemuPageSink {
+  readonly stats: SinkStats = {
+    requests: 0,
+    requestsInFlight: 0,
+    pagesOnRequest: 0,
+    pagesBackground: 0,
+    pagesPrefetched: 0,
+    bytesMain: 0,
+    bytesPreempt: 0,
+    latenciesMs: [],
+    packageSentMs: 0,
+    eofSentMs: 0,
+    shutMs: 0,
+  };
+  readonly #blocks: SinkBlock[];
+  readonly #byName: Map<string, number>;
+  readonly #sent: Uint8Array[];
+  readonly #views: (Uint8Array | undefined)[];
+  readonly #totalPages: number;
+  #sentPages = 0;
+  #main: Socket | undefined;
+  #pre: Socket | undefined;
+  #preLastBlock = -1;
+  #cursorBlock = 0;
+  #cursorPage = 0;
+  #hint: { block: number; page: number; left: number } | undefined;
+  #prefetch: { block: number; page: number }[] = [];
+  #prefetchAt = 0;
+  #eofSent = false;
+  #finished = false;
+  #t0 = 0;
+  #pong1: (() => void) | undefined;
+  #done!: { resolve: () => void; reject: (e: Error) => void };
+  readonly #rp = new ReturnPathDecoder();
+
+  constructor(
+    blocks: SinkBlock[],
+    private readonly opts: SinkOptions,
+  ) {
+    this.#blocks = blocks;
+    this.#byName = new Map(blocks.map((b, i) => [b.name, i]));
+    this.#sent = blocks.map((b) => new Uint8Array(b.usedLength / TARGET_PAGE));
+    this.#totalPages = blocks.reduce((n, b) => n + b.usedLength / TARGET_PAGE, 0);
+    // One view over each block's mapping; only pages the zero map calls data are ever read.
+    this.#views = blocks.map((b) => (b.backend.base === 0 ? undefined : new Uint8Array(toArrayBuffer(b.backend.base as Pointer, 0, b.usedLength))));
+    if (opts.prefetch) this.#prefetch = opts.prefetch;
+  }
+
+  get totalPages(): number {
+    return this.#totalPages;
+  }
+
+  /** Milliseconds since run() started. */
+  #now(): number {
+    return performance.now() - this.#t0;
+  }
+
+  /**
+   * Runs the whole migration: returns once the destination has sent SHUT 0 after our EOF.
+   * `packageSent` is called as soon as the device state is on its way (the guest can run).
+   */
+  async run(addr: MigrationAddress, packageSent?: () => void): Promise<SinkStats> {
+    this.#t0 = performance.now();
+    const done = new Promise<void>((resolve, reject) => (this.#done = { resolve, reject }));
+    done.catch(() => {});
+    try {
+      const main = await connectTo(addr);
+      this.#main = main;
+      this.#watch(main, "main");
+      main.on("data", (d: Buffer) => this.#onReturnPath(d));
+      main.on("drain", () => this.#pump());
+
+      const head = new Bytes();
+      head.bytes(this.opts.header);
+      command(head, Cmd.OPEN_RETURN_PATH);
+      ping(head, 1);
+      this.#write(main, head);
+      await Promise.race([
+        new Promise<void>((r) => (this.#pong1 = r)),
+        done,
+        new Promise<void>((_, rej) =>
+          setTimeout(() => rej(new MigrationError(`the destination did not answer the first PING within ${PONG_TIMEOUT_MS} ms (is it a QEMU waiting on migrate-incoming?)`)), PONG_TIMEOUT_MS),
+        ),
+      ]);
+
+      const setup = new Bytes();
+      advise(setup, this.opts.pageSizeSummary);
+      ramStart(setup, this.opts.sectionId, this.#blocks);
+      // At least one DISCARD before LISTEN is mandatory (doc §7.1); one per block, as QEMU does.
+      for (const b of this.#blocks) discard(setup, b.name, 0, b.usedLength);
+      this.#write(main, setup);
+
+      if (this.opts.preempt) {
+        // The destination waits for this channel before loading the device state (doc §4).
+        const pre = await connectTo(addr);
+        this.#pre = pre;
+        this.#watch(pre, "preempt");
+      }
+      const pkg = new Bytes(this.opts.deviceState.length + 64);
+      packaged(pkg, this.opts.deviceState);
+      this.#write(main, pkg);
+      this.stats.packageSentMs = this.#now();
+      packageSent?.();
+      this.#pump();
+      await done;
+      return this.stats;
+    } finally {
+      this.#finished = true;
+      this.#main?.destroy();
+      this.#pre?.destroy();
+    }
+  }
+
+  /** Ends the run with an error (e.g. the destination reported a failure over QMP). */
+  abort(e: Error): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    this.#done.reject(e);
+  }
+
+  #watch(s: Socket, name: string): void {
+    s.on("error", (e: NodeJS.ErrnoException) => {
+      this.abort(new MigrationError(`the destination's ${name} migration connection failed (${e.code ?? e.message}) before the restore completed: did QEMU exit? See its stderr`, {}, { cause: e }));
+    });
+    s.on("close", () => {
+      // The destination closes the preempt channel when it has every page, possibly before
+      // the SHUT on the main channel reaches us.
+      if (name === "preempt" && this.#eofSent) return;
+      this.abort(new MigrationError(`the destination closed the ${name} migration connection before the restore completed: did QEMU exit or fail? See its stderr`));
+    });
+  }
+
+  #write(s: Socket, b: Bytes): void {
+    const buf = b.take();
+    if (s === this.#pre) this.stats.bytesPreempt += buf.length;
+    else this.stats.bytesMain += buf.length;
+    s.write(buf);
+  }
+
+  #onReturnPath(d: Buffer): void {
+    let msgs: RpMessage[];
+    try {
+      msgs = this.#rp.push(d);
+    } catch (e) {
+      return this.abort(new MigrationError(`bad return-path message from the destination: ${(e as RpError).message}`));
+    }
+    const at = performance.now();
+    for (const m of msgs) {
+      if (this.#finished) return;
+      if (m.type === "pong") {
+        if (m.value === 1) this.#pong1?.();
+      } else if (m.type === "shut") {
+        this.stats.shutMs = this.#now();
+        if (m.value !== 0) return this.abort(new MigrationError(`the destination shut the migration down with an error (SHUT ${m.value}): see QEMU's stderr`));
+        if (!this.#eofSent) return this.abort(new MigrationError("the destination ended the migration before every page was sent: see QEMU's stderr"));
+        this.#finished = true;
+        this.#done.resolve();
+        return;
+      } else if (m.type === "req") {
+        this.#serveRequest(m.block, m.start, m.length, at);
+      } else {
+        this.opts.logger.debug(`return path: ignoring message type ${m.code}`);
+      }
+    }
+  }
+
+  #serveRequest(name: string | undefined, start: number, length: number, receivedAt: number): void {
+    const bi = name === undefined ? undefined : this.#byName.get(name);
+    if (bi === undefined) return this.abort(new MigrationError(`the destination requested a page of unknown RAM block "${name}"`));
+    const block = this.#blocks[bi]!;
+    if (start % TARGET_PAGE !== 0 || length <= 0 || length % TARGET_PAGE !== 0 || start + length > block.usedLength) {
+      return this.abort(new MigrationError(`the destination requested a bad range ${start}+${length} of RAM block "${block.name}"`));
+    }
+    this.stats.requests++;
+    const first = start / TARGET_PAGE;
+    const count = length / TARGET_PAGE;
+    for (let p = first; p < first + count; p++) this.opts.onRequest?.(bi, p);
+    // Fault-around: the aligned window holding the request, requested pages first.
+    const fa = this.opts.faultAround;
+    const winStart = Math.floor(first / fa) * fa;
+    const winEnd = Math.min(this.#sent[bi]!.length, Math.max(first + count, winStart + fa));
+    const pages: number[] = [];
+    for (let p = first; p < first + count; p++) pages.push(p);
+    for (let p = winStart; p < winEnd; p++) if (p < first || p >= first + count) pages.push(p);
+    const requestedUnsent = this.#countUnsent(bi, first, count);
+    if (requestedUnsent === 0) {
+      // Already sent in the background; the destination gets it from the main channel.
+      this.stats.requestsInFlight++;
+    }
+    const n = this.#sendNow(bi, pages);
+    this.stats.pagesOnRequest += n;
+    if (requestedUnsent > 0) this.stats.latenciesMs.push(performance.now() - receivedAt);
+    this.#hint = { block: bi, page: winEnd, left: HINT_WINDOW };
+    this.#maybeFinish();
+  }
+
+  #countUnsent(bi: number, first: number, count: number): number {
+    let n = 0;
+    for (let p = first; p < first + count; p++) if (!this.#sent[bi]![p]) n++;
+    return n;
+  }
+
+  /** Sends the unsent pages among `pages` (one block) right away; returns how many were sent. */
+  #sendNow(bi: number, pages: number[]): number {
+    const sent = this.#sent[bi]!;
+    const todo = pages.filter((p) => !sent[p]);
+    if (todo.length === 0) return 0;
+    const b = new Bytes(todo.length * (TARGET_PAGE + 16) + 300);
+    if (this.#pre) {
+      // The preempt channel carries raw records; its block name persists across our writes.
+      for (const p of todo) {
+        this.#record(b, bi, p, this.#preLastBlock !== bi);
+        this.#preLastBlock = bi;
+      }
+      this.#write(this.#pre, b);
+    } else {
+      partHeader(b, this.opts.sectionId);
+      todo.forEach((p, i) => this.#record(b, bi, p, i === 0));
+      sectionTail(b, this.opts.sectionId);
+      this.#write(this.#main!, b);
+    }
+    return todo.length;
+  }
+
+  /** Appends one page record and marks the page sent (the only place that does). */
+  #record(b: Bytes, bi: number, page: number, withName: boolean): void {
+    const block = this.#blocks[bi]!;
+    const sent = this.#sent[bi]!;
+    if (sent[page]) throw new Error(`internal: page ${page} of ${block.name} sent twice`);
+    sent[page] = 1;
+    this.#sentPages++;
+    const zero = block.backend.zero.isZero(page);
+    const view = this.#views[bi];
+    const data = zero || !view ? undefined : view.subarray(page * TARGET_PAGE, (page + 1) * TARGET_PAGE);
+    pageRecord(b, page * TARGET_PAGE, withName ? block.name : undefined, data);
+  }
+
+  /** The next unsent page for the background: prefetch list, then after recent requests, then in order. */
+  #nextBackground(): { block: number; page: number; prefetch: boolean } | undefined {
+    while (this.#prefetchAt < this.#prefetch.length) {
+      const p = this.#prefetch[this.#prefetchAt++]!;
+      if (!this.#sent[p.block]![p.page]) return { ...p, prefetch: true };
+    }
+    const h = this.#hint;
+    if (h) {
+      const sent = this.#sent[h.block]!;
+      while (h.left > 0 && h.page < sent.length) {
+        h.left--;
+        const p = h.page++;
+        if (!sent[p]) return { block: h.block, page: p, prefetch: false };
+      }
+      this.#hint = undefined;
+    }
+    while (this.#cursorBlock < this.#blocks.length) {
+      const sent = this.#sent[this.#cursorBlock]!;
+      while (this.#cursorPage < sent.length) {
+        const p = this.#cursorPage++;
+        if (!sent[p]) return { block: this.#cursorBlock, page: p, prefetch: false };
+      }
+      this.#cursorBlock++;
+      this.#cursorPage = 0;
+    }
+    return undefined;
+  }
+
+  /** Streams background pages while our socket buffer has room; ends the stream when all are sent. */
+  #pump(): void {
+    const main = this.#main;
+    if (!main || this.#finished || this.#eofSent) return;
+    while (main.writableLength < HIGH_WATER && this.#sentPages < this.#totalPages) {
+      const b = new Bytes(CHUNK_PAGES * (TARGET_PAGE + 16) + 300);
+      partHeader(b, this.opts.sectionId);
+      let last = -1;
+      for (let n = 0; n < CHUNK_PAGES; n++) {
+        const next = this.#nextBackground();
+        if (!next) break;
+        this.#record(b, next.block, next.page, next.block !== last);
+        last = next.block;
+        if (next.prefetch) this.stats.pagesPrefetched++;
+        else this.stats.pagesBackground++;
+      }
+      sectionTail(b, this.opts.sectionId);
+      this.#write(main, b);
+    }
+    this.#maybeFinish();
+  }
+
+  #maybeFinish(): void {
+    if (this.#eofSent || this.#finished || this.#sentPages < this.#totalPages) return;
+    const b = new Bytes(64);
+    endHeader(b, this.opts.sectionId);
+    sectionTail(b, this.opts.sectionId);
+    eof(b);
+    this.#write(this.#main!, b);
+    this.#eofSent = true;
+    this.stats.eofSentMs = this.#now();
+  }
+}
+
+export function percentile(sorted: number[], q: number): number {
+  if (sorted.length === 0) return Number.NaN;
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
+}

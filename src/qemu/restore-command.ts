@@ -1,0 +1,278 @@
+// `snapload qemu-restore`: restores an unmodified QEMU guest from a mapped-ram snapshot by
+// playing the postcopy migration source. The guest runs as soon as its device state is loaded;
+// its RAM follows on request and in the background. The snapshot file is only read.
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { z } from "zod";
+import { ConfigError, SnaploadError } from "../errors.ts";
+import { Logger, formatBytes } from "../log.ts";
+import { openSource, type OpenedSource } from "../page-source.ts";
+import { TouchRecorder, readWorkingSet, writeWorkingSet } from "../working-set.ts";
+import { checkDestination, type DestinationPlan } from "./destination.ts";
+import { MigrationError, QemuPageSink, formatMigrationAddress, parseMigrationAddress, percentile, type MigrationAddress, type SinkStats } from "./page-sink.ts";
+import { QmpClient } from "./qmp.ts";
+import { readDeviceState, readSnapshotStream, type SnapshotStream } from "./snapshot-stream.ts";
+import { TARGET_PAGE } from "./stream.ts";
+
+const intFlag = (min: number, max: number) =>
+  z.string().regex(/^\d+$/, "must be a whole number").transform(Number).pipe(z.number().int().min(min).max(max));
+
+export const qemuRestoreSchema = z
+  .object({
+    mem: z.string({ error: "is required (the mapped-ram snapshot file)" }).min(1),
+    qmp: z.string().min(1).optional(),
+    to: z.string().min(1).optional(),
+    "no-preempt": z.boolean().default(false),
+    "fault-around": intFlag(1, 512).default(1),
+    prefetch: z.string().min(1).optional(),
+    record: z.string().min(1).optional(),
+    "completion-timeout": intFlag(1, 86_400_000).default(600_000),
+    json: z.boolean().default(false),
+    "log-level": z.enum(["error", "warn", "info", "debug"]).default("info"),
+  })
+  .refine((c) => c.qmp !== undefined || c.to !== undefined, { message: "give --qmp SOCKET (or --to ADDRESS if you drive QMP yourself)", path: ["qmp"] });
+export type QemuRestoreConfig = z.output<typeof qemuRestoreSchema>;
+
+export interface RestoreSummary {
+  snapshot: string;
+  preempt: boolean;
+  blocks: number;
+  pages: number;
+  deviceStateBytes: number;
+  timeToPackageMs: number;
+  timeToRunningMs: number | null;
+  timeToCompletionMs: number;
+  requests: number;
+  requestsInFlight: number;
+  pagesOnRequest: number;
+  pagesBackground: number;
+  pagesPrefetched: number;
+  latencyP50Ms: number | null;
+  latencyP99Ms: number | null;
+  bytesSent: number;
+  bytesPreempt: number;
+  status: string;
+}
+
+const POLL_MS = 100;
+
+export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: string) => void = (s) => process.stdout.write(s)): Promise<number> {
+  const logger = new Logger(config["log-level"]);
+  const t0 = performance.now();
+  if (config.mem.startsWith("tcp://")) throw new ConfigError("qemu-restore reads a local mapped-ram file; --mem tcp:// is not supported yet");
+  const stream = readSnapshotStream(config.mem);
+  if (stream.refusals.length > 0) {
+    throw new SnaploadError("BAD_IMAGE", `${config.mem} cannot be restored by qemu-restore:\n  ${stream.refusals.join("\n  ")}`);
+  }
+  const deviceState = readDeviceState(stream);
+  const sources: OpenedSource[] = [];
+  let qmp: QmpClient | undefined;
+  let dir: string | undefined;
+  try {
+    for (const b of stream.ram.blocks) sources.push(await openSource(config.mem, { ramblock: b.name, deadlineMs: 0, logger }));
+    const prefetch = config.prefetch === undefined ? undefined : await loadPrefetch(config.prefetch, stream);
+    const recorder = config.record === undefined ? undefined : new TouchRecorder(stream.ram.totalRam / TARGET_PAGE);
+    const blockBase = blockStarts(stream);
+
+    let plan: DestinationPlan;
+    let addr: MigrationAddress;
+    const preempt = !config["no-preempt"];
+    if (config.qmp !== undefined) {
+      qmp = await QmpClient.connect(config.qmp);
+      plan = await checkDestination(qmp, stream);
+      if (plan.extra.length > 0) logger.warn(`destination RAM blocks not in the snapshot stay zero: ${plan.extra.join(", ")}`);
+      const caps = [{ capability: "postcopy-ram", state: true }];
+      if (preempt) caps.push({ capability: "postcopy-preempt", state: true });
+      await qmp.execute("migrate-set-capabilities", { capabilities: caps });
+      if (config.to !== undefined) addr = parseMigrationAddress(config.to);
+      else {
+        dir = mkdtempSync(join(tmpdir(), "snapload-qemu-"));
+        addr = { kind: "unix", path: join(dir, "migrate.sock") };
+      }
+      await qmp.execute("migrate-incoming", { uri: formatMigrationAddress(addr), "exit-on-error": false });
+    } else {
+      // Without QMP the user has set the capabilities and called migrate-incoming; page sizes
+      // are assumed to be the target page (no hugetlbfs).
+      addr = parseMigrationAddress(config.to!);
+      plan = { blocks: stream.ram.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })), pageSizeSummary: TARGET_PAGE, extra: [] };
+    }
+
+    const sink = new QemuPageSink(
+      plan.blocks.map((b, i) => ({ ...b, backend: sources[i]!.source.backend })),
+      {
+        sectionId: stream.ramSectionId,
+        header: stream.header,
+        deviceState,
+        pageSizeSummary: plan.pageSizeSummary,
+        preempt,
+        faultAround: config["fault-around"],
+        logger,
+        ...(prefetch ? { prefetch: toBlockPages(prefetch, stream) } : {}),
+        ...(recorder ? { onRequest: (bi: number, page: number) => recorder.add(blockBase[bi]! + page) } : {}),
+      },
+    );
+    logger.info(
+      `restoring ${config.mem} (${stream.machine}, ${stream.ram.blocks.length} RAM blocks, ${formatBytes(stream.ram.totalRam)}, device state ${formatBytes(deviceState.length)}) to ${formatMigrationAddress(addr)}${preempt ? " with postcopy-preempt" : ""}`,
+    );
+
+    let runningMs: number | null = null;
+    let monitor: Promise<void> = Promise.resolve();
+    let stopMonitor = false;
+    const sinkStartMs = performance.now() - t0;
+    const runPromise = sink.run(addr, () => {
+      const q = qmp;
+      if (!q) return;
+      // Watch the destination: when the guest runs, and any failure QEMU reports.
+      monitor = (async () => {
+        while (!stopMonitor) {
+          try {
+            if (runningMs === null) {
+              const st = await q.execute<{ status: string }>("query-status");
+              if (st.status === "running" || st.status === "paused") {
+                runningMs = performance.now() - t0;
+                logger.info(`guest ${st.status === "running" ? "running" : "loaded (paused: -S)"} after ${runningMs.toFixed(1)} ms`);
+              }
+            }
+            const m = await q.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+            if (m.status === "failed" || m.status === "postcopy-paused") {
+              sink.abort(migrationFailed(m.status, m["error-desc"]));
+              return;
+            }
+          } catch (e) {
+            sink.abort(new MigrationError(`lost QMP while restoring: ${(e as Error).message}`, {}, { cause: e }));
+            return;
+          }
+          await Bun.sleep(POLL_MS);
+        }
+      })();
+    });
+    const timer = setTimeout(() => sink.abort(new MigrationError(`the restore did not complete within ${config["completion-timeout"]} ms`)), config["completion-timeout"]);
+    let stats: SinkStats;
+    try {
+      stats = await runPromise;
+    } catch (e) {
+      stopMonitor = true;
+      // QEMU's own account, when it has one, says more than a closed socket.
+      const why = qmp ? await destinationReason(qmp) : undefined;
+      if (why && e instanceof MigrationError) throw new MigrationError(`${e.message}\n  destination: ${why}`, {}, { cause: e });
+      throw e;
+    } finally {
+      clearTimeout(timer);
+      stopMonitor = true;
+      await monitor;
+    }
+
+    let status = "completed (SHUT 0)";
+    if (qmp) status = await waitCompleted(qmp);
+    const doneMs = performance.now() - t0;
+    if (recorder && config.record) {
+      writeWorkingSet(config.record, recorder.order, stream.ram.totalRam);
+      logger.info(`recorded ${recorder.length} requested pages to ${config.record}`);
+    }
+    const lat = [...stats.latenciesMs].sort((a, b) => a - b);
+    const summary: RestoreSummary = {
+      snapshot: config.mem,
+      preempt,
+      blocks: plan.blocks.length,
+      pages: sink.totalPages,
+      deviceStateBytes: deviceState.length,
+      timeToPackageMs: round(sinkStartMs + stats.packageSentMs),
+      timeToRunningMs: runningMs === null ? null : round(runningMs),
+      timeToCompletionMs: round(doneMs),
+      requests: stats.requests,
+      requestsInFlight: stats.requestsInFlight,
+      pagesOnRequest: stats.pagesOnRequest,
+      pagesBackground: stats.pagesBackground,
+      pagesPrefetched: stats.pagesPrefetched,
+      latencyP50Ms: lat.length ? round(percentile(lat, 0.5)) : null,
+      latencyP99Ms: lat.length ? round(percentile(lat, 0.99)) : null,
+      bytesSent: stats.bytesMain + stats.bytesPreempt,
+      bytesPreempt: stats.bytesPreempt,
+      status,
+    };
+    out(config.json ? `${JSON.stringify(summary)}\n` : formatSummary(summary));
+    return 0;
+  } finally {
+    qmp?.close();
+    for (const s of sources) s.close();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function round(ms: number): number {
+  return Math.round(ms * 1000) / 1000;
+}
+
+function migrationFailed(status: string, desc: string | undefined): MigrationError {
+  if (status === "postcopy-paused") {
+    return new MigrationError(
+      `the destination paused postcopy (${desc ?? "no reason given"}): it refused part of the stream; the guest keeps running but any page it still lacks will block. See QEMU's stderr`,
+    );
+  }
+  return new MigrationError(`the destination failed the migration: ${desc ?? "no reason given"} (QEMU prints the specific reason on its stderr)`);
+}
+
+async function destinationReason(qmp: QmpClient): Promise<string | undefined> {
+  try {
+    const m = await Promise.race([
+      qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate"),
+      Bun.sleep(2000).then(() => undefined),
+    ]);
+    if (!m) return undefined;
+    return `migration ${m.status ?? "unknown"}${m["error-desc"] ? `: ${m["error-desc"]}` : ""}`;
+  } catch (e) {
+    return `QMP unreachable (${(e as Error).message})`;
+  }
+}
+
+async function waitCompleted(qmp: QmpClient): Promise<string> {
+  const deadline = performance.now() + 10_000;
+  for (;;) {
+    const m = await qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+    if (m.status === "completed") return "completed";
+    if (m.status === "failed" || m.status === "postcopy-paused") throw migrationFailed(m.status, m["error-desc"]);
+    if (performance.now() > deadline) throw new MigrationError(`the destination sent SHUT but reports "${m.status}", not completed`);
+    await Bun.sleep(20);
+  }
+}
+
+/** First 4 KiB page of each block in the whole-snapshot page numbering (working-set files). */
+function blockStarts(stream: SnapshotStream): number[] {
+  const out: number[] = [];
+  let n = 0;
+  for (const b of stream.ram.blocks) {
+    out.push(n);
+    n += b.usedLength / TARGET_PAGE;
+  }
+  return out;
+}
+
+async function loadPrefetch(path: string, stream: SnapshotStream): Promise<Uint32Array> {
+  return readWorkingSet(path, stream.ram.totalRam);
+}
+
+function toBlockPages(order: Uint32Array, stream: SnapshotStream): { block: number; page: number }[] {
+  const starts = blockStarts(stream);
+  const out: { block: number; page: number }[] = [];
+  for (const g of order) {
+    let bi = starts.length - 1;
+    while (bi > 0 && starts[bi]! > g) bi--;
+    out.push({ block: bi, page: g - starts[bi]! });
+  }
+  return out;
+}
+
+function formatSummary(s: RestoreSummary): string {
+  const ms = (v: number | null) => (v === null ? "n/a" : `${v.toFixed(1)} ms`);
+  return [
+    `restored ${s.snapshot}: ${s.status}`,
+    `  time to device state sent: ${ms(s.timeToPackageMs)}`,
+    `  time to guest running:     ${ms(s.timeToRunningMs)}`,
+    `  time to completion:        ${ms(s.timeToCompletionMs)}`,
+    `  pages: ${s.pages} in ${s.blocks} blocks; on request ${s.pagesOnRequest} (${s.requests} requests, ${s.requestsInFlight} already in flight), background ${s.pagesBackground}, prefetched ${s.pagesPrefetched}`,
+    `  request latency: p50 ${ms(s.latencyP50Ms)}, p99 ${ms(s.latencyP99Ms)} (request received -> page handed to the socket)`,
+    `  bytes sent: ${s.bytesSent} (${formatBytes(s.bytesSent)}; ${s.bytesPreempt} on the preempt channel${s.preempt ? "" : ", off"})`,
+    "",
+  ].join("\n");
+}
