@@ -49,6 +49,7 @@ usage:
       --fault-around N        4 KiB pages sent per request, aligned window (default 1)
       --prefetch FILE         send this recorded working set first, right after the device state
       --record FILE           write the order of the guest's page requests (a working set)
+      --background-rate MIB   cap the background stream at MIB MiB/s (requests are never capped)
       --completion-timeout MS give up when the restore has not completed by then (default 600000)
       --json                  print the summary as JSON
   snapload demo [--size-mib N] [--threads N] [--fault-around N] [--dir DIR] [--keep]

@@ -66,6 +66,8 @@ export interface SinkOptions {
   logger: Logger;
   /** Pages to send first, in order, right after the device state (a recorded working set). */
   prefetch?: { block: number; page: number }[];
+  /** Caps the background stream (bytes/s), like QEMU's max-postcopy-bandwidth; requests are not capped. */
+  backgroundRate?: number;
   /** Called for every page the guest requests (block index, 4 KiB page), in request order. */
   onRequest?: (block: number, page: number) => void;
 }
@@ -135,6 +137,9 @@ export class QemuPageSink {
   #finished = false;
   #t0 = 0;
   #pong1: (() => void) | undefined;
+  #rateStart = 0;
+  #rateBytes = 0;
+  #rateTimer: ReturnType<typeof setTimeout> | undefined;
   #done!: { resolve: () => void; reject: (e: Error) => void };
   readonly #rp = new ReturnPathDecoder();
 
@@ -211,6 +216,7 @@ export class QemuPageSink {
       return this.stats;
     } finally {
       this.#finished = true;
+      if (this.#rateTimer) clearTimeout(this.#rateTimer);
       this.#main?.destroy();
       this.#pre?.destroy();
     }
@@ -373,6 +379,7 @@ export class QemuPageSink {
     const main = this.#main;
     if (!main || this.#finished || this.#eofSent) return;
     while (main.writableLength < HIGH_WATER && this.#sentPages < this.#totalPages) {
+      if (this.#rateLimited()) return;
       const b = new Bytes(CHUNK_PAGES * (TARGET_PAGE + 16) + 300);
       partHeader(b, this.opts.sectionId);
       let last = -1;
@@ -385,9 +392,25 @@ export class QemuPageSink {
         else this.stats.pagesBackground++;
       }
       sectionTail(b, this.opts.sectionId);
+      this.#rateBytes += b.len;
       this.#write(main, b);
     }
     this.#maybeFinish();
+  }
+
+  /** True (and a resume scheduled) when the background is ahead of --background-rate. */
+  #rateLimited(): boolean {
+    const rate = this.opts.backgroundRate;
+    if (rate === undefined) return false;
+    const now = performance.now();
+    if (this.#rateStart === 0) this.#rateStart = now;
+    const aheadMs = (this.#rateBytes / rate) * 1000 - (now - this.#rateStart);
+    if (aheadMs <= 0) return false;
+    this.#rateTimer ??= setTimeout(() => {
+      this.#rateTimer = undefined;
+      this.#pump();
+    }, aheadMs);
+    return true;
   }
 
   #maybeFinish(): void {

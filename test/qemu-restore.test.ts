@@ -1,0 +1,197 @@
+// qemu-restore against a real, unmodified QEMU (TCG) and a real Linux guest: the guest's memory
+// after a lazy restore equals its memory before the snapshot, page for page.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { readFileSync, statSync, truncateSync } from "node:fs";
+import { join } from "node:path";
+import { BUN, ROOT, ensureBuilt, tempDir } from "./harness.ts";
+import { QemuProc, buildInitramfs, debianKernel, guestArgs, qemuMissing, waitMigration } from "./qemu-guest.ts";
+
+const missing = qemuMissing();
+const kernel = missing === undefined ? debianKernel() : undefined;
+const skipReason = missing ?? (kernel && "error" in kernel ? kernel.error : undefined);
+const MEM_MIB = 128;
+const VGA_WINDOW = [0xa0000, 0xc0000] as const; // reads as MMIO in a dump (shared/docs)
+
+interface Ctx {
+  dir: string;
+  initrd: string;
+  snapshot: string;
+  dump: Uint8Array;
+  sum: string;
+  cleanup: () => void;
+}
+let ctx: Ctx;
+let n = 0;
+
+function destination(extra: string[] = [], memMiB = MEM_MIB): QemuProc {
+  const qmp = join(ctx.dir, `dst-${n++}.qmp`);
+  const k = kernel as { path: string };
+  return new QemuProc(guestArgs({ kernel: k.path, initrd: ctx.initrd, memMiB, qmp, extra: ["-incoming", "defer", ...extra] }), qmp);
+}
+
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function restore(args: string[], onStderr?: (text: string) => void): { proc: Bun.Subprocess; done: Promise<Run> } {
+  const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), "qemu-restore", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+  const done = (async () => {
+    let stderr = "";
+    const dec = new TextDecoder();
+    const errPump = (async () => {
+      for await (const c of proc.stderr) {
+        stderr += dec.decode(c, { stream: true });
+        onStderr?.(stderr);
+      }
+    })();
+    const stdout = await new Response(proc.stdout).text();
+    await errPump;
+    return { code: await proc.exited, stdout, stderr };
+  })();
+  return { proc, done };
+}
+
+/** The dump with the VGA window blanked, compared per 4 KiB page. */
+function differingPages(a: Uint8Array, b: Uint8Array): number[] {
+  const out: number[] = [];
+  for (let off = 0; off < a.length; off += 4096) {
+    if (off >= VGA_WINDOW[0] && off < VGA_WINDOW[1]) continue;
+    if (Buffer.compare(a.subarray(off, off + 4096), b.subarray(off, off + 4096)) !== 0) out.push(off / 4096);
+  }
+  return out;
+}
+
+async function pmemsave(q: Awaited<ReturnType<QemuProc["qmp"]>>, path: string): Promise<Uint8Array> {
+  await q.execute("pmemsave", { val: 0, size: MEM_MIB * 1024 * 1024, filename: path });
+  return new Uint8Array(readFileSync(path));
+}
+
+describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipReason ? ` (skipped: ${skipReason})` : ""}`, () => {
+  beforeAll(async () => {
+    ensureBuilt();
+    const t = tempDir("snapload-qemu-test-");
+    const initrd = buildInitramfs(t.path);
+    const qmp = join(t.path, "src.qmp");
+    const src = new QemuProc(guestArgs({ kernel: (kernel as { path: string }).path, initrd, memMiB: MEM_MIB, qmp }), qmp);
+    try {
+      const sum = (await src.waitSerial(/SUM ([0-9a-f]{32})/, 120_000))[1]!;
+      await src.waitSerial(/HB 1 /, 30_000);
+      const q = await src.qmp();
+      await q.execute("stop");
+      const dump = await pmemsave(q, join(t.path, "before.pmem"));
+      // The snapshot exactly as qemu-save takes it: mapped-ram on, migrate to a file.
+      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: true }] });
+      const snapshot = join(t.path, "snap.bin");
+      await q.execute("migrate", { uri: `file:${snapshot}` });
+      expect((await waitMigration(q)).status).toBe("completed");
+      q.close();
+      ctx = { dir: t.path, initrd, snapshot, dump, sum, cleanup: t.cleanup };
+    } finally {
+      await src.kill();
+    }
+  }, 180_000);
+
+  afterAll(() => ctx?.cleanup());
+
+  test("with preempt, into a paused destination: RAM after completion equals RAM before the snapshot; the guest then runs with its data intact", async () => {
+    const dst = destination(["-S"]);
+    try {
+      const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--json"]).done;
+      expect(r.code, r.stderr).toBe(0);
+      const summary = JSON.parse(r.stdout);
+      expect(summary.status).toBe("completed");
+      expect(summary.preempt).toBe(true);
+      expect(summary.pagesOnRequest + summary.pagesBackground).toBe(summary.pages);
+      const q = await dst.qmp();
+      expect((await q.execute<{ status: string }>("query-migrate")).status).toBe("completed");
+      const after = await pmemsave(q, join(ctx.dir, "after.pmem"));
+      expect(after.length).toBe(ctx.dump.length);
+      expect(differingPages(ctx.dump, after)).toEqual([]);
+      await q.execute("cont");
+      // Every heartbeat recomputes the checksum of the data written before the snapshot.
+      const hb = await dst.waitSerial(/HB \d+ ([0-9a-f]{32})/, 60_000);
+      expect(hb[1]).toBe(ctx.sum);
+      q.close();
+    } finally {
+      await dst.kill();
+    }
+  }, 120_000);
+
+  test("without preempt, into a running destination: the guest runs during the restore and keeps its data", async () => {
+    const dst = destination();
+    try {
+      const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--no-preempt", "--json", "--background-rate", "40"]).done;
+      expect(r.code, r.stderr).toBe(0);
+      const summary = JSON.parse(r.stdout);
+      expect(summary.status).toBe("completed");
+      expect(summary.bytesPreempt).toBe(0);
+      expect(summary.pagesOnRequest + summary.pagesBackground).toBe(summary.pages);
+      const hb = await dst.waitSerial(/HB \d+ ([0-9a-f]{32})/, 60_000);
+      expect(hb[1]).toBe(ctx.sum);
+      const q = await dst.qmp();
+      expect((await q.execute<{ status: string }>("query-status")).status).toBe("running");
+      q.close();
+    } finally {
+      await dst.kill();
+    }
+  }, 120_000);
+
+  test("a destination started with a different -m is refused before anything is sent, and left as it was", async () => {
+    const dst = destination([], MEM_MIB * 2);
+    try {
+      const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath]).done;
+      expect(r.code).not.toBe(0);
+      expect(r.stderr).toContain(`RAM block "pc.ram" is ${MEM_MIB * 1024 * 1024} bytes in the snapshot but ${MEM_MIB * 2 * 1024 * 1024} on the destination`);
+      expect(r.stderr).toContain("nothing was sent");
+      const q = await dst.qmp();
+      expect((await q.execute<{ status: string }>("query-status")).status).toBe("inmigrate");
+      const caps = await q.execute<{ capability: string; state: boolean }[]>("query-migrate-capabilities");
+      expect(caps.find((c) => c.capability === "postcopy-ram")?.state).toBe(false);
+      expect((await q.execute<{ status?: string }>("query-migrate")).status ?? "none").toBe("none");
+      q.close();
+    } finally {
+      await dst.kill();
+    }
+  }, 60_000);
+
+  test("a truncated snapshot is refused with a clear error; the destination is untouched", async () => {
+    const cut = join(ctx.dir, "truncated.bin");
+    expect(Bun.spawnSync(["cp", "--sparse=always", ctx.snapshot, cut]).exitCode).toBe(0);
+    truncateSync(cut, Math.floor(statSync(ctx.snapshot).size / 3));
+    const dst = destination();
+    try {
+      const r = await restore(["--mem", cut, "--qmp", dst.qmpPath]).done;
+      expect(r.code).not.toBe(0);
+      expect(r.stderr).toMatch(/truncated file\?/);
+      const q = await dst.qmp();
+      expect((await q.execute<{ status: string }>("query-status")).status).toBe("inmigrate");
+      q.close();
+    } finally {
+      await dst.kill();
+    }
+  }, 60_000);
+
+  test("a destination killed mid-restore: snapload exits non-zero with a clear message, without hanging", async () => {
+    const dst = destination();
+    let killed = false;
+    const run = restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--background-rate", "4"], (err) => {
+      // Kill once the guest runs: the rate cap keeps the background stream going for seconds.
+      if (!killed && /guest running/.test(err)) {
+        killed = true;
+        dst.proc.kill("SIGKILL");
+      }
+    });
+    try {
+      const r = await run.done;
+      expect(killed).toBe(true);
+      expect(r.code).not.toBe(0);
+      expect(r.stderr).toMatch(/closed the (main|preempt) migration connection|lost QMP|migration connection failed/);
+      expect(r.stderr).toMatch(/QEMU/);
+    } finally {
+      await dst.kill();
+    }
+  }, 60_000);
+});
+
