@@ -38,7 +38,8 @@ usage:
       --handshake-timeout MS  drop clients that have not authenticated by then (default 5000)
       --log-level LEVEL       error|warn|info|debug (default info)
   snapload inspect FILE [--ramblock NAME] [--json]
-      Show an image's format, blocks, page size, and data vs zero pages.
+      Show an image's format, blocks, page size, and data vs zero pages; for mapped-ram files,
+      also what qemu-restore will do with it (machine, device state, servable or refused).
   snapload qemu-restore --mem SNAPSHOT --qmp SOCKET [options]
       Restore a QEMU guest from a mapped-ram snapshot into a QEMU started with the same command
       line plus -incoming defer (unmodified QEMU: snapload is its postcopy migration source).
@@ -52,6 +53,9 @@ usage:
       --background-rate MIB   cap the background stream at MIB MiB/s (requests are never capped)
       --completion-timeout MS give up when the restore has not completed by then (default 600000)
       --json                  print the summary as JSON
+  snapload qemu-save --qmp SOCKET --out FILE [--resume] [--json]
+      Snapshot a running QEMU the way qemu-restore needs it: stop the guest, mapped-ram on,
+      migrate to FILE, wait; report size and time (--resume: continue the guest afterwards).
   snapload demo [--size-mib N] [--threads N] [--fault-around N] [--dir DIR] [--keep]
       Make a demo image, serve it, restore a stand-in VM from it and verify every page.
   snapload help
@@ -90,6 +94,11 @@ export async function runCli(argv: string[]): Promise<number> {
         const { qemuRestoreSchema, qemuRestoreCommand } = await import("./qemu/restore-command.ts");
         const { flags } = parseFlags(rest, ["no-preempt", "json"]);
         return await qemuRestoreCommand(validate(qemuRestoreSchema, flags, Object.keys(qemuRestoreSchema.shape)));
+      }
+      case "qemu-save": {
+        const { qemuSaveSchema, qemuSaveCommand } = await import("./qemu/save-command.ts");
+        const { flags } = parseFlags(rest, ["resume", "json"]);
+        return await qemuSaveCommand(validate(qemuSaveSchema, flags, Object.keys(qemuSaveSchema.shape)));
       }
       case "demo": {
         const { flags } = parseFlags(rest, ["keep"]);

@@ -2,6 +2,7 @@
 import { defaultBlock } from "./image/mapped-ram.ts";
 import { openImage } from "./image/open-image.ts";
 import { IMAGE_PAGE, type MappedRamBlockInfo } from "./image/snapshot-image.ts";
+import { formatQemuRestorePlan, qemuRestorePlan, type QemuRestorePlan } from "./qemu/inspect-qemu.ts";
 
 export interface InspectOptions {
   ramblock?: string;
@@ -20,6 +21,7 @@ export interface InspectReport {
   block?: string; // mapped-ram: the block described above
   defaultBlock?: string; // mapped-ram: what `serve` picks without --ramblock
   blocks?: MappedRamBlockInfo[];
+  qemuRestore?: QemuRestorePlan; // mapped-ram: what `qemu-restore` does with the whole file
 }
 
 export function inspectReport(path: string, opts: InspectOptions = {}): InspectReport {
@@ -44,6 +46,7 @@ export function inspectReport(path: string, opts: InspectOptions = {}): InspectR
       report.block = image.blockName;
       report.defaultBlock = defaultBlock(image.blocks).name;
       report.blocks = image.blocks;
+      report.qemuRestore = qemuRestorePlan(image.path);
     }
     return report;
   } finally {
@@ -84,6 +87,7 @@ export function inspectImage(path: string, opts: InspectOptions = {}): string {
     const header = ["", "name", "used length", "MiB", "page", "data", "zero", "bitmap@", "pages@"];
     lines.push(...table([header, ...rows]).map((l) => `  ${l}`));
   }
+  if (r.qemuRestore) lines.push(...formatQemuRestorePlan(r.qemuRestore));
   return lines.join("\n");
 }
 

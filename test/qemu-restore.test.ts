@@ -16,6 +16,10 @@ interface Ctx {
   dir: string;
   initrd: string;
   snapshot: string;
+  /** A second snapshot of the same guest, taken later with `snapload qemu-save`. */
+  saved: string;
+  savedReport: { servable: boolean; machine: string; sizeBytes: number };
+  workingSet: string;
   dump: Uint8Array;
   sum: string;
   cleanup: () => void;
@@ -86,8 +90,17 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const snapshot = join(t.path, "snap.bin");
       await q.execute("migrate", { uri: `file:${snapshot}` });
       expect((await waitMigration(q)).status).toBe("completed");
+      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: false }] });
+      await q.execute("cont");
+      const mark = src.serial.length;
+      await src.waitSerial(/HB \d+ /, 30_000, mark);
       q.close();
-      ctx = { dir: t.path, initrd, snapshot, dump, sum, cleanup: t.cleanup };
+      // The guest runs on; qemu-save stops it and takes a second snapshot.
+      const saved = join(t.path, "saved.bin");
+      const save = Bun.spawnSync([BUN, join(ROOT, "src/main.ts"), "qemu-save", "--qmp", qmp, "--out", saved, "--json"], { stdout: "pipe", stderr: "pipe" });
+      expect(save.exitCode, save.stderr.toString()).toBe(0);
+      const savedReport = JSON.parse(save.stdout.toString());
+      ctx = { dir: t.path, initrd, snapshot, saved, savedReport, workingSet: join(t.path, "ws.bin"), dump, sum, cleanup: t.cleanup };
     } finally {
       await src.kill();
     }
@@ -122,8 +135,9 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
   test("without preempt, into a running destination: the guest runs during the restore and keeps its data", async () => {
     const dst = destination();
     try {
-      const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--no-preempt", "--json", "--background-rate", "40"]).done;
+      const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--no-preempt", "--json", "--background-rate", "20", "--record", ctx.workingSet]).done;
       expect(r.code, r.stderr).toBe(0);
+      expect(r.stderr).toMatch(/recorded \d+ requested pages/);
       const summary = JSON.parse(r.stdout);
       expect(summary.status).toBe("completed");
       expect(summary.bytesPreempt).toBe(0);
@@ -133,6 +147,37 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const q = await dst.qmp();
       expect((await q.execute<{ status: string }>("query-status")).status).toBe("running");
       q.close();
+    } finally {
+      await dst.kill();
+    }
+  }, 120_000);
+
+  test("inspect and qemu-save say the snapshots can be restored", async () => {
+    expect(ctx.savedReport.servable).toBe(true);
+    expect(ctx.savedReport.machine).toMatch(/^pc-i440fx-/);
+    const r = Bun.spawnSync([BUN, join(ROOT, "src/main.ts"), "inspect", ctx.snapshot, "--json"], { stdout: "pipe", stderr: "pipe" });
+    const report = JSON.parse(r.stdout.toString());
+    expect(report.qemuRestore.servable).toBe(true);
+    expect(report.qemuRestore.machine).toBe(ctx.savedReport.machine);
+    expect(report.qemuRestore.blocks).toContain("pc.ram");
+    expect(report.qemuRestore.deviceStateBytes).toBeGreaterThan(0);
+  });
+
+  test("a qemu-save snapshot, prefetching the recorded working set with fault-around: the guest keeps its data", async () => {
+    const recorded = Number((await Bun.file(ctx.workingSet).bytes()).length - 28) / 4;
+    // A running guest faults on its code and stack long before a 20 MiB/s background reaches them.
+    expect(recorded).toBeGreaterThan(0);
+    const dst = destination();
+    try {
+      const r = await restore(["--mem", ctx.saved, "--qmp", dst.qmpPath, "--json", "--prefetch", ctx.workingSet, "--fault-around", "16"]).done;
+      expect(r.code, r.stderr).toBe(0);
+      const summary = JSON.parse(r.stdout);
+      expect(summary.status).toBe("completed");
+      // Prefetch is sent right after the device state, before any request can be read.
+      expect(summary.pagesPrefetched).toBe(recorded);
+      expect(summary.pagesOnRequest + summary.pagesBackground + summary.pagesPrefetched).toBe(summary.pages);
+      const hb = await dst.waitSerial(/HB \d+ ([0-9a-f]{32})/, 60_000);
+      expect(hb[1]).toBe(ctx.sum);
     } finally {
       await dst.kill();
     }
@@ -150,6 +195,20 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const caps = await q.execute<{ capability: string; state: boolean }[]>("query-migrate-capabilities");
       expect(caps.find((c) => c.capability === "postcopy-ram")?.state).toBe(false);
       expect((await q.execute<{ status?: string }>("query-migrate")).status ?? "none").toBe("none");
+      q.close();
+    } finally {
+      await dst.kill();
+    }
+  }, 60_000);
+
+  test("a destination of another machine type is refused before anything is sent", async () => {
+    const dst = destination(["-machine", "pc-i440fx-9.2"]);
+    try {
+      const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath]).done;
+      expect(r.code).not.toBe(0);
+      expect(r.stderr).toContain(`machine type mismatch: the snapshot is ${ctx.savedReport.machine}, the destination runs pc-i440fx-9.2`);
+      const q = await dst.qmp();
+      expect((await q.execute<{ status: string }>("query-status")).status).toBe("inmigrate");
       q.close();
     } finally {
       await dst.kill();
