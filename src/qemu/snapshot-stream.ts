@@ -193,6 +193,10 @@ function walk(f: FileBytes, ram: MappedRamFile): SnapshotStream {
 
   // ---- the device state ends at the EOF byte, which the vmdesc (0x06, be32 len, JSON) follows ----
   const { eofAt, devices } = findEof(f, deviceStart, fail);
+  // Every section ends with a footer (0x7e, be32 id): a cheap check that the EOF found is real.
+  if (eofAt - deviceStart < 5 || f.u8(eofAt - 5, "last section footer") !== FOOTER) {
+    throw fail(`the device state at 0x${deviceStart.toString(16)}..0x${eofAt.toString(16)} does not end with a section footer (truncated file?)`);
+  }
   const firstLen = f.u8(deviceStart + 5, "first device section name length");
   const first = text.decode(f.read(deviceStart + 6, firstLen, "first device section name"));
   if (devices.length > 0 && devices[0] !== first) {

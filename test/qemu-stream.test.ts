@@ -1,0 +1,173 @@
+// The QEMU sink's pieces without QEMU: the device state located in a mapped-ram file, the files
+// qemu-restore refuses, the return-path decoder, and the destination block check.
+import { afterAll, describe, expect, test } from "bun:test";
+import { openSync, closeSync, writeSync, ftruncateSync } from "node:fs";
+import { join } from "node:path";
+import { planBlocks, parseRamblockTable } from "../src/qemu/destination.ts";
+import { readDeviceState, readSnapshotStream } from "../src/qemu/snapshot-stream.ts";
+import { ReturnPathDecoder, Rp, type RpMessage } from "../src/qemu/stream.ts";
+import { generateMappedRam, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
+import { tempDir } from "./harness.ts";
+
+const tmp = tempDir("snapload-qemu-stream-");
+afterAll(() => tmp.cleanup());
+
+const SID = 2; // the generator's ram section id
+const DEVICE = Buffer.concat([
+  Buffer.from([0x04, 0, 0, 0, 7, 5]), Buffer.from("timer"), Buffer.from([0, 0, 0, 0, 0, 0, 0, 2]),
+  Buffer.from("device bytes \x00\x06 that look like an EOF"), Buffer.from([0x7e, 0, 0, 0, 7]),
+]);
+
+/** Rewrites the generator's stand-in tail as QEMU 10.0 writes it (doc §6). */
+function withQemuTail(g: GeneratedMappedRam, opts: { vmdesc?: boolean; extraStart?: string } = {}): { deviceStart: number; eofAt: number } {
+  const parts: Buffer[] = [];
+  const be32 = (v: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(v); return b; };
+  const eos = Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x10]);
+  const footer = (sid: number) => Buffer.concat([Buffer.from([0x7e]), be32(sid)]);
+  parts.push(eos, footer(SID));
+  for (let i = 0; i < 2; i++) parts.push(Buffer.from([0x02]), be32(SID), eos, footer(SID));
+  parts.push(Buffer.from([0x08, 0x00, 0x0b, 0x00, 0x00])); // SWITCHOVER_START
+  if (opts.extraStart) parts.push(Buffer.from([0x01]), be32(9), Buffer.from([opts.extraStart.length]), Buffer.from(opts.extraStart), be32(0), be32(1));
+  parts.push(Buffer.from([0x03]), be32(SID), eos, footer(SID));
+  const deviceStart = g.endOfBlocks + parts.reduce((n, p) => n + p.length, 0);
+  parts.push(DEVICE, Buffer.from([0x00]));
+  const eofAt = deviceStart + DEVICE.length;
+  if (opts.vmdesc !== false) {
+    const json = Buffer.from(JSON.stringify({ page_size: 4096, devices: [{ name: "timer", instance_id: 0 }] }));
+    parts.push(Buffer.from([0x06]), be32(json.length), json);
+  }
+  const tail = Buffer.concat(parts);
+  const fd = openSync(g.path, "r+");
+  try {
+    writeSync(fd, tail, 0, tail.length, g.endOfBlocks);
+    ftruncateSync(fd, g.endOfBlocks + tail.length);
+  } finally {
+    closeSync(fd);
+  }
+  return { deviceStart, eofAt };
+}
+
+let n = 0;
+const gen = (opts: Parameters<typeof generateMappedRam>[1] = {}) => generateMappedRam(join(tmp.path, `s${n++}.bin`), { ramMiB: 2, expect: false, ...opts });
+
+describe("device state in a mapped-ram file", () => {
+  test("found between the RAM section and EOF, with the capabilities dropped from the header", () => {
+    const g = gen();
+    const { deviceStart, eofAt } = withQemuTail(g);
+    const s = readSnapshotStream(g.path);
+    expect(s.refusals).toEqual([]);
+    expect(s.machine).toBe("pc-i440fx-10.0");
+    expect(s.capabilities).toEqual(["mapped-ram"]);
+    expect(s.ramSectionId).toBe(SID);
+    expect([s.deviceStart, s.deviceEnd]).toEqual([deviceStart, eofAt]);
+    expect(Buffer.from(readDeviceState(s)).equals(DEVICE)).toBe(true);
+    // QEVM, version, 0x07, be32 length, the machine name: nothing of the capabilities subsection.
+    expect(Buffer.from(s.header).toString("latin1")).toBe(`QEVM\0\0\0\x03\x07\0\0\0\x0epc-i440fx-10.0`);
+  });
+
+  test("a stream without a vmdesc (suppress_vmdesc) ends at its EOF byte", () => {
+    const g = gen();
+    const { deviceStart, eofAt } = withQemuTail(g, { vmdesc: false });
+    const s = readSnapshotStream(g.path);
+    expect([s.deviceStart, s.deviceEnd]).toEqual([deviceStart, eofAt]);
+  });
+
+  test("a stream cut at a zero byte inside the device state is not taken for one without a vmdesc", () => {
+    const g = gen();
+    const { deviceStart } = withQemuTail(g, { vmdesc: false });
+    const fd = openSync(g.path, "r+");
+    ftruncateSync(fd, deviceStart + DEVICE.indexOf(0) + 1);
+    closeSync(fd);
+    expect(() => readSnapshotStream(g.path)).toThrow(/does not end with a section footer \(truncated file\?\)/);
+  });
+
+  test("refused: an iterable section other than ram", () => {
+    const g = gen();
+    withQemuTail(g, { extraStart: "dirty-bitmap" });
+    expect(readSnapshotStream(g.path).refusals.join()).toContain(`iterable section "dirty-bitmap"`);
+  });
+
+  test("refused: x-ignore-shared", () => {
+    const g = gen({ capabilities: ["mapped-ram", "x-ignore-shared"] });
+    withQemuTail(g);
+    expect(readSnapshotStream(g.path).refusals.join()).toContain("x-ignore-shared");
+  });
+
+  test("a file cut inside the device state is an error that says so", () => {
+    const g = gen();
+    const { deviceStart } = withQemuTail(g);
+    const fd = openSync(g.path, "r+");
+    ftruncateSync(fd, deviceStart + 10);
+    closeSync(fd);
+    expect(() => readSnapshotStream(g.path)).toThrow(/truncated file\?/);
+  });
+});
+
+describe("return path", () => {
+  const msg = (type: number, payload: Buffer) => Buffer.concat([Buffer.from([type >> 8, type & 255, payload.length >> 8, payload.length & 255]), payload]);
+  const req = (start: number, len: number, name?: string) => {
+    const b = Buffer.alloc(12 + (name ? 1 + name.length : 0));
+    b.writeBigUInt64BE(BigInt(start));
+    b.writeUInt32BE(len, 8);
+    if (name) {
+      b[12] = name.length;
+      b.write(name, 13);
+    }
+    return msg(name ? Rp.REQ_PAGES_ID : Rp.REQ_PAGES, b);
+  };
+
+  test("messages split anywhere decode the same; REQ_PAGES uses the last REQ_PAGES_ID's block", () => {
+    const pong = Buffer.alloc(4);
+    pong.writeUInt32BE(1);
+    const all = Buffer.concat([msg(Rp.PONG, pong), req(0x5000, 4096, "pc.ram"), req(0x9000, 4096), req(0, 4096, "pc.bios"), msg(Rp.SHUT, Buffer.alloc(4))]);
+    const want: RpMessage[] = [
+      { type: "pong", value: 1 },
+      { type: "req", block: "pc.ram", start: 0x5000, length: 4096 },
+      { type: "req", block: "pc.ram", start: 0x9000, length: 4096 },
+      { type: "req", block: "pc.bios", start: 0, length: 4096 },
+      { type: "shut", value: 0 },
+    ];
+    for (let cut = 0; cut <= all.length; cut++) {
+      const d = new ReturnPathDecoder();
+      expect([...d.push(all.subarray(0, cut)), ...d.push(all.subarray(cut))]).toEqual(want);
+    }
+  });
+
+  test("an oversized or malformed message is an error", () => {
+    expect(() => new ReturnPathDecoder().push(Buffer.from([0, 3, 0x10, 0]))).toThrow(/more than 512/);
+    expect(() => new ReturnPathDecoder().push(msg(Rp.REQ_PAGES, Buffer.alloc(8)))).toThrow(/REQ_PAGES has length 8/);
+  });
+});
+
+describe("destination blocks", () => {
+  const TABLE = `              Block Name    PSize              Offset               Used              Total                HVA  RO
+                  pc.ram    4 KiB  0x0000000000000000 0x0000000008000000 0x0000000008000000 0x00007f1d4be00000  rw
+    /rom@etc/acpi/tables    4 KiB  0x0000000008080000 0x0000000000020000 0x0000000000200000 0x00007f1da3c00000  ro
+                 pc.bios    4 KiB  0x0000000008000000 0x0000000000040000 0x0000000000040000 0x00007f1da4a00000  ro
+`;
+  const stream = (blocks: [string, number][]) =>
+    ({ ram: { blocks: blocks.map(([name, usedLength]) => ({ name, usedLength })) } }) as unknown as Parameters<typeof planBlocks>[0];
+
+  test("parses info ramblock", () => {
+    expect(parseRamblockTable(TABLE)).toEqual([
+      { name: "pc.ram", pageSize: 4096, used: 0x8000000, total: 0x8000000 },
+      { name: "/rom@etc/acpi/tables", pageSize: 4096, used: 0x20000, total: 0x200000 },
+      { name: "pc.bios", pageSize: 4096, used: 0x40000, total: 0x40000 },
+    ]);
+  });
+
+  test("matching blocks pass; a resizable block may differ in length; the summary ORs page sizes", () => {
+    const plan = planBlocks(stream([["pc.ram", 0x8000000], ["/rom@etc/acpi/tables", 0x30000]]), parseRamblockTable(TABLE));
+    expect(plan.blocks).toEqual([{ name: "pc.ram", usedLength: 0x8000000 }, { name: "/rom@etc/acpi/tables", usedLength: 0x30000 }]);
+    expect(plan.pageSizeSummary).toBe(4096);
+    expect(plan.extra).toEqual(["pc.bios"]);
+  });
+
+  test("every mismatch is listed: size, missing block, huge pages", () => {
+    const dest = parseRamblockTable(TABLE.replace("pc.bios    4 KiB", "pc.bios    2 MiB"));
+    const run = () => planBlocks(stream([["pc.ram", 0x10000000], ["vga.vram", 0x1000000], ["pc.bios", 0x40000]]), dest);
+    expect(run).toThrow(/pc\.ram" is 268435456 bytes in the snapshot but 134217728 on the destination/);
+    expect(run).toThrow(/"vga\.vram" \(16777216 bytes\) does not exist on the destination/);
+    expect(run).toThrow(/"pc\.bios" uses 2097152-byte pages/);
+  });
+});
