@@ -27,10 +27,13 @@ interface Ctx {
 let ctx: Ctx;
 let n = 0;
 
-function destination(extra: string[] = [], memMiB = MEM_MIB): QemuProc {
+/** A fresh destination QEMU, returned once its QMP socket accepts connections. */
+async function destination(extra: string[] = [], memMiB = MEM_MIB): Promise<QemuProc> {
   const qmp = join(ctx.dir, `dst-${n++}.qmp`);
   const k = kernel as { path: string };
-  return new QemuProc(guestArgs({ kernel: k.path, initrd: ctx.initrd, memMiB, qmp, extra: ["-incoming", "defer", ...extra] }), qmp);
+  const p = new QemuProc(guestArgs({ kernel: k.path, initrd: ctx.initrd, memMiB, qmp, extra: ["-incoming", "defer", ...extra] }), qmp);
+  (await p.qmp()).close();
+  return p;
 }
 
 interface Run {
@@ -109,7 +112,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
   afterAll(() => ctx?.cleanup());
 
   test("with preempt, into a paused destination: RAM after completion equals RAM before the snapshot; the guest then runs with its data intact", async () => {
-    const dst = destination(["-S"]);
+    const dst = await destination(["-S"]);
     try {
       const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--json"]).done;
       expect(r.code, r.stderr).toBe(0);
@@ -133,7 +136,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
   }, 120_000);
 
   test("without preempt, into a running destination: the guest runs during the restore and keeps its data", async () => {
-    const dst = destination();
+    const dst = await destination();
     try {
       const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--no-preempt", "--json", "--background-rate", "20", "--record", ctx.workingSet]).done;
       expect(r.code, r.stderr).toBe(0);
@@ -167,7 +170,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     const recorded = Number((await Bun.file(ctx.workingSet).bytes()).length - 28) / 4;
     // A running guest faults on its code and stack long before a 20 MiB/s background reaches them.
     expect(recorded).toBeGreaterThan(0);
-    const dst = destination();
+    const dst = await destination();
     try {
       const r = await restore(["--mem", ctx.saved, "--qmp", dst.qmpPath, "--json", "--prefetch", ctx.workingSet, "--fault-around", "16"]).done;
       expect(r.code, r.stderr).toBe(0);
@@ -184,7 +187,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
   }, 120_000);
 
   test("a destination started with a different -m is refused before anything is sent, and left as it was", async () => {
-    const dst = destination([], MEM_MIB * 2);
+    const dst = await destination([], MEM_MIB * 2);
     try {
       const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath]).done;
       expect(r.code).not.toBe(0);
@@ -201,8 +204,39 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     }
   }, 60_000);
 
+  test("--to: the user drives QMP; a paused destination's RAM equals the snapshot's after completion (no preempt)", async () => {
+    const dst = await destination(["-S"]);
+    try {
+      const q = await dst.qmp();
+      const addr = `unix:${join(ctx.dir, "to.sock")}`;
+      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "postcopy-ram", state: true }] });
+      await q.execute("migrate-incoming", { uri: addr, "exit-on-error": false });
+      const r = await restore(["--mem", ctx.snapshot, "--to", addr, "--no-preempt", "--json"]).done;
+      expect(r.code, r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout).status).toBe("completed (SHUT 0)");
+      expect((await waitMigration(q)).status).toBe("completed");
+      expect(differingPages(ctx.dump, await pmemsave(q, join(ctx.dir, "after-to.pmem")))).toEqual([]);
+      q.close();
+    } finally {
+      await dst.kill();
+    }
+  }, 60_000);
+
+  test("a QEMU not started with -incoming is refused with the reason", async () => {
+    const qmp = join(ctx.dir, `plain-${n++}.qmp`);
+    const plain = new QemuProc(guestArgs({ kernel: (kernel as { path: string }).path, initrd: ctx.initrd, memMiB: MEM_MIB, qmp, extra: ["-S"] }), qmp);
+    try {
+      await plain.qmp().then((q) => q.close());
+      const r = await restore(["--mem", ctx.snapshot, "--qmp", qmp]).done;
+      expect(r.code).not.toBe(0);
+      expect(r.stderr).toContain(`the destination is "prelaunch", not waiting for an incoming migration: start QEMU with -incoming defer`);
+    } finally {
+      await plain.kill();
+    }
+  }, 60_000);
+
   test("a destination of another machine type is refused before anything is sent", async () => {
-    const dst = destination(["-machine", "pc-i440fx-9.2"]);
+    const dst = await destination(["-machine", "pc-i440fx-9.2"]);
     try {
       const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath]).done;
       expect(r.code).not.toBe(0);
@@ -219,7 +253,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     const cut = join(ctx.dir, "truncated.bin");
     expect(Bun.spawnSync(["cp", "--sparse=always", ctx.snapshot, cut]).exitCode).toBe(0);
     truncateSync(cut, Math.floor(statSync(ctx.snapshot).size / 3));
-    const dst = destination();
+    const dst = await destination();
     try {
       const r = await restore(["--mem", cut, "--qmp", dst.qmpPath]).done;
       expect(r.code).not.toBe(0);
@@ -233,7 +267,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
   }, 60_000);
 
   test("a destination killed mid-restore: snapload exits non-zero with a clear message, without hanging", async () => {
-    const dst = destination();
+    const dst = await destination();
     let killed = false;
     const run = restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--background-rate", "4"], (err) => {
       // Kill once the guest runs: the rate cap keeps the background stream going for seconds.

@@ -160,6 +160,10 @@ export class QemuPageSink {
     return this.#totalPages;
   }
 
+  get sentPages(): number {
+    return this.#sentPages;
+  }
+
   /** Milliseconds since run() started. */
   #now(): number {
     return performance.now() - this.#t0;

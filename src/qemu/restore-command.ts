@@ -57,6 +57,7 @@ export interface RestoreSummary {
 }
 
 const POLL_MS = 100;
+const PROGRESS_MS = 2000;
 
 export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: string) => void = (s) => process.stdout.write(s)): Promise<number> {
   const logger = new Logger(config["log-level"]);
@@ -149,6 +150,10 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
         }
       })();
     });
+    const progress = setInterval(() => {
+      const pct = ((100 * sink.sentPages) / sink.totalPages).toFixed(0);
+      logger.info(`progress: ${sink.sentPages}/${sink.totalPages} pages sent (${pct}%), ${sink.stats.requests} requests served`);
+    }, PROGRESS_MS);
     const timer = setTimeout(() => sink.abort(new MigrationError(`the restore did not complete within ${config["completion-timeout"]} ms`)), config["completion-timeout"]);
     let stats: SinkStats;
     try {
@@ -161,6 +166,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       throw e;
     } finally {
       clearTimeout(timer);
+      clearInterval(progress);
       stopMonitor = true;
       await monitor;
     }
