@@ -189,13 +189,21 @@ export class QemuPageSink {
       command(head, Cmd.OPEN_RETURN_PATH);
       ping(head, 1);
       this.#write(main, head);
-      await Promise.race([
-        new Promise<void>((r) => (this.#pong1 = r)),
-        done,
-        new Promise<void>((_, rej) =>
-          setTimeout(() => rej(new MigrationError(`the destination did not answer the first PING within ${PONG_TIMEOUT_MS} ms (is it a QEMU waiting on migrate-incoming?)`)), PONG_TIMEOUT_MS),
-        ),
-      ]);
+      let pongTimer: ReturnType<typeof setTimeout> | undefined;
+      try {
+        await Promise.race([
+          new Promise<void>((r) => (this.#pong1 = r)),
+          done,
+          new Promise<void>((_, rej) => {
+            pongTimer = setTimeout(
+              () => rej(new MigrationError(`the destination did not answer the first PING within ${PONG_TIMEOUT_MS} ms (is it a QEMU waiting on migrate-incoming?)`)),
+              PONG_TIMEOUT_MS,
+            );
+          }),
+        ]);
+      } finally {
+        clearTimeout(pongTimer);
+      }
 
       const setup = new Bytes();
       advise(setup, this.opts.pageSizeSummary);
