@@ -33,8 +33,13 @@ export function debianKernel(): { path: string } | { error: string } {
 
 const INIT = `#!/bin/sh
 /bin/busybox mount -t proc proc /proc
-/bin/busybox mount -t tmpfs -o size=32m tmpfs /tmp
+/bin/busybox mount -t tmpfs -o size=95% tmpfs /tmp
 /bin/busybox head -c 8388608 /dev/urandom > /tmp/data
+# fill_mib=N on the kernel command line (the benchmark): N MiB more of non-zero RAM, 8 MiB copies.
+for a in $(/bin/busybox cat /proc/cmdline); do case $a in fill_mib=*) F=\${a#fill_mib=};; esac; done
+k=0
+while [ $((k * 8)) -lt \${F:-0} ]; do /bin/busybox cat /tmp/data > /tmp/fill$k; k=$((k+1)); done
+[ -n "$F" ] && echo "FILLED $F"
 echo "SUM $(/bin/busybox md5sum < /tmp/data)"
 i=0
 while true; do
@@ -75,6 +80,8 @@ export interface GuestOptions {
   memMiB: number;
   qmp: string;
   extra?: string[];
+  /** Kernel command line additions (e.g. fill_mib=N). */
+  append?: string;
 }
 
 /** The command line both the source and the destination use (the destination adds -incoming). */
@@ -82,7 +89,7 @@ export function guestArgs(o: GuestOptions): string[] {
   return [
     QEMU!, "-accel", "tcg", "-machine", "pc", "-m", String(o.memMiB), "-nodefaults", "-display", "none", "-vga", "none",
     "-serial", "stdio", "-no-reboot", "-kernel", o.kernel, "-initrd", o.initrd,
-    "-append", "console=ttyS0 quiet panic=-1", "-qmp", `unix:${o.qmp},server=on,wait=off`, ...(o.extra ?? []),
+    "-append", `console=ttyS0 quiet panic=-1${o.append ? ` ${o.append}` : ""}`, "-qmp", `unix:${o.qmp},server=on,wait=off`, ...(o.extra ?? []),
   ];
 }
 
