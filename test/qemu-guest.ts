@@ -38,8 +38,8 @@ const INIT = `#!/bin/sh
 # fill_mib=N on the kernel command line (the benchmark): N MiB more of non-zero RAM, 8 MiB copies.
 for a in $(/bin/busybox cat /proc/cmdline); do case $a in fill_mib=*) F=\${a#fill_mib=};; esac; done
 k=0
-while [ $((k * 8)) -lt \${F:-0} ]; do /bin/busybox cat /tmp/data > /tmp/fill$k; k=$((k+1)); done
-[ -n "$F" ] && echo "FILLED $F"
+while /bin/busybox test $((k * 8)) -lt \${F:-0}; do /bin/busybox cat /tmp/data > /tmp/fill$k; k=$((k+1)); done
+/bin/busybox test -n "$F" && echo "FILLED $F"
 echo "SUM $(/bin/busybox md5sum < /tmp/data)"
 i=0
 while true; do

@@ -235,6 +235,23 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     }
   }, 60_000);
 
+  test("QMP unreachable, or busy with another client: a clear error", async () => {
+    const gone = await restore(["--mem", ctx.snapshot, "--qmp", join(ctx.dir, "nothing-here.qmp")]).done;
+    expect(gone.code).not.toBe(0);
+    expect(gone.stderr).toContain("cannot connect: ENOENT (is QEMU running with -qmp unix:PATH,server=on,wait=off?)");
+    const dst = await destination();
+    const holder = await dst.qmp(); // QEMU serves one QMP client at a time
+    try {
+      const busy = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath]).done;
+      expect(busy.code).not.toBe(0);
+      expect(busy.stderr).toContain("is another client connected?");
+      expect((await holder.execute<{ status: string }>("query-status")).status).toBe("inmigrate");
+    } finally {
+      holder.close();
+      await dst.kill();
+    }
+  }, 60_000);
+
   test("a destination of another machine type is refused before anything is sent", async () => {
     const dst = await destination(["-machine", "pc-i440fx-9.2"]);
     try {

@@ -65,17 +65,17 @@ export const qemu: Scenario = async (ctx: Ctx) => {
       await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: true }] });
       const t0 = performance.now();
       await q.execute("migrate-incoming", { uri: `file:${snapshot}` });
-      let runningMs = 0;
       for (;;) {
-        const st = await q.execute<{ status: string }>("query-status");
-        if (st.status === "running") {
-          runningMs = performance.now() - t0;
-          break;
-        }
+        const m = await q.execute<{ status: string; "error-desc"?: string }>("query-migrate");
+        if (m.status === "completed") break;
+        if (m.status === "failed") throw new Error(`eager load failed: ${m["error-desc"]}`);
         await Bun.sleep(2);
       }
-      const m = await q.execute<{ status: string }>("query-migrate");
-      if (m.status !== "completed") throw new Error(`eager load: guest running but migration ${m.status}`);
+      // The snapshot was taken stopped, so the precopy load leaves the guest paused: start it.
+      await q.execute("cont");
+      const st = await q.execute<{ status: string }>("query-status");
+      if (st.status !== "running") throw new Error(`eager load: guest ${st.status} after cont`);
+      const runningMs = performance.now() - t0;
       // The eager load completes before the guest runs: both figures are the same instant.
       return { runningMs, completedMs: runningMs };
     } finally {

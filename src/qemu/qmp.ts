@@ -65,8 +65,13 @@ export class QmpClient {
       });
     });
     const c = new QmpClient(sock, path);
-    await c.#waitGreeting(timeoutMs);
-    await c.execute("qmp_capabilities");
+    try {
+      await c.#waitGreeting(timeoutMs);
+      await c.execute("qmp_capabilities");
+    } catch (e) {
+      c.close();
+      throw e;
+    }
     return c;
   }
 

@@ -276,7 +276,7 @@ function formatSummary(s: RestoreSummary): string {
   return [
     `restored ${s.snapshot}: ${s.status}`,
     `  time to device state sent: ${ms(s.timeToPackageMs)}`,
-    `  time to guest running:     ${ms(s.timeToRunningMs)}`,
+    `  time to guest running:     ${ms(s.timeToRunningMs)} (or loaded and paused, with -S)`,
     `  time to completion:        ${ms(s.timeToCompletionMs)}`,
     `  pages: ${s.pages} in ${s.blocks} blocks; on request ${s.pagesOnRequest} (${s.requests} requests, ${s.requestsInFlight} already in flight), background ${s.pagesBackground}, prefetched ${s.pagesPrefetched}`,
     `  request latency: p50 ${ms(s.latencyP50Ms)}, p99 ${ms(s.latencyP99Ms)} (request received -> page handed to the socket)`,
