@@ -24,7 +24,7 @@ const SCENARIOS: [string, string, Scenario][] = [
   ["d", "postcopy", postcopy],
   ["e", "scale", scale],
   ["f", "fault-around sweep", faultAround],
-  ["g", "QEMU restore", qemu],
+  ["q", "QEMU restore", qemu],
 ];
 
 /** Above this share of foreign CPU time a scenario's figures get a warning. */
@@ -54,7 +54,7 @@ function parseArgs(argv: string[]): BenchOptions {
 
 function usage(err?: string): never {
   if (err) console.error(`bench: ${err}`);
-  console.error("usage: bun bench/run.ts [--quick] [--only a,b,c,d,e,f,g,micro] [--runs N]");
+  console.error("usage: bun bench/run.ts [--quick] [--only a,b,c,d,e,f,q,micro] [--runs N]");
   process.exit(err ? 2 : 0);
 }
 

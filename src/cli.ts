@@ -50,6 +50,8 @@ usage:
       --fault-around N        4 KiB pages sent per request, aligned window (default 1)
       --prefetch FILE         send this recorded working set first, right after the device state
       --record FILE           write the order of the guest's page requests (a working set)
+      --send-zero-pages       also stream zero pages (as ZERO records), as QEMU's own source does;
+                              default: only on request, the rest read as zero after completion
       --background-rate MIB   cap the background stream at MIB MiB/s (requests are never capped)
       --completion-timeout MS give up when the restore has not completed by then (default 600000)
       --json                  print the summary as JSON
@@ -92,7 +94,7 @@ export async function runCli(argv: string[]): Promise<number> {
       }
       case "qemu-restore": {
         const { qemuRestoreSchema, qemuRestoreCommand } = await import("./qemu/restore-command.ts");
-        const { flags } = parseFlags(rest, ["no-preempt", "json"]);
+        const { flags } = parseFlags(rest, ["no-preempt", "json", "send-zero-pages"]);
         return await qemuRestoreCommand(validate(qemuRestoreSchema, flags, Object.keys(qemuRestoreSchema.shape)));
       }
       case "qemu-save": {

@@ -33,6 +33,7 @@ export function debianKernel(): { path: string } | { error: string } {
 
 const INIT = `#!/bin/sh
 /bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t devtmpfs dev /dev
 /bin/busybox mount -t tmpfs -o size=95% tmpfs /tmp
 /bin/busybox head -c 8388608 /dev/urandom > /tmp/data
 # fill_mib=N on the kernel command line (the benchmark): N MiB more of non-zero RAM, 8 MiB copies.
@@ -40,7 +41,7 @@ for a in $(/bin/busybox cat /proc/cmdline); do case $a in fill_mib=*) F=\${a#fil
 k=0
 while /bin/busybox test $((k * 8)) -lt \${F:-0}; do /bin/busybox cat /tmp/data > /tmp/fill$k; k=$((k+1)); done
 /bin/busybox test -n "$F" && echo "FILLED $F"
-echo "SUM $(/bin/busybox md5sum < /tmp/data)"
+echo "SUM $(/bin/busybox md5sum < /tmp/data) $(/bin/busybox wc -c < /tmp/data) bytes"
 i=0
 while true; do
   echo "HB $i $(/bin/busybox md5sum < /tmp/data)"

@@ -83,7 +83,9 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     const qmp = join(t.path, "src.qmp");
     const src = new QemuProc(guestArgs({ kernel: (kernel as { path: string }).path, initrd, memMiB: MEM_MIB, qmp }), qmp);
     try {
-      const sum = (await src.waitSerial(/SUM ([0-9a-f]{32})/, 120_000))[1]!;
+      const m = await src.waitSerial(/SUM ([0-9a-f]{32}) +- +(\d+) bytes/, 120_000);
+      expect(m[2]).toBe(String(8 * 1024 * 1024)); // the data really is there, not an empty file's checksum
+      const sum = m[1]!;
       await src.waitSerial(/HB 1 /, 30_000);
       const q = await src.qmp();
       await q.execute("stop");
@@ -119,7 +121,8 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const summary = JSON.parse(r.stdout);
       expect(summary.status).toBe("completed");
       expect(summary.preempt).toBe(true);
-      expect(summary.pagesOnRequest + summary.pagesBackground).toBe(summary.pages);
+      expect(summary.zeroPagesNotSent).toBeGreaterThan(0); // most of a fresh guest's RAM is zero
+      expect(summary.pagesOnRequest + summary.pagesBackground + summary.zeroPagesNotSent).toBe(summary.pages);
       const q = await dst.qmp();
       expect((await q.execute<{ status: string }>("query-migrate")).status).toBe("completed");
       const after = await pmemsave(q, join(ctx.dir, "after.pmem"));
@@ -144,7 +147,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const summary = JSON.parse(r.stdout);
       expect(summary.status).toBe("completed");
       expect(summary.bytesPreempt).toBe(0);
-      expect(summary.pagesOnRequest + summary.pagesBackground).toBe(summary.pages);
+      expect(summary.pagesOnRequest + summary.pagesBackground + summary.zeroPagesNotSent).toBe(summary.pages);
       const hb = await dst.waitSerial(/HB \d+ ([0-9a-f]{32})/, 60_000);
       expect(hb[1]).toBe(ctx.sum);
       const q = await dst.qmp();
@@ -176,9 +179,10 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       expect(r.code, r.stderr).toBe(0);
       const summary = JSON.parse(r.stdout);
       expect(summary.status).toBe("completed");
-      // Prefetch is sent right after the device state, before any request can be read.
-      expect(summary.pagesPrefetched).toBe(recorded);
-      expect(summary.pagesOnRequest + summary.pagesBackground + summary.pagesPrefetched).toBe(summary.pages);
+      // Prefetch goes first, but requests overtake it: some recorded pages may go out on request.
+      expect(summary.pagesPrefetched).toBeGreaterThan(0);
+      expect(summary.pagesPrefetched).toBeLessThanOrEqual(recorded);
+      expect(summary.pagesOnRequest + summary.pagesBackground + summary.pagesPrefetched + summary.zeroPagesNotSent).toBe(summary.pages);
       const hb = await dst.waitSerial(/HB \d+ ([0-9a-f]{32})/, 60_000);
       expect(hb[1]).toBe(ctx.sum);
     } finally {
@@ -211,9 +215,12 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const addr = `unix:${join(ctx.dir, "to.sock")}`;
       await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "postcopy-ram", state: true }] });
       await q.execute("migrate-incoming", { uri: addr, "exit-on-error": false });
-      const r = await restore(["--mem", ctx.snapshot, "--to", addr, "--no-preempt", "--json"]).done;
+      // Zero pages streamed too (QEMU's own way): the dump check covers both zero-page modes.
+      const r = await restore(["--mem", ctx.snapshot, "--to", addr, "--no-preempt", "--json", "--send-zero-pages"]).done;
       expect(r.code, r.stderr).toBe(0);
-      expect(JSON.parse(r.stdout).status).toBe("completed (SHUT 0)");
+      const summary = JSON.parse(r.stdout);
+      expect(summary.status).toBe("completed (SHUT 0)");
+      expect(summary.zeroPagesNotSent).toBe(0);
       expect((await waitMigration(q)).status).toBe("completed");
       expect(differingPages(ctx.dump, await pmemsave(q, join(ctx.dir, "after-to.pmem")))).toEqual([]);
       q.close();
@@ -232,6 +239,28 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       expect(r.stderr).toContain(`the destination is "prelaunch", not waiting for an incoming migration: start QEMU with -incoming defer`);
     } finally {
       await plain.kill();
+    }
+  }, 60_000);
+
+  test("snapload stopped mid-restore says the guest cannot complete", async () => {
+    const dst = await destination();
+    let stopped = false;
+    const run = restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--background-rate", "4"], (err) => {
+      if (!stopped && /guest running/.test(err)) {
+        stopped = true;
+        run.proc.kill("SIGTERM");
+      }
+    });
+    try {
+      const r = await run.done;
+      expect(stopped).toBe(true);
+      expect(r.code).toBe(143);
+      expect(r.stderr).toContain("SIGTERM during the restore: the destination cannot complete without snapload");
+      // Not asked over QMP: a vCPU blocked on a missing page can hold QEMU's big lock, and then
+      // the monitor does not answer either (README).
+      expect(dst.proc.exitCode).toBeNull();
+    } finally {
+      await dst.kill();
     }
   }, 60_000);
 

@@ -1,4 +1,4 @@
-// g. QEMU: a real Linux guest (TCG) with ≥ 1 GiB of non-zero RAM, restored from one mapped-ram
+// q. QEMU: a real Linux guest (TCG) with ≥ 1 GiB of non-zero RAM, restored from one mapped-ram
 // snapshot two ways into a fresh, unmodified QEMU: QEMU's own eager `migrate-incoming file:` with
 // mapped-ram (every page read before the guest runs), and `snapload qemu-restore` (postcopy:
 // the guest runs after the device state, RAM follows). Figures: time to guest running and time to
@@ -26,7 +26,7 @@ interface Lazy {
 }
 
 export const qemu: Scenario = async (ctx: Ctx) => {
-  const skip = (why: string) => ({ id: "g", title: "QEMU restore", status: "skipped" as const, notes: [why], rows: [{ what: "snapload qemu-restore vs QEMU eager load", result: `skipped: ${why}` }], data: { skipped: why } });
+  const skip = (why: string) => ({ id: "q", title: "QEMU restore", status: "skipped" as const, notes: [why], rows: [{ what: "snapload qemu-restore vs QEMU eager load", result: `skipped: ${why}` }], data: { skipped: why } });
   const missing = qemuMissing();
   if (missing) return skip(missing);
   const kernel = debianKernel();
@@ -45,7 +45,7 @@ export const qemu: Scenario = async (ctx: Ctx) => {
     const save = Bun.spawnSync([BUN, MAIN, "qemu-save", "--qmp", srcQmp, "--out", snapshot, "--json"], { stdout: "pipe", stderr: "pipe" });
     if (save.exitCode !== 0) throw new Error(`qemu-save failed: ${save.stderr.toString()}`);
     const rep = JSON.parse(save.stdout.toString());
-    ctx.log(`g: snapshot of a ${memMiB} MiB guest (${fillMiB} MiB filled): ${(rep.allocatedBytes / 2 ** 20).toFixed(0)} MiB on disk, saved in ${(rep.timeMs / 1000).toFixed(1)} s`);
+    ctx.log(`q: snapshot of a ${memMiB} MiB guest (${fillMiB} MiB filled): ${(rep.allocatedBytes / 2 ** 20).toFixed(0)} MiB on disk, saved in ${(rep.timeMs / 1000).toFixed(1)} s`);
   } finally {
     await src.kill();
   }
@@ -110,7 +110,7 @@ export const qemu: Scenario = async (ctx: Ctx) => {
     E.push(await eager());
     L.push(await lazy(true));
     LN.push(await lazy(false));
-    ctx.log(`g run ${r + 1}: eager ${E.at(-1)!.runningMs.toFixed(0)} ms; snapload running ${L.at(-1)!.runningMs.toFixed(0)} ms, complete ${L.at(-1)!.completedMs.toFixed(0)} ms (no preempt: ${LN.at(-1)!.completedMs.toFixed(0)} ms)`);
+    ctx.log(`q run ${r + 1}: eager ${E.at(-1)!.runningMs.toFixed(0)} ms; snapload running ${L.at(-1)!.runningMs.toFixed(0)} ms, complete ${L.at(-1)!.completedMs.toFixed(0)} ms (no preempt: ${LN.at(-1)!.completedMs.toFixed(0)} ms)`);
   }
   const ms = (v: number) => fmtTime(v * 1e6);
   const e = summarize(E.map((x) => x.runningMs));
@@ -127,7 +127,7 @@ export const qemu: Scenario = async (ctx: Ctx) => {
     { what: "request latency p50 / p99, no preempt (behind background sections)", median: `${ms(lat(LN, "p50").median)} / ${ms(lat(LN, "p99").median)}` },
   ];
   return {
-    id: "g",
+    id: "q",
     title: "QEMU restore",
     status: "ok",
     notes: ["TCG guest (no KVM here); the eager figure is QEMU reading every page with pread before the guest runs"],

@@ -27,6 +27,7 @@ export const qemuRestoreSchema = z
     "fault-around": intFlag(1, 512).default(1),
     prefetch: z.string().min(1).optional(),
     record: z.string().min(1).optional(),
+    "send-zero-pages": z.boolean().default(false),
     "background-rate": intFlag(1, 1_000_000).optional(),
     "completion-timeout": intFlag(1, 86_400_000).default(600_000),
     json: z.boolean().default(false),
@@ -49,6 +50,8 @@ export interface RestoreSummary {
   pagesOnRequest: number;
   pagesBackground: number;
   pagesPrefetched: number;
+  /** Zero pages never sent: the destination reads them as zero after completion. */
+  zeroPagesNotSent: number;
   latencyP50Ms: number | null;
   latencyP99Ms: number | null;
   bytesSent: number;
@@ -109,6 +112,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
         pageSizeSummary: plan.pageSizeSummary,
         preempt,
         faultAround: config["fault-around"],
+        sendZeroPages: config["send-zero-pages"],
         ...(config["background-rate"] ? { backgroundRate: config["background-rate"] * 1024 * 1024 } : {}),
         logger,
         ...(prefetch ? { prefetch: toBlockPages(prefetch, stream) } : {}),
@@ -122,6 +126,13 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     let runningMs: number | null = null;
     let monitor: Promise<void> = Promise.resolve();
     let stopMonitor = false;
+    // Killed now, the guest keeps running but blocks on the first page it still lacks.
+    const onSignal = (sig: NodeJS.Signals) => {
+      logger.error(`${sig} during the restore: the destination cannot complete without snapload; its guest will block on the first page it still lacks`);
+      process.exit(128 + (sig === "SIGINT" ? 2 : 15));
+    };
+    process.once("SIGINT", onSignal);
+    process.once("SIGTERM", onSignal);
     const sinkStartMs = performance.now() - t0;
     const runPromise = sink.run(addr, () => {
       const q = qmp;
@@ -151,8 +162,8 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       })();
     });
     const progress = setInterval(() => {
-      const pct = ((100 * sink.sentPages) / sink.totalPages).toFixed(0);
-      logger.info(`progress: ${sink.sentPages}/${sink.totalPages} pages sent (${pct}%), ${sink.stats.requests} requests served`);
+      const { sent, of } = sink.progress;
+      logger.info(`progress: ${sent}/${of} data pages sent (${((100 * sent) / of).toFixed(0)}%), ${sink.stats.requests} requests served`);
     }, PROGRESS_MS);
     const timer = setTimeout(() => sink.abort(new MigrationError(`the restore did not complete within ${config["completion-timeout"]} ms`)), config["completion-timeout"]);
     let stats: SinkStats;
@@ -167,6 +178,8 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     } finally {
       clearTimeout(timer);
       clearInterval(progress);
+      process.off("SIGINT", onSignal);
+      process.off("SIGTERM", onSignal);
       stopMonitor = true;
       await monitor;
     }
@@ -193,6 +206,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       pagesOnRequest: stats.pagesOnRequest,
       pagesBackground: stats.pagesBackground,
       pagesPrefetched: stats.pagesPrefetched,
+      zeroPagesNotSent: sink.totalPages - sink.sentPages,
       latencyP50Ms: lat.length ? round(percentile(lat, 0.5)) : null,
       latencyP99Ms: lat.length ? round(percentile(lat, 0.99)) : null,
       bytesSent: stats.bytesMain + stats.bytesPreempt,
@@ -278,7 +292,7 @@ function formatSummary(s: RestoreSummary): string {
     `  time to device state sent: ${ms(s.timeToPackageMs)}`,
     `  time to guest running:     ${ms(s.timeToRunningMs)} (or loaded and paused, with -S)`,
     `  time to completion:        ${ms(s.timeToCompletionMs)}`,
-    `  pages: ${s.pages} in ${s.blocks} blocks; on request ${s.pagesOnRequest} (${s.requests} requests, ${s.requestsInFlight} already in flight), background ${s.pagesBackground}, prefetched ${s.pagesPrefetched}`,
+    `  pages: ${s.pages} in ${s.blocks} blocks; on request ${s.pagesOnRequest} (${s.requests} requests, ${s.requestsInFlight} already in flight), background ${s.pagesBackground}, prefetched ${s.pagesPrefetched}, zero pages left to read as zero ${s.zeroPagesNotSent}`,
     `  request latency: p50 ${ms(s.latencyP50Ms)}, p99 ${ms(s.latencyP99Ms)} (request received -> page handed to the socket)`,
     `  bytes sent: ${s.bytesSent} (${formatBytes(s.bytesSent)}; ${s.bytesPreempt} on the preempt channel${s.preempt ? "" : ", off"})`,
     "",
