@@ -39,7 +39,9 @@ export class QmpClient {
   ) {
     sock.setEncoding("utf8");
     sock.on("data", (d: string) => this.#onData(d));
-    sock.on("error", (e) => this.#fail(new QmpError(`QMP ${path}: ${e.message}`, { path }, undefined, { cause: e })));
+    sock.on("error", (e: NodeJS.ErrnoException) =>
+      this.#fail(new QmpError(`QMP ${path}: connection lost (${e.code ?? e.message}): did QEMU exit?`, { path }, undefined, { cause: e })),
+    );
     sock.on("close", () => this.#fail(new QmpError(`QMP ${path}: QEMU closed the connection (did it exit?)`, { path })));
   }
 

@@ -154,7 +154,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
               return;
             }
           } catch (e) {
-            sink.abort(new MigrationError(`lost QMP while restoring: ${(e as Error).message}`, {}, { cause: e }));
+            sink.abort(new MigrationError(`lost QEMU's monitor while restoring, the restore cannot complete: ${(e as Error).message}`, { qmpLost: true }, { cause: e }));
             return;
           }
           await Bun.sleep(POLL_MS);
@@ -172,7 +172,8 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     } catch (e) {
       stopMonitor = true;
       // QEMU's own account, when it has one, says more than a closed socket.
-      const why = qmp ? await destinationReason(qmp) : undefined;
+      const qmpLost = e instanceof MigrationError && e.context.qmpLost === true;
+      const why = qmp && !qmpLost ? await destinationReason(qmp) : undefined;
       if (why && e instanceof MigrationError) throw new MigrationError(`${e.message}\n  destination: ${why}`, {}, { cause: e });
       throw e;
     } finally {
