@@ -42,7 +42,7 @@ export class QmpClient {
     sock.on("error", (e: NodeJS.ErrnoException) =>
       this.#fail(new QmpError(`QMP ${path}: connection lost (${e.code ?? e.message}): did QEMU exit?`, { path }, undefined, { cause: e })),
     );
-    sock.on("close", () => this.#fail(new QmpError(`QMP ${path}: QEMU closed the connection (did it exit?)`, { path })));
+    sock.on("close", () => this.#fail(new QmpError(`QMP ${path}: QEMU closed the connection: did QEMU exit?`, { path })));
   }
 
   /** Connects, reads the greeting and leaves capabilities negotiation mode. */
