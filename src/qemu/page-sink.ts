@@ -55,6 +55,9 @@ export interface SinkBlock extends StreamBlock {
   backend: PageBackend;
 }
 
+/** The blocks, opened only once the device state is on its way (QEMU loads it meanwhile). */
+export type OpenBlocks = () => PageBackend[];
+
 export interface SinkOptions {
   sectionId: number;
   header: Uint8Array;
@@ -125,13 +128,15 @@ export class QemuPageSink {
     eofSentMs: 0,
     shutMs: 0,
   };
-  readonly #blocks: SinkBlock[];
+  #blocks: SinkBlock[] = [];
+  readonly #streamBlocks: StreamBlock[];
+  readonly #open: OpenBlocks;
   readonly #byName: Map<string, number>;
   readonly #sent: Uint8Array[];
-  readonly #views: (Uint8Array | undefined)[];
+  #views: (Uint8Array | undefined)[] = [];
   readonly #totalPages: number;
   /** Pages the stream must carry before it can end: data pages (plus zero pages with sendZeroPages). */
-  readonly #mustSend: number;
+  #mustSend = 0;
   #sentPages = 0;
   #mustSent = 0;
   #main: Socket | undefined;
@@ -153,17 +158,29 @@ export class QemuPageSink {
   readonly #rp = new ReturnPathDecoder();
 
   constructor(
-    blocks: SinkBlock[],
+    blocks: StreamBlock[],
+    open: OpenBlocks,
     private readonly opts: SinkOptions,
   ) {
-    this.#blocks = blocks;
+    this.#streamBlocks = blocks;
+    this.#open = open;
     this.#byName = new Map(blocks.map((b, i) => [b.name, i]));
     this.#sent = blocks.map((b) => new Uint8Array(b.usedLength / TARGET_PAGE));
     this.#totalPages = blocks.reduce((n, b) => n + b.usedLength / TARGET_PAGE, 0);
-    this.#mustSend = opts.sendZeroPages ? this.#totalPages : blocks.reduce((n, b) => n + b.backend.zero.pages - b.backend.zero.countZero(), 0);
+    if (opts.prefetch) this.#prefetch = opts.prefetch;
+  }
+
+  #openBlocks(): void {
+    const backends = this.#open();
+    this.#blocks = this.#streamBlocks.map((b, i) => {
+      const backend = backends[i]!;
+      if (backend.size !== b.usedLength) throw new MigrationError(`RAM block "${b.name}": the page source has ${backend.size} bytes, the stream ${b.usedLength}`);
+      return { ...b, backend };
+    });
+    const blocks = this.#blocks;
+    this.#mustSend = this.opts.sendZeroPages ? this.#totalPages : blocks.reduce((n, b) => n + b.backend.zero.pages - b.backend.zero.countZero(), 0);
     // One view over each block's mapping; only pages the zero map calls data are ever read.
     this.#views = blocks.map((b) => (b.backend.base === 0 ? undefined : new Uint8Array(toArrayBuffer(b.backend.base as Pointer, 0, b.usedLength))));
-    if (opts.prefetch) this.#prefetch = opts.prefetch;
   }
 
   get totalPages(): number {
@@ -222,9 +239,9 @@ export class QemuPageSink {
 
       const setup = new Bytes();
       advise(setup, this.opts.pageSizeSummary);
-      ramStart(setup, this.opts.sectionId, this.#blocks);
+      ramStart(setup, this.opts.sectionId, this.#streamBlocks);
       // At least one DISCARD before LISTEN is mandatory (doc §7.1); one per block, as QEMU does.
-      for (const b of this.#blocks) discard(setup, b.name, 0, b.usedLength);
+      for (const b of this.#streamBlocks) discard(setup, b.name, 0, b.usedLength);
       this.#write(main, setup);
 
       if (this.opts.preempt) {
@@ -238,6 +255,9 @@ export class QemuPageSink {
       this.#write(main, pkg);
       this.stats.packageSentMs = this.#now();
       packageSent?.();
+      // No request can be read before this returns, so mapping the blocks now costs nothing the
+      // guest waits for: QEMU is loading the device state meanwhile.
+      this.#openBlocks();
       this.#pump();
       await done;
       return this.stats;

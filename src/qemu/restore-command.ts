@@ -7,7 +7,9 @@ import { join } from "node:path";
 import { z } from "zod";
 import { ConfigError, SnaploadError } from "../errors.ts";
 import { Logger, formatBytes } from "../log.ts";
-import { openSource, type OpenedSource } from "../page-source.ts";
+import { imageBackend } from "../image-backend.ts";
+import { openImage } from "../image/open-image.ts";
+import type { SnapshotImage } from "../image/snapshot-image.ts";
 import { TouchRecorder, readWorkingSet, writeWorkingSet } from "../working-set.ts";
 import { checkDestination, type DestinationPlan } from "./destination.ts";
 import { MigrationError, QemuPageSink, formatMigrationAddress, parseMigrationAddress, percentile, type MigrationAddress, type SinkStats } from "./page-sink.ts";
@@ -60,6 +62,7 @@ export interface RestoreSummary {
 }
 
 const POLL_MS = 100;
+const RUNNING_POLL_MS = 2;
 const PROGRESS_MS = 2000;
 
 export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: string) => void = (s) => process.stdout.write(s)): Promise<number> {
@@ -71,11 +74,12 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     throw new SnaploadError("BAD_IMAGE", `${config.mem} cannot be restored by qemu-restore:\n  ${stream.refusals.join("\n  ")}`);
   }
   const deviceState = readDeviceState(stream);
-  const sources: OpenedSource[] = [];
+  const step = (what: string) => logger.debug(`${what} at ${(performance.now() - t0).toFixed(1)} ms`);
+  step("snapshot parsed");
+  const images: SnapshotImage[] = [];
   let qmp: QmpClient | undefined;
   let dir: string | undefined;
   try {
-    for (const b of stream.ram.blocks) sources.push(await openSource(config.mem, { ramblock: b.name, deadlineMs: 0, logger }));
     const prefetch = config.prefetch === undefined ? undefined : await loadPrefetch(config.prefetch, stream);
     const recorder = config.record === undefined ? undefined : new TouchRecorder(stream.ram.totalRam / TARGET_PAGE);
     const blockBase = blockStarts(stream);
@@ -85,7 +89,9 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     const preempt = !config["no-preempt"];
     if (config.qmp !== undefined) {
       qmp = await QmpClient.connect(config.qmp);
+      step("QMP connected");
       plan = await checkDestination(qmp, stream);
+      step("destination checked");
       if (plan.extra.length > 0) logger.warn(`destination RAM blocks not in the snapshot stay zero: ${plan.extra.join(", ")}`);
       const caps = [{ capability: "postcopy-ram", state: true }];
       if (preempt) caps.push({ capability: "postcopy-preempt", state: true });
@@ -96,6 +102,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
         addr = { kind: "unix", path: join(dir, "migrate.sock") };
       }
       await qmp.execute("migrate-incoming", { uri: formatMigrationAddress(addr), "exit-on-error": false });
+      step("migrate-incoming issued");
     } else {
       // Without QMP the user has set the capabilities and called migrate-incoming; page sizes
       // are assumed to be the target page (no hugetlbfs).
@@ -103,8 +110,20 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       plan = { blocks: stream.ram.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })), pageSizeSummary: TARGET_PAGE, extra: [] };
     }
 
+    // Every RAM block as the image backend `serve` uses for a local file (page-source.ts);
+    // opened by the sink once the device state is on its way.
+    const openBlocks = () => {
+      const backends = stream.ram.blocks.map((b) => {
+        const image = openImage(config.mem, { ramblock: b.name });
+        images.push(image);
+        return imageBackend(image);
+      });
+      step("RAM blocks mapped");
+      return backends;
+    };
     const sink = new QemuPageSink(
-      plan.blocks.map((b, i) => ({ ...b, backend: sources[i]!.source.backend })),
+      plan.blocks,
+      openBlocks,
       {
         sectionId: stream.ramSectionId,
         header: stream.header,
@@ -157,7 +176,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
             sink.abort(new MigrationError(`lost QEMU's monitor while restoring, the restore cannot complete: ${(e as Error).message}`, { qmpLost: true }, { cause: e }));
             return;
           }
-          await Bun.sleep(POLL_MS);
+          await Bun.sleep(runningMs === null ? RUNNING_POLL_MS : POLL_MS);
         }
       })();
     });
@@ -218,7 +237,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     return 0;
   } finally {
     qmp?.close();
-    for (const s of sources) s.close();
+    for (const i of images) i.close();
     if (dir) rmSync(dir, { recursive: true, force: true });
   }
 }
