@@ -31,8 +31,8 @@ export class Bytes {
   buf: Buffer;
   len = 0;
 
-  constructor(capacity = 4096) {
-    this.buf = Buffer.allocUnsafe(capacity);
+  constructor(capacity = 4096, reuse?: Buffer) {
+    this.buf = reuse ?? Buffer.allocUnsafe(capacity);
   }
 
   #room(n: number): void {
