@@ -335,6 +335,9 @@ export class QemuPageSink {
       return this.abort(new MigrationError(`the destination requested a bad range ${start}+${length} of RAM block "${block.name}"`));
     }
     this.stats.requests++;
+    // After EOF the main channel is closed for records: without preempt, a late request can
+    // only be for a zero page nobody sent, which reads as zero once the destination finishes.
+    if (this.#eofSent && !this.#pre) return;
     const first = start / TARGET_PAGE;
     const count = length / TARGET_PAGE;
     for (let p = first; p < first + count; p++) this.opts.onRequest?.(bi, p);
