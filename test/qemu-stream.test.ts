@@ -81,6 +81,17 @@ describe("device state in a mapped-ram file", () => {
     expect(() => readSnapshotStream(g.path)).toThrow(/does not end with a section footer \(truncated file\?\)/);
   });
 
+  test("a file that is not a mapped-ram stream is an error that says so", () => {
+    const raw = join(tmp.path, "raw.mem");
+    const fd = openSync(raw, "w");
+    writeSync(fd, Buffer.alloc(8192, 1));
+    closeSync(fd);
+    expect(() => readSnapshotStream(raw)).toThrow(/not a QEMU migration stream/);
+    const plain = gen({ capabilities: [] });
+    withQemuTail(plain);
+    expect(() => readSnapshotStream(plain.path)).toThrow(/not a mapped-ram stream/);
+  });
+
   test("refused: an iterable section other than ram", () => {
     const g = gen();
     withQemuTail(g, { extraStart: "dirty-bitmap" });
