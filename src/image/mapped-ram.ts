@@ -47,7 +47,7 @@ export function parseMappedRam(path: string): MappedRamFile {
 }
 
 /** Opens one RAMBlock (by name, or the largest) as a SnapshotImage. */
-export function openMappedRamImage(path: string, ramblock?: string): SnapshotImage {
+export function openMappedRamImage(path: string, ramblock?: string, prefault = true): SnapshotImage {
   const { fd, size } = openRegularFile(path);
   try {
     const file = parseOpen(fd, size, path);
@@ -55,7 +55,7 @@ export function openMappedRamImage(path: string, ramblock?: string): SnapshotIma
     const zero = readZeroMap(fd, size, path, block);
     // Every set page lies inside the file (checked); a zero tail past EOF is left unmapped.
     const mapLen = Math.max(0, Math.min(block.usedLength, size - block.pagesOffset));
-    const mapAddr = mapLen > 0 ? mapReadOnly(fd, mapLen, block.pagesOffset, path) : 0;
+    const mapAddr = mapLen > 0 ? mapReadOnly(fd, mapLen, block.pagesOffset, path, prefault) : 0;
     return new MappedImage({
       format: "mapped-ram",
       path,

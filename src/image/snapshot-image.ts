@@ -178,12 +178,16 @@ export function preadAt(fd: number, into: Uint8Array, len: number, off: number, 
   return check("pread", sl.sl_file_pread(fd, into, len, off), { path, offset: off, length: len });
 }
 
-/** Maps [off, off+len) of fd PROT_READ, MAP_PRIVATE, not populated. */
-export function mapReadOnly(fd: number, len: number, off: number, path: string): number {
+/**
+ * Maps [off, off+len) of fd PROT_READ, MAP_PRIVATE, not populated. `prefault` fills the page
+ * tables for what is already cached (uffd copies then never fault on our side); a reader that
+ * copies each page once anyway (the QEMU sink) skips it and starts sooner.
+ */
+export function mapReadOnly(fd: number, len: number, off: number, path: string, prefault = true): number {
   const out = new BigUint64Array(1);
   check("mmap", sl.sl_file_map(fd, len, off, 0, out), { path, offset: off, length: len });
   const addr = Number(out[0]);
-  prefaultResident(addr, len);
+  if (prefault) prefaultResident(addr, len);
   return addr;
 }
 

@@ -114,7 +114,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     // opened by the sink once the device state is on its way.
     const openBlocks = () => {
       const backends = stream.ram.blocks.map((b) => {
-        const image = openImage(config.mem, { ramblock: b.name });
+        const image = openImage(config.mem, { ramblock: b.name, prefault: false });
         images.push(image);
         return imageBackend(image);
       });
