@@ -51,24 +51,44 @@ export function openMappedRamImage(path: string, ramblock?: string, prefault = t
   const { fd, size } = openRegularFile(path);
   try {
     const file = parseOpen(fd, size, path);
-    const block = selectBlock(file, ramblock);
-    const zero = readZeroMap(fd, size, path, block);
-    // Every set page lies inside the file (checked); a zero tail past EOF is left unmapped.
-    const mapLen = Math.max(0, Math.min(block.usedLength, size - block.pagesOffset));
-    const mapAddr = mapLen > 0 ? mapReadOnly(fd, mapLen, block.pagesOffset, path, prefault) : 0;
-    return new MappedImage({
-      format: "mapped-ram",
-      path,
-      size: block.usedLength,
-      zero,
-      mapAddr,
-      mapLen,
-      blockName: block.name,
-      blocks: file.blocks,
-    });
+    return openBlock(fd, size, file, selectBlock(file, ramblock), prefault);
   } finally {
     sl.sl_close(fd);
   }
+}
+
+/** Every RAMBlock of the file as a SnapshotImage, in file order, from one parse (the QEMU sink). */
+export function openMappedRamBlocks(path: string, prefault = true): SnapshotImage[] {
+  const { fd, size } = openRegularFile(path);
+  const opened: SnapshotImage[] = [];
+  try {
+    const file = parseOpen(fd, size, path);
+    for (const block of file.blocks) opened.push(openBlock(fd, size, file, block, prefault));
+    return opened;
+  } catch (e) {
+    for (const i of opened) i.close();
+    throw e;
+  } finally {
+    sl.sl_close(fd);
+  }
+}
+
+function openBlock(fd: number, size: number, file: MappedRamFile, block: MappedRamBlockInfo, prefault: boolean): SnapshotImage {
+  const { path } = file;
+  const zero = readZeroMap(fd, size, path, block);
+  // Every set page lies inside the file (checked); a zero tail past EOF is left unmapped.
+  const mapLen = Math.max(0, Math.min(block.usedLength, size - block.pagesOffset));
+  const mapAddr = mapLen > 0 ? mapReadOnly(fd, mapLen, block.pagesOffset, path, prefault) : 0;
+  return new MappedImage({
+    format: "mapped-ram",
+    path,
+    size: block.usedLength,
+    zero,
+    mapAddr,
+    mapLen,
+    blockName: block.name,
+    blocks: file.blocks,
+  });
 }
 
 /** The block `serve` uses by default: the largest (the first of equals), i.e. the guest's main RAM. */

@@ -8,8 +8,6 @@ import { openRegularFile, preadAt, type ImageFormat, type SnapshotImage } from "
 export interface OpenImageOptions {
   /** mapped-ram only: the RAMBlock to serve (default: the largest). */
   ramblock?: string;
-  /** Fill page tables for cached pages at open (default true; see mapReadOnly). */
-  prefault?: boolean;
 }
 
 export function detectFormat(path: string): ImageFormat {
@@ -25,7 +23,7 @@ export function detectFormat(path: string): ImageFormat {
 
 export function openImage(path: string, opts: OpenImageOptions = {}): SnapshotImage {
   const format = detectFormat(path);
-  if (format === "mapped-ram") return openMappedRamImage(path, opts.ramblock, opts.prefault ?? true);
+  if (format === "mapped-ram") return openMappedRamImage(path, opts.ramblock);
   if (opts.ramblock !== undefined) {
     throw new ConfigError(`--ramblock "${opts.ramblock}" applies only to QEMU mapped-ram files; ${path} is a raw image`, {
       path,

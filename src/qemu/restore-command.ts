@@ -8,7 +8,7 @@ import { z } from "zod";
 import { ConfigError, SnaploadError } from "../errors.ts";
 import { Logger, formatBytes } from "../log.ts";
 import { imageBackend } from "../image-backend.ts";
-import { openImage } from "../image/open-image.ts";
+import { openMappedRamBlocks } from "../image/mapped-ram.ts";
 import type { SnapshotImage } from "../image/snapshot-image.ts";
 import { TouchRecorder, readWorkingSet, writeWorkingSet } from "../working-set.ts";
 import { checkDestination, type DestinationPlan } from "./destination.ts";
@@ -110,12 +110,13 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       plan = { blocks: stream.ram.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })), pageSizeSummary: TARGET_PAGE, extra: [] };
     }
 
-    // Every RAM block as the image backend `serve` uses for a local file (page-source.ts);
+    // Every RAM block as the image backend `serve` uses for a local file (page-source.ts), from
+    // one parse;
     // opened by the sink once the device state is on its way.
     const openBlocks = () => {
-      const backends = stream.ram.blocks.map((b) => {
-        const image = openImage(config.mem, { ramblock: b.name, prefault: false });
-        images.push(image);
+      images.push(...openMappedRamBlocks(config.mem, false));
+      const backends = images.map((image, i) => {
+        if (image.blockName !== stream.ram.blocks[i]!.name) throw new MigrationError(`${config.mem} changed while restoring`);
         return imageBackend(image);
       });
       step("RAM blocks mapped");
