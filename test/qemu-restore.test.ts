@@ -102,9 +102,12 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       q.close();
       // The guest runs on; qemu-save stops it and takes a second snapshot.
       const saved = join(t.path, "saved.bin");
-      const save = Bun.spawnSync([BUN, join(ROOT, "src/main.ts"), "qemu-save", "--qmp", qmp, "--out", saved, "--json"], { stdout: "pipe", stderr: "pipe" });
+      const save = Bun.spawnSync([BUN, join(ROOT, "src/main.ts"), "qemu-save", "--qmp", qmp, "--out", saved, "--json", "--resume"], { stdout: "pipe", stderr: "pipe" });
       expect(save.exitCode, save.stderr.toString()).toBe(0);
       const savedReport = JSON.parse(save.stdout.toString());
+      // --resume: the source guest runs on after the snapshot.
+      expect(savedReport.guest).toBe("running");
+      await src.waitSerial(/HB \d+ /, 30_000, src.serial.length);
       ctx = { dir: t.path, initrd, snapshot, saved, savedReport, workingSet: join(t.path, "ws.bin"), dump, sum, cleanup: t.cleanup };
     } finally {
       await src.kill();

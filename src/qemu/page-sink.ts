@@ -395,7 +395,7 @@ export class QemuPageSink {
   #record(b: Bytes, bi: number, page: number, withName: boolean): void {
     const block = this.#blocks[bi]!;
     const sent = this.#sent[bi]!;
-    if (sent[page]) throw new Error(`internal: page ${page} of ${block.name} sent twice`);
+    if (sent[page]) throw new MigrationError(`internal error: page ${page} of ${block.name} about to be sent twice (the destination would fail)`);
     sent[page] = 1;
     this.#sentPages++;
     const zero = block.backend.zero.isZero(page);
