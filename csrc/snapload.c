@@ -6,6 +6,11 @@
 #include "snapload.h"
 
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <sched.h>
+#include <time.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <netinet/in.h>
@@ -259,6 +264,85 @@ int sl_epoll_wait(int epfd, struct sl_event *out, int max, int timeout_ms)
 		out[i].pad = 0;
 	}
 	return n;
+}
+
+int sl_epoll_spin(int epfd, struct sl_event *out, int max, uint32_t spin_us)
+{
+	struct timespec t;
+	if (spin_us > SL_SPIN_MAX_US)
+		spin_us = SL_SPIN_MAX_US;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	uint64_t until = (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec + (uint64_t)spin_us * 1000u;
+	for (;;) {
+		int n = sl_epoll_wait(epfd, out, max, 0);
+		if (n != 0)
+			return n;
+		clock_gettime(CLOCK_MONOTONIC, &t);
+		if ((uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec >= until)
+			return 0;
+		sched_yield();
+	}
+}
+
+/* ---- toucher --------------------------------------------------------------- */
+
+struct sl_toucher {
+	pthread_t thread;
+	volatile unsigned char *addr;
+	uint64_t len;
+	uint32_t page, rounds, done;
+	int done_fd, go_fd;
+};
+
+static void *toucher_main(void *arg)
+{
+	struct sl_toucher *t = arg;
+	unsigned sum = 0;
+	for (uint32_t r = 0; r < t->rounds; r++) {
+		for (uint64_t off = 0; off < t->len; off += t->page)
+			sum += t->addr[off];
+		madvise((void *)t->addr, t->len, MADV_DONTNEED);
+		t->done = r + 1;
+		uint64_t one = 1;
+		if (write(t->done_fd, &one, sizeof one) != sizeof one)
+			break;
+		if (r + 1 == t->rounds)
+			break;
+		struct pollfd p = { .fd = t->go_fd, .events = POLLIN };
+		while (poll(&p, 1, -1) < 0 && errno == EINTR)
+			;
+		uint64_t v;
+		if (read(t->go_fd, &v, sizeof v) != sizeof v)
+			break;
+	}
+	(void)sum;
+	return NULL;
+}
+
+int sl_toucher_start(void *addr, uint64_t len, uint32_t page, uint32_t rounds, int done_fd, int go_fd, uint64_t *out_handle)
+{
+	if (!page || len % page || !rounds)
+		return -EINVAL;
+	struct sl_toucher *t = calloc(1, sizeof *t);
+	if (!t)
+		return -ENOMEM;
+	*t = (struct sl_toucher){ .addr = addr, .len = len, .page = page, .rounds = rounds, .done_fd = done_fd, .go_fd = go_fd };
+	int err = pthread_create(&t->thread, NULL, toucher_main, t);
+	if (err) {
+		free(t);
+		return -err;
+	}
+	*out_handle = (uint64_t)(uintptr_t)t;
+	return 0;
+}
+
+int sl_toucher_join(uint64_t handle)
+{
+	struct sl_toucher *t = (struct sl_toucher *)(uintptr_t)handle;
+	int err = pthread_join(t->thread, NULL);
+	int done = (int)t->done;
+	free(t);
+	return err ? -err : done;
 }
 
 /* ---- eventfd -------------------------------------------------------------- */

@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define SL_ABI_VERSION 1
+#define SL_ABI_VERSION 2
 
 /* Size of one struct uffd_msg as the kernel writes it. */
 #define SL_UFFD_MSG_SIZE 32
@@ -106,6 +106,24 @@ int sl_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
 /* Waits up to timeout_ms (-1 = forever) and fills up to max sl_event.
  * Returns how many are ready; 0 on timeout or EINTR. */
 int sl_epoll_wait(int epfd, struct sl_event *out, int max, int timeout_ms);
+/* Polls (timeout 0) for up to spin_us microseconds, at most SL_SPIN_MAX_US, calling
+ * sched_yield() between polls: a thread we just woke on our own CPU (a vCPU) runs during the
+ * yield instead of waiting for our spin to end, and a thread on another CPU is caught without a
+ * cross-CPU wake-up. Returns as sl_epoll_wait; 0 when nothing came within spin_us. */
+#define SL_SPIN_MAX_US 10000
+int sl_epoll_spin(int epfd, struct sl_event *out, int max, uint32_t spin_us);
+
+/* ---- toucher: real faults against memory of our own (the JIT warm-up) ---- */
+
+/* Starts a thread that, `rounds` times: reads one byte of every `page`-sized page of
+ * [addr, addr+len) — each read of a missing page in a userfaultfd-registered range is a real
+ * fault for the caller's loop to serve —, discards the range (MADV_DONTNEED), signals done_fd
+ * (an eventfd) and, except after the last round, waits until go_fd (an eventfd) is signalled.
+ * The caller owns both fds and must sl_toucher_join the handle. A thread blocked in a fault is
+ * released when the caller closes the userfaultfd (the read then sees a zero page). */
+int sl_toucher_start(void *addr, uint64_t len, uint32_t page, uint32_t rounds, int done_fd, int go_fd, uint64_t *out_handle);
+/* Waits for the thread to end; returns the number of rounds it completed. */
+int sl_toucher_join(uint64_t handle);
 
 /* ---- eventfd (a wake-up the caller can poke from anywhere) ---------------- */
 

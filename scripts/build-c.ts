@@ -16,7 +16,7 @@ const targets: Target[] = [
     output: "libsnapload.so",
     sources: ["csrc/snapload.c"],
     deps: ["csrc/snapload.h"],
-    flags: ["-fPIC", "-shared", "-fvisibility=default"],
+    flags: ["-fPIC", "-shared", "-fvisibility=default", "-pthread"],
   },
   { output: "vmm-standin", sources: ["test/vmm-standin.c"], flags: ["-pthread"] },
   { output: "plain-handler", sources: ["bench/plain-handler.c"], flags: ["-pthread"] },

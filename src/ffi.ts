@@ -35,6 +35,9 @@ const symbols = {
   sl_epoll_create: { args: [], returns: i32 },
   sl_epoll_ctl: { args: [i32, i32, i32, u32, u64], returns: i32 },
   sl_epoll_wait: { args: [i32, ptr, i32, i32], returns: i32 },
+  sl_epoll_spin: { args: [i32, ptr, i32, u32], returns: i32 },
+  sl_toucher_start: { args: [ptr, u64, u32, u32, i32, i32, ptr], returns: i32 },
+  sl_toucher_join: { args: [u64], returns: i32 },
   sl_eventfd: { args: [], returns: i32 },
   sl_eventfd_signal: { args: [i32], returns: i32 },
   sl_eventfd_drain: { args: [i32], returns: i32 },
@@ -58,7 +61,7 @@ function libraryPath(): string {
   return join(import.meta.dir, "..", "build", "libsnapload.so");
 }
 
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
 const loaded = dlopen(libraryPath(), symbols);
 export const sl = loaded.symbols;
 if (sl.sl_abi_version() !== ABI_VERSION) {

@@ -3,7 +3,8 @@ import { DEFAULT_FAULT_AROUND, type ServeConfig } from "./config.ts";
 import { Logger } from "./log.ts";
 import { type OpenedSource, openSource } from "./page-source.ts";
 import { type Listener, Server } from "./server.ts";
-import { warmUpFaultPath } from "./warmup.ts";
+import { warmUp } from "./warmup.ts";
+import { SpinPolicy } from "./spin-policy.ts";
 import { readWorkingSet } from "./working-set.ts";
 
 export async function serveCommand(config: ServeConfig): Promise<number> {
@@ -39,10 +40,13 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
       recordPath: config.record,
       logger,
     });
-    const t0 = performance.now();
-    const warm = warmUpFaultPath();
-    logger.debug(warm ? `fault path warmed up in ${(performance.now() - t0).toFixed(1)} ms` : "fault path warm-up skipped (no userfaultfd)");
-    server.loop.spinMs = config["spin-us"] / 1000;
+    server.loop.spin = new SpinPolicy(config["spin-us"]);
+    const warm = await warmUp(server.loop);
+    logger.debug(
+      warm
+        ? `fault path warmed up in ${warm.ms.toFixed(1)} ms (${warm.synthetic} synthetic faults, ${warm.real} real faults${warm.real === 0 ? ": the real pass failed" : ""})`
+        : "fault path warm-up skipped (no userfaultfd)",
+    );
     server.listen();
     listeners.forEach((l, i) => logger.info(`listening on ${l.socketPath}: ${summaries[i]}`));
     const shutdown = (signal: string) => {
