@@ -14,8 +14,9 @@ usage:
       --fault-around N        4 KiB pages installed per fault, aligned window (default 16, or 1
                               with --record; 1 = one page per fault, Firecracker's on_demand;
                               on 2 MiB pages the window is N x 4 KiB, at least one page)
-      --spin-us N             busy-poll N µs for the next fault before sleeping (default 50): a
-                              guest on another CPU is served without a cross-CPU wake-up; 0 = never
+      --spin-us N             after serving a fault, poll up to N µs for the next one before sleeping
+                              (default 50), yielding the CPU between polls; stops while spins catch
+                              nothing and probes again later; 0 = never
       --handshake-timeout MS  drop peers that have not sent their handshake by then (default 5000)
       --on-fatal kill|drop    a VM that can no longer be served is killed (SIGKILL) or dropped (default kill)
       --prefetch FILE         install this recorded working set as soon as a VM connects (faults first)
