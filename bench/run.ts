@@ -10,6 +10,7 @@ import { makeDemoImage, makeRandomImage } from "./common.ts";
 import { BUN, CpuMeter, killAll, MAIN, pinned, Proc, ROOT } from "./procs.ts";
 import { defaults } from "./scenarios/defaults.ts";
 import { faultAround } from "./scenarios/fault-around.ts";
+import { fairness } from "./scenarios/fairness.ts";
 import { overhead } from "./scenarios/overhead.ts";
 import { population } from "./scenarios/population.ts";
 import { postcopy } from "./scenarios/postcopy.ts";
@@ -25,6 +26,7 @@ const SCENARIOS: [string, string, Scenario][] = [
   ["e", "scale", scale],
   ["f", "fault-around sweep", faultAround],
   ["g", "defaults on every core layout", defaults],
+  ["h", "fairness", fairness],
 ];
 
 /** Above this share of foreign CPU time a scenario's figures get a warning. */
@@ -54,7 +56,7 @@ function parseArgs(argv: string[]): BenchOptions {
 
 function usage(err?: string): never {
   if (err) console.error(`bench: ${err}`);
-  console.error("usage: bun bench/run.ts [--quick] [--only a,b,c,d,e,f,g,micro] [--runs N]");
+  console.error("usage: bun bench/run.ts [--quick] [--only a,b,c,d,e,f,g,h,micro] [--runs N]");
   process.exit(err ? 2 : 0);
 }
 
