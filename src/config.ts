@@ -12,7 +12,11 @@ const intFlag = (min: number, max: number) =>
 const repeated = (name: string) =>
   z.preprocess((v) => (v === undefined ? [] : Array.isArray(v) ? v : [v]), z.array(z.string().min(1)).min(1, `--${name} is required`));
 
-/** Pages per fault unless told otherwise: the best of the fault-around sweep (README, bench f). */
+/**
+ * Pages per fault unless told otherwise: the fastest N of the fault-around sweep (README, bench f)
+ * that installs at most 2x the pages of a clustered working set; larger N are a little faster on
+ * whole-image restores but fill guests with pages they never touch.
+ */
 export const DEFAULT_FAULT_AROUND = 16;
 
 export const serveSchema = z

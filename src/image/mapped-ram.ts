@@ -1,4 +1,4 @@
-// QEMU mapped-ram migration files (see shared/docs/qemu-mapped-ram.md for the byte layout).
+// QEMU mapped-ram migration files (docs/mapped-ram-format.md has the byte layout).
 // Only the stream header, the RAM block records and their bitmaps are read; page data is mapped.
 import { sl, NativeBuffer } from "../ffi.ts";
 import { ImageError } from "../errors.ts";
