@@ -43,15 +43,16 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
     const warm = warmUpFaultPath();
     logger.debug(warm ? `fault path warmed up in ${(performance.now() - t0).toFixed(1)} ms` : "fault path warm-up skipped (no userfaultfd)");
     server.loop.spinMs = config["spin-us"] / 1000;
-    server.listen();
-    listeners.forEach((l, i) => logger.info(`listening on ${l.socketPath}: ${summaries[i]}`));
     const shutdown = (signal: string) => {
       logger.info(`${signal}: shutting down`);
       server.close();
     };
+    // Before "listening on": a SIGTERM right after that line must still shut down cleanly.
     process.on("SIGINT", () => shutdown("SIGINT"));
     process.on("SIGTERM", () => shutdown("SIGTERM"));
     process.on("SIGUSR1", () => server.writeRecordings());
+    server.listen();
+    listeners.forEach((l, i) => logger.info(`listening on ${l.socketPath}: ${summaries[i]}`));
     await server.run();
     server.close();
     return 0;

@@ -1,8 +1,7 @@
 // `snapload serve`: the Unix socket VMMs hand their userfaultfd to, and every VM's lifecycle.
 // A bad peer costs one log line and its own connection; every other VM keeps being served.
-import { unlinkSync } from "node:fs";
 import { check } from "./check.ts";
-import { HandshakeError, SnaploadError } from "./errors.ts";
+import { HandshakeError, SnaploadError, SocketInUseError } from "./errors.ts";
 import { EventLoop } from "./event-loop.ts";
 import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "./ffi.ts";
 import { checkRegionsFitImage, MAX_HANDSHAKE_BYTES, parseHandshake, scanJson } from "./handshake.ts";
@@ -67,6 +66,21 @@ const ACCEPT_PAUSE_MS = 100;
 interface BoundListener extends Listener {
   fd: number;
   token: number;
+  /** Identity of the socket file we created: only that file is removed on shutdown. */
+  dev: bigint;
+  ino: bigint;
+}
+
+/** Binds a listener; a live daemon already on the path is a clear error, not a takeover. */
+function listenUnix(path: string, mode: number, id: BigUint64Array): number {
+  const fd = sl.sl_unix_listen(cstr(path), mode, 128, id);
+  if (fd === -Errno.EADDRINUSE) {
+    throw new SocketInUseError(`${path}: another process is listening on this socket (a running snapload?); refusing to replace it`, { path });
+  }
+  if (fd === -Errno.EEXIST) {
+    throw new SocketInUseError(`${path}: exists and is not a stale socket file; refusing to replace it`, { path });
+  }
+  return check("listen", fd, { path });
 }
 
 interface Pending {
@@ -107,8 +121,9 @@ export class Server {
 
   listen(): void {
     for (const l of this.opts.listeners) {
-      const fd = check("listen", sl.sl_unix_listen(cstr(l.socketPath), l.socketMode, 128), { path: l.socketPath });
-      const b: BoundListener = { ...l, fd, token: -1 };
+      const id = new BigUint64Array(2);
+      const fd = listenUnix(l.socketPath, l.socketMode, id);
+      const b: BoundListener = { ...l, fd, token: -1, dev: id[0]!, ino: id[1]! };
       b.token = this.loop.add(fd, EPOLLIN, () => this.acceptAll(b));
       this.bound.push(b);
     }
@@ -371,11 +386,10 @@ export class Server {
     for (const l of this.bound.splice(0)) {
       this.loop.remove(l.token, l.fd);
       sl.sl_close(l.fd);
-      try {
-        unlinkSync(l.socketPath);
-      } catch {
-        // Already gone: nothing to clean.
-      }
+      // Only our own socket file: if another daemon has since put its socket there, it stays.
+      const r = sl.sl_unix_unlink_if(cstr(l.socketPath), l.dev, l.ino);
+      if (r === -Errno.EEXIST) this.opts.logger.warn(`${l.socketPath} is no longer our socket file; left in place`);
+      else if (r < 0) this.opts.logger.warn(`removing ${l.socketPath} failed: ${errnoName(-r)}`);
     }
   }
 }
