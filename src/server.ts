@@ -4,7 +4,7 @@ import { check } from "./check.ts";
 import { HandshakeError, SnaploadError, SocketInUseError } from "./errors.ts";
 import { EventLoop } from "./event-loop.ts";
 import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "./ffi.ts";
-import { checkRegionsFitImage, MAX_HANDSHAKE_BYTES, parseHandshake, scanJson } from "./handshake.ts";
+import { checkRegionsFitImage, JsonScanner, MAX_HANDSHAKE_BYTES, MAX_HANDSHAKE_MESSAGES, parseHandshake } from "./handshake.ts";
 import { HandlerTable, type PageBackend, type PageRequester } from "./handler-table.ts";
 import { formatBytes, type Logger } from "./log.ts";
 import { Populator, type PopulateMode } from "./populator.ts";
@@ -90,6 +90,10 @@ interface Pending {
   pid: number;
   bytes: Uint8Array;
   length: number;
+  /** Resumes where the last read's scan stopped: a dripped body costs linear time in total. */
+  scanner: JsonScanner;
+  /** recvmsg calls so far (a peer that drips its body byte by byte runs out of them). */
+  messages: number;
   fds: number[];
   cancelTimer: () => void;
 }
@@ -146,7 +150,7 @@ export class Server {
       }
       const cred = new Int32Array(3);
       const pid = sl.sl_peer_cred(fd, cred) === 0 ? cred[0]! : -1;
-      const p: Pending = { listener, fd, token: -1, pid, bytes: new Uint8Array(4096), length: 0, fds: [], cancelTimer: () => {} };
+      const p: Pending = { listener, fd, token: -1, pid, bytes: new Uint8Array(4096), length: 0, scanner: new JsonScanner(), messages: 0, fds: [], cancelTimer: () => {} };
       this.pending.add(p);
       p.token = this.loop.add(fd, EPOLLIN | EPOLLRDHUP, () => this.readHandshake(p));
       p.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
@@ -179,8 +183,13 @@ export class Server {
     }
     p.bytes.set(this.recvBuf.bytes.subarray(0, n), p.length);
     p.length += n;
-    const scan = scanJson(p.bytes.subarray(0, p.length));
-    if (scan.state === "incomplete") return;
+    const scan = p.scanner.feed(p.bytes, p.length);
+    if (scan.state === "incomplete") {
+      if (++p.messages >= MAX_HANDSHAKE_MESSAGES) {
+        return this.reject(p, new HandshakeError(`handshake still incomplete after ${MAX_HANDSHAKE_MESSAGES} reads (${p.length} bytes)`));
+      }
+      return;
+    }
     if (scan.state === "invalid") return this.reject(p, new HandshakeError(`handshake is not valid JSON: ${scan.reason}`));
     try {
       this.accept(p, new TextDecoder("utf-8", { fatal: true }).decode(p.bytes.subarray(0, scan.end)));

@@ -170,6 +170,7 @@ describe("bad input from a VMM: one clear line, that connection closed, others u
     ["negative number", ["--body", '[{"base_host_virt_addr":4096,"size":4096,"offset":-4096}]'], /offset/],
     ["number beyond 2^53", ["--body", `[{"base_host_virt_addr":${big},"size":4096,"offset":0}]`], /larger than 2\^53/],
     ["no regions", ["--body", "[]"], /no regions/],
+    ["bytes after the JSON array", ["--body", '[{"base_host_virt_addr":4096,"size":4096,"offset":0}] {"more":1}'], /bytes after the end of the JSON array/],
     ["region past the end of the image", ["--body", `[{"base_host_virt_addr":4096,"size":${8 * MIB},"offset":${60 * MIB}}]`], /past the end of the image/],
     [
       "overlapping regions",
