@@ -4,7 +4,7 @@ import { check } from "./check.ts";
 import { HandshakeError, SnaploadError, SocketInUseError } from "./errors.ts";
 import { EventLoop } from "./event-loop.ts";
 import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "./ffi.ts";
-import { checkRegionsFitImage, JsonScanner, MAX_HANDSHAKE_BYTES, MAX_HANDSHAKE_MESSAGES, parseHandshake } from "./handshake.ts";
+import { checkRegionsFitImage, JsonScanner, type RegionMapping, MAX_HANDSHAKE_BYTES, MAX_HANDSHAKE_MESSAGES, parseHandshake } from "./handshake.ts";
 import { HandlerTable, type PageBackend, type PageRequester } from "./handler-table.ts";
 import { formatBytes, type Logger } from "./log.ts";
 import { Populator, type PopulateMode } from "./populator.ts";
@@ -62,6 +62,7 @@ export interface VmExit {
 const MAX_FDS = 3;
 /** accept() failed (out of fds): how long the listener is left unwatched. */
 const ACCEPT_PAUSE_MS = 100;
+const SIGKILL = 9;
 
 interface BoundListener extends Listener {
   fd: number;
@@ -88,6 +89,8 @@ interface Pending {
   fd: number;
   token: number;
   pid: number;
+  /** The connecting process, pinned at accept (-errno if unavailable): a reused pid is never signalled. */
+  pidfd: number;
   bytes: Uint8Array;
   length: number;
   /** Resumes where the last read's scan stopped: a dripped body costs linear time in total. */
@@ -150,7 +153,8 @@ export class Server {
       }
       const cred = new Int32Array(3);
       const pid = sl.sl_peer_cred(fd, cred) === 0 ? cred[0]! : -1;
-      const p: Pending = { listener, fd, token: -1, pid, bytes: new Uint8Array(4096), length: 0, scanner: new JsonScanner(), messages: 0, fds: [], cancelTimer: () => {} };
+      const pidfd = this.opts.onFatal === "kill" ? sl.sl_peer_pidfd(fd) : -1;
+      const p: Pending = { listener, fd, token: -1, pid, pidfd, bytes: new Uint8Array(4096), length: 0, scanner: new JsonScanner(), messages: 0, fds: [], cancelTimer: () => {} };
       this.pending.add(p);
       p.token = this.loop.add(fd, EPOLLIN | EPOLLRDHUP, () => this.readHandshake(p));
       p.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
@@ -214,10 +218,33 @@ export class Server {
     for (const fd of p.fds) if (fd !== uffd) sl.sl_close(fd);
     p.fds = [];
     this.forgetPending(p);
+    // From here the connection is no longer pending: a failure must release it here, with a log
+    // line (reject() only knows pending connections).
+    const started: { vm?: VmSession } = {};
+    try {
+      this.startVm(p, regions, uffd, started);
+    } catch (e) {
+      const reason = `setting up the VM failed: ${(e as Error).message}`;
+      this.opts.logger.error(`connection from pid ${p.pid}: ${reason}; dropped`);
+      if (started.vm !== undefined) this.closeVm(started.vm, reason, true);
+      else {
+        sl.sl_close(uffd);
+        sl.sl_close(p.fd);
+        if (p.pidfd >= 0) sl.sl_close(p.pidfd);
+      }
+    }
+  }
 
+  /** Everything after the handshake is accepted; `started.vm` is set as soon as there is one to close. */
+  private startVm(p: Pending, regions: RegionMapping[], uffd: number, started: { vm?: VmSession }): void {
+    const source = p.listener.source;
+    const backend = source.backend;
     const table = new HandlerTable(regions, backend);
     const recorder = this.opts.recordPath !== undefined ? new TouchRecorder(Math.ceil(backend.size / 4096)) : undefined;
     const vm = new VmSession(this.nextId++, p.pid, uffd, p.fd, table, this.scratch, { faultAround: this.opts.faultAround, recorder });
+    vm.pidfd = p.pidfd;
+    started.vm = vm;
+    this.vms.set(vm.id, vm);
     this.backends.set(vm, backend);
     if (recorder) this.recorders.set(vm, recorder);
     if (source.openRequester) {
@@ -239,12 +266,13 @@ export class Server {
       vm.setRequester(requester);
       this.requesters.set(vm, requester);
     }
-    this.vms.set(vm.id, vm);
-    const uffdToken = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
-    const sockToken = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
+    // Set before either add, so closeVm removes whichever was added if the other throws.
+    const tokens = { uffd: -1, sock: -1 };
+    this.tokens.set(vm, tokens);
+    tokens.uffd = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
+    tokens.sock = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
       if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) this.closeVm(vm, "VMM hung up");
     });
-    this.tokens.set(vm, { uffd: uffdToken, sock: sockToken });
     const pageSizes = [...new Set(regions.map((r) => formatBytes(r.pageSize)))].join("/");
     this.opts.logger.info(
       `vm ${vm.id} pid ${vm.pid} connected: ${regions.length} region${regions.length > 1 ? "s" : ""}, ${formatBytes(table.bytes)}, ${pageSizes} pages`,
@@ -328,10 +356,13 @@ export class Server {
 
   private failVm(vm: VmSession): void {
     const reason = vm.fatal ?? "unknown failure";
-    if (this.opts.onFatal === "kill" && vm.pid > 0) {
-      // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice).
-      sl.sl_kill(vm.pid, 9);
-      this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`);
+    if (this.opts.onFatal === "kill") {
+      // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice). Through the
+      // pidfd taken at accept: the pid alone may have been reused by an unrelated process.
+      const r = vm.pidfd >= 0 ? sl.sl_pidfd_send_signal(vm.pidfd, SIGKILL) : vm.pidfd;
+      if (r === 0) this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`);
+      else if (r === -Errno.ESRCH) this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; the process that connected has exited (not killing pid ${vm.pid}, which may be reused); dropped`);
+      else this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; cannot signal the VMM (${errnoName(-r)}); dropped`);
     } else {
       this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; dropped`);
     }
@@ -349,6 +380,8 @@ export class Server {
     }
     sl.sl_close(vm.uffd);
     sl.sl_close(vm.sock);
+    if (vm.pidfd >= 0) sl.sl_close(vm.pidfd);
+    vm.pidfd = -1;
     this.vms.delete(vm.id);
     this.populators.delete(vm);
     this.requesters.get(vm)?.close();
@@ -372,6 +405,7 @@ export class Server {
     if (!this.pending.has(p)) return;
     this.opts.logger.warn(`connection from pid ${p.pid} rejected: ${e.message}`);
     for (const fd of p.fds) sl.sl_close(fd);
+    if (p.pidfd >= 0) sl.sl_close(p.pidfd);
     this.forgetPending(p);
     sl.sl_close(p.fd);
   }

@@ -43,6 +43,8 @@ export class VmSession {
   closed = false;
   /** Unregistered after full population: the VM no longer needs us. */
   detached = false;
+  /** pidfd of the process that connected (-1: none); the server owns and closes it. */
+  pidfd = -1;
   /** Where the guest last faulted (the populator follows it). */
   lastFaultRegion: Region | undefined;
   lastFaultPage = 0;
