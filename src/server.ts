@@ -63,6 +63,8 @@ const MAX_FDS = 3;
 /** accept() failed (out of fds): how long the listener is left unwatched. */
 const ACCEPT_PAUSE_MS = 100;
 const SIGKILL = 9;
+/** How soon faults that met EAGAIN (an event pending in the kernel) are retried. */
+const RETRY_MS = 1;
 
 interface BoundListener extends Listener {
   fd: number;
@@ -116,6 +118,7 @@ export class Server {
   private readonly pending = new Set<Pending>();
   private readonly tokens = new Map<VmSession, { uffd: number; sock: number }>();
   private readonly populators = new Map<VmSession, Populator>();
+  private readonly retryScheduled = new Set<VmSession>();
   private readonly recorders = new Map<VmSession, TouchRecorder>();
   private backgroundOn = false;
   private readonly background = () => this.populateStep();
@@ -300,8 +303,18 @@ export class Server {
       return;
     }
     if (!vm.drain()) return this.failVm(vm);
-    if (vm.retry.length) this.loop.after(1, () => this.serveVm(vm));
+    if (vm.retry.length) this.scheduleRetry(vm);
     else if (vm.table.complete) this.detachVm(vm);
+  }
+
+  /** Faults that met EAGAIN are retried after a tick, one timer per VM however often it wakes. */
+  private scheduleRetry(vm: VmSession): void {
+    if (this.retryScheduled.has(vm)) return;
+    this.retryScheduled.add(vm);
+    this.loop.after(RETRY_MS, () => {
+      this.retryScheduled.delete(vm);
+      this.serveVm(vm);
+    });
   }
 
   /** One slice of prefetch/population per VM, round robin; faults are served between slices. */
