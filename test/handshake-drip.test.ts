@@ -2,7 +2,7 @@
 // drip one byte per millisecond must not stall the single loop that serves every VM's faults.
 // The review measured a restore going from 0.05 s to 7.15 s with four such peers (each dripped
 // byte rescanned the whole buffer). Here the same restore runs with and without the attack, and
-// its touch time under attack must stay within 2x (a ratio the issue asks for; medians of three).
+// its touch time under attack must stay within 2x (a ratio the issue asks for; medians of five, quiet and attacked runs alternating).
 //
 // SNAPLOAD_DRIP_ROOT=/path/to/another/checkout runs that checkout's daemon instead (to measure
 // the "before" figure against an older tree with the same attack).
@@ -14,7 +14,7 @@ import { BUN, Daemon, describeRun, ensureBuilt, ROOT, runStandin, tempDir } from
 const MIB = 1024 * 1024;
 const ATTACKERS = 4;
 const PREFIX_BYTES = 64_000;
-const RUNS = 3;
+const RUNS = 5;
 const DAEMON_ROOT = process.env.SNAPLOAD_DRIP_ROOT ?? ROOT;
 
 let dir: ReturnType<typeof tempDir>;
@@ -52,46 +52,64 @@ async function restoreMs(seed: number): Promise<number> {
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
-test(`a restore under a drip attack by ${ATTACKERS} peers stays within 2x of the same restore without it`, async () => {
-  await restoreMs(100); // warm-up: JIT, page cache
-  const quiet: number[] = [];
-  for (let i = 0; i < RUNS; i++) quiet.push(await restoreMs(1 + i));
-  console.log(`drip attack: quiet touch times ${quiet.map((x) => x.toFixed(1)).join(", ")} ms`);
+interface Attacker {
+  stop(): Promise<{ connects: number; dropped: number; prefixes: number; dripped: number }>;
+}
 
-  const attacker = Bun.spawn([BUN, join(import.meta.dir, "drip-attacker.ts"), socket, String(ATTACKERS), String(PREFIX_BYTES)], {
+/** Starts the hostile peers; resolves once every one of them has sent its 64 KB prefix. */
+async function startAttack(): Promise<Attacker> {
+  const proc = Bun.spawn([BUN, join(import.meta.dir, "drip-attacker.ts"), socket, String(ATTACKERS), String(PREFIX_BYTES)], {
     stdin: "ignore",
     stdout: "pipe",
     stderr: "inherit",
   });
-  const lines = attacker.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  const lines = proc.stdout.pipeThrough(new TextDecoderStream()).getReader();
   let out = "";
-  while (!out.includes("ready\n")) {
-    const { value, done } = await lines.read();
-    if (done) throw new Error(`attacker exited before it was ready: ${out}`);
-    out += value;
-  }
+  const readUntil = async (re: RegExp) => {
+    while (!re.test(out)) {
+      const { value, done } = await lines.read();
+      if (done) throw new Error(`attacker exited early (${await proc.exited}): ${out}`);
+      out += value;
+    }
+  };
+  await readUntil(/ready\n/);
+  return {
+    async stop() {
+      proc.kill("SIGTERM");
+      await readUntil(/\{.*\}\n/);
+      await proc.exited;
+      return JSON.parse(out.match(/\{.*\}/)![0]);
+    },
+  };
+}
+
+test(`a restore under a drip attack by ${ATTACKERS} peers stays within 2x of the same restore without it`, async () => {
+  await restoreMs(100); // warm-up: JIT, page cache
+  // Quiet and attacked restores alternate, so a change in the shared machine's load hits both.
+  const quiet: number[] = [];
   const attacked: number[] = [];
-  try {
-    for (let i = 0; i < RUNS; i++) attacked.push(await restoreMs(1 + i));
-  } finally {
-    attacker.kill("SIGTERM");
+  let dripped = 0;
+  let prefixes = 0;
+  for (let i = 0; i < RUNS; i++) {
+    quiet.push(await restoreMs(1 + i));
+    const attack = await startAttack();
+    try {
+      attacked.push(await restoreMs(1 + i));
+    } finally {
+      const stats = await attack.stop();
+      dripped += stats.dripped;
+      prefixes += stats.prefixes;
+    }
   }
-  while (!/\{.*\}\n/.test(out)) {
-    const { value, done } = await lines.read();
-    if (done) break;
-    out += value;
-  }
-  await attacker.exited;
-  const stats = JSON.parse(out.match(/\{.*\}/)![0]) as { connects: number; dropped: number; prefixes: number; dripped: number };
   const ratio = median(attacked) / median(quiet);
   console.log(
     `drip attack (${ATTACKERS} peers, ${PREFIX_BYTES} B prefix, 1 B/ms): touch time median ${median(quiet).toFixed(1)} ms quiet ` +
       `[${quiet.map((x) => x.toFixed(1)).join(", ")}], ${median(attacked).toFixed(1)} ms attacked [${attacked.map((x) => x.toFixed(1)).join(", ")}] = ${ratio.toFixed(2)}x; ` +
-      `attacker: ${JSON.stringify(stats)}`,
+      `${prefixes} prefixes sent, ${dripped} bytes dripped`,
   );
-  // The attack really ran: every peer sent its prefix and dripped bytes during the restores.
-  expect(stats.prefixes).toBeGreaterThanOrEqual(ATTACKERS);
-  expect(stats.dripped).toBeGreaterThan(ATTACKERS * 10);
+  // The attack really ran: every peer sent its prefix and dripped bytes during each restore.
+  expect(prefixes).toBeGreaterThanOrEqual(ATTACKERS * RUNS);
+  expect(dripped).toBeGreaterThan(ATTACKERS * RUNS * 10);
   expect(ratio).toBeLessThanOrEqual(2);
   if (DAEMON_ROOT === ROOT) {
     // The per-connection read budget drops a dripping peer long before its handshake timeout.
