@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define SL_ABI_VERSION 2
+#define SL_ABI_VERSION 3
 
 /* Size of one struct uffd_msg as the kernel writes it. */
 #define SL_UFFD_MSG_SIZE 32
@@ -133,10 +133,24 @@ int sl_eventfd_drain(int fd);
 
 /* ---- Unix sockets --------------------------------------------------------- */
 
-/* Binds a SOCK_STREAM listener at path with file mode `mode` (e.g. 0600).
- * A stale socket file at path is replaced; any other kind of file is not
- * (-EEXIST). Non-blocking, close-on-exec. Returns the fd. */
-int sl_unix_listen(const char *path, uint32_t mode, int backlog);
+/* Identity of a file: what "is this still our socket file?" compares. */
+struct sl_file_id {
+	uint64_t dev;
+	uint64_t ino;
+};
+
+/* Binds a SOCK_STREAM listener at path with file mode `mode` (e.g. 0600), and
+ * its file's identity into *out_id (may be NULL). The socket is bound and
+ * chmod-ed inside a fresh private (0700) directory beside path, then renamed
+ * into place, so no path anyone else can swap is ever chmod-ed and the umask is
+ * never touched. A socket file at path that nobody answers on (stale) is
+ * replaced — removed only if it is still the inode that was checked; one a
+ * listener answers on is refused (-EADDRINUSE); any other file too (-EEXIST).
+ * Non-blocking, close-on-exec. Returns the fd. */
+int sl_unix_listen(const char *path, uint32_t mode, int backlog, struct sl_file_id *out_id);
+/* Unlinks path only if it is still the socket file `dev`/`ino` (see sl_unix_listen):
+ * 0 when removed or already gone, -EEXIST when another file is there now. */
+int sl_unix_unlink_if(const char *path, uint64_t dev, uint64_t ino);
 /* accept4(NONBLOCK|CLOEXEC). Returns the fd; -EAGAIN when none is waiting. */
 int sl_accept(int lfd);
 /* One recvmsg: up to len bytes into buf and up to max_fds SCM_RIGHTS fds into
@@ -166,6 +180,14 @@ int sl_send(int fd, const void *buf, uint32_t len);
 /* ---- processes ------------------------------------------------------------ */
 
 int sl_kill(int32_t pid, int sig);
+/* pidfd_open(pid, 0). Returns the pidfd (close-on-exec). */
+int sl_pidfd_open(int32_t pid);
+/* A pidfd of a Unix socket's peer: SO_PEERPIDFD (the process that connected,
+ * even if its pid was reused since), else pidfd_open of the SO_PEERCRED pid. */
+int sl_peer_pidfd(int sock);
+/* pidfd_send_signal(pidfd, sig, NULL, 0): never reaches a process that merely
+ * reused the pid. -ESRCH once the process has exited. */
+int sl_pidfd_send_signal(int pidfd, int sig);
 
 #ifdef __cplusplus
 }

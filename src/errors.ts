@@ -9,7 +9,8 @@ export type ErrorCode =
   | "PEER_GONE"
   | "BAD_FRAME"
   | "AUTH_FAILED"
-  | "BAD_WORKING_SET";
+  | "BAD_WORKING_SET"
+  | "SOCKET_IN_USE";
 
 export class SnaploadError extends Error {
   readonly code: ErrorCode;
@@ -52,5 +53,13 @@ export class ConfigError extends SnaploadError {
   constructor(message: string, context: Record<string, unknown> = {}) {
     super("BAD_CONFIG", message, context);
     this.name = "ConfigError";
+  }
+}
+
+/** The socket path is taken: a live listener answers on it, or it is not a socket file. */
+export class SocketInUseError extends SnaploadError {
+  constructor(message: string, context: Record<string, unknown> = {}) {
+    super("SOCKET_IN_USE", message, context);
+    this.name = "SocketInUseError";
   }
 }

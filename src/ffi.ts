@@ -41,7 +41,8 @@ const symbols = {
   sl_eventfd: { args: [], returns: i32 },
   sl_eventfd_signal: { args: [i32], returns: i32 },
   sl_eventfd_drain: { args: [i32], returns: i32 },
-  sl_unix_listen: { args: [cstring, u32, i32], returns: i32 },
+  sl_unix_listen: { args: [cstring, u32, i32, ptr], returns: i32 },
+  sl_unix_unlink_if: { args: [cstring, u64, u64], returns: i32 },
   sl_accept: { args: [i32], returns: i32 },
   sl_recv_fds: { args: [i32, ptr, u32, ptr, i32, ptr, ptr], returns: i32 },
   sl_peer_cred: { args: [i32, ptr], returns: i32 },
@@ -52,6 +53,9 @@ const symbols = {
   sl_recv: { args: [i32, ptr, u32], returns: i32 },
   sl_send: { args: [i32, ptr, u32], returns: i32 },
   sl_kill: { args: [i32, i32], returns: i32 },
+  sl_pidfd_open: { args: [i32], returns: i32 },
+  sl_peer_pidfd: { args: [i32], returns: i32 },
+  sl_pidfd_send_signal: { args: [i32, i32], returns: i32 },
 } as const;
 
 function libraryPath(): string {
@@ -61,7 +65,7 @@ function libraryPath(): string {
   return join(import.meta.dir, "..", "build", "libsnapload.so");
 }
 
-export const ABI_VERSION = 2;
+export const ABI_VERSION = 3;
 const loaded = dlopen(libraryPath(), symbols);
 export const sl = loaded.symbols;
 if (sl.sl_abi_version() !== ABI_VERSION) {
@@ -111,7 +115,7 @@ const ERRNO_NAMES: Record<number, string> = {
   22: "EINVAL", 24: "EMFILE", 25: "ENOTTY", 28: "ENOSPC", 32: "EPIPE", 36: "ENAMETOOLONG", 38: "ENOSYS",
   75: "EOVERFLOW", 88: "ENOTSOCK", 95: "EOPNOTSUPP", 97: "EAFNOSUPPORT", 98: "EADDRINUSE",
   104: "ECONNRESET", 107: "ENOTCONN", 110: "ETIMEDOUT", 111: "ECONNREFUSED", 113: "EHOSTUNREACH",
-  115: "EINPROGRESS", 6: "ENXIO",
+  115: "EINPROGRESS", 6: "ENXIO", 92: "ENOPROTOOPT",
 };
 
 export function errnoName(errno: number): string {
@@ -120,7 +124,7 @@ export function errnoName(errno: number): string {
 
 export const Errno = {
   EPERM: 1, ENOENT: 2, ESRCH: 3, EINTR: 4, EAGAIN: 11, EEXIST: 17, EINVAL: 22, ENXIO: 6, ENOMEM: 12,
-  EINPROGRESS: 115, ECONNREFUSED: 111,
+  EINPROGRESS: 115, ECONNREFUSED: 111, EADDRINUSE: 98,
 } as const;
 
 export const EPOLLIN = 0x001;

@@ -47,15 +47,16 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
         ? `fault path warmed up in ${warm.ms.toFixed(1)} ms (${warm.synthetic} synthetic faults, ${warm.real} real faults${warm.real === 0 ? ": the real pass failed" : ""})`
         : "fault path warm-up skipped (no userfaultfd)",
     );
-    server.listen();
-    listeners.forEach((l, i) => logger.info(`listening on ${l.socketPath}: ${summaries[i]}`));
     const shutdown = (signal: string) => {
       logger.info(`${signal}: shutting down`);
       server.close();
     };
+    // Before "listening on": a SIGTERM right after that line must still shut down cleanly.
     process.on("SIGINT", () => shutdown("SIGINT"));
     process.on("SIGTERM", () => shutdown("SIGTERM"));
     process.on("SIGUSR1", () => server.writeRecordings());
+    server.listen();
+    listeners.forEach((l, i) => logger.info(`listening on ${l.socketPath}: ${summaries[i]}`));
     await server.run();
     server.close();
     return 0;

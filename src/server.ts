@@ -1,11 +1,10 @@
 // `snapload serve`: the Unix socket VMMs hand their userfaultfd to, and every VM's lifecycle.
 // A bad peer costs one log line and its own connection; every other VM keeps being served.
-import { unlinkSync } from "node:fs";
 import { check } from "./check.ts";
-import { HandshakeError, SnaploadError } from "./errors.ts";
+import { HandshakeError, SnaploadError, SocketInUseError } from "./errors.ts";
 import { EventLoop } from "./event-loop.ts";
 import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "./ffi.ts";
-import { checkRegionsFitImage, MAX_HANDSHAKE_BYTES, parseHandshake, scanJson } from "./handshake.ts";
+import { checkRegionsFitImage, JsonScanner, type RegionMapping, MAX_HANDSHAKE_BYTES, MAX_HANDSHAKE_MESSAGES, parseHandshake } from "./handshake.ts";
 import { HandlerTable, type PageBackend, type PageRequester } from "./handler-table.ts";
 import { formatBytes, type Logger } from "./log.ts";
 import { Populator, type PopulateMode } from "./populator.ts";
@@ -63,10 +62,28 @@ export interface VmExit {
 const MAX_FDS = 3;
 /** accept() failed (out of fds): how long the listener is left unwatched. */
 const ACCEPT_PAUSE_MS = 100;
+const SIGKILL = 9;
+/** How soon faults that met EAGAIN (an event pending in the kernel) are retried. */
+const RETRY_MS = 1;
 
 interface BoundListener extends Listener {
   fd: number;
   token: number;
+  /** Identity of the socket file we created: only that file is removed on shutdown. */
+  dev: bigint;
+  ino: bigint;
+}
+
+/** Binds a listener; a live daemon already on the path is a clear error, not a takeover. */
+function listenUnix(path: string, mode: number, id: BigUint64Array): number {
+  const fd = sl.sl_unix_listen(cstr(path), mode, 128, id);
+  if (fd === -Errno.EADDRINUSE) {
+    throw new SocketInUseError(`${path}: another process is listening on this socket (a running snapload?); refusing to replace it`, { path });
+  }
+  if (fd === -Errno.EEXIST) {
+    throw new SocketInUseError(`${path}: exists and is not a stale socket file; refusing to replace it`, { path });
+  }
+  return check("listen", fd, { path });
 }
 
 interface Pending {
@@ -74,8 +91,14 @@ interface Pending {
   fd: number;
   token: number;
   pid: number;
+  /** The connecting process, pinned at accept (-errno if unavailable): a reused pid is never signalled. */
+  pidfd: number;
   bytes: Uint8Array;
   length: number;
+  /** Resumes where the last read's scan stopped: a dripped body costs linear time in total. */
+  scanner: JsonScanner;
+  /** recvmsg calls so far (a peer that drips its body byte by byte runs out of them). */
+  messages: number;
   fds: number[];
   cancelTimer: () => void;
 }
@@ -95,6 +118,7 @@ export class Server {
   private readonly pending = new Set<Pending>();
   private readonly tokens = new Map<VmSession, { uffd: number; sock: number }>();
   private readonly populators = new Map<VmSession, Populator>();
+  private readonly retryScheduled = new Set<VmSession>();
   private readonly recorders = new Map<VmSession, TouchRecorder>();
   private backgroundOn = false;
   private readonly background = () => this.populateStep();
@@ -107,8 +131,9 @@ export class Server {
 
   listen(): void {
     for (const l of this.opts.listeners) {
-      const fd = check("listen", sl.sl_unix_listen(cstr(l.socketPath), l.socketMode, 128), { path: l.socketPath });
-      const b: BoundListener = { ...l, fd, token: -1 };
+      const id = new BigUint64Array(2);
+      const fd = listenUnix(l.socketPath, l.socketMode, id);
+      const b: BoundListener = { ...l, fd, token: -1, dev: id[0]!, ino: id[1]! };
       b.token = this.loop.add(fd, EPOLLIN, () => this.acceptAll(b));
       this.bound.push(b);
     }
@@ -131,7 +156,8 @@ export class Server {
       }
       const cred = new Int32Array(3);
       const pid = sl.sl_peer_cred(fd, cred) === 0 ? cred[0]! : -1;
-      const p: Pending = { listener, fd, token: -1, pid, bytes: new Uint8Array(4096), length: 0, fds: [], cancelTimer: () => {} };
+      const pidfd = this.opts.onFatal === "kill" ? sl.sl_peer_pidfd(fd) : -1;
+      const p: Pending = { listener, fd, token: -1, pid, pidfd, bytes: new Uint8Array(4096), length: 0, scanner: new JsonScanner(), messages: 0, fds: [], cancelTimer: () => {} };
       this.pending.add(p);
       p.token = this.loop.add(fd, EPOLLIN | EPOLLRDHUP, () => this.readHandshake(p));
       p.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
@@ -164,8 +190,13 @@ export class Server {
     }
     p.bytes.set(this.recvBuf.bytes.subarray(0, n), p.length);
     p.length += n;
-    const scan = scanJson(p.bytes.subarray(0, p.length));
-    if (scan.state === "incomplete") return;
+    const scan = p.scanner.feed(p.bytes, p.length);
+    if (scan.state === "incomplete") {
+      if (++p.messages >= MAX_HANDSHAKE_MESSAGES) {
+        return this.reject(p, new HandshakeError(`handshake still incomplete after ${MAX_HANDSHAKE_MESSAGES} reads (${p.length} bytes)`));
+      }
+      return;
+    }
     if (scan.state === "invalid") return this.reject(p, new HandshakeError(`handshake is not valid JSON: ${scan.reason}`));
     try {
       this.accept(p, new TextDecoder("utf-8", { fatal: true }).decode(p.bytes.subarray(0, scan.end)));
@@ -190,10 +221,33 @@ export class Server {
     for (const fd of p.fds) if (fd !== uffd) sl.sl_close(fd);
     p.fds = [];
     this.forgetPending(p);
+    // From here the connection is no longer pending: a failure must release it here, with a log
+    // line (reject() only knows pending connections).
+    const started: { vm?: VmSession } = {};
+    try {
+      this.startVm(p, regions, uffd, started);
+    } catch (e) {
+      const reason = `setting up the VM failed: ${(e as Error).message}`;
+      this.opts.logger.error(`connection from pid ${p.pid}: ${reason}; dropped`);
+      if (started.vm !== undefined) this.closeVm(started.vm, reason, true);
+      else {
+        sl.sl_close(uffd);
+        sl.sl_close(p.fd);
+        if (p.pidfd >= 0) sl.sl_close(p.pidfd);
+      }
+    }
+  }
 
+  /** Everything after the handshake is accepted; `started.vm` is set as soon as there is one to close. */
+  private startVm(p: Pending, regions: RegionMapping[], uffd: number, started: { vm?: VmSession }): void {
+    const source = p.listener.source;
+    const backend = source.backend;
     const table = new HandlerTable(regions, backend);
     const recorder = this.opts.recordPath !== undefined ? new TouchRecorder(Math.ceil(backend.size / 4096)) : undefined;
     const vm = new VmSession(this.nextId++, p.pid, uffd, p.fd, table, this.scratch, { faultAround: this.opts.faultAround, recorder });
+    vm.pidfd = p.pidfd;
+    started.vm = vm;
+    this.vms.set(vm.id, vm);
     this.backends.set(vm, backend);
     if (recorder) this.recorders.set(vm, recorder);
     if (source.openRequester) {
@@ -215,12 +269,13 @@ export class Server {
       vm.setRequester(requester);
       this.requesters.set(vm, requester);
     }
-    this.vms.set(vm.id, vm);
-    const uffdToken = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
-    const sockToken = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
+    // Set before either add, so closeVm removes whichever was added if the other throws.
+    const tokens = { uffd: -1, sock: -1 };
+    this.tokens.set(vm, tokens);
+    tokens.uffd = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
+    tokens.sock = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
       if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) this.closeVm(vm, "VMM hung up");
     });
-    this.tokens.set(vm, { uffd: uffdToken, sock: sockToken });
     const pageSizes = [...new Set(regions.map((r) => formatBytes(r.pageSize)))].join("/");
     this.opts.logger.info(
       `vm ${vm.id} pid ${vm.pid} connected: ${regions.length} region${regions.length > 1 ? "s" : ""}, ${formatBytes(table.bytes)}, ${pageSizes} pages`,
@@ -248,8 +303,18 @@ export class Server {
       return;
     }
     if (!vm.drain()) return this.failVm(vm);
-    if (vm.retry.length) this.loop.after(1, () => this.serveVm(vm));
+    if (vm.retry.length) this.scheduleRetry(vm);
     else if (vm.table.complete) this.detachVm(vm);
+  }
+
+  /** Faults that met EAGAIN are retried after a tick, one timer per VM however often it wakes. */
+  private scheduleRetry(vm: VmSession): void {
+    if (this.retryScheduled.has(vm)) return;
+    this.retryScheduled.add(vm);
+    this.loop.after(RETRY_MS, () => {
+      this.retryScheduled.delete(vm);
+      this.serveVm(vm);
+    });
   }
 
   /** One slice of prefetch/population per VM, round robin; faults are served between slices. */
@@ -304,10 +369,13 @@ export class Server {
 
   private failVm(vm: VmSession): void {
     const reason = vm.fatal ?? "unknown failure";
-    if (this.opts.onFatal === "kill" && vm.pid > 0) {
-      // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice).
-      sl.sl_kill(vm.pid, 9);
-      this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`);
+    if (this.opts.onFatal === "kill") {
+      // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice). Through the
+      // pidfd taken at accept: the pid alone may have been reused by an unrelated process.
+      const r = vm.pidfd >= 0 ? sl.sl_pidfd_send_signal(vm.pidfd, SIGKILL) : vm.pidfd;
+      if (r === 0) this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`);
+      else if (r === -Errno.ESRCH) this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; the process that connected has exited (not killing pid ${vm.pid}, which may be reused); dropped`);
+      else this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; cannot signal the VMM (${errnoName(-r)}); dropped`);
     } else {
       this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; dropped`);
     }
@@ -325,6 +393,8 @@ export class Server {
     }
     sl.sl_close(vm.uffd);
     sl.sl_close(vm.sock);
+    if (vm.pidfd >= 0) sl.sl_close(vm.pidfd);
+    vm.pidfd = -1;
     this.vms.delete(vm.id);
     this.populators.delete(vm);
     this.requesters.get(vm)?.close();
@@ -348,6 +418,7 @@ export class Server {
     if (!this.pending.has(p)) return;
     this.opts.logger.warn(`connection from pid ${p.pid} rejected: ${e.message}`);
     for (const fd of p.fds) sl.sl_close(fd);
+    if (p.pidfd >= 0) sl.sl_close(p.pidfd);
     this.forgetPending(p);
     sl.sl_close(p.fd);
   }
@@ -371,11 +442,10 @@ export class Server {
     for (const l of this.bound.splice(0)) {
       this.loop.remove(l.token, l.fd);
       sl.sl_close(l.fd);
-      try {
-        unlinkSync(l.socketPath);
-      } catch {
-        // Already gone: nothing to clean.
-      }
+      // Only our own socket file: if another daemon has since put its socket there, it stays.
+      const r = sl.sl_unix_unlink_if(cstr(l.socketPath), l.dev, l.ino);
+      if (r === -Errno.EEXIST) this.opts.logger.warn(`${l.socketPath} is no longer our socket file; left in place`);
+      else if (r < 0) this.opts.logger.warn(`removing ${l.socketPath} failed: ${errnoName(-r)}`);
     }
   }
 }

@@ -22,6 +22,8 @@ export interface VmOptions {
 
 /** Bytes per background install: large enough to amortise the ioctl, small enough that a fault never waits long. */
 const BACKGROUND_RUN_BYTES = 2 * 1024 * 1024;
+/** uffd reads per drain() (up to 64 messages each) before other VMs get their turn. */
+export const MAX_DRAIN_ROUNDS = 16;
 
 export class VmSession {
   readonly stats: VmStats = {
@@ -43,6 +45,8 @@ export class VmSession {
   closed = false;
   /** Unregistered after full population: the VM no longer needs us. */
   detached = false;
+  /** pidfd of the process that connected (-1: none); the server owns and closes it. */
+  pidfd = -1;
   /** Where the guest last faulted (the populator follows it). */
   lastFaultRegion: Region | undefined;
   lastFaultPage = 0;
@@ -68,11 +72,15 @@ export class VmSession {
     this.requester = r;
   }
 
-  /** Reads and serves every queued message. Returns false if the VM must be dropped. */
+  /**
+   * Reads and serves the queued messages, at most MAX_DRAIN_ROUNDS reads: the rest stays queued
+   * (epoll reports the uffd again) so one busy VM cannot hold the loop. Returns false if the VM
+   * must be dropped. Faults left in `retry` are for the caller to retry later.
+   */
   drain(): boolean {
     const buf = this.scratch.msgs;
     const max = Scratch.MAX_MSGS;
-    for (;;) {
+    for (let round = 1; ; round++) {
       const n = sl.sl_uffd_read(this.uffd, buf.address, max);
       if (n < 0) {
         this.fatal = `reading the userfaultfd failed: ${errnoName(-n)}`;
@@ -80,7 +88,14 @@ export class VmSession {
       }
       if (n > 0) this.dispatch(buf, n);
       if (this.fatal !== undefined) return false;
-      if (this.retry.length && !this.serveRetries()) continue;
+      if (round >= MAX_DRAIN_ROUNDS) return true;
+      if (this.retry.length && !this.serveRetries()) {
+        // Still EAGAIN. Reading again helps only if the pending event was not read yet; with the
+        // queue empty the kernel is waiting for the VMM's thread to finish its madvise (it may be
+        // throttled for long): re-reading an empty uffd would spin and starve every other VM.
+        if (n === 0) return true;
+        continue;
+      }
       if (n < max) return true;
     }
   }

@@ -2,12 +2,13 @@
 // Zero pages come from the file's holes (SEEK_DATA/SEEK_HOLE); no page data is read.
 import { ImageError, SyscallError } from "../errors.ts";
 import { Errno, errnoName, sl } from "../ffi.ts";
-import { IMAGE_PAGE, MappedImage, ZeroMap, mapReadOnly, openRegularFile, type SnapshotImage } from "./snapshot-image.ts";
+import { checkImageSize, IMAGE_PAGE, MappedImage, ZeroMap, mapReadOnly, openRegularFile, type SnapshotImage } from "./snapshot-image.ts";
 
 export function openRawImage(path: string): SnapshotImage {
   const { fd, size } = openRegularFile(path);
   try {
     if (size === 0) throw new ImageError(`${path}: image file is empty`, { path });
+    checkImageSize(size, path, "image file of");
     const zero = findHoles(fd, size, path);
     const mapAddr = mapReadOnly(fd, size, 0, path);
     return new MappedImage({ format: "raw", path, size, zero, mapAddr, mapLen: size });
