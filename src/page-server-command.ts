@@ -11,7 +11,7 @@ import { readTokenFile } from "./postcopy/auth.ts";
 import { zeroMapBytes } from "./postcopy/protocol.ts";
 
 export async function pageServerCommand(config: PageServerConfig): Promise<number> {
-  const logger = new Logger(config["log-level"]);
+  const logger = new Logger(config["log-level"], { format: config["log-format"] });
   const token = readTokenFile(config["token-file"], logger);
   const where = await resolveHost(parseHostPort(config.listen, "--listen", true), "--listen");
   const image = openImage(config.mem, { ramblock: config.ramblock });
@@ -27,14 +27,19 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
       handshakeTimeoutMs: config["handshake-timeout"],
       testCorruptEvery: corrupt,
     });
-    if (corrupt !== undefined) logger.warn(`TEST ONLY: corrupting one payload byte of every ${corrupt}th reply`);
+    if (corrupt !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: corrupting one payload byte of every ${corrupt}th reply`, { every: corrupt });
     const port = server.listen();
     const what = image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
     logger.info(
+      "page_server.listening",
       `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated, not encrypted`,
+      {
+        address: formatHostPort({ host: where.host, port }), port, format: image.format, path: image.path, block: image.blockName,
+        size: image.size, dataPages: image.dataPages, zeroPages: image.zeroPages,
+      },
     );
     const shutdown = (signal: string) => {
-      logger.info(`${signal}: shutting down`);
+      logger.info("daemon.signal", `${signal}: shutting down`, { signal });
       server.close();
     };
     process.on("SIGINT", () => shutdown("SIGINT"));

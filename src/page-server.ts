@@ -138,7 +138,7 @@ export class PageServer {
       if (fd < 0) {
         if (-fd !== Errno.EAGAIN) {
           // EMFILE/ENFILE leave the connection queued and the listener readable: pause, do not spin.
-          this.opts.logger.warn(`accept failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
+          this.opts.logger.warn("page_server.accept_failed", `accept failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`, { errno: errnoName(-fd), pauseMs: ACCEPT_PAUSE_MS });
           this.loop.pause(this.ltoken, this.lfd, EPOLLIN, ACCEPT_PAUSE_MS);
         }
         return;
@@ -153,7 +153,7 @@ export class PageServer {
       conn.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
         this.refuse(conn, ErrorCode.TIMEOUT, `no authentication within ${this.opts.handshakeTimeoutMs} ms`),
       );
-      this.opts.logger.debug(`${conn.name} connected`);
+      this.opts.logger.debug("page_server.client_connected", `${conn.name} connected`, { client: conn.name });
     }
   }
 
@@ -253,7 +253,7 @@ export class PageServer {
         conn.writer.push(frame(FrameType.ZERO_MAP, part, 0, at, 0, Bun.hash.crc32(part)));
       }
     }
-    this.opts.logger.info(`${conn.name} authenticated`);
+    this.opts.logger.info("page_server.client_authenticated", `${conn.name} authenticated`, { client: conn.name });
     this.flush(conn);
   }
 
@@ -267,7 +267,9 @@ export class PageServer {
     // Bounds: never read outside the image, whatever the client asks.
     if (start + size > this.info.size) {
       this.checkUnread(conn);
-      this.opts.logger.warn(`${conn.name}: request ${h.id} for bytes [${start}, ${start + size}) lies outside the ${this.info.size}-byte image; refused`);
+      this.opts.logger.warn("page_server.request_refused", `${conn.name}: request ${h.id} for bytes [${start}, ${start + size}) lies outside the ${this.info.size}-byte image; refused`, {
+        client: conn.name, request: h.id, start, size, imageSize: this.info.size,
+      });
       conn.writer.push(errorFrame(ErrorCode.OUT_OF_BOUNDS, `bytes [${start}, ${start + size}) lie outside the ${this.info.size}-byte image`, h.id));
       return;
     }
@@ -385,7 +387,7 @@ export class PageServer {
   /** Sends an ERROR frame, logs why, and closes once it is out (or after LINGER_MS). */
   private refuse(conn: Conn, code: ErrorCode, message: string): void {
     if (conn.state === "closing" || conn.state === "closed") return;
-    this.opts.logger.warn(`${conn.name}: ${message}; connection closed`);
+    this.opts.logger.warn("page_server.client_refused", `${conn.name}: ${message}; connection closed`, { client: conn.name, code, reason: message });
     conn.cancelTimer();
     conn.reader.stop();
     conn.jobs.length = 0;
@@ -418,7 +420,9 @@ export class PageServer {
     this.conns.delete(conn);
     const i = this.backgroundQueue.indexOf(conn);
     if (i >= 0) this.backgroundQueue.splice(i, 1);
-    this.opts.logger.log(level, `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`);
+    this.opts.logger.log(level, "page_server.client_closed", `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`, {
+      client: conn.name, reason, requests: conn.requests, bytes: conn.bytesSent,
+    });
   }
 
   close(): void {

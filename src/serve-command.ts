@@ -7,7 +7,7 @@ import { warmUpFaultPath } from "./warmup.ts";
 import { readWorkingSet } from "./working-set.ts";
 
 export async function serveCommand(config: ServeConfig): Promise<number> {
-  const logger = new Logger(config["log-level"]);
+  const logger = new Logger(config["log-level"], { format: config["log-format"] });
   // 16 pages per fault won the fault-around sweep (README); a recording run defaults to one page
   // per fault, so the working set it writes holds what the guest touched and nothing more.
   const faultAround = config["fault-around"] ?? (config.record !== undefined ? 1 : DEFAULT_FAULT_AROUND);
@@ -41,12 +41,18 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
     });
     const t0 = performance.now();
     const warm = warmUpFaultPath();
-    logger.debug(warm ? `fault path warmed up in ${(performance.now() - t0).toFixed(1)} ms` : "fault path warm-up skipped (no userfaultfd)");
+    const warmMs = performance.now() - t0;
+    logger.debug("daemon.warm_up", warm ? `fault path warmed up in ${warmMs.toFixed(1)} ms` : "fault path warm-up skipped (no userfaultfd)", { done: warm, ms: warmMs });
     server.loop.spinMs = config["spin-us"] / 1000;
     server.listen();
-    listeners.forEach((l, i) => logger.info(`listening on ${l.socketPath}: ${summaries[i]}`));
+    listeners.forEach((l, i) =>
+      logger.info("daemon.listening", `listening on ${l.socketPath}: ${summaries[i]}`, {
+        socket: l.socketPath, mem: config.mem[config.mem.length === 1 ? 0 : i], size: l.source.backend.size, faultAround,
+        populate: config.populate ?? "none", prefetchPages: l.prefetch?.length,
+      }),
+    );
     const shutdown = (signal: string) => {
-      logger.info(`${signal}: shutting down`);
+      logger.info("daemon.signal", `${signal}: shutting down`, { signal });
       server.close();
     };
     process.on("SIGINT", () => shutdown("SIGINT"));

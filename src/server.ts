@@ -124,7 +124,9 @@ export class Server {
       if (fd < 0) {
         if (-fd !== Errno.EAGAIN) {
           // EMFILE/ENFILE leave the peer queued and the listener readable: pause it, do not spin.
-          this.opts.logger.warn(`accept on ${listener.socketPath} failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
+          this.opts.logger.warn("daemon.accept_failed", `accept on ${listener.socketPath} failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`, {
+            socket: listener.socketPath, errno: errnoName(-fd), pauseMs: ACCEPT_PAUSE_MS,
+          });
           this.loop.pause(listener.token, listener.fd, EPOLLIN, ACCEPT_PAUSE_MS);
         }
         return;
@@ -223,7 +225,9 @@ export class Server {
     this.tokens.set(vm, { uffd: uffdToken, sock: sockToken });
     const pageSizes = [...new Set(regions.map((r) => formatBytes(r.pageSize)))].join("/");
     this.opts.logger.info(
+      "vm.connected",
       `vm ${vm.id} pid ${vm.pid} connected: ${regions.length} region${regions.length > 1 ? "s" : ""}, ${formatBytes(table.bytes)}, ${pageSizes} pages`,
+      { vm: vm.id, pid: vm.pid, socket: p.listener.socketPath, regions: regions.length, bytes: table.bytes, pageSizes: [...new Set(regions.map((r) => r.pageSize))] },
     );
     // A remote source's client does its own background completion (it knows what is in flight).
     const populator = new Populator(vm, p.listener.prefetch, source.openRequester ? "none" : this.opts.populate);
@@ -280,7 +284,9 @@ export class Server {
     const s = vm.stats;
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     this.opts.logger.info(
+      "vm.detached",
       `vm ${vm.id} pid ${vm.pid} fully populated in ${seconds.toFixed(3)} s (${s.faults} faults, ${s.prefetchedPages} prefetched, ${s.populatedPages} populated pages); detached`,
+      { vm: vm.id, pid: vm.pid, seconds, faults: s.faults, prefetchedPages: s.prefetchedPages, populatedPages: s.populatedPages },
     );
   }
 
@@ -296,9 +302,11 @@ export class Server {
     const path = pattern.replaceAll("{vm}", String(vm.id)).replaceAll("{pid}", String(vm.pid));
     try {
       writeWorkingSet(path, rec.order, this.backends.get(vm)!.size);
-      this.opts.logger.info(`vm ${vm.id} pid ${vm.pid}: recorded ${rec.length} first touches to ${path}`);
+      this.opts.logger.info("vm.recorded", `vm ${vm.id} pid ${vm.pid}: recorded ${rec.length} first touches to ${path}`, { vm: vm.id, pid: vm.pid, pages: rec.length, path });
     } catch (e) {
-      this.opts.logger.error(`vm ${vm.id}: writing the working set to ${path} failed: ${(e as Error).message}`);
+      this.opts.logger.error("vm.record_failed", `vm ${vm.id}: writing the working set to ${path} failed: ${(e as Error).message}`, {
+        vm: vm.id, pid: vm.pid, path, error: (e as Error).message, code: (e as { code?: string }).code,
+      });
     }
   }
 
@@ -307,9 +315,9 @@ export class Server {
     if (this.opts.onFatal === "kill" && vm.pid > 0) {
       // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice).
       sl.sl_kill(vm.pid, 9);
-      this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`);
+      this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`, { vm: vm.id, pid: vm.pid, reason, action: "killed" });
     } else {
-      this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; dropped`);
+      this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; dropped`, { vm: vm.id, pid: vm.pid, reason, action: "dropped" });
     }
     this.closeVm(vm, `failed: ${reason}`, true);
   }
@@ -338,7 +346,9 @@ export class Server {
     this.exits.push(exit);
     if (!quiet) {
       this.opts.logger.info(
+        "vm.exited",
         `vm ${vm.id} pid ${vm.pid} exited (${reason}): ${s.pagesInstalled} pages served (${s.zeroPagesInstalled} zero) in ${s.faults} faults over ${seconds.toFixed(2)} s`,
+        { vm: vm.id, pid: vm.pid, reason, pages: s.pagesInstalled, zeroPages: s.zeroPagesInstalled, faults: s.faults, seconds },
       );
     }
     this.onVmExit?.(exit);
@@ -346,7 +356,7 @@ export class Server {
 
   private reject(p: Pending, e: SnaploadError): void {
     if (!this.pending.has(p)) return;
-    this.opts.logger.warn(`connection from pid ${p.pid} rejected: ${e.message}`);
+    this.opts.logger.warn("peer.rejected", `connection from pid ${p.pid} rejected: ${e.message}`, { pid: p.pid, socket: p.listener.socketPath, code: e.code, reason: e.message });
     for (const fd of p.fds) sl.sl_close(fd);
     this.forgetPending(p);
     sl.sl_close(p.fd);
@@ -364,7 +374,7 @@ export class Server {
     this.closed = true;
     this.loop.stop();
     if (this.vms.size) {
-      this.opts.logger.warn(`shutting down with ${this.vms.size} VM(s) connected: their next fault will block`);
+      this.opts.logger.warn("daemon.shutdown_with_vms", `shutting down with ${this.vms.size} VM(s) connected: their next fault will block`, { vms: this.vms.size });
     }
     for (const vm of [...this.vms.values()]) this.closeVm(vm, "snapload shut down");
     for (const p of [...this.pending]) this.reject(p, new HandshakeError("snapload shut down"));

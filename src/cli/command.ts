@@ -197,3 +197,10 @@ export const logLevelOption = {
   arg: "LEVEL",
   help: "error|warn|info|debug (default info)",
 } as const satisfies Option;
+
+export const logFormatOption = {
+  type: "string",
+  schema: z.enum(["text", "json"]).default("text"),
+  arg: "FORMAT",
+  help: "text: lines for people (default); json: one JSON event per line\n(docs/events.md)",
+} as const satisfies Option;
