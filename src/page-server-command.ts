@@ -5,6 +5,8 @@ import type { PageServerConfig } from "./config.ts";
 import { openImage } from "./image/open-image.ts";
 import type { SnapshotImage } from "./image/snapshot-image.ts";
 import { formatBytes, Logger } from "./log.ts";
+import { type MetricsEndpoint, startMetricsEndpoint } from "./metrics/endpoint.ts";
+import { renderPageServerMetrics } from "./metrics/page-server-metrics.ts";
 import { PageServer } from "./page-server.ts";
 import { formatHostPort, parseHostPort, resolveHost } from "./postcopy/address.ts";
 import { readTokenFile } from "./postcopy/auth.ts";
@@ -15,6 +17,7 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
   const token = readTokenFile(config["token-file"], logger);
   const where = await resolveHost(parseHostPort(config.listen, "--listen", true), "--listen");
   const image = openImage(config.mem, { ramblock: config.ramblock });
+  let metrics: MetricsEndpoint | undefined;
   try {
     const corrupt = config["test-only-corrupt-every"];
     const server = new PageServer({
@@ -28,6 +31,7 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
       testCorruptEvery: corrupt,
     });
     if (corrupt !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: corrupting one payload byte of every ${corrupt}th reply`, { every: corrupt });
+    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderPageServerMetrics(server), logger);
     const port = server.listen();
     const what = image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
     logger.info(
@@ -48,6 +52,7 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
     server.close();
     return 0;
   } finally {
+    metrics?.stop();
     image.close();
   }
 }

@@ -1,6 +1,8 @@
 // `snapload serve`: opens the sources, listens, serves until SIGINT/SIGTERM.
 import { DEFAULT_FAULT_AROUND, type ServeConfig } from "./config.ts";
 import { Logger } from "./log.ts";
+import { type MetricsEndpoint, startMetricsEndpoint } from "./metrics/endpoint.ts";
+import { renderServeMetrics } from "./metrics/serve-metrics.ts";
 import { type OpenedSource, openSource } from "./page-source.ts";
 import { type Listener, Server } from "./server.ts";
 import { warmUpFaultPath } from "./warmup.ts";
@@ -12,6 +14,7 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
   // per fault, so the working set it writes holds what the guest touched and nothing more.
   const faultAround = config["fault-around"] ?? (config.record !== undefined ? 1 : DEFAULT_FAULT_AROUND);
   const opened: OpenedSource[] = [];
+  let metrics: MetricsEndpoint | undefined;
   try {
     const listeners: Listener[] = [];
     const summaries: string[] = [];
@@ -44,6 +47,8 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
     const warmMs = performance.now() - t0;
     logger.debug("daemon.warm_up", warm ? `fault path warmed up in ${warmMs.toFixed(1)} ms` : "fault path warm-up skipped (no userfaultfd)", { done: warm, ms: warmMs });
     server.loop.spinMs = config["spin-us"] / 1000;
+    // Before listen(): a metrics address that cannot be bound leaves no socket files behind.
+    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderServeMetrics(server.totals, server.vms.values()), logger);
     server.listen();
     listeners.forEach((l, i) =>
       logger.info("daemon.listening", `listening on ${l.socketPath}: ${summaries[i]}`, {
@@ -62,6 +67,7 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
     server.close();
     return 0;
   } finally {
+    metrics?.stop();
     for (const s of opened) s.close();
   }
 }

@@ -8,6 +8,7 @@ import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, Native
 import { checkRegionsFitImage, MAX_HANDSHAKE_BYTES, parseHandshake, scanJson } from "./handshake.ts";
 import { HandlerTable, type PageBackend, type PageRequester } from "./handler-table.ts";
 import { formatBytes, type Logger } from "./log.ts";
+import { VmTotals } from "./metrics/serve-metrics.ts";
 import { Populator, type PopulateMode } from "./populator.ts";
 import { Scratch, VmSession, type VmStats } from "./vm-session.ts";
 import { TouchRecorder, writeWorkingSet } from "./working-set.ts";
@@ -84,6 +85,8 @@ export class Server {
   readonly loop: EventLoop;
   readonly vms = new Map<number, VmSession>();
   readonly exits: VmExit[] = [];
+  /** Lifecycle counters and what closed VMs counted (the metrics endpoint adds the live VMs). */
+  readonly totals = new VmTotals();
   onVmExit: ((exit: VmExit) => void) | undefined;
   private readonly bound: BoundListener[] = [];
   private readonly backends = new Map<VmSession, PageBackend>();
@@ -218,6 +221,7 @@ export class Server {
       this.requesters.set(vm, requester);
     }
     this.vms.set(vm.id, vm);
+    this.totals.connected++;
     const uffdToken = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
     const sockToken = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
       if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) this.closeVm(vm, "VMM hung up");
@@ -281,6 +285,7 @@ export class Server {
     this.populators.delete(vm);
     vm.discardMessages();
     if (vm.fatal !== undefined) return this.failVm(vm);
+    this.totals.detached++;
     const s = vm.stats;
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     this.opts.logger.info(
@@ -340,6 +345,10 @@ export class Server {
     this.writeRecording(vm);
     this.recorders.delete(vm);
     this.backends.delete(vm);
+    this.totals.retire(vm);
+    // quiet: failVm logged the failure already.
+    if (quiet) this.totals.failed++;
+    else this.totals.served++;
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     const s = vm.stats;
     const exit: VmExit = { id: vm.id, pid: vm.pid, reason, stats: { ...s }, seconds };
@@ -356,6 +365,7 @@ export class Server {
 
   private reject(p: Pending, e: SnaploadError): void {
     if (!this.pending.has(p)) return;
+    this.totals.rejected++;
     this.opts.logger.warn("peer.rejected", `connection from pid ${p.pid} rejected: ${e.message}`, { pid: p.pid, socket: p.listener.socketPath, code: e.code, reason: e.message });
     for (const fd of p.fds) sl.sl_close(fd);
     this.forgetPending(p);

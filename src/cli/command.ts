@@ -204,3 +204,10 @@ export const logFormatOption = {
   arg: "FORMAT",
   help: "text: lines for people (default); json: one JSON event per line\n(docs/events.md)",
 } as const satisfies Option;
+
+export const metricsOption = {
+  type: "string",
+  schema: optionalString(),
+  arg: "HOST:PORT",
+  help: "serve Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md)",
+} as const satisfies Option;

@@ -1,5 +1,5 @@
 // `snapload page-server`: its options (parser, schema and usage from one table).
-import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, optionalString, requiredString } from "./command.ts";
+import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, requiredString } from "./command.ts";
 
 const options = {
   listen: { type: "string", schema: requiredString("HOST:PORT to listen on"), arg: "HOST:PORT", help: "address to listen on" },
@@ -16,6 +16,7 @@ const options = {
   },
   "log-level": logLevelOption,
   "log-format": logFormatOption,
+  metrics: metricsOption,
   // Exercises the clients' checksums: flips a payload byte of every Nth reply.
   "test-only-corrupt-every": {
     type: "string", schema: intValue(1, 1_000_000_000).optional(), arg: "N", hidden: true,

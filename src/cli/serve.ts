@@ -1,7 +1,7 @@
 // `snapload serve`: its options (parser, schema and usage from one table).
 import { z } from "zod";
 import { DEFAULT_FAULT_AROUND } from "../config.ts";
-import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, optionalString, repeatedString } from "./command.ts";
+import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, repeatedString } from "./command.ts";
 
 const options = {
   socket: {
@@ -53,6 +53,7 @@ const options = {
   },
   "log-level": logLevelOption,
   "log-format": logFormatOption,
+  metrics: metricsOption,
   "token-file": { type: "string", schema: optionalString(), arg: "FILE", help: "the page server's shared secret (required with tcp://)" },
   "page-server-deadline": {
     type: "string", schema: intValue(100, 86_400_000).default(30_000), arg: "MS",
