@@ -5,10 +5,11 @@ import { demo } from "./cli/demo.ts";
 import { inspect } from "./cli/inspect.ts";
 import { pageServer } from "./cli/page-server.ts";
 import { serve } from "./cli/serve.ts";
+import { stats } from "./cli/stats.ts";
 import { ConfigError, SnaploadError } from "./errors.ts";
 
 /** Every command, in usage order. Adding one: a module in src/cli/ and a line here. */
-const COMMANDS: Command[] = [serve, pageServer, inspect, demo];
+const COMMANDS: Command[] = [serve, pageServer, stats, inspect, demo];
 
 export const USAGE = `snapload — lazy snapshot loading over userfaultfd
 
