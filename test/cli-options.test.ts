@@ -9,6 +9,7 @@ import { demo } from "../src/cli/demo.ts";
 import { inspect } from "../src/cli/inspect.ts";
 import { pageServer } from "../src/cli/page-server.ts";
 import { serve } from "../src/cli/serve.ts";
+import { stats } from "../src/cli/stats.ts";
 import { ConfigError } from "../src/errors.ts";
 import { generateRawImage } from "./gen-mapped-ram.ts";
 import { runSnapload, tempDir } from "./harness.ts";
@@ -55,6 +56,9 @@ describe("parser", () => {
     expect(refusal(() => serve.parse(["--socket", "s", "--mem", "m", "--on-fatal", "maybe"]))).toStartWith("--on-fatal: ");
     expect(refusal(() => serve.parse(["--socket", "a", "--socket", "b", "--socket", "c", "--mem", "x", "--mem", "y"]))).toStartWith("--mem: give one --mem");
     expect(refusal(() => pageServer.parse(["--listen", "h:1", "--mem", "a"]))).toStartWith("--token-file: is required");
+    expect(refusal(() => stats.parse([]))).toStartWith("--metrics: is required");
+    expect(refusal(() => stats.parse(["--metrics", "localhost"]))).toStartWith("--metrics: must be HOST:PORT");
+    expect(stats.parse(["--metrics", "[::1]:9464"]).metrics).toBe("[::1]:9464");
   });
 
   test("defaults and conversions come from the table", () => {
@@ -64,7 +68,7 @@ describe("parser", () => {
   });
 
   test("each command's usage lists every option of its table but the hidden ones", () => {
-    for (const command of [serve, pageServer, inspect, demo]) {
+    for (const command of [serve, pageServer, stats, inspect, demo]) {
       const usage = command.usage();
       expect(USAGE).toContain(usage);
       for (const [name, o] of Object.entries(command.options)) {

@@ -1,14 +1,14 @@
 // The metrics endpoint (--metrics): histogram buckets, the exposition format, and the counters of
 // a real daemon against what the VMM stand-in saw; `snapload stats` on a live daemon.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
 import { readTokenFile } from "../src/postcopy/auth.ts";
 import { encodeHeader, ErrorCode, FrameType, HEADER_SIZE, Role } from "../src/postcopy/protocol.ts";
 import { Exposition, parseExposition, type Sample } from "../src/metrics/exposition.ts";
 import { bucketOf, LATENCY_BUCKETS, newHistogram, observe, quantileUs } from "../src/metrics/histogram.ts";
-import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, ROOT, runSnapload, runStandin, STANDIN, startDaemon, tempDir } from "./harness.ts";
 import { RawClient, startPageServer } from "./postcopy-wire.ts";
 
 const MIB = 1024 * 1024;
@@ -88,6 +88,14 @@ describe("serve --metrics", () => {
   });
   afterAll(async () => {
     await d?.stop();
+  });
+
+  test("docs/metrics.md documents every family the endpoint has", async () => {
+    const doc = readFileSync(join(ROOT, "docs/metrics.md"), "utf8");
+    const text = await (await fetch(url)).text();
+    const families = [...text.matchAll(/^# TYPE (\S+) (\S+)$/gm)].map((m) => [m[1]!, m[2]!]);
+    expect(families.length).toBeGreaterThan(10);
+    for (const [name, type] of families) expect(doc, name).toContain(`| \`${name}\` | ${type}`);
   });
 
   test("only /metrics", async () => {
@@ -190,6 +198,8 @@ describe("page-server --metrics", () => {
       expect(value(after, "snapload_page_server_errors_total", { code: "out_of_bounds" })).toBe(1);
       expect(value(after, "snapload_page_server_errors_total")).toBe(1);
       expect(value(after, "snapload_page_server_clients")).toBe(1);
+      const doc = readFileSync(join(ROOT, "docs/metrics.md"), "utf8");
+      for (const [, name, type] of (await (await fetch(psUrl)).text()).matchAll(/^# TYPE (\S+) (\S+)$/gm)) expect(doc, name).toContain(`| \`${name}\` | ${type}`);
       c.socket.destroy();
     } finally {
       await d.stop();
