@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
 import { prng } from "../src/prng.ts";
 import { decodeWorkingSet, encodeWorkingSet } from "../src/working-set.ts";
-import { type Daemon, describeRun, ensureBuilt, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, runStandin, STANDIN, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const PAGES = (32 * MIB) / 4096;
@@ -116,10 +116,10 @@ describe("working sets", () => {
     const order = orderFile("ws.order", subset);
     const ws = join(dir.path, "vm.ws");
     const sock = join(dir.path, "rec.sock");
-    const rec = await startDaemon(["--mem", image, "--record", ws], sock);
+    const rec = await startDaemon(["--mem", image, "--record", ws, "--log-format", "json"], sock);
     const r1 = await runStandin(["--socket", sock, "--expect", image, "--order", `file:${order}`]);
     expect(r1.code, describeRun(r1)).toBe(0);
-    await rec.waitForLog(/recorded \d+ first touches/);
+    expect((await rec.waitForEvent("vm.recorded")).pages).toBe(subset.length);
     await rec.stop();
     const recorded = decodeWorkingSet(readFileSync(ws), 32 * MIB);
     expect([...recorded]).toEqual(subset);
@@ -141,17 +141,26 @@ describe("working sets", () => {
   test("SIGUSR1 writes the recording of a running VM", async () => {
     const ws = join(dir.path, "usr1-{vm}.ws");
     const sock = join(dir.path, "usr1.sock");
-    const d = await startDaemon(["--mem", image, "--record", ws], sock);
-    const run = runStandin(["--socket", sock, "--expect", image, "--order", "seq", "--fraction", "0.1", "--hold", "1500"]);
-    await new Promise((r) => setTimeout(r, 700));
+    const d = await startDaemon(["--mem", image, "--record", ws, "--log-format", "json"], sock);
+    // The stand-in prints its report once it touched its pages, then holds the VM connected.
+    const standin = Bun.spawn([STANDIN, "--socket", sock, "--expect", image, "--order", "seq", "--fraction", "0.1", "--hold", "60000"], { stdout: "pipe", stderr: "pipe" });
+    const reader = standin.stdout.getReader();
+    let out = "";
+    while (!out.includes("}\n")) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`stand-in exited without a report: ${out}`);
+      out += new TextDecoder().decode(value);
+    }
     d.proc.kill("SIGUSR1");
-    await d.waitForLog(/recorded \d+ first touches to .*usr1-1\.ws/);
+    const e = await d.waitForEvent("vm.recorded");
+    expect(e).toMatchObject({ vm: 1, pid: standin.pid, path: join(dir.path, "usr1-1.ws") });
     const path = join(dir.path, "usr1-1.ws");
     expect(existsSync(path)).toBe(true);
     const recorded = decodeWorkingSet(readFileSync(path), 32 * MIB);
     expect(recorded.length).toBe(Math.ceil(PAGES * 0.1));
     expect(recorded[0]).toBe(0);
-    expect((await run).code).toBe(0);
+    expect(e.pages).toBe(recorded.length);
+    standin.kill("SIGKILL");
     await d.stop();
   });
 
@@ -197,10 +206,10 @@ describe("background population", () => {
 
   test("population skips pages the guest discarded (they stay zero)", async () => {
     const sock = join(dir.path, "popb.sock");
-    const d = await startDaemon(["--mem", image, "--populate", "background"], sock);
+    const d = await startDaemon(["--mem", image, "--populate", "background", "--log-format", "json"], sock);
     const r = await runStandin(["--socket", sock, "--expect", image, "--balloon", "4m:8m", "--fraction", "0.01", "--pause", "1500", "--verify", "all"]);
     expect(r.code, describeRun(r)).toBe(0);
-    await d.waitForLog(/detached/);
+    await d.waitForEvent("vm.detached");
     await d.stop();
   });
 });
