@@ -83,6 +83,21 @@ export class Daemon {
     }
   }
 
+  /** Resolves with the matching events once there are at least `count` of them. */
+  async waitForEvents(name: EventName, count: number, match: (e: LogRecord) => boolean = () => true, timeoutMs = 10_000): Promise<LogRecord[]> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const all = this.events().filter((e) => e.event === name && match(e));
+      if (all.length >= count) return all;
+      if (Date.now() > deadline) throw new Error(`${all.length} of ${count} ${name} events; log so far:\n${this.stderrText}`);
+      if (this.proc.exitCode !== null) throw new Error(`daemon exited (${this.proc.exitCode}) with ${all.length} of ${count} ${name} events; log:\n${this.stderrText}`);
+      await new Promise<void>((resolve) => {
+        this.waiters.push(resolve);
+        setTimeout(resolve, 50);
+      });
+    }
+  }
+
   /** SIGTERM, then the exit code. */
   async stop(): Promise<number> {
     if (this.proc.exitCode === null) this.proc.kill("SIGTERM");
