@@ -51,6 +51,15 @@ describe("parser", () => {
 
   test("unknown, repeated and invalid options name the flag", () => {
     expect(refusal(() => serve.parse(["--socket", "s", "--mem", "m", "--nope", "1"]))).toBe("unknown option --nope");
+    // The parser's own error stays attached as the cause.
+    let caught: unknown;
+    try {
+      serve.parse(["--nope"]);
+    } catch (e) {
+      caught = e;
+    }
+    expect(caught).toBeInstanceOf(ConfigError);
+    expect(((caught as Error).cause as { code?: string }).code).toBe("ERR_PARSE_ARGS_UNKNOWN_OPTION");
     expect(refusal(() => pageServer.parse(["--listen", "h:1", "--mem", "a", "--mem", "b", "--token-file", "t"]))).toBe("--mem given more than once");
     expect(refusal(() => serve.parse(["--socket", "s", "--mem", "m", "--spin-us", "x"]))).toBe("--spin-us: must be a whole number");
     expect(refusal(() => serve.parse(["--socket", "s", "--mem", "m", "--on-fatal", "maybe"]))).toStartWith("--on-fatal: ");

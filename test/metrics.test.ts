@@ -1,7 +1,7 @@
 // The metrics endpoint (--metrics): histogram buckets, the exposition format, and the counters of
 // a real daemon against what the VMM stand-in saw; `snapload stats` on a live daemon.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
 import { readTokenFile } from "../src/postcopy/auth.ts";
@@ -157,6 +157,19 @@ describe("serve --metrics", () => {
     expect(value(after, "snapload_handshakes_rejected_total") - value(before, "snapload_handshakes_rejected_total")).toBe(1);
     expect(value(after, "snapload_vms_connected_total")).toBe(value(before, "snapload_vms_connected_total"));
   });
+});
+
+test("a --metrics address already in use: exit 2 naming it, no socket left behind", async () => {
+  const taken = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response("") });
+  try {
+    const sock = join(dir.path, "busy.sock");
+    const r = await runSnapload(["serve", "--socket", sock, "--mem", image, "--metrics", `127.0.0.1:${taken.port}`]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain(`--metrics 127.0.0.1:${taken.port}: cannot listen (EADDRINUSE)`);
+    expect(existsSync(sock)).toBe(false);
+  } finally {
+    taken.stop(true);
+  }
 });
 
 describe("page-server --metrics", () => {

@@ -137,19 +137,14 @@ function diagnose(command: string, args: string[], options: ParseArgsOptionsConf
     if (t.kind !== "option") continue;
     const o = options[t.name] ?? (t.name.startsWith("no-") && options[t.name.slice(3)]?.type === "boolean" ? options[t.name.slice(3)] : undefined);
     const context = { command, option: t.name };
-    if (!o) return withCause(new ConfigError(`unknown option ${t.rawName}`, context), cause);
+    if (!o) return new ConfigError(`unknown option ${t.rawName}`, context, { cause });
     if (o.type !== "string") continue;
-    if (t.value === undefined) return withCause(new ConfigError(`--${t.name} needs a value`, context), cause);
+    if (t.value === undefined) return new ConfigError(`--${t.name} needs a value`, context, { cause });
     if (!t.inlineValue && t.value.startsWith("-")) {
-      return withCause(new ConfigError(`--${t.name} needs a value (got '${t.value}', which reads as a flag; write --${t.name}=${t.value} if it is the value)`, context), cause);
+      return new ConfigError(`--${t.name} needs a value (got '${t.value}', which reads as a flag; write --${t.name}=${t.value} if it is the value)`, context, { cause });
     }
   }
-  return withCause(new ConfigError(cause instanceof Error ? cause.message : String(cause), { command }), cause);
-}
-
-function withCause(e: ConfigError, cause: unknown): ConfigError {
-  (e as { cause?: unknown }).cause = cause;
-  return e;
+  return new ConfigError(cause instanceof Error ? cause.message : String(cause), { command }, { cause });
 }
 
 const HELP_COLUMN = 24;

@@ -28,9 +28,7 @@ export async function startMetricsEndpoint(address: string, render: () => string
       },
     });
   } catch (e) {
-    const err = new ConfigError(`--metrics ${address}: cannot listen (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`, { address });
-    (err as { cause?: unknown }).cause = e;
-    throw err;
+    throw new ConfigError(`--metrics ${address}: cannot listen (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`, { address }, { cause: e });
   }
   const bound = formatHostPort({ host: where.host, port: server.port ?? where.port });
   const url = `http://${bound}/metrics`;

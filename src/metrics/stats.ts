@@ -28,9 +28,7 @@ export async function fetchMetrics(url: string): Promise<string> {
   try {
     res = await fetch(url, { signal: AbortSignal.timeout(5000) });
   } catch (e) {
-    const err = new SnaploadError("PEER_GONE", `cannot reach ${url}: ${(e as { code?: string }).code ?? (e as Error).message}`, { url });
-    (err as { cause?: unknown }).cause = e;
-    throw err;
+    throw new SnaploadError("PEER_GONE", `cannot reach ${url}: ${(e as { code?: string }).code ?? (e as Error).message}`, { url }, { cause: e });
   }
   if (!res.ok) throw new SnaploadError("PEER_GONE", `${url} answered HTTP ${res.status}`, { url, status: res.status });
   return await res.text();
