@@ -16,8 +16,9 @@ export class SnaploadError extends Error {
   readonly code: ErrorCode;
   readonly context: Record<string, unknown>;
 
-  constructor(code: ErrorCode, message: string, context: Record<string, unknown> = {}) {
-    super(message);
+  /** `options.cause`: the error this one explains (kept as the standard `cause`). */
+  constructor(code: ErrorCode, message: string, context: Record<string, unknown> = {}, options?: { cause?: unknown }) {
+    super(message, options);
     this.name = "SnaploadError";
     this.code = code;
     this.context = context;
@@ -50,8 +51,8 @@ export class SyscallError extends SnaploadError {
 }
 
 export class ConfigError extends SnaploadError {
-  constructor(message: string, context: Record<string, unknown> = {}) {
-    super("BAD_CONFIG", message, context);
+  constructor(message: string, context: Record<string, unknown> = {}, options?: { cause?: unknown }) {
+    super("BAD_CONFIG", message, context, options);
     this.name = "ConfigError";
   }
 }

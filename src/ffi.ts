@@ -2,7 +2,9 @@
 // Addresses travel as plain numbers: host addresses are < 2^47, so no BigInt on the hot path.
 import { dlopen, FFIType, toArrayBuffer, type Pointer } from "bun:ffi";
 import { existsSync } from "node:fs";
+import { constants as osConstants } from "node:os";
 import { join } from "node:path";
+import { getSystemErrorName } from "node:util";
 // Embedded into the single binary by `bun build --compile`; a plain path when run from source.
 import embeddedLib from "../build/libsnapload.so" with { type: "file" };
 
@@ -109,22 +111,29 @@ export class NativeBuffer {
   }
 }
 
-const ERRNO_NAMES: Record<number, string> = {
-  1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM",
-  13: "EACCES", 14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR",
-  22: "EINVAL", 24: "EMFILE", 25: "ENOTTY", 28: "ENOSPC", 32: "EPIPE", 36: "ENAMETOOLONG", 38: "ENOSYS",
-  75: "EOVERFLOW", 88: "ENOTSOCK", 95: "EOPNOTSUPP", 97: "EAFNOSUPPORT", 98: "EADDRINUSE",
-  104: "ECONNRESET", 107: "ENOTCONN", 110: "ETIMEDOUT", 111: "ECONNREFUSED", 113: "EHOSTUNREACH",
-  115: "EINPROGRESS", 6: "ENXIO", 92: "ENOPROTOOPT",
-};
+// Errno names and numbers come from the runtime, not a table of our own.
+const ERRNO = osConstants.errno;
+const ERRNO_BY_NUMBER = new Map<number, string>();
+for (const [name, n] of Object.entries(ERRNO)) if (!ERRNO_BY_NUMBER.has(n)) ERRNO_BY_NUMBER.set(n, name);
 
+/**
+ * The symbolic name of a positive errno: the name Bun/Node put in `error.code` for it (so ours
+ * read like theirs: ENOTSUP for 95), else the first os.constants.errno name with that number
+ * (Bun's libuv table lacks a few, such as EINPROGRESS).
+ */
 export function errnoName(errno: number): string {
-  return ERRNO_NAMES[errno] ?? `errno ${errno}`;
+  if (errno > 0) {
+    const name = getSystemErrorName(-errno);
+    if (!name.startsWith("Unknown")) return name;
+  }
+  return ERRNO_BY_NUMBER.get(errno) ?? `errno ${errno}`;
 }
 
 export const Errno = {
-  EPERM: 1, ENOENT: 2, ESRCH: 3, EINTR: 4, EAGAIN: 11, EEXIST: 17, EINVAL: 22, ENXIO: 6, ENOMEM: 12,
-  EINPROGRESS: 115, ECONNREFUSED: 111, EADDRINUSE: 98,
+  EPERM: ERRNO.EPERM, ENOENT: ERRNO.ENOENT, ESRCH: ERRNO.ESRCH, EINTR: ERRNO.EINTR, EAGAIN: ERRNO.EAGAIN,
+  EEXIST: ERRNO.EEXIST, EINVAL: ERRNO.EINVAL, ENXIO: ERRNO.ENXIO, ENOMEM: ERRNO.ENOMEM,
+  EINPROGRESS: ERRNO.EINPROGRESS, ECONNREFUSED: ERRNO.ECONNREFUSED, EOPNOTSUPP: ERRNO.EOPNOTSUPP,
+  EADDRINUSE: ERRNO.EADDRINUSE,
 } as const;
 
 export const EPOLLIN = 0x001;

@@ -100,6 +100,10 @@ export class PageServer {
   private ltoken = -1;
   private nextConn = 1;
   private readonly conns = new Set<Conn>();
+  /** For the metrics: clients accepted, and what closed connections counted. */
+  private readonly totals = { clients: 0, requests: 0, bytes: 0 };
+  /** Error frames sent, by wire error code. */
+  private readonly errors = new Float64Array(Math.max(...Object.values(ErrorCode)) + 1);
   /** Background connections with work and room to send, in turn order. */
   private readonly backgroundQueue: Conn[] = [];
   private backgroundOn = false;
@@ -132,13 +136,26 @@ export class PageServer {
     return this.conns.size;
   }
 
+  /** Counters for the metrics endpoint: closed connections' totals plus the live ones. */
+  metrics(): { clients: number; clientsTotal: number; requests: number; bytes: number; errors: Readonly<Record<string, number>> } {
+    let requests = this.totals.requests;
+    let bytes = this.totals.bytes;
+    for (const c of this.conns) {
+      requests += c.requests;
+      bytes += c.bytesSent;
+    }
+    const errors: Record<string, number> = {};
+    for (const [name, code] of Object.entries(ErrorCode)) errors[name.toLowerCase()] = this.errors[code]!;
+    return { clients: this.conns.size, clientsTotal: this.totals.clients, requests, bytes, errors };
+  }
+
   private acceptAll(): void {
     for (;;) {
       const fd = sl.sl_accept(this.lfd);
       if (fd < 0) {
         if (-fd !== Errno.EAGAIN) {
           // EMFILE/ENFILE leave the connection queued and the listener readable: pause, do not spin.
-          this.opts.logger.warn(`accept failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
+          this.opts.logger.warn("page_server.accept_failed", `accept failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`, { errno: errnoName(-fd), pauseMs: ACCEPT_PAUSE_MS });
           this.loop.pause(this.ltoken, this.lfd, EPOLLIN, ACCEPT_PAUSE_MS);
         }
         return;
@@ -149,11 +166,12 @@ export class PageServer {
       };
       const conn = new Conn(this.nextConn++, fd, sink);
       this.conns.add(conn);
+      this.totals.clients++;
       conn.token = this.loop.add(fd, EPOLLIN | EPOLLRDHUP, (ev) => this.onEvents(conn, ev));
       conn.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
         this.refuse(conn, ErrorCode.TIMEOUT, `no authentication within ${this.opts.handshakeTimeoutMs} ms`),
       );
-      this.opts.logger.debug(`${conn.name} connected`);
+      this.opts.logger.debug("page_server.client_connected", `${conn.name} connected`, { client: conn.name });
     }
   }
 
@@ -253,7 +271,7 @@ export class PageServer {
         conn.writer.push(frame(FrameType.ZERO_MAP, part, 0, at, 0, Bun.hash.crc32(part)));
       }
     }
-    this.opts.logger.info(`${conn.name} authenticated`);
+    this.opts.logger.info("page_server.client_authenticated", `${conn.name} authenticated`, { client: conn.name });
     this.flush(conn);
   }
 
@@ -267,7 +285,10 @@ export class PageServer {
     // Bounds: never read outside the image, whatever the client asks.
     if (start + size > this.info.size) {
       this.checkUnread(conn);
-      this.opts.logger.warn(`${conn.name}: request ${h.id} for bytes [${start}, ${start + size}) lies outside the ${this.info.size}-byte image; refused`);
+      this.opts.logger.warn("page_server.request_refused", `${conn.name}: request ${h.id} for bytes [${start}, ${start + size}) lies outside the ${this.info.size}-byte image; refused`, {
+        client: conn.name, request: h.id, start, size, imageSize: this.info.size,
+      });
+      this.errors[ErrorCode.OUT_OF_BOUNDS]!++;
       conn.writer.push(errorFrame(ErrorCode.OUT_OF_BOUNDS, `bytes [${start}, ${start + size}) lie outside the ${this.info.size}-byte image`, h.id));
       return;
     }
@@ -385,7 +406,8 @@ export class PageServer {
   /** Sends an ERROR frame, logs why, and closes once it is out (or after LINGER_MS). */
   private refuse(conn: Conn, code: ErrorCode, message: string): void {
     if (conn.state === "closing" || conn.state === "closed") return;
-    this.opts.logger.warn(`${conn.name}: ${message}; connection closed`);
+    this.errors[code]!++;
+    this.opts.logger.warn("page_server.client_refused", `${conn.name}: ${message}; connection closed`, { client: conn.name, code, reason: message });
     conn.cancelTimer();
     conn.reader.stop();
     conn.jobs.length = 0;
@@ -416,9 +438,13 @@ export class PageServer {
     conn.writer.clear();
     conn.staging?.free();
     this.conns.delete(conn);
+    this.totals.requests += conn.requests;
+    this.totals.bytes += conn.bytesSent;
     const i = this.backgroundQueue.indexOf(conn);
     if (i >= 0) this.backgroundQueue.splice(i, 1);
-    this.opts.logger.log(level, `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`);
+    this.opts.logger.log(level, "page_server.client_closed", `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`, {
+      client: conn.name, reason, requests: conn.requests, bytes: conn.bytesSent,
+    });
   }
 
   close(): void {

@@ -81,7 +81,7 @@ async function probe(url: string, addr: HostPort, token: Buffer, opts: SourceOpt
         }
         if (!warned) {
           warned = true;
-          opts.logger.warn(`page server ${url}: ${reason}; retrying for up to ${opts.deadlineMs} ms`);
+          opts.logger.warn("remote.retrying", `page server ${url}: ${reason}; retrying for up to ${opts.deadlineMs} ms`, { url, reason, deadlineMs: opts.deadlineMs });
         }
         loop.after(Math.min(delay, left), attempt);
         delay = Math.min(PROBE_RETRY_MAX_MS, delay * 2);
@@ -96,6 +96,7 @@ async function probe(url: string, addr: HostPort, token: Buffer, opts: SourceOpt
   }
   if (failure !== undefined) throw failure;
   if (result === undefined) throw new SnaploadError("PEER_GONE", `page server ${url}: startup interrupted`);
-  opts.logger.debug(`page server ${url}: image of ${result.info.size} bytes in ${(performance.now() - started).toFixed(1)} ms`);
+  const ms = performance.now() - started;
+  opts.logger.debug("remote.ready", `page server ${url}: image of ${result.info.size} bytes in ${ms.toFixed(1)} ms`, { url, size: result.info.size, ms });
   return result;
 }

@@ -7,6 +7,7 @@ import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, Native
 import { checkRegionsFitImage, JsonScanner, type RegionMapping, MAX_HANDSHAKE_BYTES, MAX_HANDSHAKE_MESSAGES, parseHandshake } from "./handshake.ts";
 import { HandlerTable, type PageBackend, type PageRequester } from "./handler-table.ts";
 import { formatBytes, type Logger } from "./log.ts";
+import { VmTotals } from "./metrics/serve-metrics.ts";
 import { Populator, type PopulateMode } from "./populator.ts";
 import { Scratch, VmSession, type VmStats } from "./vm-session.ts";
 import { TouchRecorder, writeWorkingSet } from "./working-set.ts";
@@ -107,6 +108,8 @@ export class Server {
   readonly loop: EventLoop;
   readonly vms = new Map<number, VmSession>();
   readonly exits: VmExit[] = [];
+  /** Lifecycle counters and what closed VMs counted (the metrics endpoint adds the live VMs). */
+  readonly totals = new VmTotals();
   onVmExit: ((exit: VmExit) => void) | undefined;
   private readonly bound: BoundListener[] = [];
   private readonly backends = new Map<VmSession, PageBackend>();
@@ -149,7 +152,9 @@ export class Server {
       if (fd < 0) {
         if (-fd !== Errno.EAGAIN) {
           // EMFILE/ENFILE leave the peer queued and the listener readable: pause it, do not spin.
-          this.opts.logger.warn(`accept on ${listener.socketPath} failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
+          this.opts.logger.warn("daemon.accept_failed", `accept on ${listener.socketPath} failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`, {
+            socket: listener.socketPath, errno: errnoName(-fd), pauseMs: ACCEPT_PAUSE_MS,
+          });
           this.loop.pause(listener.token, listener.fd, EPOLLIN, ACCEPT_PAUSE_MS);
         }
         return;
@@ -228,7 +233,7 @@ export class Server {
       this.startVm(p, regions, uffd, started);
     } catch (e) {
       const reason = `setting up the VM failed: ${(e as Error).message}`;
-      this.opts.logger.error(`connection from pid ${p.pid}: ${reason}; dropped`);
+      this.opts.logger.error("vm.setup_failed", `connection from pid ${p.pid}: ${reason}; dropped`, { pid: p.pid, reason });
       if (started.vm !== undefined) this.closeVm(started.vm, reason, true);
       else {
         sl.sl_close(uffd);
@@ -269,6 +274,7 @@ export class Server {
       vm.setRequester(requester);
       this.requesters.set(vm, requester);
     }
+    this.totals.connected++;
     // Set before either add, so closeVm removes whichever was added if the other throws.
     const tokens = { uffd: -1, sock: -1 };
     this.tokens.set(vm, tokens);
@@ -278,7 +284,9 @@ export class Server {
     });
     const pageSizes = [...new Set(regions.map((r) => formatBytes(r.pageSize)))].join("/");
     this.opts.logger.info(
+      "vm.connected",
       `vm ${vm.id} pid ${vm.pid} connected: ${regions.length} region${regions.length > 1 ? "s" : ""}, ${formatBytes(table.bytes)}, ${pageSizes} pages`,
+      { vm: vm.id, pid: vm.pid, socket: p.listener.socketPath, regions: regions.length, bytes: table.bytes, pageSizes: [...new Set(regions.map((r) => r.pageSize))] },
     );
     // A remote source's client does its own background completion (it knows what is in flight).
     const populator = new Populator(vm, p.listener.prefetch, source.openRequester ? "none" : this.opts.populate);
@@ -342,10 +350,13 @@ export class Server {
     this.populators.delete(vm);
     vm.discardMessages();
     if (vm.fatal !== undefined) return this.failVm(vm);
+    this.totals.detached++;
     const s = vm.stats;
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     this.opts.logger.info(
+      "vm.detached",
       `vm ${vm.id} pid ${vm.pid} fully populated in ${seconds.toFixed(3)} s (${s.faults} faults, ${s.prefetchedPages} prefetched, ${s.populatedPages} populated pages); detached`,
+      { vm: vm.id, pid: vm.pid, seconds, faults: s.faults, prefetchedPages: s.prefetchedPages, populatedPages: s.populatedPages },
     );
   }
 
@@ -361,9 +372,11 @@ export class Server {
     const path = pattern.replaceAll("{vm}", String(vm.id)).replaceAll("{pid}", String(vm.pid));
     try {
       writeWorkingSet(path, rec.order, this.backends.get(vm)!.size);
-      this.opts.logger.info(`vm ${vm.id} pid ${vm.pid}: recorded ${rec.length} first touches to ${path}`);
+      this.opts.logger.info("vm.recorded", `vm ${vm.id} pid ${vm.pid}: recorded ${rec.length} first touches to ${path}`, { vm: vm.id, pid: vm.pid, pages: rec.length, path });
     } catch (e) {
-      this.opts.logger.error(`vm ${vm.id}: writing the working set to ${path} failed: ${(e as Error).message}`);
+      this.opts.logger.error("vm.record_failed", `vm ${vm.id}: writing the working set to ${path} failed: ${(e as Error).message}`, {
+        vm: vm.id, pid: vm.pid, path, error: (e as Error).message, code: (e as { code?: string }).code,
+      });
     }
   }
 
@@ -373,11 +386,13 @@ export class Server {
       // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice). Through the
       // pidfd taken at accept: the pid alone may have been reused by an unrelated process.
       const r = vm.pidfd >= 0 ? sl.sl_pidfd_send_signal(vm.pidfd, SIGKILL) : vm.pidfd;
-      if (r === 0) this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`);
-      else if (r === -Errno.ESRCH) this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; the process that connected has exited (not killing pid ${vm.pid}, which may be reused); dropped`);
-      else this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; cannot signal the VMM (${errnoName(-r)}); dropped`);
+      const fields = { vm: vm.id, pid: vm.pid, reason };
+      if (r === 0) this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`, { ...fields, action: "killed" });
+      else if (r === -Errno.ESRCH) {
+        this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; the process that connected has exited (not killing pid ${vm.pid}, which may be reused); dropped`, { ...fields, action: "dropped" });
+      } else this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; cannot signal the VMM (${errnoName(-r)}); dropped`, { ...fields, action: "dropped" });
     } else {
-      this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; dropped`);
+      this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; dropped`, { vm: vm.id, pid: vm.pid, reason, action: "dropped" });
     }
     this.closeVm(vm, `failed: ${reason}`, true);
   }
@@ -402,13 +417,19 @@ export class Server {
     this.writeRecording(vm);
     this.recorders.delete(vm);
     this.backends.delete(vm);
+    this.totals.retire(vm);
+    // quiet: failVm logged the failure already.
+    if (quiet) this.totals.failed++;
+    else this.totals.served++;
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     const s = vm.stats;
     const exit: VmExit = { id: vm.id, pid: vm.pid, reason, stats: { ...s }, seconds };
     this.exits.push(exit);
     if (!quiet) {
       this.opts.logger.info(
+        "vm.exited",
         `vm ${vm.id} pid ${vm.pid} exited (${reason}): ${s.pagesInstalled} pages served (${s.zeroPagesInstalled} zero) in ${s.faults} faults over ${seconds.toFixed(2)} s`,
+        { vm: vm.id, pid: vm.pid, reason, pages: s.pagesInstalled, zeroPages: s.zeroPagesInstalled, faults: s.faults, seconds },
       );
     }
     this.onVmExit?.(exit);
@@ -416,7 +437,8 @@ export class Server {
 
   private reject(p: Pending, e: SnaploadError): void {
     if (!this.pending.has(p)) return;
-    this.opts.logger.warn(`connection from pid ${p.pid} rejected: ${e.message}`);
+    this.totals.rejected++;
+    this.opts.logger.warn("peer.rejected", `connection from pid ${p.pid} rejected: ${e.message}`, { pid: p.pid, socket: p.listener.socketPath, code: e.code, reason: e.message });
     for (const fd of p.fds) sl.sl_close(fd);
     if (p.pidfd >= 0) sl.sl_close(p.pidfd);
     this.forgetPending(p);
@@ -435,7 +457,7 @@ export class Server {
     this.closed = true;
     this.loop.stop();
     if (this.vms.size) {
-      this.opts.logger.warn(`shutting down with ${this.vms.size} VM(s) connected: their next fault will block`);
+      this.opts.logger.warn("daemon.shutdown_with_vms", `shutting down with ${this.vms.size} VM(s) connected: their next fault will block`, { vms: this.vms.size });
     }
     for (const vm of [...this.vms.values()]) this.closeVm(vm, "snapload shut down");
     for (const p of [...this.pending]) this.reject(p, new HandshakeError("snapload shut down"));
@@ -444,8 +466,8 @@ export class Server {
       sl.sl_close(l.fd);
       // Only our own socket file: if another daemon has since put its socket there, it stays.
       const r = sl.sl_unix_unlink_if(cstr(l.socketPath), l.dev, l.ino);
-      if (r === -Errno.EEXIST) this.opts.logger.warn(`${l.socketPath} is no longer our socket file; left in place`);
-      else if (r < 0) this.opts.logger.warn(`removing ${l.socketPath} failed: ${errnoName(-r)}`);
+      if (r === -Errno.EEXIST) this.opts.logger.warn("daemon.socket_left", `${l.socketPath} is no longer our socket file; left in place`, { socket: l.socketPath, reason: "not ours" });
+      else if (r < 0) this.opts.logger.warn("daemon.socket_left", `removing ${l.socketPath} failed: ${errnoName(-r)}`, { socket: l.socketPath, reason: errnoName(-r) });
     }
   }
 }

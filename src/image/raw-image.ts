@@ -50,6 +50,6 @@ export function findHoles(fd: number, size: number, path: string): ZeroMap {
 // Filesystems without SEEK_HOLE support report "no holes"; anything else is a real failure.
 function noHoles(r: number, zero: ZeroMap, path: string): ZeroMap {
   const errno = -r;
-  if (errno === Errno.EINVAL || errno === 95 /* EOPNOTSUPP */) return new ZeroMap(zero.pages);
+  if (errno === Errno.EINVAL || errno === Errno.EOPNOTSUPP) return new ZeroMap(zero.pages);
   throw new SyscallError("lseek", errno, errnoName(errno), { path });
 }

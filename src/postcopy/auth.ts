@@ -28,7 +28,7 @@ export function readTokenFile(path: string, logger?: Logger): Buffer {
     );
   }
   try {
-    if (statSync(path).mode & 0o077) logger?.warn(`--token-file ${path} is readable by group or others; chmod 600 it`);
+    if (statSync(path).mode & 0o077) logger?.warn("config.token_file_mode", `--token-file ${path} is readable by group or others; chmod 600 it`, { path });
   } catch {
     // It was readable a moment ago; the mode check is advice only.
   }

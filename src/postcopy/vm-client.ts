@@ -318,8 +318,10 @@ export class VmClient implements PageRequester {
     this.counters.badReplies++;
     const a = req.start + h.offset;
     this.ctx.logger.warn(
+      "remote.bad_reply",
       `vm ${this.vm.id}: page server reply for image bytes [0x${a.toString(16)}, 0x${(a + h.length).toString(16)}) failed its checksum ` +
         `(crc 0x${crc.toString(16)}, frame says 0x${h.crc.toString(16)}); dropped, re-requesting`,
+      { vm: this.vm.id, url: this.target.url, start: a, length: h.length, crc, expectedCrc: h.crc },
     );
     (req.bad ??= []).push([h.offset, h.length]);
   }
@@ -555,11 +557,13 @@ export class VmClient implements PageRequester {
       const level = kind === "auth" || kind === "version" || kind === "protocol" ? "error" : "warn";
       this.ctx.logger.log(
         level,
+        "remote.lost",
         `vm ${this.vm.id}: ${this.everConnected ? "lost the" : "cannot reach the"} page server ${this.target.url} (${CHANNEL_NAMES[i]} channel: ${reason}); ` +
           `${again.length} requests to re-send; reconnecting, the VM is killed if it is not back within ${this.target.deadlineMs} ms`,
+        { vm: this.vm.id, url: this.target.url, channel: CHANNEL_NAMES[i], reason, kind, resend: again.length, deadlineMs: this.target.deadlineMs },
       );
     } else {
-      this.ctx.logger.debug(`vm ${this.vm.id}: ${CHANNEL_NAMES[i]} channel: ${reason}`);
+      this.ctx.logger.debug("remote.channel_lost", `vm ${this.vm.id}: ${CHANNEL_NAMES[i]} channel: ${reason}`, { vm: this.vm.id, channel: CHANNEL_NAMES[i], reason, kind });
     }
     const delay = this.backoff[i]!;
     this.backoff[i] = Math.min(RECONNECT_MAX_MS, delay * 2);
@@ -578,9 +582,13 @@ export class VmClient implements PageRequester {
     this.stallSince = undefined;
     if (this.outageLogged) {
       this.counters.reconnects++;
-      this.ctx.logger.info(`vm ${this.vm.id}: page server ${this.target.url} is back after ${stalled.toFixed(0)} ms; outstanding requests re-sent`);
+      this.ctx.logger.info("remote.back", `vm ${this.vm.id}: page server ${this.target.url} is back after ${stalled.toFixed(0)} ms; outstanding requests re-sent`, {
+        vm: this.vm.id, url: this.target.url, stalledMs: stalled,
+      });
     } else {
-      this.ctx.logger.debug(`vm ${this.vm.id}: page server ${this.target.url} delivering after ${stalled.toFixed(1)} ms`);
+      this.ctx.logger.debug("remote.delivering", `vm ${this.vm.id}: page server ${this.target.url} delivering after ${stalled.toFixed(1)} ms`, {
+        vm: this.vm.id, url: this.target.url, stalledMs: stalled,
+      });
     }
     this.outageLogged = false;
   }
@@ -657,7 +665,9 @@ export class VmClient implements PageRequester {
     for (const s of this.freeSlots.splice(0)) s.free();
     const c = this.counters;
     this.ctx.logger.debug(
+      "remote.done",
       `vm ${this.vm.id}: page server ${this.target.url}: ${c.requests} requests, ${formatBytes(c.bytes)} received, ${c.badReplies} bad replies, ${c.reconnects} reconnects`,
+      { vm: this.vm.id, url: this.target.url, requests: c.requests, bytes: c.bytes, badReplies: c.badReplies, reconnects: c.reconnects },
     );
   }
 }
