@@ -32,10 +32,14 @@ usage:
                               (default 30000)
   snapload page-server --listen HOST:PORT --mem FILE --token-file FILE [options]
       Serve an image's pages over TCP to daemons started with --mem tcp://HOST:PORT (postcopy).
-      Clients must prove they hold the same --token-file secret. The channel is NOT encrypted:
-      use it on a trusted network or inside a tunnel.
+      Clients must prove they hold the same --token-file secret; after that handshake every
+      byte is encrypted and authenticated (AES-256-GCM, fresh keys per connection).
       --ramblock NAME         mapped-ram block to serve (as for serve)
-      --handshake-timeout MS  drop clients that have not authenticated by then (default 5000)
+      --handshake-timeout MS  drop clients that have not authenticated by then (default 2000)
+      --max-preauth N         unauthenticated connections held at once (default 256) ...
+      --max-preauth-per-address N  ... and from one address (default 32); past either the
+                              oldest idle one is dropped
+      --max-clients N         authenticated connections at once (default 1024)
       --log-level LEVEL       error|warn|info|debug (default info)
   snapload inspect FILE [--ramblock NAME] [--json]
       Show an image's format, blocks, page size, and data vs zero pages.

@@ -49,10 +49,16 @@ export const pageServerSchema = z.object({
   "token-file": z.string({
     error: (i) => (i.input === undefined ? "is required: the page server serves only clients that prove they hold this shared secret" : "must be a path"),
   }).min(1),
-  "handshake-timeout": intFlag(10, 600_000).default(5000),
+  // Short: an unauthenticated connection holds an fd, and anyone can open one.
+  "handshake-timeout": intFlag(10, 600_000).default(2000),
+  "max-preauth": intFlag(1, 1_000_000).default(256),
+  "max-preauth-per-address": intFlag(1, 1_000_000).default(32),
+  "max-clients": intFlag(1, 1_000_000).default(1024),
   "log-level": z.enum(["error", "warn", "info", "debug"]).default("info"),
-  // TEST ONLY (not in the usage text): flip a payload byte of every Nth reply to exercise client checksums.
+  // TEST ONLY (not in the usage text): flip a sealed payload byte of every Nth reply to exercise client authentication.
   "test-only-corrupt-every": intFlag(1, 1_000_000_000).optional(),
+  // TEST ONLY (not in the usage text): fail the setup of every Nth accepted connection.
+  "test-only-fail-accept-every": intFlag(1, 1_000_000_000).optional(),
 });
 export type PageServerConfig = z.output<typeof pageServerSchema>;
 

@@ -8,6 +8,10 @@ export class Logger {
     private readonly sink: (line: string) => void = (l) => process.stderr.write(`${l}\n`),
   ) {}
 
+  enabled(level: LogLevel): boolean {
+    return ORDER[level] <= ORDER[this.level];
+  }
+
   log(level: LogLevel, message: string): void {
     if (ORDER[level] > ORDER[this.level]) return;
     this.sink(`snapload ${new Date().toISOString()} ${level}: ${message}`);

@@ -25,13 +25,18 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
       token,
       logger,
       handshakeTimeoutMs: config["handshake-timeout"],
+      maxPreauth: config["max-preauth"],
+      maxPreauthPerAddress: config["max-preauth-per-address"],
+      maxClients: config["max-clients"],
       testCorruptEvery: corrupt,
+      testFailAcceptEvery: config["test-only-fail-accept-every"],
     });
-    if (corrupt !== undefined) logger.warn(`TEST ONLY: corrupting one payload byte of every ${corrupt}th reply`);
+    if (corrupt !== undefined) logger.warn(`TEST ONLY: corrupting one sealed payload byte of every ${corrupt}th reply`);
+    if (config["test-only-fail-accept-every"] !== undefined) logger.warn(`TEST ONLY: failing the setup of every ${config["test-only-fail-accept-every"]}th connection`);
     const port = server.listen();
     const what = image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
     logger.info(
-      `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated, not encrypted`,
+      `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated and encrypted (AES-256-GCM)`,
     );
     const shutdown = (signal: string) => {
       logger.info(`${signal}: shutting down`);

@@ -3,18 +3,26 @@
 // the read-only image mapping. Urgent connections are answered as soon as their requests are
 // read; background connections share one bounded slice per loop turn, taken after every ready
 // fd was served, so a fault waits behind at most one slice of bulk transfer in this process.
-import { toArrayBuffer, type Pointer } from "bun:ffi";
+//
+// Unauthenticated connections are held to a budget (globally and per source address, a short
+// deadline, the oldest idle one evicted when full) and cost no mapping; an authenticated one
+// takes its send buffer from a bounded pool. Lines a stranger can cause at will are rate-limited.
+import { BufferPool, type PooledBuffer } from "./buffer-pool.ts";
 import { check } from "./check.ts";
 import { EventLoop } from "./event-loop.ts";
-import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "./ffi.ts";
+import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Errno, errnoName, sl } from "./ffi.ts";
 import type { ZeroMap } from "./image/snapshot-image.ts";
-import { formatBytes, type Logger } from "./log.ts";
-import { clientProof, nonce, proofsEqual, serverProof } from "./postcopy/auth.ts";
+import { LogLimiter } from "./log-limit.ts";
+import { formatBytes, type Logger, type LogLevel } from "./log.ts";
+import { checkCrypto } from "./postcopy/aead.ts";
+import { clientProof, nonce, proofsEqual, serverProof, sessionKeys } from "./postcopy/auth.ts";
+import { peerAddress } from "./postcopy/peer-address.ts";
 import {
-  decodeErrorText, decodeHello, encodeChallenge, encodeHeader, encodeWelcome, ErrorCode, errorFrame, frame, FRAME_NAMES, FrameType, type FrameHeader,
-  HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_REQUEST, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, Role, ROLE_NAMES,
-  WANT_ZERO_MAP, WIRE_PAGE, zeroMapBytes,
+  decodeErrorText, decodeHello, encodeChallenge, encodeHeader, encodeInfo, encodeWelcome, ErrorCode, errorFrame, frame, FRAME_NAMES, FrameType,
+  type FrameHeader, HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_REQUEST, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, Role,
+  ROLE_NAMES, WANT_ZERO_MAP, WIRE_PAGE, zeroMapBytes,
 } from "./postcopy/protocol.ts";
+import { ReceiveSeal, SEALED_HEADER_SIZE, SealError, SendSeal } from "./postcopy/seal.ts";
 import { FrameReader, type FrameSink, READ_AGAIN, READ_EOF, READ_MORE, SEND_BLOCKED, SENT_ALL, FrameWriter } from "./postcopy/wire.ts";
 
 /** The bytes a page server serves: what an opened image offers. */
@@ -35,9 +43,20 @@ export interface PageServerOptions {
   logger: Logger;
   /** A client that has not authenticated by then is dropped. */
   handshakeTimeoutMs: number;
-  /** TEST ONLY (fault injection): flip one payload byte of every Nth DATA frame; the CRC stays the true one. */
+  /** Unauthenticated connections held at once, and from one source address; past either, the oldest idle one goes. */
+  maxPreauth?: number;
+  maxPreauthPerAddress?: number;
+  /** Authenticated connections at once (each holds a send buffer from the pool); more are refused. */
+  maxClients?: number;
+  /** TEST ONLY (fault injection): flip one byte of every Nth sealed DATA payload on its way out. */
   testCorruptEvery?: number;
+  /** TEST ONLY (fault injection): throw while setting up every Nth accepted connection. */
+  testFailAcceptEvery?: number;
 }
+
+export const DEFAULT_MAX_PREAUTH = 256;
+export const DEFAULT_MAX_PREAUTH_PER_ADDRESS = 32;
+export const DEFAULT_MAX_CLIENTS = 1024;
 
 /** Bytes read from one connection per wake-up before others get a turn. */
 const READ_BUDGET = 64 * 1024;
@@ -49,6 +68,12 @@ const LINGER_MS = 1000;
 const MAX_UNREAD_REPLY_BYTES = 1024 * 1024;
 /** accept() failed (out of fds): the listener stays readable, so it is not watched for this long. */
 const ACCEPT_PAUSE_MS = 100;
+/** Connections accepted per wake-up: a flood of connects cannot keep the loop from the clients it has. */
+const ACCEPTS_PER_TURN = 64;
+/** Bytes an unauthenticated client may send: HELLO and AUTH (and an ERROR) fit; a drip of more is cut off. */
+const PREAUTH_BYTE_BUDGET = 2 * HEADER_SIZE + 48 + 32 + 1024;
+/** Control payloads a client may send (ERROR text is the largest). */
+const CONTROL_CAPACITY = 1024;
 
 interface Job {
   id: number;
@@ -69,8 +94,12 @@ class Conn {
   readonly jobs: Job[] = [];
   jobHead = 0;
   wantZeroMap = false;
-  clientNonce: Uint8Array | undefined;
-  serverNonce: Uint8Array | undefined;
+  hello: Uint8Array | undefined;
+  challenge: Uint8Array | undefined;
+  /** Still counted against the pre-authentication budget. */
+  preauth = true;
+  /** Where sealed DATA payloads are encrypted to; from the pool, once authenticated. */
+  sendBuf: PooledBuffer | undefined;
   cancelTimer: () => void = () => {};
   /** Waiting for EPOLLOUT: the kernel's send buffer is full. */
   blocked = false;
@@ -78,10 +107,14 @@ class Conn {
   dataFrames = 0;
   requests = 0;
   bytesSent = 0;
-  staging: NativeBuffer | undefined;
 
-  constructor(readonly n: number, readonly fd: number, sink: FrameSink) {
-    this.reader = new FrameReader(sink);
+  constructor(readonly n: number, readonly fd: number, readonly peer: string, sink: FrameSink) {
+    this.reader = new FrameReader(sink, CONTROL_CAPACITY);
+  }
+
+  /** Nothing received yet: the first to go when the pre-authentication budget is full. */
+  get idle(): boolean {
+    return this.state === "hello" && this.reader.received === 0;
   }
 
   get outstanding(): number {
@@ -89,7 +122,7 @@ class Conn {
   }
 
   get name(): string {
-    return this.state === "hello" || this.state === "auth" ? `client #${this.n}` : `client #${this.n} (${ROLE_NAMES[this.role]})`;
+    return this.state === "hello" || this.state === "auth" ? `client #${this.n} from ${this.peer}` : `client #${this.n} (${ROLE_NAMES[this.role]})`;
   }
 }
 
@@ -107,9 +140,23 @@ export class PageServer {
   private readonly info: ImageInfo;
   private readonly zeroBits: Uint8Array;
   private closed = false;
+  /** Unauthenticated connections, oldest first (Sets keep insertion order), and per source address. */
+  private readonly preauth = new Set<Conn>();
+  private readonly preauthByPeer = new Map<string, Set<Conn>>();
+  private readonly maxPreauth: number;
+  private readonly maxPreauthPerAddress: number;
+  private readonly sendBufs: BufferPool;
+  private readonly limited: LogLimiter;
+  private accepted = 0;
+  readonly counters = { accepted: 0, evicted: 0, preauthTimeouts: 0, authenticated: 0, acceptErrors: 0, tampered: 0 };
 
   constructor(private readonly opts: PageServerOptions, loop?: EventLoop) {
+    checkCrypto();
     this.loop = loop ?? new EventLoop();
+    this.maxPreauth = opts.maxPreauth ?? DEFAULT_MAX_PREAUTH;
+    this.maxPreauthPerAddress = opts.maxPreauthPerAddress ?? DEFAULT_MAX_PREAUTH_PER_ADDRESS;
+    this.sendBufs = new BufferPool(MAX_CHUNK, opts.maxClients ?? DEFAULT_MAX_CLIENTS);
+    this.limited = new LogLimiter(opts.logger);
     const zero = opts.image.zero;
     const zeroPages = zero.countZero();
     this.info = { size: opts.image.size, pages: zero.pages, dataPages: zero.pages - zeroPages, id: opts.imageId };
@@ -133,27 +180,95 @@ export class PageServer {
   }
 
   private acceptAll(): void {
-    for (;;) {
+    for (let n = 0; n < ACCEPTS_PER_TURN; n++) {
       const fd = sl.sl_accept(this.lfd);
       if (fd < 0) {
         if (-fd !== Errno.EAGAIN) {
           // EMFILE/ENFILE leave the connection queued and the listener readable: pause, do not spin.
-          this.opts.logger.warn(`accept failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
+          this.limited.log("accept failure", "warn", `accept failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
           this.loop.pause(this.ltoken, this.lfd, EPOLLIN, ACCEPT_PAUSE_MS);
         }
         return;
       }
-      const sink: FrameSink = {
-        target: (h) => this.target(conn, h),
-        frame: (h, own) => this.onFrame(conn, h, own!),
-      };
-      const conn = new Conn(this.nextConn++, fd, sink);
-      this.conns.add(conn);
+      // Whatever goes wrong with one connection ends that connection (admit closed it), never the server.
+      try {
+        this.admit(fd);
+      } catch (e) {
+        this.counters.acceptErrors++;
+        this.limited.log("accept error", "error", `setting up an accepted connection failed: ${(e as Error).message}; connection dropped`);
+      }
+    }
+    // More may be queued: the listener is level-triggered, so the loop comes back after the others had their turn.
+  }
+
+  /** Sets up an accepted fd; on failure the fd is closed and the error thrown. */
+  private admit(fd: number): void {
+    let peer: string;
+    try {
+      peer = peerAddress(fd);
+      this.makeRoom(peer);
+    } catch (e) {
+      sl.sl_close(fd);
+      throw e;
+    }
+    const sink: FrameSink = {
+      target: (h) => this.target(conn, h),
+      frame: (h, own) => this.onFrame(conn, h, own!),
+    };
+    const conn = new Conn(this.nextConn++, fd, peer, sink);
+    this.conns.add(conn);
+    this.preauth.add(conn);
+    this.counters.accepted++;
+    try {
+      let mine = this.preauthByPeer.get(peer);
+      if (mine === undefined) this.preauthByPeer.set(peer, (mine = new Set()));
+      mine.add(conn);
       conn.token = this.loop.add(fd, EPOLLIN | EPOLLRDHUP, (ev) => this.onEvents(conn, ev));
-      conn.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
-        this.refuse(conn, ErrorCode.TIMEOUT, `no authentication within ${this.opts.handshakeTimeoutMs} ms`),
-      );
-      this.opts.logger.debug(`${conn.name} connected`);
+      conn.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () => {
+        this.counters.preauthTimeouts++;
+        this.refuse(conn, ErrorCode.TIMEOUT, `no authentication within ${this.opts.handshakeTimeoutMs} ms`);
+      });
+      const every = this.opts.testFailAcceptEvery;
+      if (every !== undefined && ++this.accepted % every === 0) throw new Error(`TEST ONLY: injected failure setting up client #${conn.n}`);
+    } catch (e) {
+      this.closeConn(conn, "dropped", "debug");
+      throw e;
+    }
+    this.opts.logger.debug(`${conn.name} connected`);
+  }
+
+  /** Keeps the unauthenticated budget: evicts the oldest idle connection (else the oldest) where it is full. */
+  private makeRoom(peer: string): void {
+    const mine = this.preauthByPeer.get(peer);
+    if (mine !== undefined && mine.size >= this.maxPreauthPerAddress) this.evict(mine, `${this.maxPreauthPerAddress} from ${peer}`);
+    if (this.preauth.size >= this.maxPreauth) this.evict(this.preauth, `${this.maxPreauth}`);
+  }
+
+  private evict(from: Set<Conn>, limit: string): void {
+    let victim: Conn | undefined;
+    for (const c of from) {
+      if (c.idle) {
+        victim = c;
+        break;
+      }
+      victim ??= c;
+    }
+    if (victim === undefined) return;
+    this.counters.evicted++;
+    // One best-effort frame, no linger: the point is to free the fd now.
+    const bye = errorFrame(ErrorCode.OVERLOADED, `too many unauthenticated connections (at most ${limit}); evicted`);
+    sl.sl_send(victim.fd, bye, bye.length);
+    this.closeConn(victim, `evicted: unauthenticated connections at their limit (${limit})`, "warn");
+  }
+
+  private forgetPreauth(conn: Conn): void {
+    if (!conn.preauth) return;
+    conn.preauth = false;
+    this.preauth.delete(conn);
+    const mine = this.preauthByPeer.get(conn.peer);
+    if (mine !== undefined) {
+      mine.delete(conn);
+      if (mine.size === 0) this.preauthByPeer.delete(conn.peer);
     }
   }
 
@@ -174,10 +289,18 @@ export class PageServer {
   private readFrames(conn: Conn): void {
     let r: number;
     try {
-      r = conn.reader.read(conn.fd, READ_BUDGET);
+      r = conn.reader.read(conn.fd, conn.preauth ? Math.max(1, PREAUTH_BYTE_BUDGET - conn.reader.received) : READ_BUDGET);
     } catch (e) {
+      if (e instanceof SealError) {
+        // Nothing of it is used; a relay that changes one byte ends the connection, nothing more.
+        this.counters.tampered++;
+        return this.closeConn(conn, `sent a frame that failed authentication: ${e.message}; connection dropped`, "warn");
+      }
       if (e instanceof ProtocolError) return this.refuse(conn, e.wireCode, e.message);
       throw e;
+    }
+    if (conn.preauth && conn.state !== "closing" && conn.state !== "closed" && conn.reader.received >= PREAUTH_BYTE_BUDGET) {
+      return this.refuse(conn, ErrorCode.BAD_FRAME, `sent ${PREAUTH_BYTE_BUDGET} bytes without authenticating`);
     }
     if (r === READ_EOF) {
       const partial = conn.reader.idle ? "" : " in the middle of a frame";
@@ -231,29 +354,41 @@ export class PageServer {
       return this.refuse(conn, ErrorCode.VERSION, `client speaks protocol versions ${hello.versionMin}-${hello.versionMax}; this server speaks ${PROTOCOL_VERSION}`);
     }
     conn.role = hello.role;
-    conn.clientNonce = hello.nonce;
-    conn.serverNonce = nonce();
+    conn.hello = payload.slice();
+    conn.challenge = encodeChallenge(PROTOCOL_VERSION, nonce());
     conn.state = "auth";
     conn.wantZeroMap = (hello.flags & WANT_ZERO_MAP) !== 0;
-    conn.writer.push(frame(FrameType.CHALLENGE, encodeChallenge(PROTOCOL_VERSION, conn.serverNonce)));
+    conn.writer.push(frame(FrameType.CHALLENGE, conn.challenge));
     this.flush(conn);
   }
 
   private onAuth(conn: Conn, proof: Uint8Array): void {
-    const want = clientProof(this.opts.token, conn.serverNonce!, conn.clientNonce!);
-    if (!proofsEqual(proof, want)) {
+    const transcript = { hello: conn.hello!, challenge: conn.challenge! };
+    if (!proofsEqual(proof, clientProof(this.opts.token, transcript))) {
       return this.refuse(conn, ErrorCode.AUTH_FAILED, "authentication failed: the client's proof does not match our token (is --token-file the same on both sides?)");
     }
+    // Per-connection memory only now, and from a bounded pool.
+    const buf = this.sendBufs.take();
+    if (buf === undefined) return this.refuse(conn, ErrorCode.OVERLOADED, `too many clients (at most ${this.sendBufs.max} authenticated connections)`);
+    conn.sendBuf = buf;
     conn.cancelTimer();
+    this.forgetPreauth(conn);
     conn.state = "ready";
-    conn.writer.push(frame(FrameType.WELCOME, encodeWelcome(serverProof(this.opts.token, conn.clientNonce!, conn.serverNonce!), this.info)));
+    this.counters.authenticated++;
+    // WELCOME is the last frame in clear; both directions are sealed from the next frame on.
+    conn.writer.push(frame(FrameType.WELCOME, encodeWelcome(serverProof(this.opts.token, transcript))));
+    const keys = sessionKeys(this.opts.token, transcript);
+    conn.writer.seal(new SendSeal(keys.serverToClient));
+    conn.reader.seal(new ReceiveSeal(keys.clientToServer));
+    keys.clientToServer.fill(0);
+    keys.serverToClient.fill(0);
+    conn.writer.push(frame(FrameType.INFO, encodeInfo(this.info)));
     if (conn.wantZeroMap) {
       for (let at = 0; at < this.zeroBits.length; at += MAX_ZERO_MAP_CHUNK) {
-        const part = this.zeroBits.subarray(at, Math.min(this.zeroBits.length, at + MAX_ZERO_MAP_CHUNK));
-        conn.writer.push(frame(FrameType.ZERO_MAP, part, 0, at, 0, Bun.hash.crc32(part)));
+        conn.writer.push(frame(FrameType.ZERO_MAP, this.zeroBits.subarray(at, Math.min(this.zeroBits.length, at + MAX_ZERO_MAP_CHUNK)), 0, at));
       }
     }
-    this.opts.logger.info(`${conn.name} authenticated`);
+    this.opts.logger.info(`${conn.name} from ${conn.peer} authenticated`);
     this.flush(conn);
   }
 
@@ -312,26 +447,21 @@ export class PageServer {
   }
 
   private sendChunk(conn: Conn, job: Job, at: number, len: number): void {
-    const addr = this.opts.image.base + at;
-    const payload = new Uint8Array(toArrayBuffer(addr as Pointer, 0, len));
-    const crc = Bun.hash.crc32(payload);
-    const header = new Uint8Array(HEADER_SIZE);
-    encodeHeader(new DataView(header.buffer), 0, FrameType.DATA, len, job.id, at - job.start, 0, crc);
-    conn.writer.push(header);
-    // Header and payload leave as two sends: the listener's TCP_NODELAY (inherited by accepted
-    // sockets) keeps the payload from waiting for the header's ACK (~40 ms of delayed ACK).
+    const header = this.dataHeader;
+    encodeHeader(new DataView(header.buffer), 0, FrameType.DATA, len, job.id, at - job.start, 0);
+    // Encrypted straight from the image mapping into the connection's send buffer, which pump()
+    // reuses only once the writer is empty. Header and payload leave as two sends: the
+    // listener's TCP_NODELAY (inherited by accepted sockets) keeps the payload from waiting for
+    // the header's ACK (~40 ms of delayed ACK).
+    const buf = conn.sendBuf!;
+    conn.writer.pushSealed(header, this.opts.image.base + at, buf.address, len);
     const every = this.opts.testCorruptEvery;
-    if (every !== undefined && ++conn.dataFrames % every === 0) {
-      // TEST ONLY: a corrupted copy, so the client's checksum check is exercised end to end.
-      conn.staging ??= new NativeBuffer(MAX_CHUNK);
-      conn.staging.bytes.set(payload);
-      conn.staging.bytes[len >> 1]! ^= 0x5a;
-      conn.writer.pushRaw(conn.staging.address, len);
-    } else {
-      conn.writer.pushRaw(addr, len);
-    }
-    conn.bytesSent += len + HEADER_SIZE;
+    // TEST ONLY: one byte changed in transit, so the client's authentication check is exercised end to end.
+    if (every !== undefined && ++conn.dataFrames % every === 0) buf.bytes[len >> 1]! ^= 0x5a;
+    conn.bytesSent += len + SEALED_HEADER_SIZE;
   }
+
+  private readonly dataHeader = new Uint8Array(HEADER_SIZE);
 
   /** Returns true when everything queued went out. */
   private flush(conn: Conn): boolean {
@@ -345,7 +475,7 @@ export class PageServer {
       }
       return false;
     }
-    this.closeConn(conn, `send failed: ${errnoName(-r)}`, conn.state === "hello" || conn.state === "auth" ? "warn" : "debug");
+    this.closeConn(conn, `send failed: ${errnoName(-r)}`, conn.preauth ? "warn" : "debug");
     return false;
   }
 
@@ -385,7 +515,7 @@ export class PageServer {
   /** Sends an ERROR frame, logs why, and closes once it is out (or after LINGER_MS). */
   private refuse(conn: Conn, code: ErrorCode, message: string): void {
     if (conn.state === "closing" || conn.state === "closed") return;
-    this.opts.logger.warn(`${conn.name}: ${message}; connection closed`);
+    this.log(conn, "warn", `${conn.name}: ${message}; connection closed`);
     conn.cancelTimer();
     conn.reader.stop();
     conn.jobs.length = 0;
@@ -406,19 +536,30 @@ export class PageServer {
     this.closeConn(conn, "refused", "debug");
   }
 
-  private closeConn(conn: Conn, reason: string, level: "debug" | "info" | "warn"): void {
+  private closeConn(conn: Conn, reason: string, level: LogLevel): void {
     if (conn.state === "closed") return;
     conn.state = "closed";
     conn.cancelTimer();
-    this.loop.remove(conn.token, conn.fd);
+    if (conn.token >= 0) this.loop.remove(conn.token, conn.fd);
     sl.sl_close(conn.fd);
     conn.reader.stop();
     conn.writer.clear();
-    conn.staging?.free();
+    if (conn.sendBuf !== undefined) this.sendBufs.give(conn.sendBuf);
+    conn.sendBuf = undefined;
     this.conns.delete(conn);
+    const wasPreauth = conn.preauth;
+    this.forgetPreauth(conn);
     const i = this.backgroundQueue.indexOf(conn);
     if (i >= 0) this.backgroundQueue.splice(i, 1);
-    this.opts.logger.log(level, `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`);
+    const line = wasPreauth ? `${conn.name} ${reason}` : `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`;
+    if (wasPreauth) this.limited.log("unauthenticated-connection", level, line);
+    else this.opts.logger.log(level, line);
+  }
+
+  /** Lines about connections that have not authenticated are rate-limited: anyone can cause them. */
+  private log(conn: Conn, level: LogLevel, line: string): void {
+    if (conn.preauth) this.limited.log("unauthenticated-connection", level, line);
+    else this.opts.logger.log(level, line);
   }
 
   close(): void {
@@ -431,5 +572,12 @@ export class PageServer {
       sl.sl_close(this.lfd);
       this.lfd = -1;
     }
+    this.sendBufs.close();
+    this.limited.flush();
+    const c = this.counters;
+    this.opts.logger.info(
+      `page server: ${c.accepted} connections accepted, ${c.authenticated} authenticated, ${c.evicted} evicted unauthenticated, ` +
+        `${c.preauthTimeouts} handshake timeouts, ${c.tampered} dropped for failing authentication, ${c.acceptErrors} accept errors`,
+    );
   }
 }

@@ -46,6 +46,8 @@ function crypto(): Crypto {
 /** Bytes the FFI takes as a pointer: a native address, or a typed array (pinned for the call). */
 export type Bytes = number | Uint8Array;
 
+const p = (b: Bytes): Pointer | Uint8Array => (typeof b === "number" ? (b as Pointer) : b);
+
 /**
  * One direction's key. Each record gets its own 96-bit IV: a 32-bit record kind, then a 64-bit
  * sequence number the caller never reuses under this key.
@@ -62,7 +64,7 @@ export class AeadKey {
   constructor(key: Uint8Array, readonly encrypting: boolean, cipher: "aes-256-gcm" | "chacha20-poly1305" = "aes-256-gcm") {
     if (key.length !== KEY_SIZE) throw new SnaploadError("BAD_CONFIG", `AES-256-GCM key of ${key.length} bytes`);
     const c = crypto();
-    const ctx = c.EVP_CIPHER_CTX_new();
+    const ctx = c.EVP_CIPHER_CTX_new() as Pointer | null;
     if (ctx === null) throw new SnaploadError("SYSCALL", "EVP_CIPHER_CTX_new failed");
     this.ctx = ctx;
     // The key schedule is computed once here; each record then only sets its IV.
@@ -86,9 +88,9 @@ export class AeadKey {
   seal(kind: number, seq: number, src: Bytes, dst: Bytes, len: number, tag: Bytes): void {
     const c = crypto();
     const ctx = this.begin(kind, seq);
-    if (len > 0 && c.EVP_CipherUpdate(ctx, dst, this.outl, src, len) !== 1) throw new SnaploadError("SYSCALL", "EVP_CipherUpdate(seal) failed");
+    if (len > 0 && c.EVP_CipherUpdate(ctx, p(dst), this.outl, p(src), len) !== 1) throw new SnaploadError("SYSCALL", "EVP_CipherUpdate(seal) failed");
     if (c.EVP_CipherFinal_ex(ctx, this.scratch, this.outl) !== 1) throw new SnaploadError("SYSCALL", "EVP_CipherFinal_ex(seal) failed");
-    if (c.EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_SIZE, tag) !== 1) throw new SnaploadError("SYSCALL", "reading the AEAD tag failed");
+    if (c.EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_SIZE, p(tag)) !== 1) throw new SnaploadError("SYSCALL", "reading the AEAD tag failed");
   }
 
   /**
@@ -98,8 +100,8 @@ export class AeadKey {
   open(kind: number, seq: number, src: Bytes, dst: Bytes, len: number, tag: Bytes): boolean {
     const c = crypto();
     const ctx = this.begin(kind, seq);
-    if (c.EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, tag) !== 1) throw new SnaploadError("SYSCALL", "setting the AEAD tag failed");
-    if (len > 0 && c.EVP_CipherUpdate(ctx, dst, this.outl, src, len) !== 1) return false;
+    if (c.EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, p(tag)) !== 1) throw new SnaploadError("SYSCALL", "setting the AEAD tag failed");
+    if (len > 0 && c.EVP_CipherUpdate(ctx, p(dst), this.outl, p(src), len) !== 1) return false;
     return c.EVP_CipherFinal_ex(ctx, this.scratch, this.outl) === 1;
   }
 
