@@ -16,7 +16,7 @@ import { LogLimiter } from "./log-limit.ts";
 import { formatBytes, type Logger, type LogLevel } from "./log.ts";
 import { checkCrypto } from "./postcopy/aead.ts";
 import { clientProof, nonce, proofsEqual, serverProof, sessionKeys } from "./postcopy/auth.ts";
-import { peerAddress } from "./postcopy/peer-address.ts";
+import { deferAccept, peerAddress } from "./postcopy/peer-address.ts";
 import {
   decodeErrorText, decodeHello, encodeChallenge, encodeHeader, encodeInfo, encodeWelcome, ErrorCode, errorFrame, frame, FRAME_NAMES, FrameType,
   type FrameHeader, HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_REQUEST, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, Role,
@@ -68,10 +68,19 @@ const LINGER_MS = 1000;
 const MAX_UNREAD_REPLY_BYTES = 1024 * 1024;
 /** accept() failed (out of fds): the listener stays readable, so it is not watched for this long. */
 const ACCEPT_PAUSE_MS = 100;
+/**
+ * The kernel's accept queue (capped by net.core.somaxconn). Deep, so a flood of connects waits
+ * in it (and is accepted and evicted in turn) rather than overflowing it: an overflowing queue
+ * drops a legitimate client's SYN, which then waits a whole retransmission timeout (1 s).
+ */
+const LISTEN_BACKLOG = 4096;
 /** Connections accepted per wake-up: a flood of connects cannot keep the loop from the clients it has. */
 const ACCEPTS_PER_TURN = 64;
 /** Bytes an unauthenticated client may send: HELLO and AUTH (and an ERROR) fit; a drip of more is cut off. */
 const PREAUTH_BYTE_BUDGET = 2 * HEADER_SIZE + 48 + 32 + 1024;
+const EVICTED_FRAME = errorFrame(ErrorCode.OVERLOADED, "too many unauthenticated connections; evicted");
+/** Idle-looking connections read once before one is evicted (their HELLO may be queued). */
+const EVICTION_POKES = 8;
 /** Control payloads a client may send (ERROR text is the largest). */
 const CONTROL_CAPACITY = 1024;
 
@@ -98,6 +107,7 @@ class Conn {
   challenge: Uint8Array | undefined;
   /** Still counted against the pre-authentication budget. */
   preauth = true;
+  authenticated = false;
   /** Where sealed DATA payloads are encrypted to; from the pool, once authenticated. */
   sendBuf: PooledBuffer | undefined;
   cancelTimer: () => void = () => {};
@@ -112,9 +122,9 @@ class Conn {
     this.reader = new FrameReader(sink, CONTROL_CAPACITY);
   }
 
-  /** Nothing received yet: the first to go when the pre-authentication budget is full. */
+  /** Nothing received yet (or already refused): the first to go when the pre-authentication budget is full. */
   get idle(): boolean {
-    return this.state === "hello" && this.reader.received === 0;
+    return (this.state === "hello" && this.reader.received === 0) || this.state === "closing";
   }
 
   get outstanding(): number {
@@ -122,7 +132,7 @@ class Conn {
   }
 
   get name(): string {
-    return this.state === "hello" || this.state === "auth" ? `client #${this.n} from ${this.peer}` : `client #${this.n} (${ROLE_NAMES[this.role]})`;
+    return this.authenticated ? `client #${this.n} (${ROLE_NAMES[this.role]})` : `client #${this.n} from ${this.peer}`;
   }
 }
 
@@ -165,8 +175,9 @@ export class PageServer {
 
   /** Binds and listens; returns the port (useful with port 0). */
   listen(): number {
-    this.lfd = check("listen", sl.sl_tcp_listen(cstr(this.opts.host), this.opts.port, 512), { host: this.opts.host, port: this.opts.port });
+    this.lfd = check("listen", sl.sl_tcp_listen(cstr(this.opts.host), this.opts.port, LISTEN_BACKLOG), { host: this.opts.host, port: this.opts.port });
     this.port = check("getsockname", sl.sl_local_port(this.lfd));
+    if (!deferAccept(this.lfd, Math.max(1, Math.ceil(this.opts.handshakeTimeoutMs / 1000)))) this.opts.logger.warn("TCP_DEFER_ACCEPT refused; idle connections will be accepted (and evicted) as they come");
     this.ltoken = this.loop.add(this.lfd, EPOLLIN, () => this.acceptAll());
     return this.port;
   }
@@ -245,8 +256,16 @@ export class PageServer {
   }
 
   private evict(from: Set<Conn>, limit: string): void {
+    const size = from.size;
     let victim: Conn | undefined;
+    let pokes = 0;
     for (const c of from) {
+      if (c.idle && c.state === "hello" && pokes < EVICTION_POKES) {
+        // Its HELLO may be waiting in the socket, unread: a client that spoke is not idle.
+        pokes++;
+        this.readFrames(c);
+        if (from.size < size) return; // it closed or was closed: room made
+      }
       if (c.idle) {
         victim = c;
         break;
@@ -256,8 +275,7 @@ export class PageServer {
     if (victim === undefined) return;
     this.counters.evicted++;
     // One best-effort frame, no linger: the point is to free the fd now.
-    const bye = errorFrame(ErrorCode.OVERLOADED, `too many unauthenticated connections (at most ${limit}); evicted`);
-    sl.sl_send(victim.fd, bye, bye.length);
+    sl.sl_send(victim.fd, EVICTED_FRAME, EVICTED_FRAME.length);
     this.closeConn(victim, `evicted: unauthenticated connections at their limit (${limit})`, "warn");
   }
 
@@ -374,6 +392,7 @@ export class PageServer {
     conn.cancelTimer();
     this.forgetPreauth(conn);
     conn.state = "ready";
+    conn.authenticated = true;
     this.counters.authenticated++;
     // WELCOME is the last frame in clear; both directions are sealed from the next frame on.
     conn.writer.push(frame(FrameType.WELCOME, encodeWelcome(serverProof(this.opts.token, transcript))));

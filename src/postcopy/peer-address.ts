@@ -1,8 +1,24 @@
-// The peer address of an accepted TCP socket (getpeername from libc through bun:ffi), to count
-// unauthenticated connections per source address. IPv4-mapped IPv6 addresses count as IPv4.
+// Socket calls the page server makes beside the C core's (libc through bun:ffi): the peer
+// address of an accepted TCP socket, to count unauthenticated connections per source address
+// (IPv4-mapped IPv6 addresses count as IPv4), and TCP_DEFER_ACCEPT on the listener.
 import { dlopen, FFIType } from "bun:ffi";
 
-const libc = dlopen("libc.so.6", { getpeername: { args: [FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 } }).symbols;
+const libc = dlopen("libc.so.6", {
+  getpeername: { args: [FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+  setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+}).symbols;
+
+const IPPROTO_TCP = 6;
+const TCP_DEFER_ACCEPT = 9;
+
+/**
+ * The kernel hands us a connection only once its first bytes arrived (or `seconds` passed): a
+ * client that connects and says nothing waits in the kernel, not in our fd table, and a
+ * legitimate client (HELLO right after connect) is not queued behind it. False if refused.
+ */
+export function deferAccept(listenFd: number, seconds: number): boolean {
+  return libc.setsockopt(listenFd, IPPROTO_TCP, TCP_DEFER_ACCEPT, new Int32Array([seconds]), 4) === 0;
+}
 
 const AF_INET = 2;
 const AF_INET6 = 10;
