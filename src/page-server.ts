@@ -19,7 +19,7 @@ import { clientProof, nonce, proofsEqual, serverProof, sessionKeys } from "./pos
 import { deferAccept, peerAddress } from "./postcopy/peer-address.ts";
 import {
   decodeErrorText, decodeHello, encodeChallenge, encodeHeader, encodeInfo, encodeWelcome, ErrorCode, errorFrame, frame, FRAME_NAMES, FrameType,
-  type FrameHeader, HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_REQUEST, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, Role,
+  type FrameHeader, HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_REQUEST, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, requestInBounds, Role,
   ROLE_NAMES, WANT_ZERO_MAP, WIRE_PAGE, zeroMapBytes,
 } from "./postcopy/protocol.ts";
 import { ReceiveSeal, SEALED_HEADER_SIZE, SealError, SendSeal } from "./postcopy/seal.ts";
@@ -414,12 +414,10 @@ export class PageServer {
   private onRequest(conn: Conn, h: FrameHeader): void {
     const size = h.arg;
     const start = h.offset;
-    if (size === 0 || size > MAX_REQUEST || size % WIRE_PAGE !== 0 || start % WIRE_PAGE !== 0) {
-      throw new ProtocolError(`REQUEST ${h.id} for ${size} bytes at ${start}: requests are whole 4 KiB pages, 4 KiB to ${formatBytes(MAX_REQUEST)}`);
-    }
+    const inBounds = requestInBounds(h.id, start, size, this.info.size);
     conn.requests++;
     // Bounds: never read outside the image, whatever the client asks.
-    if (start + size > this.info.size) {
+    if (!inBounds) {
       this.checkUnread(conn);
       this.opts.logger.warn(`${conn.name}: request ${h.id} for bytes [${start}, ${start + size}) lies outside the ${this.info.size}-byte image; refused`);
       conn.writer.push(errorFrame(ErrorCode.OUT_OF_BOUNDS, `bytes [${start}, ${start + size}) lie outside the ${this.info.size}-byte image`, h.id));

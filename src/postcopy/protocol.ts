@@ -258,6 +258,35 @@ export function decodeInfo(p: Uint8Array): { info: ImageInfo; maxRequest: number
   return { info: { size, pages, dataPages, id: p.slice(32, 48) }, maxRequest };
 }
 
+// ---- requests and replies -------------------------------------------------------------------
+
+/**
+ * A REQUEST for `size` bytes at image `offset`: throws ProtocolError unless it is whole 4 KiB
+ * pages, 4 KiB to MAX_REQUEST; false when it reaches outside an image of `imageSize` bytes.
+ */
+export function requestInBounds(id: number, offset: number, size: number, imageSize: number): boolean {
+  if (size === 0 || size > MAX_REQUEST || size % WIRE_PAGE !== 0 || offset % WIRE_PAGE !== 0) {
+    throw new ProtocolError(`REQUEST ${id} for ${size} bytes at ${offset}: requests are whole 4 KiB pages, 4 KiB to ${MAX_REQUEST / (1024 * 1024)} MiB`);
+  }
+  return offset + size <= imageSize;
+}
+
+/**
+ * A DATA chunk [off, off+len) of request `id` (image bytes [start, start+bytes), received up to
+ * `cursor`): whole pages, in order, inside the request; the pages it skipped are zero pages and
+ * those it carries are data pages. Throws ProtocolError.
+ */
+export function checkDataChunk(id: number, off: number, len: number, cursor: number, start: number, bytes: number, zero: ZeroMap): void {
+  if (len === 0 || off % WIRE_PAGE !== 0 || len % WIRE_PAGE !== 0 || off < cursor || off + len > bytes) {
+    throw new ProtocolError(`DATA for request ${id} at [${off}, +${len}) does not fit [${cursor}, ${bytes}) in whole pages`);
+  }
+  const skipFrom = (start + cursor) / WIRE_PAGE;
+  const chunkFirst = (start + off) / WIRE_PAGE;
+  if (!zero.isRangeZero(skipFrom, chunkFirst - skipFrom) || !zero.isRangeData(chunkFirst, len / WIRE_PAGE)) {
+    throw new ProtocolError(`DATA for request ${id} at [${off}, +${len}) disagrees with the zero map`);
+  }
+}
+
 // ---- zero map ------------------------------------------------------------------------------------
 
 /** One bit per 4 KiB page, least significant bit first, 1 = zero (never sent). */

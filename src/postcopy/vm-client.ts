@@ -18,7 +18,7 @@ import type { RequesterContext } from "../server.ts";
 import { AGAIN, FAILED, GONE, OK, type VmSession } from "../vm-session.ts";
 import type { HostPort } from "./address.ts";
 import { ClientChannel, type LostKind } from "./client-channel.ts";
-import { frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
+import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
 
 export interface RemoteTarget {
   url: string;
@@ -271,23 +271,13 @@ export class VmClient implements PageRequester {
   private dataTarget(h: FrameHeader): number {
     const req = this.sent.get(h.id);
     if (req === undefined) {
-      // A request re-sent under a new id (bad checksum) or given up: its late chunks are dropped.
+      // A request given up (its pages settled by another reply): its late chunks are dropped.
       if (h.id > 0 && h.id < this.nextId) return -1;
       throw new ProtocolError(`DATA for request ${h.id}, which was never made`);
     }
-    const off = h.offset;
-    const len = h.length;
-    if (len === 0 || off % IMAGE_PAGE !== 0 || len % IMAGE_PAGE !== 0 || off < req.cursor || off + len > req.bytes) {
-      throw new ProtocolError(`DATA for request ${h.id} at [${off}, +${len}) does not fit [${req.cursor}, ${req.bytes}) in whole pages`);
-    }
     // Zero pages never cross the wire: the chunk holds data pages only, and what it skipped is zero.
-    const zero = this.target.zero;
-    const skipFrom = (req.start + req.cursor) / IMAGE_PAGE;
-    const chunkFirst = (req.start + off) / IMAGE_PAGE;
-    if (!zero.isRangeZero(skipFrom, chunkFirst - skipFrom) || !zero.isRangeData(chunkFirst, len / IMAGE_PAGE)) {
-      throw new ProtocolError(`DATA for request ${h.id} at [${off}, +${len}) disagrees with the zero map`);
-    }
-    return req.slot!.address + off;
+    checkDataChunk(h.id, h.offset, h.length, req.cursor, req.start, req.bytes, this.target.zero);
+    return req.slot!.address + h.offset;
   }
 
   private onData(h: FrameHeader): void {
