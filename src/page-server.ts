@@ -19,7 +19,7 @@ import { clientProof, nonce, proofsEqual, serverProof, sessionKeys } from "./pos
 import { deferAccept, peerAddress } from "./postcopy/peer-address.ts";
 import {
   decodeErrorText, decodeHello, encodeChallenge, encodeHeader, encodeInfo, encodeWelcome, ErrorCode, errorFrame, frame, FRAME_NAMES, FrameType,
-  type FrameHeader, HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_REQUEST, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, requestInBounds, Role,
+  type FrameHeader, HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, requestInBounds, Role,
   ROLE_NAMES, WANT_ZERO_MAP, WIRE_PAGE, zeroMapBytes,
 } from "./postcopy/protocol.ts";
 import { ReceiveSeal, SEALED_HEADER_SIZE, SealError, SendSeal } from "./postcopy/seal.ts";
@@ -76,8 +76,6 @@ const ACCEPT_PAUSE_MS = 100;
 const LISTEN_BACKLOG = 4096;
 /** Connections accepted per wake-up: a flood of connects cannot keep the loop from the clients it has. */
 const ACCEPTS_PER_TURN = 64;
-/** Bytes an unauthenticated client may send: HELLO and AUTH (and an ERROR) fit; a drip of more is cut off. */
-const PREAUTH_BYTE_BUDGET = 2 * HEADER_SIZE + 48 + 32 + 1024;
 const EVICTED_FRAME = errorFrame(ErrorCode.OVERLOADED, "too many unauthenticated connections; evicted");
 /** Idle-looking connections read once before one is evicted (their HELLO may be queued). */
 const EVICTION_POKES = 8;
@@ -307,7 +305,7 @@ export class PageServer {
   private readFrames(conn: Conn): void {
     let r: number;
     try {
-      r = conn.reader.read(conn.fd, conn.preauth ? Math.max(1, PREAUTH_BYTE_BUDGET - conn.reader.received) : READ_BUDGET);
+      r = conn.reader.read(conn.fd, READ_BUDGET);
     } catch (e) {
       if (e instanceof SealError) {
         // Nothing of it is used; a relay that changes one byte ends the connection, nothing more.
@@ -316,9 +314,6 @@ export class PageServer {
       }
       if (e instanceof ProtocolError) return this.refuse(conn, e.wireCode, e.message);
       throw e;
-    }
-    if (conn.preauth && conn.state !== "closing" && conn.state !== "closed" && conn.reader.received >= PREAUTH_BYTE_BUDGET) {
-      return this.refuse(conn, ErrorCode.BAD_FRAME, `sent ${PREAUTH_BYTE_BUDGET} bytes without authenticating`);
     }
     if (r === READ_EOF) {
       const partial = conn.reader.idle ? "" : " in the middle of a frame";

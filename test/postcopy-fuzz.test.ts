@@ -6,7 +6,6 @@
 // (FUZZ_RUNS, FUZZ_SEED pick the run count and seed).
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
-import { ZeroMap } from "../src/image/snapshot-image.ts";
 import {
   checkDataChunk, decodeChallenge, decodeErrorText, decodeHeader, decodeHello, decodeInfo, decodeWelcome, encodeChallenge, encodeHeader, encodeHello,
   encodeInfo, encodeWelcome, FrameHeader, FrameType, frame, HEADER_SIZE, MAX_PAYLOAD, MAX_REQUEST, ProtocolError, requestInBounds, Role,

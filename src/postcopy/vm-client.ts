@@ -15,7 +15,7 @@ import { PAGE_IN_FLIGHT, type PageRequester, type Region } from "../handler-tabl
 import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
 import { formatBytes } from "../log.ts";
 import type { RequesterContext } from "../server.ts";
-import { AGAIN, FAILED, GONE, OK, type VmSession } from "../vm-session.ts";
+import { AGAIN, FAILED, GONE, type VmSession } from "../vm-session.ts";
 import type { HostPort } from "./address.ts";
 import { ClientChannel, type LostKind } from "./client-channel.ts";
 import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
