@@ -11,7 +11,7 @@ import { AeadKey } from "../src/postcopy/aead.ts";
 import { readTokenFile } from "../src/postcopy/auth.ts";
 import { decodeInfo, ErrorCode, FrameType, frame, HEADER_SIZE, MAX_CHUNK, Role } from "../src/postcopy/protocol.ts";
 import { ReceiveSeal, SEALED_HEADER_SIZE, SealError, SendSeal } from "../src/postcopy/seal.ts";
-import { BUN, Daemon, describeRun, ensureBuilt, ROOT, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { BUN, Daemon, describeRun, ensureBuilt, ROOT, runSnapload, runStandin, STANDIN, startDaemon, tempDir } from "./harness.ts";
 import { fakeServer, type PageServerProc, RawClient, startPageServer } from "./postcopy-wire.ts";
 import { findImageRun, Relay } from "./relay.ts";
 
@@ -156,6 +156,31 @@ describe("a man in the middle", () => {
     await ps.daemon.waitForLog(/client #\d+ \((urgent|background)\) sent a frame that failed authentication: .*; connection dropped/);
     console.log(`relay changed 8 bytes ${flips.s2c}x server→client, ${flips.c2s}x client→server; the client logged ${clientLines.length} refused frames; 0 wrong pages`);
   }, 60_000);
+
+  test("changes every reply, forever: nothing is installed, and the VM is killed at the deadline, not before", async () => {
+    // Connection 0 is the daemon's startup probe (let through); on every later one the first
+    // sealed frame after INFO is changed, so no page ever arrives.
+    let flips = 0;
+    const relay = await Relay.start(ps.port, (dir, conn, chunk, at) => {
+      const where = CLEAR_BYTES + SEALED_HEADER_SIZE + 56 + 10;
+      if (dir !== "s2c" || conn.index === 0 || where < at || where >= at + chunk.length) return;
+      chunk[where - at]! ^= 0x01;
+      flips++;
+    });
+    cleanup.push(() => relay.close());
+    const d = await serveVia(relay.port, ["--page-server-deadline", "1500"]);
+    const t0 = Date.now();
+    const vm = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", image, "--order", "random", "--timeout", "20000"], { stdout: "pipe", stderr: "pipe" });
+    await vm.exited;
+    expect(vm.signalCode).toBe("SIGKILL");
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(1400);
+    expect(flips).toBeGreaterThanOrEqual(2);
+    const line = await d.waitForLog(/error: vm 1 pid \d+: (.*); killed the VMM/);
+    // Reconnecting or connected, the page server never delivered: the deadline, with why.
+    expect(line[1]).toMatch(/(no page server at|delivered nothing) .*for 1500 ms \(last: .*\); \d+ requests unanswered/);
+    expect(d.log).toMatch(/a frame from the page server failed authentication/);
+    expect(d.log).not.toMatch(/fully populated/);
+  }, 30_000);
 
   test("records everything the page server sends: no 64-byte run of image data in it", async () => {
     const relay = await Relay.start(ps.port);
