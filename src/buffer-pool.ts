@@ -15,11 +15,6 @@ export class BufferPool {
 
   constructor(readonly size: number, readonly max: number, private readonly perSlab = 16) {}
 
-  /** Buffers handed out and not given back. */
-  get inUse(): number {
-    return this.made - this.free.length;
-  }
-
   /** A buffer, or undefined when `max` are in use. */
   take(): PooledBuffer | undefined {
     const b = this.free.pop();

@@ -44,19 +44,16 @@ export interface PageServerOptions {
   /** A client that has not authenticated by then is dropped. */
   handshakeTimeoutMs: number;
   /** Unauthenticated connections held at once, and from one source address; past either, the oldest idle one goes. */
-  maxPreauth?: number;
-  maxPreauthPerAddress?: number;
+  maxPreauth: number;
+  maxPreauthPerAddress: number;
   /** Authenticated connections at once (each holds a send buffer from the pool); more are refused. */
-  maxClients?: number;
+  maxClients: number;
   /** TEST ONLY (fault injection): flip one byte of every Nth sealed DATA payload on its way out. */
   testCorruptEvery?: number;
   /** TEST ONLY (fault injection): throw while setting up every Nth accepted connection. */
   testFailAcceptEvery?: number;
 }
 
-export const DEFAULT_MAX_PREAUTH = 256;
-export const DEFAULT_MAX_PREAUTH_PER_ADDRESS = 32;
-export const DEFAULT_MAX_CLIENTS = 1024;
 
 /** Bytes read from one connection per wake-up before others get a turn. */
 const READ_BUDGET = 64 * 1024;
@@ -151,8 +148,6 @@ export class PageServer {
   /** Unauthenticated connections, oldest first (Sets keep insertion order), and per source address. */
   private readonly preauth = new Set<Conn>();
   private readonly preauthByPeer = new Map<string, Set<Conn>>();
-  private readonly maxPreauth: number;
-  private readonly maxPreauthPerAddress: number;
   private readonly sendBufs: BufferPool;
   private readonly limited: LogLimiter;
   private accepted = 0;
@@ -161,9 +156,7 @@ export class PageServer {
   constructor(private readonly opts: PageServerOptions, loop?: EventLoop) {
     checkCrypto();
     this.loop = loop ?? new EventLoop();
-    this.maxPreauth = opts.maxPreauth ?? DEFAULT_MAX_PREAUTH;
-    this.maxPreauthPerAddress = opts.maxPreauthPerAddress ?? DEFAULT_MAX_PREAUTH_PER_ADDRESS;
-    this.sendBufs = new BufferPool(MAX_CHUNK, opts.maxClients ?? DEFAULT_MAX_CLIENTS);
+    this.sendBufs = new BufferPool(MAX_CHUNK, opts.maxClients);
     this.limited = new LogLimiter(opts.logger);
     const zero = opts.image.zero;
     const zeroPages = zero.countZero();
@@ -249,8 +242,8 @@ export class PageServer {
   /** Keeps the unauthenticated budget: evicts the oldest idle connection (else the oldest) where it is full. */
   private makeRoom(peer: string): void {
     const mine = this.preauthByPeer.get(peer);
-    if (mine !== undefined && mine.size >= this.maxPreauthPerAddress) this.evict(mine, `${this.maxPreauthPerAddress} from ${peer}`);
-    if (this.preauth.size >= this.maxPreauth) this.evict(this.preauth, `${this.maxPreauth}`);
+    if (mine !== undefined && mine.size >= this.opts.maxPreauthPerAddress) this.evict(mine, `${this.opts.maxPreauthPerAddress} from ${peer}`);
+    if (this.preauth.size >= this.opts.maxPreauth) this.evict(this.preauth, `${this.opts.maxPreauth}`);
   }
 
   private evict(from: Set<Conn>, limit: string): void {

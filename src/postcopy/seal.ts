@@ -76,11 +76,6 @@ export class ReceiveSeal {
     this.key = new AeadKey(key, false);
   }
 
-  /** Frames opened so far. */
-  get frames(): number {
-    return this.seq;
-  }
-
   /** Opens a 64-byte sealed header in place: its first HEADER_SIZE bytes are then the clear header. Throws SealError. */
   openHeader(rec: Uint8Array): void {
     if (!this.key.open(KIND_HEADER, this.seq, rec, rec, PLAIN_HEADER_SIZE, rec.subarray(PLAIN_HEADER_SIZE, SEALED_HEADER_SIZE))) {

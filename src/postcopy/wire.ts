@@ -145,10 +145,6 @@ export class FrameWriter {
     this.sealed = seal;
   }
 
-  get isSealed(): boolean {
-    return this.sealed !== undefined;
-  }
-
   /** Queues a whole frame (header and payload), sealed once the handshake is done. */
   push(frameBytes: Uint8Array): void {
     this.pushBytes(this.sealed !== undefined ? this.sealed.frame(frameBytes) : frameBytes);
