@@ -168,7 +168,8 @@ export class PageServer {
   listen(): number {
     this.lfd = check("listen", sl.sl_tcp_listen(cstr(this.opts.host), this.opts.port, LISTEN_BACKLOG), { host: this.opts.host, port: this.opts.port });
     this.port = check("getsockname", sl.sl_local_port(this.lfd));
-    if (!deferAccept(this.lfd, Math.max(1, Math.ceil(this.opts.handshakeTimeoutMs / 1000)))) this.opts.logger.warn("TCP_DEFER_ACCEPT refused; idle connections will be accepted (and evicted) as they come");
+    // Half the handshake timeout (at least the kernel's 1 s): a silent client is handed over while it still has time to speak.
+    if (!deferAccept(this.lfd, Math.max(1, Math.floor(this.opts.handshakeTimeoutMs / 2000)))) this.opts.logger.warn("TCP_DEFER_ACCEPT refused; idle connections will be accepted (and evicted) as they come");
     this.ltoken = this.loop.add(this.lfd, EPOLLIN, () => this.acceptAll());
     return this.port;
   }

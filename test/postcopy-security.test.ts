@@ -278,6 +278,28 @@ describe("the page server's own resources", () => {
     console.log(`page server totals: ${totals![0]}; ${flood.daemon.log.split("\n").length} log lines in all`);
   }, 60_000);
 
+  test("unauthenticated connections per source address are capped: a silent one is evicted, not an older one that spoke, and other addresses are untouched", async () => {
+    const p = await startPageServer(["--mem", image, "--token-file", tokenFile, "--max-preauth-per-address", "3", "--handshake-timeout", "3000", "--log-level", "debug"]);
+    cleanup.push(() => p.daemon.stop());
+    // From 127.0.0.3: the first sends half a HELLO (it spoke), then two stay silent; from 127.0.0.4, one silent.
+    const talker = await RawClient.connect(p.port, "127.0.0.3");
+    talker.sendRaw(frame(FrameType.HELLO, new Uint8Array(48)).subarray(0, 40));
+    await p.daemon.waitForLog(/client #1 from 127\.0\.0\.3 connected/);
+    const silent = [await RawClient.connect(p.port, "127.0.0.3"), await RawClient.connect(p.port, "127.0.0.3")];
+    const other = await RawClient.connect(p.port, "127.0.0.4");
+    // Silent ones are handed over by the kernel only after TCP_DEFER_ACCEPT (3 s here).
+    await p.daemon.waitForLog(/(client #\d+ from 127\.0\.0\.[34] connected[\s\S]*){3}/, 10_000);
+    // A fourth from 127.0.0.3, which speaks at once: it gets in, at the cost of the oldest silent one, not the talker.
+    const newcomer = await RawClient.connect(p.port, "127.0.0.3");
+    expect((await newcomer.authenticate(token, Role.URGENT)).type).toBe(FrameType.WELCOME);
+    const evicted = await Promise.all(silent.map(async (c) => (await c.waitClosed(3000)) && c.frames.some((f) => /evicted/.test(f.payload.toString()))));
+    expect(evicted.filter(Boolean).length, p.daemon.log).toBe(1);
+    await p.daemon.waitForLog(/client #\d+ from 127\.0\.0\.3 evicted: unauthenticated connections at their limit \(3 from 127\.0\.0\.3\)/);
+    // The talker (oldest, but it spoke) and the other address's silent one were left alone: they meet the handshake timeout.
+    for (const c of [talker, other]) expect((await c.next((f) => f.type === FrameType.ERROR, 5000)).payload.toString()).toMatch(/no authentication within 3000 ms/);
+    for (const c of [talker, ...silent, other, newcomer]) c.close();
+  }, 30_000);
+
   test("a failure while setting up a connection drops that connection, never the server", async () => {
     const p = await startPageServer(["--mem", image, "--token-file", tokenFile, "--test-only-fail-accept-every", "2"]);
     cleanup.push(() => p.daemon.stop());

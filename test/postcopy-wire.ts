@@ -101,9 +101,10 @@ export class RawClient {
     socket.on("error", () => {});
   }
 
-  static connect(port: number): Promise<RawClient> {
+  /** `from`: a local (loopback) source address, to look like another host. */
+  static connect(port: number, from?: string): Promise<RawClient> {
     return new Promise((resolve, reject) => {
-      const s = createConnection({ host: "127.0.0.1", port }, () => resolve(new RawClient(s)));
+      const s = createConnection({ host: "127.0.0.1", port, localAddress: from }, () => resolve(new RawClient(s)));
       s.once("error", reject);
     });
   }
