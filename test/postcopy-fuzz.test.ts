@@ -4,14 +4,20 @@
 // open only unchanged, in order, under their key.
 // Seeded and bounded here; `npm run fuzz:postcopy` runs the same properties much longer
 // (FUZZ_RUNS, FUZZ_SEED pick the run count and seed).
-import { describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import fc from "fast-check";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { writeDemoImage } from "../src/demo-image.ts";
+import { readTokenFile } from "../src/postcopy/auth.ts";
 import {
   checkDataChunk, decodeChallenge, decodeErrorText, decodeHeader, decodeHello, decodeInfo, decodeWelcome, encodeChallenge, encodeHeader, encodeHello,
   encodeInfo, encodeWelcome, FrameHeader, FrameType, frame, HEADER_SIZE, MAX_PAYLOAD, MAX_REQUEST, ProtocolError, requestInBounds, Role,
   WIRE_PAGE, zeroMapBytes, zeroMapFromBytes,
 } from "../src/postcopy/protocol.ts";
 import { ReceiveSeal, SEALED_HEADER_SIZE, SealError, SendSeal } from "../src/postcopy/seal.ts";
+import { ensureBuilt, tempDir } from "./harness.ts";
+import { type PageServerProc, RawClient, startPageServer } from "./postcopy-wire.ts";
 
 const RUNS = Number(process.env.FUZZ_RUNS ?? 300);
 const SEED = Number(process.env.FUZZ_SEED ?? 20261202);
@@ -267,4 +273,75 @@ describe("postcopy frame decoders (fast-check)", () => {
       { ...params, numRuns: Math.max(20, Math.floor(RUNS / 3)) },
     );
   }, timeout);
+});
+
+describe("a real page server fed arbitrary authenticated frames (fast-check)", () => {
+  let dir: ReturnType<typeof tempDir>;
+  let ps: PageServerProc;
+  let token: Buffer;
+  let image: Uint8Array;
+  beforeAll(async () => {
+    ensureBuilt();
+    dir = tempDir("snapload-pcfuzz-");
+    const path = join(dir.path, "vm.mem");
+    writeDemoImage(path, 4 * 1024 * 1024, 9);
+    image = new Uint8Array(readFileSync(path));
+    writeFileSync(join(dir.path, "token"), "fuzzing-the-page-server-token\n", { mode: 0o600 });
+    token = readTokenFile(join(dir.path, "token"));
+    ps = await startPageServer(["--mem", path, "--token-file", join(dir.path, "token")]);
+  }, 30_000);
+  afterAll(async () => {
+    await ps?.daemon.stop();
+    dir?.cleanup();
+  });
+
+  test("whatever frames an authenticated client sends, the server answers or closes that connection, and serves the next client right", async () => {
+    // Mostly what an authenticated client may send (REQUEST, PING: no payload), sometimes anything.
+    const anyFrame = fc.tuple(
+      fc.oneof({ arbitrary: fc.constantFrom(FrameType.REQUEST, FrameType.PING), weight: 6 }, { arbitrary: fc.integer({ min: 1, max: 12 }), weight: 1 }),
+      fc.oneof(fc.nat({ max: 10 }), u53),
+      fc.oneof({ arbitrary: fc.nat({ max: 64 }).map((p) => p * WIRE_PAGE), weight: 4 }, { arbitrary: u53, weight: 1 }),
+      fc.oneof({ arbitrary: fc.integer({ min: 1, max: 64 }).map((p) => p * WIRE_PAGE), weight: 4 }, { arbitrary: fc.nat({ max: 0xffff_ffff }), weight: 1 }),
+      fc.oneof({ arbitrary: fc.constant(new Uint8Array(0)), weight: 6 }, { arbitrary: fc.uint8Array({ maxLength: 64 }), weight: 1 }),
+    ).map(([type, id, offset, arg, p]) => {
+      const f = frame(FrameType.PING, p.length > 0 ? p : null, id, offset, arg);
+      f[0] = type; // any type, known or not, allowed here or not
+      return f;
+    });
+    const outcomes = { survived: 0, closed: 0 };
+    await fc.assert(
+      fc.asyncProperty(fc.array(anyFrame, { minLength: 1, maxLength: 4 }), async (frames) => {
+        const c = await RawClient.connect(ps.port);
+        try {
+          expect((await c.authenticate(token, Role.URGENT)).type).toBe(FrameType.WELCOME);
+          await c.next((f) => f.type === FrameType.INFO);
+          for (const f of frames) c.send(f);
+          c.send(frame(FrameType.PING, null, 424242));
+          // Either the connection survived everything (then our PING is answered) or it was refused
+          // and closed (its ERROR may be lost to the reset our later frames cause: TCP drops unread data).
+          const end = await c.next((f) => f.type === FrameType.PONG && f.id === 424242, 5000).catch(() => undefined);
+          if (end === undefined) {
+            expect(c.closed).toBe(true);
+            outcomes.closed++;
+          } else {
+            outcomes.survived++;
+          }
+          expect(c.error).toBeUndefined(); // everything the server sent opened
+        } finally {
+          c.close();
+        }
+      }),
+      { ...params, numRuns: Math.max(10, Math.floor(RUNS / 10)) },
+    );
+    // The generator reaches both: frames the server takes (REQUEST, PING) and frames it refuses.
+    expect(outcomes.survived).toBeGreaterThan(0);
+    expect(outcomes.closed).toBeGreaterThan(0);
+    expect(ps.daemon.proc.exitCode).toBeNull();
+    const c = await RawClient.connect(ps.port);
+    await c.authenticate(token, Role.URGENT);
+    c.send(frame(FrameType.REQUEST, null, 1, 0, 16 * WIRE_PAGE));
+    const d = await c.next((f) => f.type === FrameType.DATA);
+    expect(Buffer.from(d.payload).equals(Buffer.from(image.subarray(d.offset, d.offset + d.payload.length)))).toBe(true);
+    c.close();
+  }, Math.max(30_000, RUNS * 50));
 });
