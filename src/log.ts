@@ -27,7 +27,7 @@ export const EVENT_NAMES = [
   // serve, postcopy client (--mem tcp://)
   "remote.retrying",
   "remote.ready",
-  "remote.bad_reply",
+  "remote.tampered",
   "remote.lost",
   "remote.channel_lost",
   "remote.back",
@@ -42,6 +42,10 @@ export const EVENT_NAMES = [
   "page_server.request_refused",
   "page_server.client_refused",
   "page_server.client_closed",
+  "page_server.defer_accept_refused",
+  "page_server.closed",
+  // any daemon: lines a peer can cause at will are rate-limited; this says how many were not printed
+  "log.suppressed",
   // configuration advice
   "config.token_file_mode",
 ] as const;

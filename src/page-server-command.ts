@@ -28,15 +28,21 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
       token,
       logger,
       handshakeTimeoutMs: config["handshake-timeout"],
+      maxPreauth: config["max-preauth"],
+      maxPreauthPerAddress: config["max-preauth-per-address"],
+      maxClients: config["max-clients"],
       testCorruptEvery: corrupt,
+      testFailAcceptEvery: config["test-only-fail-accept-every"],
     });
-    if (corrupt !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: corrupting one payload byte of every ${corrupt}th reply`, { every: corrupt });
+    if (corrupt !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: corrupting one sealed payload byte of every ${corrupt}th reply`, { every: corrupt });
+    const failEvery = config["test-only-fail-accept-every"];
+    if (failEvery !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: failing the setup of every ${failEvery}th connection`, { failAcceptEvery: failEvery });
     if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderPageServerMetrics(server), logger);
     const port = server.listen();
     const what = image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
     logger.info(
       "page_server.listening",
-      `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated, not encrypted`,
+      `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated and encrypted (AES-256-GCM)`,
       {
         address: formatHostPort({ host: where.host, port }), port, format: image.format, path: image.path, block: image.blockName,
         size: image.size, dataPages: image.dataPages, zeroPages: image.zeroPages,

@@ -8,6 +8,7 @@ import type { PageBackend } from "./handler-table.ts";
 import type { ZeroMap } from "./image/snapshot-image.ts";
 import type { OpenedSource, SourceOptions } from "./page-source.ts";
 import { type HostPort, parseTcpUrl, resolveHost } from "./postcopy/address.ts";
+import { checkCrypto } from "./postcopy/aead.ts";
 import { readTokenFile } from "./postcopy/auth.ts";
 import { ClientChannel } from "./postcopy/client-channel.ts";
 import { type ImageInfo, Role, zeroMapFromBytes } from "./postcopy/protocol.ts";
@@ -21,6 +22,8 @@ export async function openRemoteSource(url: string, opts: SourceOptions): Promis
   // --ramblock is for the daemon's local mapped-ram files; the page server picks its own block.
   if (opts.tokenFile === undefined) throw new ConfigError(`--mem ${url}: a page server needs --token-file (the secret both sides share)`);
   const token = readTokenFile(opts.tokenFile, opts.logger);
+  checkCrypto(); // at startup, not at the first connection
+
   const addr = await resolveHost(parseTcpUrl(url), `--mem ${url}`);
   const { info, zero } = await probe(url, addr, token, opts);
   const backend: PageBackend = {
