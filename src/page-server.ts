@@ -255,7 +255,7 @@ export class PageServer {
       throw e;
     }
     this.totals.clients++;
-    this.opts.logger.debug("page_server.client_connected", `${conn.name} from ${peer} connected`, { client: conn.name, peer });
+    this.opts.logger.debug("page_server.client_connected", `${conn.name} connected`, { client: conn.name, peer });
   }
 
   /** Keeps the unauthenticated budget: evicts the oldest idle connection (else the oldest) where it is full. */
