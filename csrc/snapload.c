@@ -253,9 +253,9 @@ int sl_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data)
 
 int sl_epoll_wait(int epfd, struct sl_event *out, int max, int timeout_ms)
 {
-	struct epoll_event evs[256];
-	if (max > 256)
-		max = 256;
+	struct epoll_event evs[SL_EPOLL_MAX_EVENTS];
+	if (max > SL_EPOLL_MAX_EVENTS)
+		max = SL_EPOLL_MAX_EVENTS;
 	int n = epoll_wait(epfd, evs, max, timeout_ms);
 	if (n < 0)
 		return errno == EINTR ? 0 : NEG_ERRNO();
@@ -594,7 +594,6 @@ int sl_accept(int lfd)
 	}
 }
 
-#define SL_MAX_FDS 16
 
 int sl_recv_fds(int fd, void *buf, uint32_t len, int32_t *fds, int max_fds, int32_t *out_nfds, int32_t *out_truncated)
 {

@@ -81,7 +81,11 @@ int sl_set_nonblock(int fd);
 int sl_uffd_open(int flags);
 /* UFFDIO_API. *out_features = features the kernel grants, *out_ioctls = ioctls. */
 int sl_uffd_api(int uffd, uint64_t features, uint64_t *out_features, uint64_t *out_ioctls);
-/* UFFDIO_REGISTER. mode: 1 = MISSING, 2 = WP, 4 = MINOR. */
+/* sl_uffd_register modes (UFFDIO_REGISTER_MODE_*). */
+#define SL_UFFD_MODE_MISSING 1
+#define SL_UFFD_MODE_WP 2
+#define SL_UFFD_MODE_MINOR 4
+/* UFFDIO_REGISTER with a mode above. */
 int sl_uffd_register(int uffd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *out_ioctls);
 int sl_uffd_unregister(int uffd, uint64_t start, uint64_t len);
 /* 1 if fd is a userfaultfd (anon_inode:[userfaultfd]), 0 if not. */
@@ -89,7 +93,9 @@ int sl_fd_is_uffd(int fd);
 /* Reads up to max whole struct uffd_msg into buf (SL_UFFD_MSG_SIZE each).
  * Returns the number of messages; 0 when the queue is empty (EAGAIN). */
 int sl_uffd_read(int uffd, void *buf, int max);
-/* UFFDIO_COPY of len bytes from our src to the VMM's dst. mode: 1 = DONTWAKE.
+/* sl_uffd_copy / sl_uffd_zeropage mode: install without waking the waiters. */
+#define SL_UFFD_DONTWAKE 1
+/* UFFDIO_COPY of len bytes from our src to the VMM's dst. mode: 0 or SL_UFFD_DONTWAKE.
  * Returns 0 when all was copied, else -errno with the bytes that were
  * copied before the failure in *out_done (may be NULL). */
 int sl_uffd_copy(int uffd, uint64_t dst, const void *src, uint64_t len, int mode, uint64_t *out_done);
@@ -101,9 +107,15 @@ int sl_uffd_wake(int uffd, uint64_t start, uint64_t len);
 /* ---- epoll ---------------------------------------------------------------- */
 
 int sl_epoll_create(void);
-/* op: 1 = ADD, 2 = DEL, 3 = MOD (EPOLL_CTL_*). data comes back in sl_event. */
+/* sl_epoll_ctl ops (EPOLL_CTL_*). */
+#define SL_EPOLL_ADD 1
+#define SL_EPOLL_DEL 2
+#define SL_EPOLL_MOD 3
+/* Most events one sl_epoll_wait / sl_epoll_spin returns (more stay ready). */
+#define SL_EPOLL_MAX_EVENTS 256
+/* op: SL_EPOLL_ADD / DEL / MOD. data comes back in sl_event. */
 int sl_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
-/* Waits up to timeout_ms (-1 = forever) and fills up to max sl_event.
+/* Waits up to timeout_ms (-1 = forever) and fills up to max (<= SL_EPOLL_MAX_EVENTS) sl_event.
  * Returns how many are ready; 0 on timeout or EINTR. */
 int sl_epoll_wait(int epfd, struct sl_event *out, int max, int timeout_ms);
 /* Polls (timeout 0) for up to spin_us microseconds, at most SL_SPIN_MAX_US, calling
@@ -153,7 +165,9 @@ int sl_unix_listen(const char *path, uint32_t mode, int backlog, struct sl_file_
 int sl_unix_unlink_if(const char *path, uint64_t dev, uint64_t ino);
 /* accept4(NONBLOCK|CLOEXEC). Returns the fd; -EAGAIN when none is waiting. */
 int sl_accept(int lfd);
-/* One recvmsg: up to len bytes into buf and up to max_fds SCM_RIGHTS fds into
+/* Most fds one sl_recv_fds receives; more in one message are closed and counted as truncated. */
+#define SL_MAX_FDS 16
+/* One recvmsg: up to len bytes into buf and up to max_fds (<= SL_MAX_FDS) SCM_RIGHTS fds into
  * fds (*out_nfds of them; extra fds the kernel had to drop are counted in
  * *out_truncated as 1). Received fds are close-on-exec.
  * Returns bytes read (0 = peer closed). */

@@ -2,12 +2,12 @@
 // Bun cannot wait on an arbitrary fd, so the loop blocks in epoll_wait itself and hands the
 // thread back to Bun's own event loop every YIELD_EVERY_MS (signals, child processes, timers).
 import { check } from "./check.ts";
-import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, NativeBuffer, SL_EVENT_SIZE, sl } from "./ffi.ts";
+import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, NativeBuffer, SL_EPOLL_MAX_EVENTS, SL_EVENT_SIZE, sl } from "./ffi.ts";
 import { SpinPolicy } from "./spin-policy.ts";
 
 export type FdHandler = (events: number) => void;
 
-const MAX_EVENTS = 256;
+const MAX_EVENTS = SL_EPOLL_MAX_EVENTS;
 const YIELD_EVERY_MS = 20;
 /**
  * How long one wait may block while nothing happens. Signals reach Bun's handlers only while we

@@ -10,7 +10,8 @@ import embeddedLib from "../build/libsnapload.so" with { type: "file" };
 
 const { i32, u32, u64, ptr, cstring } = FFIType;
 
-const symbols = {
+/** The C core's functions as Bun sees them; test/abi.test.ts checks them against csrc/snapload.h. */
+export const FFI_SYMBOLS = {
   sl_abi_version: { args: [], returns: i32 },
   sl_buffer_alloc: { args: [u64, ptr], returns: i32 },
   sl_buffer_free: { args: [ptr, u64], returns: i32 },
@@ -68,7 +69,7 @@ function libraryPath(): string {
 }
 
 export const ABI_VERSION = 3;
-const loaded = dlopen(libraryPath(), symbols);
+const loaded = dlopen(libraryPath(), FFI_SYMBOLS);
 export const sl = loaded.symbols;
 if (sl.sl_abi_version() !== ABI_VERSION) {
   throw new Error(`libsnapload ABI ${sl.sl_abi_version()} does not match ${ABI_VERSION}`);
@@ -144,6 +145,10 @@ export const EPOLLRDHUP = 0x2000;
 export const EPOLL_CTL_ADD = 1;
 export const EPOLL_CTL_DEL = 2;
 export const EPOLL_CTL_MOD = 3;
+/** csrc/snapload.h's limits and modes (checked against the header by test/abi.test.ts). */
+export const SL_EPOLL_MAX_EVENTS = 256;
+export const SL_MAX_FDS = 16;
+export const SL_UFFD_MODE_MISSING = 1;
 
 export const UFFD_EVENT_PAGEFAULT = 0x12;
 export const UFFD_EVENT_FORK = 0x13;

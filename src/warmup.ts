@@ -9,7 +9,7 @@
 // drain and installer, so every function on the real path reaches its optimised tier.
 import { check } from "./check.ts";
 import type { EventLoop } from "./event-loop.ts";
-import { EPOLLIN, NativeBuffer, sl } from "./ffi.ts";
+import { EPOLLIN, NativeBuffer, SL_UFFD_MODE_MISSING, sl } from "./ffi.ts";
 import { HandlerTable, type PageBackend } from "./handler-table.ts";
 import { IMAGE_PAGE, ZeroMap } from "./image/snapshot-image.ts";
 import { writeFaultMessage } from "./uffd-messages.ts";
@@ -43,7 +43,7 @@ class WarmUpVm {
     this.guest = new NativeBuffer(this.len);
     this.source = new NativeBuffer(this.len);
     check("UFFDIO_API", sl.sl_uffd_api(uffd, 0, null, null));
-    check("UFFDIO_REGISTER", sl.sl_uffd_register(uffd, this.guest.address, this.len, 1, null));
+    check("UFFDIO_REGISTER", sl.sl_uffd_register(uffd, this.guest.address, this.len, SL_UFFD_MODE_MISSING, null));
     this.source.bytes.fill(0x5a);
     const zero = new ZeroMap(PAGES);
     zero.setZeroRange(PAGES / 2, PAGES / 2);
