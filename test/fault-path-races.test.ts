@@ -1,4 +1,4 @@
-// Review regressions. The fault path is driven with a fake kernel (the FFI symbols are swapped
+// Races on the fault path, and a VMM that forks. The fault path is driven with a fake kernel (the FFI symbols are swapped
 // for a model of UFFDIO_COPY / ZEROPAGE / WAKE), so races that are hard to hit with real
 // processes (an event pending between reading a batch and installing it) are deterministic.
 import { afterEach, describe, expect, test } from "bun:test";

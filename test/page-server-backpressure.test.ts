@@ -1,4 +1,4 @@
-// Review reproductions: hostile peers of the page server.
+// Hostile peers of the page server: a client that floods requests and never reads its replies.
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
