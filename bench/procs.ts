@@ -2,6 +2,7 @@
 // any way out — normal end, error, Ctrl-C — so no daemon outlives the run.
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import type { LogRecord } from "../src/log.ts";
 import type { StandinReport } from "../test/harness.ts";
 
 export type { StandinReport };
@@ -151,11 +152,11 @@ export interface DaemonFigures {
   populatedPages?: number;
 }
 
-/** `snapload serve --socket S ...args`, ready once it logs "listening on". */
+/** `snapload serve --socket S ...args`, logging JSON events; ready once it logs daemon.listening. */
 export async function startSnapload(socket: string, args: string[], cpu: number | undefined): Promise<Proc> {
-  const p = new Proc("snapload serve", pinned(cpu, [BUN, MAIN, "serve", "--socket", socket, ...args]));
+  const p = new Proc("snapload serve", pinned(cpu, [BUN, MAIN, "serve", "--socket", socket, "--log-format", "json", ...args]));
   try {
-    await p.waitFor(/listening on/, "stderr", 30_000);
+    await p.waitFor(/"event":"daemon\.listening"/, "stderr", 30_000);
   } catch (e) {
     p.kill("SIGKILL");
     throw e;
@@ -163,20 +164,24 @@ export async function startSnapload(socket: string, args: string[], cpu: number 
   return p;
 }
 
+/** The JSON events (docs/events.md) a daemon wrote. */
+function events(p: Proc): LogRecord[] {
+  return p.stderr.split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l) as LogRecord);
+}
+
 /** SIGTERM; a daemon that does not exit cleanly fails the benchmark. Returns its per-VM figures. */
 export async function stopSnapload(p: Proc): Promise<DaemonFigures[]> {
   const code = await p.stop("SIGTERM");
   if (code !== 0) throw new BenchError(`snapload serve exited with ${p.describeExit()}\n${p.tail()}`);
-  const errors = p.stderr.split("\n").filter((l) => / error: /.test(l));
-  if (errors.length) throw new BenchError(`snapload logged errors:\n${errors.slice(0, 5).join("\n")}`);
-  // Per VM, in order of their ids: the exit line, and the detach line when it was fully populated.
+  const all = events(p);
+  const errors = all.filter((e) => e.level === "error");
+  if (errors.length) throw new BenchError(`snapload logged errors:\n${errors.slice(0, 5).map((e) => `${e.event}: ${e.msg}`).join("\n")}`);
+  // Per VM, in order of their ids: its exit, and its detach when it was fully populated.
   const vms = new Map<number, DaemonFigures>();
-  const vm = (id: string) => vms.get(Number(id)) ?? vms.set(Number(id), {}).get(Number(id))!;
-  for (const m of p.stderr.matchAll(/vm (\d+) pid -?\d+ exited .*?: (\d+) pages served \((\d+) zero\) in (\d+) faults/g)) {
-    Object.assign(vm(m[1]!), { pages: Number(m[2]), zeroPages: Number(m[3]), faults: Number(m[4]) });
-  }
-  for (const m of p.stderr.matchAll(/vm (\d+) pid -?\d+ fully populated in ([\d.]+) s \(\d+ faults, (\d+) prefetched, (\d+) populated pages\)/g)) {
-    Object.assign(vm(m[1]!), { populatedSec: Number(m[2]), prefetchedPages: Number(m[3]), populatedPages: Number(m[4]) });
+  const vm = (id: number) => vms.get(id) ?? vms.set(id, {}).get(id)!;
+  for (const e of all) {
+    if (e.event === "vm.exited") Object.assign(vm(e.vm as number), { pages: e.pages, zeroPages: e.zeroPages, faults: e.faults });
+    if (e.event === "vm.detached") Object.assign(vm(e.vm as number), { populatedSec: e.seconds, prefetchedPages: e.prefetchedPages, populatedPages: e.populatedPages });
   }
   return [...vms.entries()].sort((a, b) => a[0] - b[0]).map((e) => e[1]);
 }

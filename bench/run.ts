@@ -8,7 +8,9 @@ import { join } from "node:path";
 import type { BenchOptions, Ctx, Features, Scenario, ScenarioResult } from "./common.ts";
 import { makeDemoImage, makeRandomImage } from "./common.ts";
 import { BUN, CpuMeter, killAll, MAIN, pinned, Proc, ROOT } from "./procs.ts";
+import { defaults } from "./scenarios/defaults.ts";
 import { faultAround } from "./scenarios/fault-around.ts";
+import { fairness } from "./scenarios/fairness.ts";
 import { overhead } from "./scenarios/overhead.ts";
 import { population } from "./scenarios/population.ts";
 import { postcopy } from "./scenarios/postcopy.ts";
@@ -24,6 +26,8 @@ const SCENARIOS: [string, string, Scenario][] = [
   ["d", "postcopy", postcopy],
   ["e", "scale", scale],
   ["f", "fault-around sweep", faultAround],
+  ["g", "defaults on every core layout", defaults],
+  ["h", "fairness", fairness],
   ["q", "QEMU restore", qemu],
 ];
 
@@ -54,7 +58,7 @@ function parseArgs(argv: string[]): BenchOptions {
 
 function usage(err?: string): never {
   if (err) console.error(`bench: ${err}`);
-  console.error("usage: bun bench/run.ts [--quick] [--only a,b,c,d,e,f,q,micro] [--runs N]");
+  console.error("usage: bun bench/run.ts [--quick] [--only a,b,c,d,e,f,g,h,q,micro] [--runs N]");
   process.exit(err ? 2 : 0);
 }
 

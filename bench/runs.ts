@@ -128,6 +128,11 @@ export class LongLivedHandler {
     return new LongLivedHandler("plain", p, sock, mem, at);
   }
 
+  /** The handler's process id (to read its CPU time from /proc). */
+  get pid(): number {
+    return this.proc.pid;
+  }
+
   async warmUp(guestArgs: string[]): Promise<void> {
     await this.run(guestArgs);
   }

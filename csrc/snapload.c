@@ -6,6 +6,11 @@
 #include "snapload.h"
 
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <sched.h>
+#include <time.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <netinet/in.h>
@@ -18,6 +23,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -247,9 +253,9 @@ int sl_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data)
 
 int sl_epoll_wait(int epfd, struct sl_event *out, int max, int timeout_ms)
 {
-	struct epoll_event evs[256];
-	if (max > 256)
-		max = 256;
+	struct epoll_event evs[SL_EPOLL_MAX_EVENTS];
+	if (max > SL_EPOLL_MAX_EVENTS)
+		max = SL_EPOLL_MAX_EVENTS;
 	int n = epoll_wait(epfd, evs, max, timeout_ms);
 	if (n < 0)
 		return errno == EINTR ? 0 : NEG_ERRNO();
@@ -259,6 +265,85 @@ int sl_epoll_wait(int epfd, struct sl_event *out, int max, int timeout_ms)
 		out[i].pad = 0;
 	}
 	return n;
+}
+
+int sl_epoll_spin(int epfd, struct sl_event *out, int max, uint32_t spin_us)
+{
+	struct timespec t;
+	if (spin_us > SL_SPIN_MAX_US)
+		spin_us = SL_SPIN_MAX_US;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	uint64_t until = (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec + (uint64_t)spin_us * 1000u;
+	for (;;) {
+		int n = sl_epoll_wait(epfd, out, max, 0);
+		if (n != 0)
+			return n;
+		clock_gettime(CLOCK_MONOTONIC, &t);
+		if ((uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec >= until)
+			return 0;
+		sched_yield();
+	}
+}
+
+/* ---- toucher --------------------------------------------------------------- */
+
+struct sl_toucher {
+	pthread_t thread;
+	volatile unsigned char *addr;
+	uint64_t len;
+	uint32_t page, rounds, done;
+	int done_fd, go_fd;
+};
+
+static void *toucher_main(void *arg)
+{
+	struct sl_toucher *t = arg;
+	unsigned sum = 0;
+	for (uint32_t r = 0; r < t->rounds; r++) {
+		for (uint64_t off = 0; off < t->len; off += t->page)
+			sum += t->addr[off];
+		madvise((void *)t->addr, t->len, MADV_DONTNEED);
+		t->done = r + 1;
+		uint64_t one = 1;
+		if (write(t->done_fd, &one, sizeof one) != sizeof one)
+			break;
+		if (r + 1 == t->rounds)
+			break;
+		struct pollfd p = { .fd = t->go_fd, .events = POLLIN };
+		while (poll(&p, 1, -1) < 0 && errno == EINTR)
+			;
+		uint64_t v;
+		if (read(t->go_fd, &v, sizeof v) != sizeof v)
+			break;
+	}
+	(void)sum;
+	return NULL;
+}
+
+int sl_toucher_start(void *addr, uint64_t len, uint32_t page, uint32_t rounds, int done_fd, int go_fd, uint64_t *out_handle)
+{
+	if (!page || len % page || !rounds)
+		return -EINVAL;
+	struct sl_toucher *t = calloc(1, sizeof *t);
+	if (!t)
+		return -ENOMEM;
+	*t = (struct sl_toucher){ .addr = addr, .len = len, .page = page, .rounds = rounds, .done_fd = done_fd, .go_fd = go_fd };
+	int err = pthread_create(&t->thread, NULL, toucher_main, t);
+	if (err) {
+		free(t);
+		return -err;
+	}
+	*out_handle = (uint64_t)(uintptr_t)t;
+	return 0;
+}
+
+int sl_toucher_join(uint64_t handle)
+{
+	struct sl_toucher *t = (struct sl_toucher *)(uintptr_t)handle;
+	int err = pthread_join(t->thread, NULL);
+	int done = (int)t->done;
+	free(t);
+	return err ? -err : done;
 }
 
 /* ---- eventfd -------------------------------------------------------------- */
@@ -295,33 +380,207 @@ static int fill_sun(struct sockaddr_un *sa, const char *path)
 	return 0;
 }
 
-int sl_unix_listen(const char *path, uint32_t mode, int backlog)
+/* Name of the socket inside the private directory, and of a path moved aside for inspection. */
+#define SL_PRIV_SOCK "s"
+#define SL_PRIV_ASIDE "aside"
+#define SL_PRIV_TRIES 16
+#define SL_PRIV_MODE 0700
+
+/* Splits path into its directory (opened O_DIRECTORY) and its last component (into base). */
+static int open_parent(const char *path, char *base, size_t base_len)
+{
+	const char *slash = strrchr(path, '/');
+	const char *name = slash ? slash + 1 : path;
+	if (!*name || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+		return -EINVAL;
+	if (strlen(name) >= base_len)
+		return -ENAMETOOLONG;
+	strcpy(base, name);
+	char dir[sizeof ((struct sockaddr_un *)0)->sun_path];
+	if (!slash)
+		strcpy(dir, ".");
+	else if (slash == path)
+		strcpy(dir, "/");
+	else {
+		size_t n = (size_t)(slash - path);
+		if (n >= sizeof dir)
+			return -ENAMETOOLONG;
+		memcpy(dir, path, n);
+		dir[n] = 0;
+	}
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	return fd < 0 ? NEG_ERRNO() : fd;
+}
+
+/* A fresh directory beside the socket (same filesystem, so rename() works), mode 0700, ours
+ * alone: what is inside cannot be swapped by anyone else. Its name goes to name (>= 32 bytes). */
+static int make_private_dir(int dirfd, char *name, size_t name_len)
+{
+	for (int i = 0; i < SL_PRIV_TRIES; i++) {
+		uint64_t rnd;
+		if (getrandom(&rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd)
+			return NEG_ERRNO();
+		snprintf(name, name_len, ".snapload-%016llx", (unsigned long long)rnd);
+		if (mkdirat(dirfd, name, SL_PRIV_MODE) == 0) {
+			int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+			if (fd < 0) {
+				int r = NEG_ERRNO();
+				unlinkat(dirfd, name, AT_REMOVEDIR);
+				return r;
+			}
+			/* The umask may have narrowed it; never widened. Make it exactly 0700 through the fd. */
+			if (fchmod(fd, SL_PRIV_MODE)) {
+				int r = NEG_ERRNO();
+				close(fd);
+				unlinkat(dirfd, name, AT_REMOVEDIR);
+				return r;
+			}
+			return fd;
+		}
+		if (errno != EEXIST)
+			return NEG_ERRNO();
+	}
+	return -EEXIST;
+}
+
+static void remove_private_dir(int dirfd, const char *name, int privfd)
+{
+	unlinkat(privfd, SL_PRIV_SOCK, 0);
+	close(privfd);
+	unlinkat(dirfd, name, AT_REMOVEDIR);
+}
+
+/*
+ * Removes dirfd/base only if it is still the socket with inode (dev, ino): it is first moved into
+ * our private directory, where nobody can swap it, then checked, then unlinked — or moved back
+ * untouched if it was not ours. Returns 0 when removed (or already gone), -EEXIST if something
+ * else is there now.
+ */
+static int remove_if_same(int dirfd, const char *base, int privfd, uint64_t dev, uint64_t ino)
+{
+	if (renameat(dirfd, base, privfd, SL_PRIV_ASIDE)) {
+		if (errno == ENOENT)
+			return 0;
+		return NEG_ERRNO();
+	}
+	struct stat st;
+	if (fstatat(privfd, SL_PRIV_ASIDE, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISSOCK(st.st_mode) &&
+	    (uint64_t)st.st_dev == dev && (uint64_t)st.st_ino == ino)
+		return unlinkat(privfd, SL_PRIV_ASIDE, 0) ? NEG_ERRNO() : 0;
+	/* Not ours: put it back. If something took its place meanwhile, neither is touched and the
+	 * moved file stays in the private directory (which then is not removed). */
+	renameat2(privfd, SL_PRIV_ASIDE, dirfd, base, RENAME_NOREPLACE);
+	return -EEXIST;
+}
+
+/* 1 if a listener answers at path, 0 if nobody does (a stale socket file). Connecting through a
+ * path someone swapped can only make us refuse (a wrong "live"), never remove: removal checks
+ * the inode. */
+static int someone_listens(const char *path)
 {
 	struct sockaddr_un sa;
 	int r = fill_sun(&sa, path);
 	if (r)
 		return r;
-	struct stat st;
-	if (lstat(path, &st) == 0) {
-		if (!S_ISSOCK(st.st_mode))
-			return -EEXIST;
-		if (unlink(path))
-			return NEG_ERRNO();
-	}
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return NEG_ERRNO();
-	/* Bind under a restrictive umask so the socket is never briefly wider
-	 * than asked; then set the exact mode. */
-	mode_t old = umask(0177);
-	r = bind(fd, (struct sockaddr *)&sa, sizeof sa);
-	umask(old);
-	if (r || chmod(path, mode) || listen(fd, backlog)) {
-		r = NEG_ERRNO();
-		close(fd);
+	r = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+	int err = errno;
+	close(fd);
+	if (r == 0)
+		return 1;
+	/* Nobody listening, or the file went away: stale. A full backlog (EAGAIN) is a live daemon. */
+	if (err == ECONNREFUSED || err == ENOENT)
+		return 0;
+	return err == EAGAIN ? 1 : -err;
+}
+
+int sl_unix_listen(const char *path, uint32_t mode, int backlog, struct sl_file_id *out_id)
+{
+	struct sockaddr_un sa;
+	int r = fill_sun(&sa, path);
+	if (r)
 		return r;
+	char base[sizeof sa.sun_path];
+	int dirfd = open_parent(path, base, sizeof base);
+	if (dirfd < 0)
+		return dirfd;
+	char priv[32];
+	int privfd = make_private_dir(dirfd, priv, sizeof priv);
+	if (privfd < 0) {
+		close(dirfd);
+		return privfd;
 	}
-	return fd;
+	int fd = -1;
+	struct stat st;
+	if (fstatat(dirfd, base, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+		if (!S_ISSOCK(st.st_mode)) {
+			r = -EEXIST;
+			goto out;
+		}
+		r = someone_listens(path);
+		if (r != 0) {
+			r = r > 0 ? -EADDRINUSE : r;
+			goto out;
+		}
+		r = remove_if_same(dirfd, base, privfd, (uint64_t)st.st_dev, (uint64_t)st.st_ino);
+		if (r)
+			goto out;
+	} else if (errno != ENOENT) {
+		r = NEG_ERRNO();
+		goto out;
+	}
+
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		r = NEG_ERRNO();
+		goto out;
+	}
+	/* Bind inside the private directory: whatever mode the umask gives the new file, nobody else
+	 * can reach it there, and the chmod cannot be redirected through a swapped path. */
+	struct sockaddr_un in = { .sun_family = AF_UNIX };
+	snprintf(in.sun_path, sizeof in.sun_path, "/proc/self/fd/%d/%s", privfd, SL_PRIV_SOCK);
+	if (bind(fd, (struct sockaddr *)&in, sizeof in) || fchmodat(privfd, SL_PRIV_SOCK, mode & 07777, 0) ||
+	    fstatat(privfd, SL_PRIV_SOCK, &st, AT_SYMLINK_NOFOLLOW) || listen(fd, backlog)) {
+		r = NEG_ERRNO();
+		goto out;
+	}
+	/* Into place atomically; never over a file that appeared meanwhile. */
+	if (renameat2(privfd, SL_PRIV_SOCK, dirfd, base, RENAME_NOREPLACE)) {
+		r = NEG_ERRNO();
+		goto out;
+	}
+	if (out_id) {
+		out_id->dev = (uint64_t)st.st_dev;
+		out_id->ino = (uint64_t)st.st_ino;
+	}
+	r = fd;
+	fd = -1;
+out:
+	if (fd >= 0)
+		close(fd);
+	remove_private_dir(dirfd, priv, privfd);
+	close(dirfd);
+	return r;
+}
+
+int sl_unix_unlink_if(const char *path, uint64_t dev, uint64_t ino)
+{
+	char base[sizeof ((struct sockaddr_un *)0)->sun_path];
+	int dirfd = open_parent(path, base, sizeof base);
+	if (dirfd < 0)
+		return dirfd;
+	char priv[32];
+	int privfd = make_private_dir(dirfd, priv, sizeof priv);
+	if (privfd < 0) {
+		close(dirfd);
+		return privfd;
+	}
+	int r = remove_if_same(dirfd, base, privfd, dev, ino);
+	remove_private_dir(dirfd, priv, privfd);
+	close(dirfd);
+	return r;
 }
 
 int sl_accept(int lfd)
@@ -335,7 +594,6 @@ int sl_accept(int lfd)
 	}
 }
 
-#define SL_MAX_FDS 16
 
 int sl_recv_fds(int fd, void *buf, uint32_t len, int32_t *fds, int max_fds, int32_t *out_nfds, int32_t *out_truncated)
 {
@@ -503,4 +761,38 @@ int sl_send(int fd, const void *buf, uint32_t len)
 int sl_kill(int32_t pid, int sig)
 {
 	return kill(pid, sig) ? NEG_ERRNO() : 0;
+}
+
+/* Not in every libc's headers yet (Linux 6.5). */
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+#define SL_PIDFD_OPEN_FLAGS 0
+#define SL_PIDFD_SIGNAL_FLAGS 0
+
+int sl_pidfd_open(int32_t pid)
+{
+	int fd = (int)syscall(SYS_pidfd_open, (pid_t)pid, SL_PIDFD_OPEN_FLAGS);
+	return fd < 0 ? NEG_ERRNO() : fd;
+}
+
+int sl_peer_pidfd(int sock)
+{
+	int pidfd = -1;
+	socklen_t l = sizeof pidfd;
+	if (getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &l) == 0)
+		return pidfd;
+	if (errno != ENOPROTOOPT)
+		return NEG_ERRNO();
+	/* Older kernel: the pid the kernel recorded at connect(), pinned as soon as we can. */
+	struct ucred uc;
+	l = sizeof uc;
+	if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &uc, &l))
+		return NEG_ERRNO();
+	return sl_pidfd_open(uc.pid);
+}
+
+int sl_pidfd_send_signal(int pidfd, int sig)
+{
+	return syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, SL_PIDFD_SIGNAL_FLAGS) ? NEG_ERRNO() : 0;
 }

@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define SL_ABI_VERSION 1
+#define SL_ABI_VERSION 3
 
 /* Size of one struct uffd_msg as the kernel writes it. */
 #define SL_UFFD_MSG_SIZE 32
@@ -81,7 +81,11 @@ int sl_set_nonblock(int fd);
 int sl_uffd_open(int flags);
 /* UFFDIO_API. *out_features = features the kernel grants, *out_ioctls = ioctls. */
 int sl_uffd_api(int uffd, uint64_t features, uint64_t *out_features, uint64_t *out_ioctls);
-/* UFFDIO_REGISTER. mode: 1 = MISSING, 2 = WP, 4 = MINOR. */
+/* sl_uffd_register modes (UFFDIO_REGISTER_MODE_*). */
+#define SL_UFFD_MODE_MISSING 1
+#define SL_UFFD_MODE_WP 2
+#define SL_UFFD_MODE_MINOR 4
+/* UFFDIO_REGISTER with a mode above. */
 int sl_uffd_register(int uffd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *out_ioctls);
 int sl_uffd_unregister(int uffd, uint64_t start, uint64_t len);
 /* 1 if fd is a userfaultfd (anon_inode:[userfaultfd]), 0 if not. */
@@ -89,7 +93,9 @@ int sl_fd_is_uffd(int fd);
 /* Reads up to max whole struct uffd_msg into buf (SL_UFFD_MSG_SIZE each).
  * Returns the number of messages; 0 when the queue is empty (EAGAIN). */
 int sl_uffd_read(int uffd, void *buf, int max);
-/* UFFDIO_COPY of len bytes from our src to the VMM's dst. mode: 1 = DONTWAKE.
+/* sl_uffd_copy / sl_uffd_zeropage mode: install without waking the waiters. */
+#define SL_UFFD_DONTWAKE 1
+/* UFFDIO_COPY of len bytes from our src to the VMM's dst. mode: 0 or SL_UFFD_DONTWAKE.
  * Returns 0 when all was copied, else -errno with the bytes that were
  * copied before the failure in *out_done (may be NULL). */
 int sl_uffd_copy(int uffd, uint64_t dst, const void *src, uint64_t len, int mode, uint64_t *out_done);
@@ -101,11 +107,35 @@ int sl_uffd_wake(int uffd, uint64_t start, uint64_t len);
 /* ---- epoll ---------------------------------------------------------------- */
 
 int sl_epoll_create(void);
-/* op: 1 = ADD, 2 = DEL, 3 = MOD (EPOLL_CTL_*). data comes back in sl_event. */
+/* sl_epoll_ctl ops (EPOLL_CTL_*). */
+#define SL_EPOLL_ADD 1
+#define SL_EPOLL_DEL 2
+#define SL_EPOLL_MOD 3
+/* Most events one sl_epoll_wait / sl_epoll_spin returns (more stay ready). */
+#define SL_EPOLL_MAX_EVENTS 256
+/* op: SL_EPOLL_ADD / DEL / MOD. data comes back in sl_event. */
 int sl_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t data);
-/* Waits up to timeout_ms (-1 = forever) and fills up to max sl_event.
+/* Waits up to timeout_ms (-1 = forever) and fills up to max (<= SL_EPOLL_MAX_EVENTS) sl_event.
  * Returns how many are ready; 0 on timeout or EINTR. */
 int sl_epoll_wait(int epfd, struct sl_event *out, int max, int timeout_ms);
+/* Polls (timeout 0) for up to spin_us microseconds, at most SL_SPIN_MAX_US, calling
+ * sched_yield() between polls: a thread we just woke on our own CPU (a vCPU) runs during the
+ * yield instead of waiting for our spin to end, and a thread on another CPU is caught without a
+ * cross-CPU wake-up. Returns as sl_epoll_wait; 0 when nothing came within spin_us. */
+#define SL_SPIN_MAX_US 10000
+int sl_epoll_spin(int epfd, struct sl_event *out, int max, uint32_t spin_us);
+
+/* ---- toucher: real faults against memory of our own (the JIT warm-up) ---- */
+
+/* Starts a thread that, `rounds` times: reads one byte of every `page`-sized page of
+ * [addr, addr+len) — each read of a missing page in a userfaultfd-registered range is a real
+ * fault for the caller's loop to serve —, discards the range (MADV_DONTNEED), signals done_fd
+ * (an eventfd) and, except after the last round, waits until go_fd (an eventfd) is signalled.
+ * The caller owns both fds and must sl_toucher_join the handle. A thread blocked in a fault is
+ * released when the caller closes the userfaultfd (the read then sees a zero page). */
+int sl_toucher_start(void *addr, uint64_t len, uint32_t page, uint32_t rounds, int done_fd, int go_fd, uint64_t *out_handle);
+/* Waits for the thread to end; returns the number of rounds it completed. */
+int sl_toucher_join(uint64_t handle);
 
 /* ---- eventfd (a wake-up the caller can poke from anywhere) ---------------- */
 
@@ -115,13 +145,29 @@ int sl_eventfd_drain(int fd);
 
 /* ---- Unix sockets --------------------------------------------------------- */
 
-/* Binds a SOCK_STREAM listener at path with file mode `mode` (e.g. 0600).
- * A stale socket file at path is replaced; any other kind of file is not
- * (-EEXIST). Non-blocking, close-on-exec. Returns the fd. */
-int sl_unix_listen(const char *path, uint32_t mode, int backlog);
+/* Identity of a file: what "is this still our socket file?" compares. */
+struct sl_file_id {
+	uint64_t dev;
+	uint64_t ino;
+};
+
+/* Binds a SOCK_STREAM listener at path with file mode `mode` (e.g. 0600), and
+ * its file's identity into *out_id (may be NULL). The socket is bound and
+ * chmod-ed inside a fresh private (0700) directory beside path, then renamed
+ * into place, so no path anyone else can swap is ever chmod-ed and the umask is
+ * never touched. A socket file at path that nobody answers on (stale) is
+ * replaced — removed only if it is still the inode that was checked; one a
+ * listener answers on is refused (-EADDRINUSE); any other file too (-EEXIST).
+ * Non-blocking, close-on-exec. Returns the fd. */
+int sl_unix_listen(const char *path, uint32_t mode, int backlog, struct sl_file_id *out_id);
+/* Unlinks path only if it is still the socket file `dev`/`ino` (see sl_unix_listen):
+ * 0 when removed or already gone, -EEXIST when another file is there now. */
+int sl_unix_unlink_if(const char *path, uint64_t dev, uint64_t ino);
 /* accept4(NONBLOCK|CLOEXEC). Returns the fd; -EAGAIN when none is waiting. */
 int sl_accept(int lfd);
-/* One recvmsg: up to len bytes into buf and up to max_fds SCM_RIGHTS fds into
+/* Most fds one sl_recv_fds receives; more in one message are closed and counted as truncated. */
+#define SL_MAX_FDS 16
+/* One recvmsg: up to len bytes into buf and up to max_fds (<= SL_MAX_FDS) SCM_RIGHTS fds into
  * fds (*out_nfds of them; extra fds the kernel had to drop are counted in
  * *out_truncated as 1). Received fds are close-on-exec.
  * Returns bytes read (0 = peer closed). */
@@ -148,6 +194,14 @@ int sl_send(int fd, const void *buf, uint32_t len);
 /* ---- processes ------------------------------------------------------------ */
 
 int sl_kill(int32_t pid, int sig);
+/* pidfd_open(pid, 0). Returns the pidfd (close-on-exec). */
+int sl_pidfd_open(int32_t pid);
+/* A pidfd of a Unix socket's peer: SO_PEERPIDFD (the process that connected,
+ * even if its pid was reused since), else pidfd_open of the SO_PEERCRED pid. */
+int sl_peer_pidfd(int sock);
+/* pidfd_send_signal(pidfd, sig, NULL, 0): never reaches a process that merely
+ * reused the pid. -ESRCH once the process has exited. */
+int sl_pidfd_send_signal(int pidfd, int sig);
 
 #ifdef __cplusplus
 }

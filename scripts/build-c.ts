@@ -16,9 +16,11 @@ const targets: Target[] = [
     output: "libsnapload.so",
     sources: ["csrc/snapload.c"],
     deps: ["csrc/snapload.h"],
-    flags: ["-fPIC", "-shared", "-fvisibility=default"],
+    flags: ["-fPIC", "-shared", "-fvisibility=default", "-pthread"],
   },
   { output: "vmm-standin", sources: ["test/vmm-standin.c"], flags: ["-pthread"] },
+  { output: "pid-reuse", sources: ["test/pid-reuse.c"], flags: ["-pthread"] },
+  { output: "listen-race", sources: ["test/listen-race.c", "csrc/snapload.c"], deps: ["csrc/snapload.h"], flags: ["-pthread"] },
   { output: "plain-handler", sources: ["bench/plain-handler.c"], flags: ["-pthread"] },
   { output: "kernel-baselines", sources: ["bench/kernel-baselines.c"], flags: ["-pthread"] },
 ];

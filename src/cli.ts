@@ -1,122 +1,40 @@
-// The `snapload` command line: parses, validates once, and hands typed config to a command.
+// The `snapload` command line: finds the command, which parses and validates once (its table in
+// src/cli/) and hands typed config to its implementation.
+import type { Command } from "./cli/command.ts";
+import { demo } from "./cli/demo.ts";
+import { inspect } from "./cli/inspect.ts";
+import { pageServer } from "./cli/page-server.ts";
+import { qemuRestore } from "./cli/qemu-restore.ts";
+import { qemuSave } from "./cli/qemu-save.ts";
+import { serve } from "./cli/serve.ts";
+import { stats } from "./cli/stats.ts";
 import { ConfigError, SnaploadError } from "./errors.ts";
-import { demoSchema, inspectSchema, pageServerSchema, parseFlags, serveSchema, validate } from "./config.ts";
+
+/** Every command, in usage order. Adding one: a module in src/cli/ and a line here. */
+const COMMANDS: Command[] = [serve, pageServer, stats, inspect, qemuRestore, qemuSave, demo];
 
 export const USAGE = `snapload — lazy snapshot loading over userfaultfd
 
 usage:
-  snapload serve --socket PATH --mem FILE [options]
-      Serve Firecracker-style VMMs that connect to PATH, from a raw memory file or a
-      QEMU mapped-ram file (detected from its QEVM header). Repeat --socket (and --mem)
-      to serve several images from one daemon: sockets and images pair up in order.
-      --ramblock NAME         mapped-ram block to serve (default: the largest, the guest RAM)
-      --socket-mode MODE      socket file mode (default 0600)
-      --fault-around N        4 KiB pages installed per fault, aligned window (default 16, or 1
-                              with --record; 1 = one page per fault, Firecracker's on_demand;
-                              on 2 MiB pages the window is N x 4 KiB, at least one page)
-      --spin-us N             busy-poll N µs for the next fault before sleeping (default 50): a
-                              guest on another CPU is served without a cross-CPU wake-up; 0 = never
-      --handshake-timeout MS  drop peers that have not sent their handshake by then (default 5000)
-      --on-fatal kill|drop    a VM that can no longer be served is killed (SIGKILL) or dropped (default kill)
-      --prefetch FILE         install this recorded working set as soon as a VM connects (faults first)
-      --populate MODE         none: pure on demand; background: install every page left, then
-                              unregister the VM (detach) (default none; background for tcp://)
-      --record FILE           write each VM's first-touch order when it exits and on SIGUSR1;
-                              {vm} and {pid} in FILE are replaced (else the last writer wins)
-      --log-level LEVEL       error|warn|info|debug (default info)
-      --mem tcp://HOST:PORT   fetch pages from a page server instead (postcopy; see page-server);
-                              every page not touched yet is pulled in the background, then the VM
-                              is detached
-      --token-file FILE       the page server's shared secret (required with tcp://)
-      --page-server-deadline MS  a VM whose page server stays unreachable this long is killed
-                              (default 30000)
-  snapload page-server --listen HOST:PORT --mem FILE --token-file FILE [options]
-      Serve an image's pages over TCP to daemons started with --mem tcp://HOST:PORT (postcopy).
-      Clients must prove they hold the same --token-file secret. The channel is NOT encrypted:
-      use it on a trusted network or inside a tunnel.
-      --ramblock NAME         mapped-ram block to serve (as for serve)
-      --handshake-timeout MS  drop clients that have not authenticated by then (default 5000)
-      --log-level LEVEL       error|warn|info|debug (default info)
-  snapload inspect FILE [--ramblock NAME] [--json]
-      Show an image's format, blocks, page size, and data vs zero pages; for mapped-ram files,
-      also what qemu-restore will do with it (machine, device state, servable or refused).
-  snapload qemu-restore --mem SNAPSHOT --qmp SOCKET [options]
-      Restore a QEMU guest from a mapped-ram snapshot into a QEMU started with the same command
-      line plus -incoming defer (unmodified QEMU: snapload is its postcopy migration source).
-      The guest runs at once; its RAM follows on request and in the background.
-      --to unix:PATH|tcp:HOST:PORT  migration address (without --qmp: QEMU already listens there,
-                              with postcopy-ram (and postcopy-preempt) set by you)
-      --no-preempt            do not use the postcopy-preempt channel for requested pages
-      --fault-around N        4 KiB pages sent per request, aligned window (default 1)
-      --prefetch FILE         send this recorded working set first, right after the device state
-      --record FILE           write the order of the guest's page requests (a working set)
-      --send-zero-pages       also stream zero pages (as ZERO records), as QEMU's own source does;
-                              default: only on request, the rest read as zero after completion
-      --background-rate MIB   cap the background stream at MIB MiB/s (requests are never capped)
-      --completion-timeout MS give up when the restore has not completed by then (default 600000)
-      --json                  print the summary as JSON
-  snapload qemu-save --qmp SOCKET --out FILE [--resume] [--json]
-      Snapshot a running QEMU the way qemu-restore needs it: stop the guest, mapped-ram on,
-      migrate to FILE, wait; report size and time (--resume: continue the guest afterwards).
-  snapload demo [--size-mib N] [--threads N] [--fault-around N] [--dir DIR] [--keep]
-      Make a demo image, serve it, restore a stand-in VM from it and verify every page.
-  snapload help
+${COMMANDS.map((c) => c.usage()).join("")}  snapload help [COMMAND]
 `;
 
-const SERVE_FLAGS = [
-  "socket", "mem", "ramblock", "socket-mode", "fault-around", "handshake-timeout", "on-fatal", "populate",
-  "prefetch", "record", "log-level", "page-server-deadline", "token-file", "spin-us",
-];
+const HELP = ["help", "--help", "-h"];
 
 export async function runCli(argv: string[]): Promise<number> {
-  const [command, ...rest] = argv;
+  const [name, ...rest] = argv;
   try {
-    switch (command) {
-      case "serve": {
-        const { flags } = parseFlags(rest);
-        const config = validate(serveSchema, flags, SERVE_FLAGS, ["socket", "mem"]);
-        const { serveCommand } = await import("./serve-command.ts");
-        return await serveCommand(config);
-      }
-      case "page-server": {
-        const { flags } = parseFlags(rest);
-        const config = validate(pageServerSchema, flags, Object.keys(pageServerSchema.shape));
-        const { pageServerCommand } = await import("./page-server-command.ts");
-        return await pageServerCommand(config);
-      }
-      case "inspect": {
-        const { flags, positional } = parseFlags(rest, ["json"]);
-        if (positional.length > 1) throw new ConfigError(`inspect takes one FILE, got ${positional.length}`);
-        const config = validate(inspectSchema, { ...flags, file: positional[0] ?? "" }, Object.keys(inspectSchema.shape));
-        const { inspectImage } = await import("./inspect.ts");
-        process.stdout.write(`${inspectImage(config.file, { ramblock: config.ramblock, json: config.json })}\n`);
-        return 0;
-      }
-      case "qemu-restore": {
-        const { qemuRestoreSchema, qemuRestoreCommand } = await import("./qemu/restore-command.ts");
-        const { flags } = parseFlags(rest, ["no-preempt", "json", "send-zero-pages"]);
-        return await qemuRestoreCommand(validate(qemuRestoreSchema, flags, Object.keys(qemuRestoreSchema.shape)));
-      }
-      case "qemu-save": {
-        const { qemuSaveSchema, qemuSaveCommand } = await import("./qemu/save-command.ts");
-        const { flags } = parseFlags(rest, ["resume", "json"]);
-        return await qemuSaveCommand(validate(qemuSaveSchema, flags, Object.keys(qemuSaveSchema.shape)));
-      }
-      case "demo": {
-        const { flags } = parseFlags(rest, ["keep"]);
-        const config = validate(demoSchema, flags, Object.keys(demoSchema.shape));
-        const { demoCommand } = await import("./demo.ts");
-        return await demoCommand(config);
-      }
-      case undefined:
-      case "help":
-      case "--help":
-      case "-h":
-        process.stdout.write(USAGE);
-        return command === undefined ? 2 : 0;
-      default:
-        throw new ConfigError(`unknown command '${command}'`);
+    if (name === undefined || HELP.includes(name)) {
+      const topic = name === "help" && rest[0] !== undefined ? find(rest[0]) : undefined;
+      process.stdout.write(topic ? topic.usage() : USAGE);
+      return name === undefined ? 2 : 0;
     }
+    const command = find(name);
+    if (rest.some((a) => a === "--help" || a === "-h")) {
+      process.stdout.write(command.usage());
+      return 0;
+    }
+    return await command.main(rest);
   } catch (e) {
     if (e instanceof SnaploadError) {
       process.stderr.write(`snapload: ${e.message}\n`);
@@ -125,4 +43,10 @@ export async function runCli(argv: string[]): Promise<number> {
     }
     throw e;
   }
+}
+
+function find(name: string): Command {
+  const c = COMMANDS.find((c) => c.name === name);
+  if (!c) throw new ConfigError(`unknown command '${name}'`, { command: name });
+  return c;
 }

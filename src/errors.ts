@@ -10,6 +10,7 @@ export type ErrorCode =
   | "BAD_FRAME"
   | "AUTH_FAILED"
   | "BAD_WORKING_SET"
+  | "SOCKET_IN_USE"
   | "QMP"
   | "QEMU_MISMATCH"
   | "MIGRATION";
@@ -18,8 +19,9 @@ export class SnaploadError extends Error {
   readonly code: ErrorCode;
   readonly context: Record<string, unknown>;
 
-  constructor(code: ErrorCode, message: string, context: Record<string, unknown> = {}) {
-    super(message);
+  /** `options.cause`: the error this one explains (kept as the standard `cause`). */
+  constructor(code: ErrorCode, message: string, context: Record<string, unknown> = {}, options?: { cause?: unknown }) {
+    super(message, options);
     this.name = "SnaploadError";
     this.code = code;
     this.context = context;
@@ -52,8 +54,16 @@ export class SyscallError extends SnaploadError {
 }
 
 export class ConfigError extends SnaploadError {
-  constructor(message: string, context: Record<string, unknown> = {}) {
-    super("BAD_CONFIG", message, context);
+  constructor(message: string, context: Record<string, unknown> = {}, options?: { cause?: unknown }) {
+    super("BAD_CONFIG", message, context, options);
     this.name = "ConfigError";
+  }
+}
+
+/** The socket path is taken: a live listener answers on it, or it is not a socket file. */
+export class SocketInUseError extends SnaploadError {
+  constructor(message: string, context: Record<string, unknown> = {}) {
+    super("SOCKET_IN_USE", message, context);
+    this.name = "SocketInUseError";
   }
 }

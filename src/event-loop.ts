@@ -2,13 +2,20 @@
 // Bun cannot wait on an arbitrary fd, so the loop blocks in epoll_wait itself and hands the
 // thread back to Bun's own event loop every YIELD_EVERY_MS (signals, child processes, timers).
 import { check } from "./check.ts";
-import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, NativeBuffer, SL_EVENT_SIZE, sl } from "./ffi.ts";
+import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, NativeBuffer, SL_EPOLL_MAX_EVENTS, SL_EVENT_SIZE, sl } from "./ffi.ts";
+import { SpinPolicy } from "./spin-policy.ts";
 
 export type FdHandler = (events: number) => void;
 
-const MAX_EVENTS = 256;
+const MAX_EVENTS = SL_EPOLL_MAX_EVENTS;
 const YIELD_EVERY_MS = 20;
+/**
+ * How long one wait may block while nothing happens. Signals reach Bun's handlers only while we
+ * yield, so this bounds the delay of a SIGTERM; it grows while the daemon stays idle (each idle
+ * turn costs ~0.1 ms of CPU: Bun's own loop runs) and snaps back at the first event.
+ */
 const IDLE_WAIT_MS = 50;
+const IDLE_WAIT_MAX_MS = 250;
 
 interface Timer {
   at: number;
@@ -25,8 +32,8 @@ export class EventLoop {
   private readonly background: (() => boolean)[] = [];
   private stopped = false;
   private wake = -1;
-  /** Milliseconds to busy-poll before blocking (0 = never spin). */
-  spinMs = 0;
+  /** Whether and how long to busy-poll before blocking (default: never). */
+  spin = new SpinPolicy(0);
 
   constructor() {
     this.epfd = check("epoll_create", sl.sl_epoll_create());
@@ -108,19 +115,23 @@ export class EventLoop {
     const u32 = buf.u32;
     let lastYield = performance.now();
     let busy = false;
+    let active = false;
+    let idleWait = IDLE_WAIT_MS;
     let turns = 0;
     while (!this.stopped) {
-      let timeout = busy ? 0 : IDLE_WAIT_MS;
+      let timeout = busy ? 0 : idleWait;
       if (this.timers.length) timeout = Math.max(0, Math.min(timeout, Math.ceil(this.timers[0]!.at - performance.now())));
       let n = 0;
-      if (timeout > 0 && this.spinMs > 0) {
+      const spinUs = timeout > 0 ? this.spin.budget(active) : 0;
+      if (spinUs > 0) {
         // Busy-poll briefly before sleeping: a guest on another CPU that faults again within the
         // window is served without the cross-CPU wake-up (expensive in a VM).
-        const until = performance.now() + this.spinMs;
-        do n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, 0);
-        while (n === 0 && performance.now() < until);
+        n = sl.sl_epoll_spin(this.epfd, buf.address, MAX_EVENTS, spinUs);
+        if (n > 0) this.spin.hit();
+        else this.spin.miss();
       }
       if (n === 0) n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, timeout);
+      active = n > 0;
       for (let i = 0; i < n; i++) {
         // sl_event: u64 data (token < 2^32), u32 events.
         const token = u32[i * 4]!;
@@ -132,6 +143,7 @@ export class EventLoop {
       // keep coming — a guest that faults continuously must not starve its own prefetch.
       busy = this.background.length > 0 ? this.runBackground() : false;
       const idle = n === 0 && !busy;
+      idleWait = idle ? Math.min(IDLE_WAIT_MAX_MS, idleWait * 2) : IDLE_WAIT_MS;
       // The clock is read every 16 turns only: a turn is a few microseconds when faults stream.
       if (idle || ((++turns & 15) === 0 && performance.now() - lastYield >= YIELD_EVERY_MS)) {
         await yieldToBun();

@@ -2,13 +2,16 @@
 // Addresses travel as plain numbers: host addresses are < 2^47, so no BigInt on the hot path.
 import { dlopen, FFIType, toArrayBuffer, type Pointer } from "bun:ffi";
 import { existsSync } from "node:fs";
+import { constants as osConstants } from "node:os";
 import { join } from "node:path";
+import { getSystemErrorName } from "node:util";
 // Embedded into the single binary by `bun build --compile`; a plain path when run from source.
 import embeddedLib from "../build/libsnapload.so" with { type: "file" };
 
 const { i32, u32, u64, ptr, cstring } = FFIType;
 
-const symbols = {
+/** The C core's functions as Bun sees them; test/abi.test.ts checks them against csrc/snapload.h. */
+export const FFI_SYMBOLS = {
   sl_abi_version: { args: [], returns: i32 },
   sl_buffer_alloc: { args: [u64, ptr], returns: i32 },
   sl_buffer_free: { args: [ptr, u64], returns: i32 },
@@ -35,10 +38,14 @@ const symbols = {
   sl_epoll_create: { args: [], returns: i32 },
   sl_epoll_ctl: { args: [i32, i32, i32, u32, u64], returns: i32 },
   sl_epoll_wait: { args: [i32, ptr, i32, i32], returns: i32 },
+  sl_epoll_spin: { args: [i32, ptr, i32, u32], returns: i32 },
+  sl_toucher_start: { args: [ptr, u64, u32, u32, i32, i32, ptr], returns: i32 },
+  sl_toucher_join: { args: [u64], returns: i32 },
   sl_eventfd: { args: [], returns: i32 },
   sl_eventfd_signal: { args: [i32], returns: i32 },
   sl_eventfd_drain: { args: [i32], returns: i32 },
-  sl_unix_listen: { args: [cstring, u32, i32], returns: i32 },
+  sl_unix_listen: { args: [cstring, u32, i32, ptr], returns: i32 },
+  sl_unix_unlink_if: { args: [cstring, u64, u64], returns: i32 },
   sl_accept: { args: [i32], returns: i32 },
   sl_recv_fds: { args: [i32, ptr, u32, ptr, i32, ptr, ptr], returns: i32 },
   sl_peer_cred: { args: [i32, ptr], returns: i32 },
@@ -49,6 +56,9 @@ const symbols = {
   sl_recv: { args: [i32, ptr, u32], returns: i32 },
   sl_send: { args: [i32, ptr, u32], returns: i32 },
   sl_kill: { args: [i32, i32], returns: i32 },
+  sl_pidfd_open: { args: [i32], returns: i32 },
+  sl_peer_pidfd: { args: [i32], returns: i32 },
+  sl_pidfd_send_signal: { args: [i32, i32], returns: i32 },
 } as const;
 
 function libraryPath(): string {
@@ -58,8 +68,8 @@ function libraryPath(): string {
   return join(import.meta.dir, "..", "build", "libsnapload.so");
 }
 
-export const ABI_VERSION = 1;
-const loaded = dlopen(libraryPath(), symbols);
+export const ABI_VERSION = 3;
+const loaded = dlopen(libraryPath(), FFI_SYMBOLS);
 export const sl = loaded.symbols;
 if (sl.sl_abi_version() !== ABI_VERSION) {
   throw new Error(`libsnapload ABI ${sl.sl_abi_version()} does not match ${ABI_VERSION}`);
@@ -102,22 +112,29 @@ export class NativeBuffer {
   }
 }
 
-const ERRNO_NAMES: Record<number, string> = {
-  1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM",
-  13: "EACCES", 14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 20: "ENOTDIR", 21: "EISDIR",
-  22: "EINVAL", 24: "EMFILE", 25: "ENOTTY", 28: "ENOSPC", 32: "EPIPE", 36: "ENAMETOOLONG", 38: "ENOSYS",
-  75: "EOVERFLOW", 88: "ENOTSOCK", 95: "EOPNOTSUPP", 97: "EAFNOSUPPORT", 98: "EADDRINUSE",
-  104: "ECONNRESET", 107: "ENOTCONN", 110: "ETIMEDOUT", 111: "ECONNREFUSED", 113: "EHOSTUNREACH",
-  115: "EINPROGRESS", 6: "ENXIO",
-};
+// Errno names and numbers come from the runtime, not a table of our own.
+const ERRNO = osConstants.errno;
+const ERRNO_BY_NUMBER = new Map<number, string>();
+for (const [name, n] of Object.entries(ERRNO)) if (!ERRNO_BY_NUMBER.has(n)) ERRNO_BY_NUMBER.set(n, name);
 
+/**
+ * The symbolic name of a positive errno: the name Bun/Node put in `error.code` for it (so ours
+ * read like theirs: ENOTSUP for 95), else the first os.constants.errno name with that number
+ * (Bun's libuv table lacks a few, such as EINPROGRESS).
+ */
 export function errnoName(errno: number): string {
-  return ERRNO_NAMES[errno] ?? `errno ${errno}`;
+  if (errno > 0) {
+    const name = getSystemErrorName(-errno);
+    if (!name.startsWith("Unknown")) return name;
+  }
+  return ERRNO_BY_NUMBER.get(errno) ?? `errno ${errno}`;
 }
 
 export const Errno = {
-  EPERM: 1, ENOENT: 2, ESRCH: 3, EINTR: 4, EAGAIN: 11, EEXIST: 17, EINVAL: 22, ENXIO: 6, ENOMEM: 12,
-  EINPROGRESS: 115, ECONNREFUSED: 111,
+  EPERM: ERRNO.EPERM, ENOENT: ERRNO.ENOENT, ESRCH: ERRNO.ESRCH, EINTR: ERRNO.EINTR, EAGAIN: ERRNO.EAGAIN,
+  EEXIST: ERRNO.EEXIST, EINVAL: ERRNO.EINVAL, ENXIO: ERRNO.ENXIO, ENOMEM: ERRNO.ENOMEM,
+  EINPROGRESS: ERRNO.EINPROGRESS, ECONNREFUSED: ERRNO.ECONNREFUSED, EOPNOTSUPP: ERRNO.EOPNOTSUPP,
+  EADDRINUSE: ERRNO.EADDRINUSE,
 } as const;
 
 export const EPOLLIN = 0x001;
@@ -128,6 +145,10 @@ export const EPOLLRDHUP = 0x2000;
 export const EPOLL_CTL_ADD = 1;
 export const EPOLL_CTL_DEL = 2;
 export const EPOLL_CTL_MOD = 3;
+/** csrc/snapload.h's limits and modes (checked against the header by test/abi.test.ts). */
+export const SL_EPOLL_MAX_EVENTS = 256;
+export const SL_MAX_FDS = 16;
+export const SL_UFFD_MODE_MISSING = 1;
 
 export const UFFD_EVENT_PAGEFAULT = 0x12;
 export const UFFD_EVENT_FORK = 0x13;

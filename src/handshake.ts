@@ -9,6 +9,11 @@ export const PAGE_2M = 2 * 1024 * 1024;
 /** Firecracker sends far less; the cap bounds what a hostile peer can make us buffer. */
 export const MAX_HANDSHAKE_BYTES = 64 * 1024;
 export const MAX_REGIONS = 1024;
+/**
+ * Reads a handshake may take: Firecracker sends it in one sendmsg. The budget bounds the work a
+ * peer that drips its body (one byte per read) can make us do per connection.
+ */
+export const MAX_HANDSHAKE_MESSAGES = 64;
 
 export interface RegionMapping {
   /** Start of the region in the VMM's address space. */
@@ -33,44 +38,105 @@ const bodySchema = z.array(regionSchema).min(1, "no regions").max(MAX_REGIONS, `
 
 export type ScanResult = { state: "incomplete" } | { state: "complete"; end: number } | { state: "invalid"; reason: string };
 
+const INCOMPLETE: ScanResult = { state: "incomplete" };
+const SAFE_DIGITS_LIMIT = Number.MAX_SAFE_INTEGER;
+
 /**
- * Finds where the top-level JSON value ends without parsing it, so a body split over several
- * reads is recognised, and rejects integers beyond 2^53 before JSON.parse would round them.
+ * Finds where the top-level JSON array ends without parsing it, so a body split over several
+ * reads is recognised; rejects integers beyond 2^53 before JSON.parse would round them, and
+ * anything but whitespace after the array.
+ *
+ * Incremental: each feed() scans only the bytes that arrived since the last one (the state of a
+ * string, an escape or a number cut by the end of a read is kept), so a peer that drips a large
+ * body byte by byte costs linear time in total, not quadratic; nothing is allocated per token.
  */
-export function scanJson(bytes: Uint8Array): ScanResult {
-  let i = 0;
-  while (i < bytes.length && isSpace(bytes[i]!)) i++;
-  if (i === bytes.length) return { state: "incomplete" };
-  if (bytes[i] !== 0x5b /* [ */) return { state: "invalid", reason: "not a JSON array" };
-  let depth = 0;
-  let inString = false;
-  for (; i < bytes.length; i++) {
-    const c = bytes[i]!;
-    if (inString) {
-      if (c === 0x5c /* \ */) i++;
-      else if (c === 0x22 /* " */) inString = false;
-      continue;
-    }
-    if (c === 0x22) inString = true;
-    else if (c === 0x5b || c === 0x7b) depth++;
-    else if (c === 0x5d || c === 0x7d) {
-      depth--;
-      if (depth === 0) return { state: "complete", end: i + 1 };
-      if (depth < 0) return { state: "invalid", reason: "unbalanced brackets" };
-    } else if ((c >= 0x30 && c <= 0x39) || c === 0x2d) {
-      let j = i;
-      while (j < bytes.length && isNumberChar(bytes[j]!)) j++;
-      if (j === bytes.length) return { state: "incomplete" };
-      const token = new TextDecoder().decode(bytes.subarray(i, j));
-      if (/^-?\d+$/.test(token) && BigInt(token) > BigInt(Number.MAX_SAFE_INTEGER)) {
-        return { state: "invalid", reason: `number ${token} is larger than 2^53` };
+export class JsonScanner {
+  /** Bytes scanned so far (the next feed starts here). */
+  private pos = 0;
+  private started = false;
+  private depth = 0;
+  private inString = false;
+  private escaped = false;
+  /** Inside a number token: whether it is a plain integer so far, its value (exact up to 2^53). */
+  private inNumber = false;
+  private numberStart = 0;
+  private plainInteger = false;
+  private negative = false;
+  private value = 0;
+  private end = -1;
+  private result: ScanResult = INCOMPLETE;
+
+  /** Scans bytes[pos, length): `bytes` holds everything received so far (a growing buffer). */
+  feed(bytes: Uint8Array, length: number = bytes.length): ScanResult {
+    if (this.result.state === "invalid") return this.result;
+    let i = this.pos;
+    for (; i < length && this.end < 0; i++) {
+      const c = bytes[i]!;
+      if (!this.started) {
+        if (isSpace(c)) continue;
+        if (c !== 0x5b /* [ */) return this.fail(i + 1, "not a JSON array");
+        this.started = true;
+        this.depth = 1;
+        continue;
       }
-      i = j - 1;
-    } else if (c < 0x20 && !isSpace(c)) {
-      return { state: "invalid", reason: `control byte 0x${c.toString(16)} outside a string` };
+      if (this.inString) {
+        if (this.escaped) this.escaped = false;
+        else if (c === 0x5c /* \ */) this.escaped = true;
+        else if (c === 0x22 /* " */) this.inString = false;
+        continue;
+      }
+      if (this.inNumber) {
+        if (isNumberChar(c)) {
+          if (c >= 0x30 && c <= 0x39) {
+            // value*10 + d is rounded above 2^53, but stays above MAX_SAFE exactly when the true value does.
+            if (this.value <= SAFE_DIGITS_LIMIT) this.value = this.value * 10 + (c - 0x30);
+          } else this.plainInteger = false;
+          continue;
+        }
+        this.inNumber = false;
+        if (this.plainInteger && !this.negative && this.value > SAFE_DIGITS_LIMIT) {
+          const token = new TextDecoder().decode(bytes.subarray(this.numberStart, i));
+          return this.fail(i, `number ${token} is larger than 2^53`);
+        }
+      }
+      if (c === 0x22) this.inString = true;
+      else if (c === 0x5b || c === 0x7b) this.depth++;
+      else if (c === 0x5d || c === 0x7d) {
+        this.depth--;
+        if (this.depth === 0) this.end = i + 1;
+      } else if ((c >= 0x30 && c <= 0x39) || c === 0x2d) {
+        this.inNumber = true;
+        this.numberStart = i;
+        this.plainInteger = true;
+        this.negative = c === 0x2d;
+        this.value = c === 0x2d ? 0 : c - 0x30;
+      } else if (c < 0x20 && !isSpace(c)) {
+        return this.fail(i + 1, `control byte 0x${c.toString(16)} outside a string`);
+      }
     }
+    if (this.end >= 0) {
+      // Only whitespace may follow the array (Firecracker sends nothing after it).
+      for (; i < length; i++) {
+        if (!isSpace(bytes[i]!)) return this.fail(i + 1, `bytes after the end of the JSON array (at byte ${i})`);
+      }
+      this.pos = i;
+      this.result = { state: "complete", end: this.end };
+      return this.result;
+    }
+    this.pos = i;
+    return INCOMPLETE;
   }
-  return { state: "incomplete" };
+
+  private fail(pos: number, reason: string): ScanResult {
+    this.pos = pos;
+    this.result = { state: "invalid", reason };
+    return this.result;
+  }
+}
+
+/** Scans a whole buffer at once (see JsonScanner). */
+export function scanJson(bytes: Uint8Array): ScanResult {
+  return new JsonScanner().feed(bytes);
 }
 
 function isSpace(c: number): boolean {

@@ -33,6 +33,18 @@ export class Scratch {
   }
 }
 
+/** How installed pages were asked for (metrics label `how`): index into PageInstaller.pages. */
+export const HOW_FAULT = 0;
+export const HOW_FAULT_AROUND = 1;
+export const HOW_PREFETCH = 2;
+export const HOW_BACKGROUND = 3;
+export const HOW_NAMES = ["fault", "fault_around", "prefetch", "background"] as const;
+/** What was installed (metrics label `kind`): image data, a zero page, a page the guest discarded. */
+export const KIND_DATA = 0;
+export const KIND_ZERO = 1;
+export const KIND_REMOVED = 2;
+export const KIND_NAMES = ["data", "zero", "removed"] as const;
+
 export interface VmStats {
   faults: number;
   pagesInstalled: number;
@@ -43,6 +55,8 @@ export interface VmStats {
   eexist: number;
   eagain: number;
   removes: number;
+  /** Pages of the prefetch list the guest faulted on before the prefetch got to them. */
+  prefetchLate: number;
 }
 
 export class PageInstaller {
@@ -50,6 +64,13 @@ export class PageInstaller {
   hitEexist = false;
   /** errno of the last FAILED install, for the log. */
   lastErrno = 0;
+  /** How the pages of the next installs were asked for (HOW_*), set by the caller. */
+  how = HOW_BACKGROUND;
+  /** With HOW_FAULT: region pages [faultLo, faultHi) faulted; the rest of a run is fault-around. */
+  faultLo = 0;
+  faultHi = 0;
+  /** Pages installed, by how (HOW_*) x kind (KIND_*): [how * KIND_NAMES.length + kind]. */
+  readonly pages = new Float64Array(HOW_NAMES.length * KIND_NAMES.length);
 
   constructor(
     private readonly uffd: number,
@@ -134,9 +155,15 @@ export class PageInstaller {
 
   private settle(region: Region, first: number, count: number, zero: boolean): void {
     const state = region.state;
+    const pages = this.pages;
+    const kind = zero ? KIND_ZERO : KIND_DATA;
+    const row = this.how * KIND_NAMES.length;
+    const split = this.how === HOW_FAULT;
     for (let k = first; k < first + count; k++) {
       const s = state[k];
       if (s === PAGE_MISSING || s === PAGE_IN_FLIGHT) region.setState(k, PAGE_INSTALLED);
+      const r = split && (k < this.faultLo || k >= this.faultHi) ? HOW_FAULT_AROUND * KIND_NAMES.length : row;
+      pages[r + (s === PAGE_REMOVED ? KIND_REMOVED : kind)]!++;
     }
     this.stats.pagesInstalled += count;
     if (zero) this.stats.zeroPagesInstalled += count;

@@ -5,16 +5,19 @@ import type { PageServerConfig } from "./config.ts";
 import { openImage } from "./image/open-image.ts";
 import type { SnapshotImage } from "./image/snapshot-image.ts";
 import { formatBytes, Logger } from "./log.ts";
+import { type MetricsEndpoint, startMetricsEndpoint } from "./metrics/endpoint.ts";
+import { renderPageServerMetrics } from "./metrics/page-server-metrics.ts";
 import { PageServer } from "./page-server.ts";
 import { formatHostPort, parseHostPort, resolveHost } from "./postcopy/address.ts";
 import { readTokenFile } from "./postcopy/auth.ts";
 import { zeroMapBytes } from "./postcopy/protocol.ts";
 
 export async function pageServerCommand(config: PageServerConfig): Promise<number> {
-  const logger = new Logger(config["log-level"]);
+  const logger = new Logger(config["log-level"], { format: config["log-format"] });
   const token = readTokenFile(config["token-file"], logger);
   const where = await resolveHost(parseHostPort(config.listen, "--listen", true), "--listen");
   const image = openImage(config.mem, { ramblock: config.ramblock });
+  let metrics: MetricsEndpoint | undefined;
   try {
     const corrupt = config["test-only-corrupt-every"];
     const server = new PageServer({
@@ -25,16 +28,28 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
       token,
       logger,
       handshakeTimeoutMs: config["handshake-timeout"],
+      maxPreauth: config["max-preauth"],
+      maxPreauthPerAddress: config["max-preauth-per-address"],
+      maxClients: config["max-clients"],
       testCorruptEvery: corrupt,
+      testFailAcceptEvery: config["test-only-fail-accept-every"],
     });
-    if (corrupt !== undefined) logger.warn(`TEST ONLY: corrupting one payload byte of every ${corrupt}th reply`);
+    if (corrupt !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: corrupting one sealed payload byte of every ${corrupt}th reply`, { every: corrupt });
+    const failEvery = config["test-only-fail-accept-every"];
+    if (failEvery !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: failing the setup of every ${failEvery}th connection`, { failAcceptEvery: failEvery });
+    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderPageServerMetrics(server), logger);
     const port = server.listen();
     const what = image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
     logger.info(
-      `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated, not encrypted`,
+      "page_server.listening",
+      `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated and encrypted (AES-256-GCM)`,
+      {
+        address: formatHostPort({ host: where.host, port }), port, format: image.format, path: image.path, block: image.blockName,
+        size: image.size, dataPages: image.dataPages, zeroPages: image.zeroPages,
+      },
     );
     const shutdown = (signal: string) => {
-      logger.info(`${signal}: shutting down`);
+      logger.info("daemon.signal", `${signal}: shutting down`, { signal });
       server.close();
     };
     process.on("SIGINT", () => shutdown("SIGINT"));
@@ -43,6 +58,7 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
     server.close();
     return 0;
   } finally {
+    metrics?.stop();
     image.close();
   }
 }

@@ -3,18 +3,26 @@
 // the read-only image mapping. Urgent connections are answered as soon as their requests are
 // read; background connections share one bounded slice per loop turn, taken after every ready
 // fd was served, so a fault waits behind at most one slice of bulk transfer in this process.
-import { toArrayBuffer, type Pointer } from "bun:ffi";
+//
+// Unauthenticated connections are held to a budget (globally and per source address, a short
+// deadline, the oldest idle one evicted when full) and cost no mapping; an authenticated one
+// takes its send buffer from a bounded pool. Lines a stranger can cause at will are rate-limited.
+import { BufferPool, type PooledBuffer } from "./buffer-pool.ts";
 import { check } from "./check.ts";
 import { EventLoop } from "./event-loop.ts";
-import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "./ffi.ts";
+import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Errno, errnoName, sl } from "./ffi.ts";
 import type { ZeroMap } from "./image/snapshot-image.ts";
-import { formatBytes, type Logger } from "./log.ts";
-import { clientProof, nonce, proofsEqual, serverProof } from "./postcopy/auth.ts";
+import { LogLimiter } from "./log-limit.ts";
+import { type EventName, type Fields, formatBytes, type Logger, type LogLevel } from "./log.ts";
+import { checkCrypto } from "./postcopy/aead.ts";
+import { clientProof, nonce, proofsEqual, serverProof, sessionKeys } from "./postcopy/auth.ts";
+import { deferAccept, peerAddress } from "./postcopy/peer-address.ts";
 import {
-  decodeErrorText, decodeHello, encodeChallenge, encodeHeader, encodeWelcome, ErrorCode, errorFrame, frame, FRAME_NAMES, FrameType, type FrameHeader,
-  HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_REQUEST, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, Role, ROLE_NAMES,
-  WANT_ZERO_MAP, WIRE_PAGE, zeroMapBytes,
+  decodeErrorText, decodeHello, encodeChallenge, encodeHeader, encodeInfo, encodeWelcome, ErrorCode, errorFrame, frame, FRAME_NAMES, FrameType,
+  type FrameHeader, HEADER_SIZE, type ImageInfo, MAX_CHUNK, MAX_OUTSTANDING, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, requestInBounds, Role,
+  ROLE_NAMES, WANT_ZERO_MAP, WIRE_PAGE, zeroMapBytes,
 } from "./postcopy/protocol.ts";
+import { ReceiveSeal, SEALED_HEADER_SIZE, SealError, SendSeal } from "./postcopy/seal.ts";
 import { FrameReader, type FrameSink, READ_AGAIN, READ_EOF, READ_MORE, SEND_BLOCKED, SENT_ALL, FrameWriter } from "./postcopy/wire.ts";
 
 /** The bytes a page server serves: what an opened image offers. */
@@ -35,9 +43,17 @@ export interface PageServerOptions {
   logger: Logger;
   /** A client that has not authenticated by then is dropped. */
   handshakeTimeoutMs: number;
-  /** TEST ONLY (fault injection): flip one payload byte of every Nth DATA frame; the CRC stays the true one. */
+  /** Unauthenticated connections held at once, and from one source address; past either, the oldest idle one goes. */
+  maxPreauth: number;
+  maxPreauthPerAddress: number;
+  /** Authenticated connections at once (each holds a send buffer from the pool); more are refused. */
+  maxClients: number;
+  /** TEST ONLY (fault injection): flip one byte of every Nth sealed DATA payload on its way out. */
   testCorruptEvery?: number;
+  /** TEST ONLY (fault injection): throw while setting up every Nth accepted connection. */
+  testFailAcceptEvery?: number;
 }
+
 
 /** Bytes read from one connection per wake-up before others get a turn. */
 const READ_BUDGET = 64 * 1024;
@@ -49,6 +65,19 @@ const LINGER_MS = 1000;
 const MAX_UNREAD_REPLY_BYTES = 1024 * 1024;
 /** accept() failed (out of fds): the listener stays readable, so it is not watched for this long. */
 const ACCEPT_PAUSE_MS = 100;
+/**
+ * The kernel's accept queue (capped by net.core.somaxconn). Deep, so a flood of connects waits
+ * in it (and is accepted and evicted in turn) rather than overflowing it: an overflowing queue
+ * drops a legitimate client's SYN, which then waits a whole retransmission timeout (1 s).
+ */
+const LISTEN_BACKLOG = 4096;
+/** Connections accepted per wake-up: a flood of connects cannot keep the loop from the clients it has. */
+const ACCEPTS_PER_TURN = 64;
+const EVICTED_FRAME = errorFrame(ErrorCode.OVERLOADED, "too many unauthenticated connections; evicted");
+/** Idle-looking connections read once before one is evicted (their HELLO may be queued). */
+const EVICTION_POKES = 8;
+/** Control payloads a client may send (ERROR text is the largest). */
+const CONTROL_CAPACITY = 1024;
 
 interface Job {
   id: number;
@@ -69,8 +98,13 @@ class Conn {
   readonly jobs: Job[] = [];
   jobHead = 0;
   wantZeroMap = false;
-  clientNonce: Uint8Array | undefined;
-  serverNonce: Uint8Array | undefined;
+  hello: Uint8Array | undefined;
+  challenge: Uint8Array | undefined;
+  /** Still counted against the pre-authentication budget. */
+  preauth = true;
+  authenticated = false;
+  /** Where sealed DATA payloads are encrypted to; from the pool, once authenticated. */
+  sendBuf: PooledBuffer | undefined;
   cancelTimer: () => void = () => {};
   /** Waiting for EPOLLOUT: the kernel's send buffer is full. */
   blocked = false;
@@ -78,10 +112,14 @@ class Conn {
   dataFrames = 0;
   requests = 0;
   bytesSent = 0;
-  staging: NativeBuffer | undefined;
 
-  constructor(readonly n: number, readonly fd: number, sink: FrameSink) {
-    this.reader = new FrameReader(sink);
+  constructor(readonly n: number, readonly fd: number, readonly peer: string, sink: FrameSink) {
+    this.reader = new FrameReader(sink, CONTROL_CAPACITY);
+  }
+
+  /** Nothing received yet (or already refused): the first to go when the pre-authentication budget is full. */
+  get idle(): boolean {
+    return (this.state === "hello" && this.reader.received === 0) || this.state === "closing";
   }
 
   get outstanding(): number {
@@ -89,7 +127,7 @@ class Conn {
   }
 
   get name(): string {
-    return this.state === "hello" || this.state === "auth" ? `client #${this.n}` : `client #${this.n} (${ROLE_NAMES[this.role]})`;
+    return this.authenticated ? `client #${this.n} (${ROLE_NAMES[this.role]})` : `client #${this.n} from ${this.peer}`;
   }
 }
 
@@ -100,6 +138,10 @@ export class PageServer {
   private ltoken = -1;
   private nextConn = 1;
   private readonly conns = new Set<Conn>();
+  /** For the metrics: clients accepted, and what closed connections counted. */
+  private readonly totals = { clients: 0, requests: 0, bytes: 0 };
+  /** Error frames sent, by wire error code. */
+  private readonly errors = new Float64Array(Math.max(...Object.values(ErrorCode)) + 1);
   /** Background connections with work and room to send, in turn order. */
   private readonly backgroundQueue: Conn[] = [];
   private backgroundOn = false;
@@ -107,9 +149,19 @@ export class PageServer {
   private readonly info: ImageInfo;
   private readonly zeroBits: Uint8Array;
   private closed = false;
+  /** Unauthenticated connections, oldest first (Sets keep insertion order), and per source address. */
+  private readonly preauth = new Set<Conn>();
+  private readonly preauthByPeer = new Map<string, Set<Conn>>();
+  private readonly sendBufs: BufferPool;
+  private readonly limited: LogLimiter;
+  private accepted = 0;
+  readonly counters = { accepted: 0, evicted: 0, preauthTimeouts: 0, authenticated: 0, acceptErrors: 0, tampered: 0 };
 
   constructor(private readonly opts: PageServerOptions, loop?: EventLoop) {
+    checkCrypto();
     this.loop = loop ?? new EventLoop();
+    this.sendBufs = new BufferPool(MAX_CHUNK, opts.maxClients);
+    this.limited = new LogLimiter(opts.logger);
     const zero = opts.image.zero;
     const zeroPages = zero.countZero();
     this.info = { size: opts.image.size, pages: zero.pages, dataPages: zero.pages - zeroPages, id: opts.imageId };
@@ -118,8 +170,10 @@ export class PageServer {
 
   /** Binds and listens; returns the port (useful with port 0). */
   listen(): number {
-    this.lfd = check("listen", sl.sl_tcp_listen(cstr(this.opts.host), this.opts.port, 512), { host: this.opts.host, port: this.opts.port });
+    this.lfd = check("listen", sl.sl_tcp_listen(cstr(this.opts.host), this.opts.port, LISTEN_BACKLOG), { host: this.opts.host, port: this.opts.port });
     this.port = check("getsockname", sl.sl_local_port(this.lfd));
+    // Half the handshake timeout (at least the kernel's 1 s): a silent client is handed over while it still has time to speak.
+    if (!deferAccept(this.lfd, Math.max(1, Math.floor(this.opts.handshakeTimeoutMs / 2000)))) this.opts.logger.warn("page_server.defer_accept_refused", "TCP_DEFER_ACCEPT refused; idle connections will be accepted (and evicted) as they come");
     this.ltoken = this.loop.add(this.lfd, EPOLLIN, () => this.acceptAll());
     return this.port;
   }
@@ -132,28 +186,117 @@ export class PageServer {
     return this.conns.size;
   }
 
+  /** Counters for the metrics endpoint: closed connections' totals plus the live ones. */
+  metrics(): { clients: number; clientsTotal: number; requests: number; bytes: number; errors: Readonly<Record<string, number>> } {
+    let requests = this.totals.requests;
+    let bytes = this.totals.bytes;
+    for (const c of this.conns) {
+      requests += c.requests;
+      bytes += c.bytesSent;
+    }
+    const errors: Record<string, number> = {};
+    for (const [name, code] of Object.entries(ErrorCode)) errors[name.toLowerCase()] = this.errors[code]!;
+    return { clients: this.conns.size, clientsTotal: this.totals.clients, requests, bytes, errors };
+  }
+
   private acceptAll(): void {
-    for (;;) {
+    for (let n = 0; n < ACCEPTS_PER_TURN; n++) {
       const fd = sl.sl_accept(this.lfd);
       if (fd < 0) {
         if (-fd !== Errno.EAGAIN) {
           // EMFILE/ENFILE leave the connection queued and the listener readable: pause, do not spin.
-          this.opts.logger.warn(`accept failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
+          this.limited.log("accept failure", "warn", "page_server.accept_failed", `accept failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`, { errno: errnoName(-fd), pauseMs: ACCEPT_PAUSE_MS });
           this.loop.pause(this.ltoken, this.lfd, EPOLLIN, ACCEPT_PAUSE_MS);
         }
         return;
       }
-      const sink: FrameSink = {
-        target: (h) => this.target(conn, h),
-        frame: (h, own) => this.onFrame(conn, h, own!),
-      };
-      const conn = new Conn(this.nextConn++, fd, sink);
-      this.conns.add(conn);
+      // Whatever goes wrong with one connection ends that connection (admit closed it), never the server.
+      try {
+        this.admit(fd);
+      } catch (e) {
+        this.counters.acceptErrors++;
+        this.limited.log("accept error", "error", "page_server.accept_failed", `setting up an accepted connection failed: ${(e as Error).message}; connection dropped`, { reason: (e as Error).message });
+      }
+    }
+    // More may be queued: the listener is level-triggered, so the loop comes back after the others had their turn.
+  }
+
+  /** Sets up an accepted fd; on failure the fd is closed and the error thrown. */
+  private admit(fd: number): void {
+    let peer: string;
+    try {
+      peer = peerAddress(fd);
+      this.makeRoom(peer);
+    } catch (e) {
+      sl.sl_close(fd);
+      throw e;
+    }
+    const sink: FrameSink = {
+      target: (h) => this.target(conn, h),
+      frame: (h, own) => this.onFrame(conn, h, own!),
+    };
+    const conn = new Conn(this.nextConn++, fd, peer, sink);
+    this.conns.add(conn);
+    this.preauth.add(conn);
+    this.counters.accepted++;
+    try {
+      let mine = this.preauthByPeer.get(peer);
+      if (mine === undefined) this.preauthByPeer.set(peer, (mine = new Set()));
+      mine.add(conn);
       conn.token = this.loop.add(fd, EPOLLIN | EPOLLRDHUP, (ev) => this.onEvents(conn, ev));
-      conn.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
-        this.refuse(conn, ErrorCode.TIMEOUT, `no authentication within ${this.opts.handshakeTimeoutMs} ms`),
-      );
-      this.opts.logger.debug(`${conn.name} connected`);
+      conn.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () => {
+        this.counters.preauthTimeouts++;
+        this.refuse(conn, ErrorCode.TIMEOUT, `no authentication within ${this.opts.handshakeTimeoutMs} ms`);
+      });
+      const every = this.opts.testFailAcceptEvery;
+      if (every !== undefined && ++this.accepted % every === 0) throw new Error(`TEST ONLY: injected failure setting up client #${conn.n}`);
+    } catch (e) {
+      this.closeConn(conn, "dropped", "debug");
+      throw e;
+    }
+    this.totals.clients++;
+    this.opts.logger.debug("page_server.client_connected", `${conn.name} connected`, { client: conn.name, peer });
+  }
+
+  /** Keeps the unauthenticated budget: evicts the oldest idle connection (else the oldest) where it is full. */
+  private makeRoom(peer: string): void {
+    const mine = this.preauthByPeer.get(peer);
+    if (mine !== undefined && mine.size >= this.opts.maxPreauthPerAddress) this.evict(mine, `${this.opts.maxPreauthPerAddress} from ${peer}`);
+    if (this.preauth.size >= this.opts.maxPreauth) this.evict(this.preauth, `${this.opts.maxPreauth}`);
+  }
+
+  private evict(from: Set<Conn>, limit: string): void {
+    const size = from.size;
+    let victim: Conn | undefined;
+    let pokes = 0;
+    for (const c of from) {
+      if (c.idle && c.state === "hello" && pokes < EVICTION_POKES) {
+        // Its HELLO may be waiting in the socket, unread: a client that spoke is not idle.
+        pokes++;
+        this.readFrames(c);
+        if (from.size < size) return; // it closed or was closed: room made
+      }
+      if (c.idle) {
+        victim = c;
+        break;
+      }
+      victim ??= c;
+    }
+    if (victim === undefined) return;
+    this.counters.evicted++;
+    // One best-effort frame, no linger: the point is to free the fd now.
+    sl.sl_send(victim.fd, EVICTED_FRAME, EVICTED_FRAME.length);
+    this.closeConn(victim, `evicted: unauthenticated connections at their limit (${limit})`, "warn");
+  }
+
+  private forgetPreauth(conn: Conn): void {
+    if (!conn.preauth) return;
+    conn.preauth = false;
+    this.preauth.delete(conn);
+    const mine = this.preauthByPeer.get(conn.peer);
+    if (mine !== undefined) {
+      mine.delete(conn);
+      if (mine.size === 0) this.preauthByPeer.delete(conn.peer);
     }
   }
 
@@ -176,6 +319,11 @@ export class PageServer {
     try {
       r = conn.reader.read(conn.fd, READ_BUDGET);
     } catch (e) {
+      if (e instanceof SealError) {
+        // Nothing of it is used; a relay that changes one byte ends the connection, nothing more.
+        this.counters.tampered++;
+        return this.closeConn(conn, `sent a frame that failed authentication: ${e.message}; connection dropped`, "warn");
+      }
       if (e instanceof ProtocolError) return this.refuse(conn, e.wireCode, e.message);
       throw e;
     }
@@ -231,43 +379,57 @@ export class PageServer {
       return this.refuse(conn, ErrorCode.VERSION, `client speaks protocol versions ${hello.versionMin}-${hello.versionMax}; this server speaks ${PROTOCOL_VERSION}`);
     }
     conn.role = hello.role;
-    conn.clientNonce = hello.nonce;
-    conn.serverNonce = nonce();
+    conn.hello = payload.slice();
+    conn.challenge = encodeChallenge(PROTOCOL_VERSION, nonce());
     conn.state = "auth";
     conn.wantZeroMap = (hello.flags & WANT_ZERO_MAP) !== 0;
-    conn.writer.push(frame(FrameType.CHALLENGE, encodeChallenge(PROTOCOL_VERSION, conn.serverNonce)));
+    conn.writer.push(frame(FrameType.CHALLENGE, conn.challenge));
     this.flush(conn);
   }
 
   private onAuth(conn: Conn, proof: Uint8Array): void {
-    const want = clientProof(this.opts.token, conn.serverNonce!, conn.clientNonce!);
-    if (!proofsEqual(proof, want)) {
+    const transcript = { hello: conn.hello!, challenge: conn.challenge! };
+    if (!proofsEqual(proof, clientProof(this.opts.token, transcript))) {
       return this.refuse(conn, ErrorCode.AUTH_FAILED, "authentication failed: the client's proof does not match our token (is --token-file the same on both sides?)");
     }
+    // Per-connection memory only now, and from a bounded pool.
+    const buf = this.sendBufs.take();
+    if (buf === undefined) return this.refuse(conn, ErrorCode.OVERLOADED, `too many clients (at most ${this.sendBufs.max} authenticated connections)`);
+    conn.sendBuf = buf;
     conn.cancelTimer();
+    this.forgetPreauth(conn);
     conn.state = "ready";
-    conn.writer.push(frame(FrameType.WELCOME, encodeWelcome(serverProof(this.opts.token, conn.clientNonce!, conn.serverNonce!), this.info)));
+    conn.authenticated = true;
+    this.counters.authenticated++;
+    // WELCOME is the last frame in clear; both directions are sealed from the next frame on.
+    conn.writer.push(frame(FrameType.WELCOME, encodeWelcome(serverProof(this.opts.token, transcript))));
+    const keys = sessionKeys(this.opts.token, transcript);
+    conn.writer.seal(new SendSeal(keys.serverToClient));
+    conn.reader.seal(new ReceiveSeal(keys.clientToServer));
+    keys.clientToServer.fill(0);
+    keys.serverToClient.fill(0);
+    conn.writer.push(frame(FrameType.INFO, encodeInfo(this.info)));
     if (conn.wantZeroMap) {
       for (let at = 0; at < this.zeroBits.length; at += MAX_ZERO_MAP_CHUNK) {
-        const part = this.zeroBits.subarray(at, Math.min(this.zeroBits.length, at + MAX_ZERO_MAP_CHUNK));
-        conn.writer.push(frame(FrameType.ZERO_MAP, part, 0, at, 0, Bun.hash.crc32(part)));
+        conn.writer.push(frame(FrameType.ZERO_MAP, this.zeroBits.subarray(at, Math.min(this.zeroBits.length, at + MAX_ZERO_MAP_CHUNK)), 0, at));
       }
     }
-    this.opts.logger.info(`${conn.name} authenticated`);
+    this.opts.logger.info("page_server.client_authenticated", `${conn.name} from ${conn.peer} authenticated`, { client: conn.name, peer: conn.peer });
     this.flush(conn);
   }
 
   private onRequest(conn: Conn, h: FrameHeader): void {
     const size = h.arg;
     const start = h.offset;
-    if (size === 0 || size > MAX_REQUEST || size % WIRE_PAGE !== 0 || start % WIRE_PAGE !== 0) {
-      throw new ProtocolError(`REQUEST ${h.id} for ${size} bytes at ${start}: requests are whole 4 KiB pages, 4 KiB to ${formatBytes(MAX_REQUEST)}`);
-    }
+    const inBounds = requestInBounds(h.id, start, size, this.info.size);
     conn.requests++;
     // Bounds: never read outside the image, whatever the client asks.
-    if (start + size > this.info.size) {
+    if (!inBounds) {
       this.checkUnread(conn);
-      this.opts.logger.warn(`${conn.name}: request ${h.id} for bytes [${start}, ${start + size}) lies outside the ${this.info.size}-byte image; refused`);
+      this.opts.logger.warn("page_server.request_refused", `${conn.name}: request ${h.id} for bytes [${start}, ${start + size}) lies outside the ${this.info.size}-byte image; refused`, {
+        client: conn.name, request: h.id, start, size, imageSize: this.info.size,
+      });
+      this.errors[ErrorCode.OUT_OF_BOUNDS]!++;
       conn.writer.push(errorFrame(ErrorCode.OUT_OF_BOUNDS, `bytes [${start}, ${start + size}) lie outside the ${this.info.size}-byte image`, h.id));
       return;
     }
@@ -312,26 +474,21 @@ export class PageServer {
   }
 
   private sendChunk(conn: Conn, job: Job, at: number, len: number): void {
-    const addr = this.opts.image.base + at;
-    const payload = new Uint8Array(toArrayBuffer(addr as Pointer, 0, len));
-    const crc = Bun.hash.crc32(payload);
-    const header = new Uint8Array(HEADER_SIZE);
-    encodeHeader(new DataView(header.buffer), 0, FrameType.DATA, len, job.id, at - job.start, 0, crc);
-    conn.writer.push(header);
-    // Header and payload leave as two sends: the listener's TCP_NODELAY (inherited by accepted
-    // sockets) keeps the payload from waiting for the header's ACK (~40 ms of delayed ACK).
+    const header = this.dataHeader;
+    encodeHeader(new DataView(header.buffer), 0, FrameType.DATA, len, job.id, at - job.start, 0);
+    // Encrypted straight from the image mapping into the connection's send buffer, which pump()
+    // reuses only once the writer is empty. Header and payload leave as two sends: the
+    // listener's TCP_NODELAY (inherited by accepted sockets) keeps the payload from waiting for
+    // the header's ACK (~40 ms of delayed ACK).
+    const buf = conn.sendBuf!;
+    conn.writer.pushSealed(header, this.opts.image.base + at, buf.address, len);
     const every = this.opts.testCorruptEvery;
-    if (every !== undefined && ++conn.dataFrames % every === 0) {
-      // TEST ONLY: a corrupted copy, so the client's checksum check is exercised end to end.
-      conn.staging ??= new NativeBuffer(MAX_CHUNK);
-      conn.staging.bytes.set(payload);
-      conn.staging.bytes[len >> 1]! ^= 0x5a;
-      conn.writer.pushRaw(conn.staging.address, len);
-    } else {
-      conn.writer.pushRaw(addr, len);
-    }
-    conn.bytesSent += len + HEADER_SIZE;
+    // TEST ONLY: one byte changed in transit, so the client's authentication check is exercised end to end.
+    if (every !== undefined && ++conn.dataFrames % every === 0) buf.bytes[len >> 1]! ^= 0x5a;
+    conn.bytesSent += len + SEALED_HEADER_SIZE;
   }
+
+  private readonly dataHeader = new Uint8Array(HEADER_SIZE);
 
   /** Returns true when everything queued went out. */
   private flush(conn: Conn): boolean {
@@ -345,7 +502,7 @@ export class PageServer {
       }
       return false;
     }
-    this.closeConn(conn, `send failed: ${errnoName(-r)}`, conn.state === "hello" || conn.state === "auth" ? "warn" : "debug");
+    this.closeConn(conn, `send failed: ${errnoName(-r)}`, conn.preauth ? "warn" : "debug");
     return false;
   }
 
@@ -385,7 +542,8 @@ export class PageServer {
   /** Sends an ERROR frame, logs why, and closes once it is out (or after LINGER_MS). */
   private refuse(conn: Conn, code: ErrorCode, message: string): void {
     if (conn.state === "closing" || conn.state === "closed") return;
-    this.opts.logger.warn(`${conn.name}: ${message}; connection closed`);
+    this.errors[code]!++;
+    this.log(conn, conn.preauth, "warn", "page_server.client_refused", `${conn.name}: ${message}; connection closed`, { client: conn.name, peer: conn.peer, code, reason: message });
     conn.cancelTimer();
     conn.reader.stop();
     conn.jobs.length = 0;
@@ -406,19 +564,31 @@ export class PageServer {
     this.closeConn(conn, "refused", "debug");
   }
 
-  private closeConn(conn: Conn, reason: string, level: "debug" | "info" | "warn"): void {
+  private closeConn(conn: Conn, reason: string, level: LogLevel): void {
     if (conn.state === "closed") return;
     conn.state = "closed";
     conn.cancelTimer();
-    this.loop.remove(conn.token, conn.fd);
+    if (conn.token >= 0) this.loop.remove(conn.token, conn.fd);
     sl.sl_close(conn.fd);
     conn.reader.stop();
     conn.writer.clear();
-    conn.staging?.free();
+    if (conn.sendBuf !== undefined) this.sendBufs.give(conn.sendBuf);
+    conn.sendBuf = undefined;
     this.conns.delete(conn);
+    const wasPreauth = conn.preauth;
+    this.forgetPreauth(conn);
     const i = this.backgroundQueue.indexOf(conn);
     if (i >= 0) this.backgroundQueue.splice(i, 1);
-    this.opts.logger.log(level, `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`);
+    this.totals.requests += conn.requests;
+    this.totals.bytes += conn.bytesSent;
+    const line = wasPreauth ? `${conn.name} ${reason}` : `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`;
+    this.log(conn, wasPreauth, level, "page_server.client_closed", line, { client: conn.name, peer: conn.peer, reason, requests: conn.requests, bytes: conn.bytesSent });
+  }
+
+  /** Lines about connections that have not authenticated are rate-limited: anyone can cause them. */
+  private log(conn: Conn, preauth: boolean, level: LogLevel, event: EventName, line: string, fields: Fields): void {
+    if (preauth) this.limited.log("unauthenticated-connection", level, event, line, fields);
+    else this.opts.logger.log(level, event, line, fields);
   }
 
   close(): void {
@@ -431,5 +601,14 @@ export class PageServer {
       sl.sl_close(this.lfd);
       this.lfd = -1;
     }
+    this.sendBufs.close();
+    this.limited.flush();
+    const c = this.counters;
+    this.opts.logger.info(
+      "page_server.closed",
+      `page server: ${c.accepted} connections accepted, ${c.authenticated} authenticated, ${c.evicted} evicted unauthenticated, ` +
+        `${c.preauthTimeouts} handshake timeouts, ${c.tampered} dropped for failing authentication, ${c.acceptErrors} accept errors`,
+      { ...c },
+    );
   }
 }

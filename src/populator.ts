@@ -2,7 +2,8 @@
 // working set (prefetch, in recorded order), then — with `--populate background` — every page
 // left, until the VM no longer needs us. Runs only when the event loop has no fd ready.
 import { sl } from "./ffi.ts";
-import { PAGE_MISSING, type Region } from "./handler-table.ts";
+import { PAGE_MISSING, PAGE_REMOVED, type Region } from "./handler-table.ts";
+import { HOW_PREFETCH } from "./page-installer.ts";
 import { AGAIN, FAILED, GONE, OK, type VmSession } from "./vm-session.ts";
 
 export type PopulateMode = "none" | "background";
@@ -78,14 +79,19 @@ export class Populator {
         }
       }
       i++;
-      if (region === undefined || region.state[k] !== PAGE_MISSING) continue;
+      if (region === undefined) continue;
+      if (region.state[k] !== PAGE_MISSING) {
+        // The guest got there first (or discarded it): the prefetch came too late for this page.
+        if (region.state[k] !== PAGE_REMOVED) this.vm.stats.prefetchLate++;
+        continue;
+      }
       // Coalesce recorded pages that follow each other in the image into one run.
       let e = k + 1;
       while (i < end && e < region.pages && region.pageOfImagePage(order[i]!) === e) {
         e++;
         i++;
       }
-      const r = this.vm.installMissing(region, k, e, 0);
+      const r = this.vm.installMissing(region, k, e, 0, HOW_PREFETCH);
       if (r === AGAIN) {
         // A REMOVE is pending: this batch again next step (pages already in are skipped then).
         if (woke !== undefined) this.wake(woke, lo, hi);

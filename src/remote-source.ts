@@ -8,6 +8,7 @@ import type { PageBackend } from "./handler-table.ts";
 import type { ZeroMap } from "./image/snapshot-image.ts";
 import type { OpenedSource, SourceOptions } from "./page-source.ts";
 import { type HostPort, parseTcpUrl, resolveHost } from "./postcopy/address.ts";
+import { checkCrypto } from "./postcopy/aead.ts";
 import { readTokenFile } from "./postcopy/auth.ts";
 import { ClientChannel } from "./postcopy/client-channel.ts";
 import { type ImageInfo, Role, zeroMapFromBytes } from "./postcopy/protocol.ts";
@@ -21,6 +22,8 @@ export async function openRemoteSource(url: string, opts: SourceOptions): Promis
   // --ramblock is for the daemon's local mapped-ram files; the page server picks its own block.
   if (opts.tokenFile === undefined) throw new ConfigError(`--mem ${url}: a page server needs --token-file (the secret both sides share)`);
   const token = readTokenFile(opts.tokenFile, opts.logger);
+  checkCrypto(); // at startup, not at the first connection
+
   const addr = await resolveHost(parseTcpUrl(url), `--mem ${url}`);
   const { info, zero } = await probe(url, addr, token, opts);
   const backend: PageBackend = {
@@ -81,7 +84,7 @@ async function probe(url: string, addr: HostPort, token: Buffer, opts: SourceOpt
         }
         if (!warned) {
           warned = true;
-          opts.logger.warn(`page server ${url}: ${reason}; retrying for up to ${opts.deadlineMs} ms`);
+          opts.logger.warn("remote.retrying", `page server ${url}: ${reason}; retrying for up to ${opts.deadlineMs} ms`, { url, reason, deadlineMs: opts.deadlineMs });
         }
         loop.after(Math.min(delay, left), attempt);
         delay = Math.min(PROBE_RETRY_MAX_MS, delay * 2);
@@ -96,6 +99,7 @@ async function probe(url: string, addr: HostPort, token: Buffer, opts: SourceOpt
   }
   if (failure !== undefined) throw failure;
   if (result === undefined) throw new SnaploadError("PEER_GONE", `page server ${url}: startup interrupted`);
-  opts.logger.debug(`page server ${url}: image of ${result.info.size} bytes in ${(performance.now() - started).toFixed(1)} ms`);
+  const ms = performance.now() - started;
+  opts.logger.debug("remote.ready", `page server ${url}: image of ${result.info.size} bytes in ${ms.toFixed(1)} ms`, { url, size: result.info.size, ms });
   return result;
 }

@@ -1,17 +1,21 @@
 // `snapload serve`: opens the sources, listens, serves until SIGINT/SIGTERM.
 import { DEFAULT_FAULT_AROUND, type ServeConfig } from "./config.ts";
 import { Logger } from "./log.ts";
+import { type MetricsEndpoint, startMetricsEndpoint } from "./metrics/endpoint.ts";
+import { renderServeMetrics } from "./metrics/serve-metrics.ts";
 import { type OpenedSource, openSource } from "./page-source.ts";
 import { type Listener, Server } from "./server.ts";
-import { warmUpFaultPath } from "./warmup.ts";
+import { warmUp } from "./warmup.ts";
+import { SpinPolicy } from "./spin-policy.ts";
 import { readWorkingSet } from "./working-set.ts";
 
 export async function serveCommand(config: ServeConfig): Promise<number> {
-  const logger = new Logger(config["log-level"]);
+  const logger = new Logger(config["log-level"], { format: config["log-format"] });
   // 16 pages per fault won the fault-around sweep (README); a recording run defaults to one page
   // per fault, so the working set it writes holds what the guest touched and nothing more.
   const faultAround = config["fault-around"] ?? (config.record !== undefined ? 1 : DEFAULT_FAULT_AROUND);
   const opened: OpenedSource[] = [];
+  let metrics: MetricsEndpoint | undefined;
   try {
     const listeners: Listener[] = [];
     const summaries: string[] = [];
@@ -39,23 +43,37 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
       recordPath: config.record,
       logger,
     });
-    const t0 = performance.now();
-    const warm = warmUpFaultPath();
-    logger.debug(warm ? `fault path warmed up in ${(performance.now() - t0).toFixed(1)} ms` : "fault path warm-up skipped (no userfaultfd)");
-    server.loop.spinMs = config["spin-us"] / 1000;
-    server.listen();
-    listeners.forEach((l, i) => logger.info(`listening on ${l.socketPath}: ${summaries[i]}`));
+    server.loop.spin = new SpinPolicy(config["spin-us"]);
+    const warm = await warmUp(server.loop);
+    logger.debug(
+      "daemon.warm_up",
+      warm
+        ? `fault path warmed up in ${warm.ms.toFixed(1)} ms (${warm.synthetic} synthetic faults, ${warm.real} real faults${warm.real === 0 ? ": the real pass failed" : ""})`
+        : "fault path warm-up skipped (no userfaultfd)",
+      { done: warm !== undefined && warm.real > 0, ms: warm?.ms, syntheticFaults: warm?.synthetic, realFaults: warm?.real },
+    );
     const shutdown = (signal: string) => {
-      logger.info(`${signal}: shutting down`);
+      logger.info("daemon.signal", `${signal}: shutting down`, { signal });
       server.close();
     };
+    // Before "listening on": a SIGTERM right after that line must still shut down cleanly.
     process.on("SIGINT", () => shutdown("SIGINT"));
     process.on("SIGTERM", () => shutdown("SIGTERM"));
     process.on("SIGUSR1", () => server.writeRecordings());
+    // Before listen(): a metrics address that cannot be bound leaves no socket files behind.
+    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderServeMetrics(server.totals, server.vms.values()), logger);
+    server.listen();
+    listeners.forEach((l, i) =>
+      logger.info("daemon.listening", `listening on ${l.socketPath}: ${summaries[i]}`, {
+        socket: l.socketPath, mem: config.mem[config.mem.length === 1 ? 0 : i], size: l.source.backend.size, faultAround,
+        populate: config.populate ?? "none", prefetchPages: l.prefetch?.length,
+      }),
+    );
     await server.run();
     server.close();
     return 0;
   } finally {
+    metrics?.stop();
     for (const s of opened) s.close();
   }
 }

@@ -1,13 +1,13 @@
 // `snapload serve`: the Unix socket VMMs hand their userfaultfd to, and every VM's lifecycle.
 // A bad peer costs one log line and its own connection; every other VM keeps being served.
-import { unlinkSync } from "node:fs";
 import { check } from "./check.ts";
-import { HandshakeError, SnaploadError } from "./errors.ts";
+import { HandshakeError, SnaploadError, SocketInUseError } from "./errors.ts";
 import { EventLoop } from "./event-loop.ts";
 import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "./ffi.ts";
-import { checkRegionsFitImage, MAX_HANDSHAKE_BYTES, parseHandshake, scanJson } from "./handshake.ts";
+import { checkRegionsFitImage, JsonScanner, type RegionMapping, MAX_HANDSHAKE_BYTES, MAX_HANDSHAKE_MESSAGES, parseHandshake } from "./handshake.ts";
 import { HandlerTable, type PageBackend, type PageRequester } from "./handler-table.ts";
 import { formatBytes, type Logger } from "./log.ts";
+import { VmTotals } from "./metrics/serve-metrics.ts";
 import { Populator, type PopulateMode } from "./populator.ts";
 import { Scratch, VmSession, type VmStats } from "./vm-session.ts";
 import { TouchRecorder, writeWorkingSet } from "./working-set.ts";
@@ -63,10 +63,28 @@ export interface VmExit {
 const MAX_FDS = 3;
 /** accept() failed (out of fds): how long the listener is left unwatched. */
 const ACCEPT_PAUSE_MS = 100;
+const SIGKILL = 9;
+/** How soon faults that met EAGAIN (an event pending in the kernel) are retried. */
+const RETRY_MS = 1;
 
 interface BoundListener extends Listener {
   fd: number;
   token: number;
+  /** Identity of the socket file we created: only that file is removed on shutdown. */
+  dev: bigint;
+  ino: bigint;
+}
+
+/** Binds a listener; a live daemon already on the path is a clear error, not a takeover. */
+function listenUnix(path: string, mode: number, id: BigUint64Array): number {
+  const fd = sl.sl_unix_listen(cstr(path), mode, 128, id);
+  if (fd === -Errno.EADDRINUSE) {
+    throw new SocketInUseError(`${path}: another process is listening on this socket (a running snapload?); refusing to replace it`, { path });
+  }
+  if (fd === -Errno.EEXIST) {
+    throw new SocketInUseError(`${path}: exists and is not a stale socket file; refusing to replace it`, { path });
+  }
+  return check("listen", fd, { path });
 }
 
 interface Pending {
@@ -74,8 +92,14 @@ interface Pending {
   fd: number;
   token: number;
   pid: number;
+  /** The connecting process, pinned at accept (-errno if unavailable): a reused pid is never signalled. */
+  pidfd: number;
   bytes: Uint8Array;
   length: number;
+  /** Resumes where the last read's scan stopped: a dripped body costs linear time in total. */
+  scanner: JsonScanner;
+  /** recvmsg calls so far (a peer that drips its body byte by byte runs out of them). */
+  messages: number;
   fds: number[];
   cancelTimer: () => void;
 }
@@ -84,6 +108,8 @@ export class Server {
   readonly loop: EventLoop;
   readonly vms = new Map<number, VmSession>();
   readonly exits: VmExit[] = [];
+  /** Lifecycle counters and what closed VMs counted (the metrics endpoint adds the live VMs). */
+  readonly totals = new VmTotals();
   onVmExit: ((exit: VmExit) => void) | undefined;
   private readonly bound: BoundListener[] = [];
   private readonly backends = new Map<VmSession, PageBackend>();
@@ -95,6 +121,7 @@ export class Server {
   private readonly pending = new Set<Pending>();
   private readonly tokens = new Map<VmSession, { uffd: number; sock: number }>();
   private readonly populators = new Map<VmSession, Populator>();
+  private readonly retryScheduled = new Set<VmSession>();
   private readonly recorders = new Map<VmSession, TouchRecorder>();
   private backgroundOn = false;
   private readonly background = () => this.populateStep();
@@ -107,8 +134,9 @@ export class Server {
 
   listen(): void {
     for (const l of this.opts.listeners) {
-      const fd = check("listen", sl.sl_unix_listen(cstr(l.socketPath), l.socketMode, 128), { path: l.socketPath });
-      const b: BoundListener = { ...l, fd, token: -1 };
+      const id = new BigUint64Array(2);
+      const fd = listenUnix(l.socketPath, l.socketMode, id);
+      const b: BoundListener = { ...l, fd, token: -1, dev: id[0]!, ino: id[1]! };
       b.token = this.loop.add(fd, EPOLLIN, () => this.acceptAll(b));
       this.bound.push(b);
     }
@@ -124,14 +152,17 @@ export class Server {
       if (fd < 0) {
         if (-fd !== Errno.EAGAIN) {
           // EMFILE/ENFILE leave the peer queued and the listener readable: pause it, do not spin.
-          this.opts.logger.warn(`accept on ${listener.socketPath} failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`);
+          this.opts.logger.warn("daemon.accept_failed", `accept on ${listener.socketPath} failed: ${errnoName(-fd)}; not accepting for ${ACCEPT_PAUSE_MS} ms`, {
+            socket: listener.socketPath, errno: errnoName(-fd), pauseMs: ACCEPT_PAUSE_MS,
+          });
           this.loop.pause(listener.token, listener.fd, EPOLLIN, ACCEPT_PAUSE_MS);
         }
         return;
       }
       const cred = new Int32Array(3);
       const pid = sl.sl_peer_cred(fd, cred) === 0 ? cred[0]! : -1;
-      const p: Pending = { listener, fd, token: -1, pid, bytes: new Uint8Array(4096), length: 0, fds: [], cancelTimer: () => {} };
+      const pidfd = this.opts.onFatal === "kill" ? sl.sl_peer_pidfd(fd) : -1;
+      const p: Pending = { listener, fd, token: -1, pid, pidfd, bytes: new Uint8Array(4096), length: 0, scanner: new JsonScanner(), messages: 0, fds: [], cancelTimer: () => {} };
       this.pending.add(p);
       p.token = this.loop.add(fd, EPOLLIN | EPOLLRDHUP, () => this.readHandshake(p));
       p.cancelTimer = this.loop.after(this.opts.handshakeTimeoutMs, () =>
@@ -164,8 +195,13 @@ export class Server {
     }
     p.bytes.set(this.recvBuf.bytes.subarray(0, n), p.length);
     p.length += n;
-    const scan = scanJson(p.bytes.subarray(0, p.length));
-    if (scan.state === "incomplete") return;
+    const scan = p.scanner.feed(p.bytes, p.length);
+    if (scan.state === "incomplete") {
+      if (++p.messages >= MAX_HANDSHAKE_MESSAGES) {
+        return this.reject(p, new HandshakeError(`handshake still incomplete after ${MAX_HANDSHAKE_MESSAGES} reads (${p.length} bytes)`));
+      }
+      return;
+    }
     if (scan.state === "invalid") return this.reject(p, new HandshakeError(`handshake is not valid JSON: ${scan.reason}`));
     try {
       this.accept(p, new TextDecoder("utf-8", { fatal: true }).decode(p.bytes.subarray(0, scan.end)));
@@ -190,10 +226,33 @@ export class Server {
     for (const fd of p.fds) if (fd !== uffd) sl.sl_close(fd);
     p.fds = [];
     this.forgetPending(p);
+    // From here the connection is no longer pending: a failure must release it here, with a log
+    // line (reject() only knows pending connections).
+    const started: { vm?: VmSession } = {};
+    try {
+      this.startVm(p, regions, uffd, started);
+    } catch (e) {
+      const reason = `setting up the VM failed: ${(e as Error).message}`;
+      this.opts.logger.error("vm.setup_failed", `connection from pid ${p.pid}: ${reason}; dropped`, { pid: p.pid, reason });
+      if (started.vm !== undefined) this.closeVm(started.vm, reason, true);
+      else {
+        sl.sl_close(uffd);
+        sl.sl_close(p.fd);
+        if (p.pidfd >= 0) sl.sl_close(p.pidfd);
+      }
+    }
+  }
 
+  /** Everything after the handshake is accepted; `started.vm` is set as soon as there is one to close. */
+  private startVm(p: Pending, regions: RegionMapping[], uffd: number, started: { vm?: VmSession }): void {
+    const source = p.listener.source;
+    const backend = source.backend;
     const table = new HandlerTable(regions, backend);
     const recorder = this.opts.recordPath !== undefined ? new TouchRecorder(Math.ceil(backend.size / 4096)) : undefined;
     const vm = new VmSession(this.nextId++, p.pid, uffd, p.fd, table, this.scratch, { faultAround: this.opts.faultAround, recorder });
+    vm.pidfd = p.pidfd;
+    started.vm = vm;
+    this.vms.set(vm.id, vm);
     this.backends.set(vm, backend);
     if (recorder) this.recorders.set(vm, recorder);
     if (source.openRequester) {
@@ -215,15 +274,19 @@ export class Server {
       vm.setRequester(requester);
       this.requesters.set(vm, requester);
     }
-    this.vms.set(vm.id, vm);
-    const uffdToken = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
-    const sockToken = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
+    this.totals.connected++;
+    // Set before either add, so closeVm removes whichever was added if the other throws.
+    const tokens = { uffd: -1, sock: -1 };
+    this.tokens.set(vm, tokens);
+    tokens.uffd = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
+    tokens.sock = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
       if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) this.closeVm(vm, "VMM hung up");
     });
-    this.tokens.set(vm, { uffd: uffdToken, sock: sockToken });
     const pageSizes = [...new Set(regions.map((r) => formatBytes(r.pageSize)))].join("/");
     this.opts.logger.info(
+      "vm.connected",
       `vm ${vm.id} pid ${vm.pid} connected: ${regions.length} region${regions.length > 1 ? "s" : ""}, ${formatBytes(table.bytes)}, ${pageSizes} pages`,
+      { vm: vm.id, pid: vm.pid, socket: p.listener.socketPath, regions: regions.length, bytes: table.bytes, pageSizes: [...new Set(regions.map((r) => r.pageSize))] },
     );
     // A remote source's client does its own background completion (it knows what is in flight).
     const populator = new Populator(vm, p.listener.prefetch, source.openRequester ? "none" : this.opts.populate);
@@ -248,8 +311,18 @@ export class Server {
       return;
     }
     if (!vm.drain()) return this.failVm(vm);
-    if (vm.retry.length) this.loop.after(1, () => this.serveVm(vm));
+    if (vm.retry.length) this.scheduleRetry(vm);
     else if (vm.table.complete) this.detachVm(vm);
+  }
+
+  /** Faults that met EAGAIN are retried after a tick, one timer per VM however often it wakes. */
+  private scheduleRetry(vm: VmSession): void {
+    if (this.retryScheduled.has(vm)) return;
+    this.retryScheduled.add(vm);
+    this.loop.after(RETRY_MS, () => {
+      this.retryScheduled.delete(vm);
+      this.serveVm(vm);
+    });
   }
 
   /** One slice of prefetch/population per VM, round robin; faults are served between slices. */
@@ -277,10 +350,13 @@ export class Server {
     this.populators.delete(vm);
     vm.discardMessages();
     if (vm.fatal !== undefined) return this.failVm(vm);
+    this.totals.detached++;
     const s = vm.stats;
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     this.opts.logger.info(
+      "vm.detached",
       `vm ${vm.id} pid ${vm.pid} fully populated in ${seconds.toFixed(3)} s (${s.faults} faults, ${s.prefetchedPages} prefetched, ${s.populatedPages} populated pages); detached`,
+      { vm: vm.id, pid: vm.pid, seconds, faults: s.faults, prefetchedPages: s.prefetchedPages, populatedPages: s.populatedPages },
     );
   }
 
@@ -296,20 +372,27 @@ export class Server {
     const path = pattern.replaceAll("{vm}", String(vm.id)).replaceAll("{pid}", String(vm.pid));
     try {
       writeWorkingSet(path, rec.order, this.backends.get(vm)!.size);
-      this.opts.logger.info(`vm ${vm.id} pid ${vm.pid}: recorded ${rec.length} first touches to ${path}`);
+      this.opts.logger.info("vm.recorded", `vm ${vm.id} pid ${vm.pid}: recorded ${rec.length} first touches to ${path}`, { vm: vm.id, pid: vm.pid, pages: rec.length, path });
     } catch (e) {
-      this.opts.logger.error(`vm ${vm.id}: writing the working set to ${path} failed: ${(e as Error).message}`);
+      this.opts.logger.error("vm.record_failed", `vm ${vm.id}: writing the working set to ${path} failed: ${(e as Error).message}`, {
+        vm: vm.id, pid: vm.pid, path, error: (e as Error).message, code: (e as { code?: string }).code,
+      });
     }
   }
 
   private failVm(vm: VmSession): void {
     const reason = vm.fatal ?? "unknown failure";
-    if (this.opts.onFatal === "kill" && vm.pid > 0) {
-      // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice).
-      sl.sl_kill(vm.pid, 9);
-      this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`);
+    if (this.opts.onFatal === "kill") {
+      // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice). Through the
+      // pidfd taken at accept: the pid alone may have been reused by an unrelated process.
+      const r = vm.pidfd >= 0 ? sl.sl_pidfd_send_signal(vm.pidfd, SIGKILL) : vm.pidfd;
+      const fields = { vm: vm.id, pid: vm.pid, reason };
+      if (r === 0) this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`, { ...fields, action: "killed" });
+      else if (r === -Errno.ESRCH) {
+        this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; the process that connected has exited (not killing pid ${vm.pid}, which may be reused); dropped`, { ...fields, action: "dropped" });
+      } else this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; cannot signal the VMM (${errnoName(-r)}); dropped`, { ...fields, action: "dropped" });
     } else {
-      this.opts.logger.error(`vm ${vm.id} pid ${vm.pid}: ${reason}; dropped`);
+      this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; dropped`, { vm: vm.id, pid: vm.pid, reason, action: "dropped" });
     }
     this.closeVm(vm, `failed: ${reason}`, true);
   }
@@ -325,6 +408,8 @@ export class Server {
     }
     sl.sl_close(vm.uffd);
     sl.sl_close(vm.sock);
+    if (vm.pidfd >= 0) sl.sl_close(vm.pidfd);
+    vm.pidfd = -1;
     this.vms.delete(vm.id);
     this.populators.delete(vm);
     this.requesters.get(vm)?.close();
@@ -332,13 +417,19 @@ export class Server {
     this.writeRecording(vm);
     this.recorders.delete(vm);
     this.backends.delete(vm);
+    this.totals.retire(vm);
+    // quiet: failVm logged the failure already.
+    if (quiet) this.totals.failed++;
+    else this.totals.served++;
     const seconds = (performance.now() - vm.connectedAt) / 1000;
     const s = vm.stats;
     const exit: VmExit = { id: vm.id, pid: vm.pid, reason, stats: { ...s }, seconds };
     this.exits.push(exit);
     if (!quiet) {
       this.opts.logger.info(
+        "vm.exited",
         `vm ${vm.id} pid ${vm.pid} exited (${reason}): ${s.pagesInstalled} pages served (${s.zeroPagesInstalled} zero) in ${s.faults} faults over ${seconds.toFixed(2)} s`,
+        { vm: vm.id, pid: vm.pid, reason, pages: s.pagesInstalled, zeroPages: s.zeroPagesInstalled, faults: s.faults, seconds },
       );
     }
     this.onVmExit?.(exit);
@@ -346,8 +437,10 @@ export class Server {
 
   private reject(p: Pending, e: SnaploadError): void {
     if (!this.pending.has(p)) return;
-    this.opts.logger.warn(`connection from pid ${p.pid} rejected: ${e.message}`);
+    this.totals.rejected++;
+    this.opts.logger.warn("peer.rejected", `connection from pid ${p.pid} rejected: ${e.message}`, { pid: p.pid, socket: p.listener.socketPath, code: e.code, reason: e.message });
     for (const fd of p.fds) sl.sl_close(fd);
+    if (p.pidfd >= 0) sl.sl_close(p.pidfd);
     this.forgetPending(p);
     sl.sl_close(p.fd);
   }
@@ -364,18 +457,17 @@ export class Server {
     this.closed = true;
     this.loop.stop();
     if (this.vms.size) {
-      this.opts.logger.warn(`shutting down with ${this.vms.size} VM(s) connected: their next fault will block`);
+      this.opts.logger.warn("daemon.shutdown_with_vms", `shutting down with ${this.vms.size} VM(s) connected: their next fault will block`, { vms: this.vms.size });
     }
     for (const vm of [...this.vms.values()]) this.closeVm(vm, "snapload shut down");
     for (const p of [...this.pending]) this.reject(p, new HandshakeError("snapload shut down"));
     for (const l of this.bound.splice(0)) {
       this.loop.remove(l.token, l.fd);
       sl.sl_close(l.fd);
-      try {
-        unlinkSync(l.socketPath);
-      } catch {
-        // Already gone: nothing to clean.
-      }
+      // Only our own socket file: if another daemon has since put its socket there, it stays.
+      const r = sl.sl_unix_unlink_if(cstr(l.socketPath), l.dev, l.ino);
+      if (r === -Errno.EEXIST) this.opts.logger.warn("daemon.socket_left", `${l.socketPath} is no longer our socket file; left in place`, { socket: l.socketPath, reason: "not ours" });
+      else if (r < 0) this.opts.logger.warn("daemon.socket_left", `removing ${l.socketPath} failed: ${errnoName(-r)}`, { socket: l.socketPath, reason: errnoName(-r) });
     }
   }
 }

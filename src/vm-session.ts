@@ -4,7 +4,8 @@
 // guest by UFFDIO_COPY.
 import { Errno, errnoName, type NativeBuffer, sl } from "./ffi.ts";
 import { type HandlerTable, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRequester, type Region } from "./handler-table.ts";
-import { AGAIN, FAILED, OK, PageInstaller, Scratch, type VmStats } from "./page-installer.ts";
+import { AGAIN, FAILED, HOW_BACKGROUND, HOW_FAULT, HOW_FAULT_AROUND, KIND_DATA, KIND_NAMES, OK, PageInstaller, Scratch, type VmStats } from "./page-installer.ts";
+import { newHistogram, observe } from "./metrics/histogram.ts";
 import { IMAGE_PAGE } from "./image/snapshot-image.ts";
 import { decodeMessages } from "./uffd-messages.ts";
 import type { TouchRecorder } from "./working-set.ts";
@@ -22,6 +23,8 @@ export interface VmOptions {
 
 /** Bytes per background install: large enough to amortise the ioctl, small enough that a fault never waits long. */
 const BACKGROUND_RUN_BYTES = 2 * 1024 * 1024;
+/** uffd reads per drain() (up to 64 messages each) before other VMs get their turn. */
+export const MAX_DRAIN_ROUNDS = 16;
 
 export class VmSession {
   readonly stats: VmStats = {
@@ -34,7 +37,14 @@ export class VmSession {
     eexist: 0,
     eagain: 0,
     removes: 0,
+    prefetchLate: 0,
   };
+  /** Fault service latency (µs, from reading the fault to its page in place), power-of-two buckets. */
+  readonly latency = newHistogram();
+  /** Bun.nanoseconds() when the batch being served was read (half the cost of performance.now()). */
+  private batchStart = 0;
+  /** Remote backend: faulting page address -> when its fault was read (Bun.nanoseconds()), until its bytes arrive. */
+  private readonly remoteWaits = new Map<number, number>();
   readonly connectedAt = performance.now();
   /** Fault addresses that met EAGAIN (a REMOVE was pending): retried after the next drain. */
   readonly retry: number[] = [];
@@ -43,6 +53,8 @@ export class VmSession {
   closed = false;
   /** Unregistered after full population: the VM no longer needs us. */
   detached = false;
+  /** pidfd of the process that connected (-1: none); the server owns and closes it. */
+  pidfd = -1;
   /** Where the guest last faulted (the populator follows it). */
   lastFaultRegion: Region | undefined;
   lastFaultPage = 0;
@@ -68,11 +80,20 @@ export class VmSession {
     this.requester = r;
   }
 
-  /** Reads and serves every queued message. Returns false if the VM must be dropped. */
+  /** Pages come from a page server (postcopy), not a local image. */
+  get remote(): boolean {
+    return this.requester !== undefined;
+  }
+
+  /**
+   * Reads and serves the queued messages, at most MAX_DRAIN_ROUNDS reads: the rest stays queued
+   * (epoll reports the uffd again) so one busy VM cannot hold the loop. Returns false if the VM
+   * must be dropped. Faults left in `retry` are for the caller to retry later.
+   */
   drain(): boolean {
     const buf = this.scratch.msgs;
     const max = Scratch.MAX_MSGS;
-    for (;;) {
+    for (let round = 1; ; round++) {
       const n = sl.sl_uffd_read(this.uffd, buf.address, max);
       if (n < 0) {
         this.fatal = `reading the userfaultfd failed: ${errnoName(-n)}`;
@@ -80,7 +101,14 @@ export class VmSession {
       }
       if (n > 0) this.dispatch(buf, n);
       if (this.fatal !== undefined) return false;
-      if (this.retry.length && !this.serveRetries()) continue;
+      if (round >= MAX_DRAIN_ROUNDS) return true;
+      if (this.retry.length && !this.serveRetries()) {
+        // Still EAGAIN. Reading again helps only if the pending event was not read yet; with the
+        // queue empty the kernel is waiting for the VMM's thread to finish its madvise (it may be
+        // throttled for long): re-reading an empty uffd would spin and starve every other VM.
+        if (n === 0) return true;
+        continue;
+      }
       if (n < max) return true;
     }
   }
@@ -88,13 +116,16 @@ export class VmSession {
   /** Retries faults that met EAGAIN; returns true when none is left. */
   serveRetries(): boolean {
     const pending = this.retry.splice(0, this.retry.length);
-    for (const addr of pending) this.fault(addr, 1);
+    // Their latency counts from the retry: the first attempt's read time is not kept.
+    this.batchStart = Bun.nanoseconds();
+    for (const addr of pending) this.fault(addr, 1, 1);
     return this.retry.length === 0;
   }
 
   /** Serves n messages already in buf (what drain read; the JIT warm-up feeds it too). */
   dispatch(buf: NativeBuffer, n: number): void {
     const faults = this.scratch.faults;
+    this.batchStart = Bun.nanoseconds();
     // REMOVEs are applied while decoding, before any fault of the batch is served: a fault read
     // with them must not install data the guest already discarded.
     const nf = decodeMessages(buf, n, faults, this.onRemove);
@@ -115,7 +146,7 @@ export class VmSession {
         }
         span = last - first + 1;
       }
-      this.fault(addr, span);
+      this.fault(addr, span, j - i);
       if (this.fatal !== undefined) return;
       // Faults beyond the first of a coalesced group: counted, and woken by the run's wake.
       this.stats.faults += j - i - 1;
@@ -125,9 +156,10 @@ export class VmSession {
 
   /**
    * Serves a fault (or `span` neighbouring faults starting at addr): the run of pages around it
-   * first, waking the vCPU, then the rest of the fault-around window without waking.
+   * first, waking the vCPU, then the rest of the fault-around window without waking. `waiters`
+   * vCPUs wait on it (coalesced faults), for the latency histogram.
    */
-  fault(addr: number, span: number): void {
+  fault(addr: number, span: number, waiters = 1): void {
     const region = this.table.find(addr);
     if (region === undefined) {
       this.fatal = `fault at 0x${addr.toString(16)} outside every region the VMM announced`;
@@ -152,18 +184,22 @@ export class VmSession {
       w0 = i - (i % fa);
       w1 = Math.min(Math.max(w0 + fa, iEnd), region.pages);
     }
+    const installer = this.installer;
+    installer.faultLo = i;
+    installer.faultHi = iEnd;
     if (this.requester !== undefined) return this.faultRemote(region, i, iEnd, w0, w1);
 
     // The rest of the window goes in first, unwoken: a vCPU walking memory must not fault on
     // the next page while we are still installing it.
     if (fa > 1) {
-      this.installMissing(region, w0, i, 0);
-      this.installMissing(region, iEnd, w1, 0);
+      this.installMissing(region, w0, i, 0, HOW_FAULT_AROUND);
+      this.installMissing(region, iEnd, w1, 0, HOW_FAULT_AROUND);
     }
     // Every page of the fault span is installed (or re-tried: EEXIST then wakes it).
     let r = OK;
     let k = i;
-    this.installer.hitEexist = false;
+    installer.how = HOW_FAULT;
+    installer.hitEexist = false;
     while (k < iEnd) {
       const removed = state[k] === PAGE_REMOVED;
       const zero = removed || region.isZeroPage(k);
@@ -192,6 +228,7 @@ export class VmSession {
     }
     // A faulting page already existed (raced with another install): its waiter still sleeps.
     if (this.installer.hitEexist) sl.sl_uffd_wake(this.uffd, region.base + i * ps, (iEnd - i) * ps);
+    observe(this.latency, (Bun.nanoseconds() - this.batchStart) / 1000, waiters);
   }
 
   private sameKind(region: Region, k: number, zero: boolean): boolean {
@@ -203,8 +240,15 @@ export class VmSession {
     const requester = this.requester!;
     const state = region.state;
     const ps = region.pageSize;
+    this.installer.how = HOW_FAULT;
+    let servedNow = 0;
     for (let k = i; k < iEnd; k++) {
       const s = state[k];
+      if (s === PAGE_IN_FLIGHT || (s === PAGE_MISSING && !region.isZeroPage(k))) {
+        // Served when its bytes arrive (deliver); the first fault's read time is kept.
+        const addr = region.base + k * ps;
+        if (!this.remoteWaits.has(addr)) this.remoteWaits.set(addr, this.batchStart);
+      } else servedNow++;
       if (s === PAGE_IN_FLIGHT) requester.hurry(region, k);
       // Installed meanwhile (background zero pages go in unwoken): only the wake is missing.
       // Checked before "zero" so an installed zero page is not installed again (EEXIST, no wake).
@@ -223,9 +267,10 @@ export class VmSession {
         }
       } else this.requestRun(region, k, Math.max(w1, k + 1), true);
     }
+    if (servedNow > 0) observe(this.latency, (Bun.nanoseconds() - this.batchStart) / 1000, servedNow);
     if (w1 > w0) {
-      this.installMissing(region, w0, i, 0);
-      this.installMissing(region, iEnd, w1, 0);
+      this.installMissing(region, w0, i, 0, HOW_FAULT_AROUND);
+      this.installMissing(region, iEnd, w1, 0, HOW_FAULT_AROUND);
     }
   }
 
@@ -243,9 +288,11 @@ export class VmSession {
   /**
    * Installs (or, for a remote backend, requests) every missing page in [from, to) of a region
    * without waking anyone. Stops after `budget` pages when budget > 0. Returns OK, AGAIN, GONE or FAILED.
+   * `how` (HOW_*) is what the installs count as in the metrics.
    */
-  installMissing(region: Region, from: number, to: number, budget: number): number {
+  installMissing(region: Region, from: number, to: number, budget: number, how: number = HOW_BACKGROUND): number {
     const state = region.state;
+    this.installer.how = how;
     const remote = this.requester !== undefined;
     const maxRun = Math.max(1, Math.floor(BACKGROUND_RUN_BYTES / region.pageSize));
     let k = from;
@@ -288,7 +335,10 @@ export class VmSession {
       while (e < first + count && state[e] === PAGE_IN_FLIGHT) e++;
       for (let p = k; p < e; p++) region.setState(p, PAGE_MISSING);
       // Always wake: a vCPU may be waiting on any of these pages.
+      this.installer.how = HOW_BACKGROUND;
+      const before = this.stats.pagesInstalled;
       const r = this.installer.installFrom(region, k, e - k, src + (k - first) * ps, false);
+      if (this.remoteWaits.size > 0 && this.stats.pagesInstalled > before) this.servedWaits(region, k, k + this.stats.pagesInstalled - before);
       if (r === AGAIN) {
         // A REMOVE is pending: serve these again (as faults) once it has been read, rather than guess.
         for (let p = k; p < e; p++) if (state[p] === PAGE_MISSING) this.retry.push(region.base + p * ps);
@@ -298,6 +348,21 @@ export class VmSession {
       k = e;
     }
     return OK;
+  }
+
+  /** Pages [k, e) arrived for faults that waited on them: their latency, and they count as fault pages. */
+  private servedWaits(region: Region, k: number, e: number): void {
+    const now = Bun.nanoseconds();
+    const pages = this.installer.pages;
+    for (let p = k; p < e; p++) {
+      const addr = region.base + p * region.pageSize;
+      const t0 = this.remoteWaits.get(addr);
+      if (t0 === undefined) continue;
+      this.remoteWaits.delete(addr);
+      observe(this.latency, (now - t0) / 1000);
+      pages[HOW_BACKGROUND * KIND_NAMES.length + KIND_DATA]!--;
+      pages[HOW_FAULT * KIND_NAMES.length + KIND_DATA]!++;
+    }
   }
 
   /** UFFD_EVENT_REMOVE: [start, end) reads as zeros from now on. */

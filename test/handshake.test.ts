@@ -2,7 +2,7 @@
 // 2^53 caught before JSON.parse rounds them) and parseHandshake / checkRegionsFitImage.
 import { describe, expect, test } from "bun:test";
 import { HandshakeError } from "../src/errors.ts";
-import { checkRegionsFitImage, MAX_REGIONS, PAGE_2M, PAGE_4K, parseHandshake, scanJson } from "../src/handshake.ts";
+import { checkRegionsFitImage, JsonScanner, MAX_REGIONS, PAGE_2M, PAGE_4K, parseHandshake, scanJson } from "../src/handshake.ts";
 
 const MIB = 1024 * 1024;
 const enc = (s: string) => new TextEncoder().encode(s);
@@ -212,9 +212,35 @@ describe("scanJson", () => {
     }
   });
 
-  test("bytes after the body are not part of it", () => {
-    expect(scan('  [1,2]   trailing')).toEqual({ state: "complete", end: 7 });
-    expect(scan("[1][2]")).toEqual({ state: "complete", end: 3 });
+  test("bytes after the body are refused; whitespace after it is fine", () => {
+    for (const text of ["  [1,2]   trailing", "[1][2]", "[1]\n{}", "[1] 2"]) {
+      const r = scan(text);
+      expect(r.state, text).toBe("invalid");
+      if (r.state === "invalid") expect(r.reason).toContain("after the end of the JSON array");
+    }
+    expect(scan("  [1,2] \n\t ")).toEqual({ state: "complete", end: 7 });
+  });
+
+  test("fed in pieces (any split, down to one byte per read) it gives the answer of one whole scan", () => {
+    const texts = [
+      body,
+      `[${region(4096, 4096, 0, ',"x":9007199254740993')}]`,
+      `[${region(4096, 4096, 0)}] junk`,
+      '[{"k":"a\\"}]',
+      '[{"k":"\\\"]"}]',
+      "[1,\u0001]",
+    ];
+    for (const text of texts) {
+      const bytes = enc(text);
+      const whole = scanJson(bytes);
+      for (const step of [1, 2, 3, 7, 64]) {
+        const scanner = new JsonScanner();
+        let r = scanner.feed(bytes, 0);
+        // Feeding goes on after "complete": bytes that arrive after the array are still refused.
+        for (let n = step; r.state !== "invalid" && n < bytes.length + step; n += step) r = scanner.feed(bytes, Math.min(n, bytes.length));
+        expect(r, `${text} in steps of ${step}`).toEqual(whole);
+      }
+    }
   });
 
   test("whitespace only, or nothing, is incomplete; anything but an array is invalid", () => {

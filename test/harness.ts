@@ -2,6 +2,7 @@
 import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import type { EventName, LogRecord } from "../src/log.ts";
 
 export const ROOT = join(import.meta.dir, "..");
 export const BUN = process.execPath;
@@ -53,6 +54,43 @@ export class Daemon {
       if (m) return m;
       if (Date.now() > deadline) throw new Error(`log never matched ${pattern}; log so far:\n${this.stderrText}`);
       if (this.proc.exitCode !== null) throw new Error(`daemon exited (${this.proc.exitCode}) before ${pattern}; log:\n${this.stderrText}`);
+      await new Promise<void>((resolve) => {
+        this.waiters.push(resolve);
+        setTimeout(resolve, 50);
+      });
+    }
+  }
+
+  /** The daemon's events so far (it must run with --log-format json; other lines are skipped). */
+  events(): LogRecord[] {
+    const out: LogRecord[] = [];
+    for (const line of this.stderrText.split("\n")) if (line.startsWith("{")) out.push(JSON.parse(line) as LogRecord);
+    return out;
+  }
+
+  /** Resolves with the first event named `name` that satisfies `match` (the daemon must log JSON). */
+  async waitForEvent(name: EventName, match: (e: LogRecord) => boolean = () => true, timeoutMs = 10_000): Promise<LogRecord> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const e = this.events().find((e) => e.event === name && match(e));
+      if (e) return e;
+      if (Date.now() > deadline) throw new Error(`no ${name} event; log so far:\n${this.stderrText}`);
+      if (this.proc.exitCode !== null) throw new Error(`daemon exited (${this.proc.exitCode}) before a ${name} event; log:\n${this.stderrText}`);
+      await new Promise<void>((resolve) => {
+        this.waiters.push(resolve);
+        setTimeout(resolve, 50);
+      });
+    }
+  }
+
+  /** Resolves with the matching events once there are at least `count` of them. */
+  async waitForEvents(name: EventName, count: number, match: (e: LogRecord) => boolean = () => true, timeoutMs = 10_000): Promise<LogRecord[]> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const all = this.events().filter((e) => e.event === name && match(e));
+      if (all.length >= count) return all;
+      if (Date.now() > deadline) throw new Error(`${all.length} of ${count} ${name} events; log so far:\n${this.stderrText}`);
+      if (this.proc.exitCode !== null) throw new Error(`daemon exited (${this.proc.exitCode}) with ${all.length} of ${count} ${name} events; log:\n${this.stderrText}`);
       await new Promise<void>((resolve) => {
         this.waiters.push(resolve);
         setTimeout(resolve, 50);

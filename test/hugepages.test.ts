@@ -53,7 +53,7 @@ beforeAll(async () => {
   dir = tempDir("snapload-huge-");
   raw = join(dir.path, "raw.mem");
   generateRawImage(raw, RAW_MIB * MIB, 21);
-  rawDaemon = await startDaemon(["--mem", raw], join(dir.path, "raw.sock"));
+  rawDaemon = await startDaemon(["--mem", raw, "--log-format", "json"], join(dir.path, "raw.sock"));
   faDaemon = await startDaemon(["--mem", raw, "--fault-around", "4"], join(dir.path, "fa.sock"));
   gen = generateMappedRam(join(dir.path, "guest.mapped-ram"), { ramMiB: 32, seed: 5 });
   ram = gen.blocks.find((b) => b.name === "pc.ram")!;
@@ -95,7 +95,7 @@ describe("raw image, 2 MiB pages", () => {
   test.skipIf(skip)("sequential, every page verified", async () => {
     const r = await runStandin(["--timeout", "5000", "--socket", rawDaemon!.socket, "--expect", raw, "--hugepages", "--order", "seq", "--verify", "all"]);
     expectClean(r, pages);
-    expect(rawDaemon!.log).toMatch(/connected: 1 region, 64(\.0)? MiB, 2(\.0)? MiB pages/);
+    expect(await rawDaemon!.waitForEvent("vm.connected")).toMatchObject({ regions: 1, bytes: 64 * 1024 * 1024, pageSizes: [2 * 1024 * 1024] });
   }, T);
 
   test.skipIf(skip)("random order, 2 threads, every page verified", async () => {

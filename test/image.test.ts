@@ -434,6 +434,24 @@ describe("mapped-ram refusals", () => {
     refusal(() => openImage(long.path), "RAM block name (255 bytes)", long.path);
   });
 
+  test("an absurd used_length or total RAM size is a clear image error, not a failed allocation", () => {
+    // 1 GiB block pages keep the bitmap of a huge block small enough to fit in the file.
+    const huge = () => small({ blocks: [{ name: "pc.ram", usedLength: 2 * 1024 * MiB, pageSize: 1024 * MiB, fill: "zero" }] });
+    const used = huge();
+    const b = used.blocks[0]!;
+    patchFile(used.path, b.headerOffset - 8, be64(2 ** 50)); // used_length precedes the header here
+    const err = refusal(() => openImage(used.path), 'RAM block "pc.ram": used_length 1125899906842624 bytes is larger than the 4 TiB', used.path);
+    expect(err.context.block).toBe("pc.ram");
+    const total = huge();
+    patchFile(total.path, total.totalOffset, be64(2 ** 50 + 4));
+    refusal(() => openImage(total.path), "total RAM size 1125899906842624 bytes is larger than the 4 TiB", total.path);
+    // A sparse raw file beyond the limit, too.
+    const raw = fresh("huge-raw");
+    writeFileSync(raw, "x");
+    truncateSync(raw, 2 ** 42 + IMAGE_PAGE);
+    refusal(() => openImage(raw), "image file of 4398046515200 bytes is larger than the 4 TiB", raw);
+  });
+
   test("no mapped-ram capability, no RAM section", () => {
     const plain = small({ capabilities: ["x-ignore-shared-not"] });
     refusal(() => openImage(plain.path), "mapped-ram capability", plain.path);

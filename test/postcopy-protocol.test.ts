@@ -8,9 +8,9 @@ import { writeDemoImage } from "../src/demo-image.ts";
 import { ZeroMap } from "../src/image/snapshot-image.ts";
 import { parseHostPort, parseTcpUrl } from "../src/postcopy/address.ts";
 import { prng } from "../src/prng.ts";
-import { clientProof, proofsEqual, readTokenFile, serverProof } from "../src/postcopy/auth.ts";
+import { clientProof, proofsEqual, readTokenFile, serverProof, sessionKeys } from "../src/postcopy/auth.ts";
 import {
-  decodeHeader, decodeHello, decodeWelcome, encodeHeader, encodeHello, encodeWelcome, ErrorCode, FrameHeader, FrameType, frame, HEADER_SIZE,
+  decodeHeader, decodeHello, decodeInfo, decodeWelcome, encodeHeader, encodeHello, encodeInfo, encodeWelcome, ErrorCode, FrameHeader, FrameType, frame, HEADER_SIZE,
   MAX_CHUNK, PROTOCOL_VERSION, ProtocolError, Role, WANT_ZERO_MAP, zeroMapBytes, zeroMapFromBytes,
 } from "../src/postcopy/protocol.ts";
 import { ensureBuilt, runSnapload, STANDIN, startDaemon, tempDir } from "./harness.ts";
@@ -87,9 +87,10 @@ describe("frames", () => {
     const bad = encodeHello({ versionMin: 1, versionMax: 1, role: Role.URGENT, flags: 0, nonce });
     bad[0] = 0x47; // "GET " would start like this
     expect(() => decodeHello(bad)).toThrow(/SLPC magic/);
-    const w = decodeWelcome(encodeWelcome(new Uint8Array(32).fill(1), { size: 5 * PAGE + 1, pages: 6, dataPages: 2, id: new Uint8Array(16).fill(9) }));
+    expect([...decodeWelcome(encodeWelcome(new Uint8Array(32).fill(1)))]).toEqual(Array(32).fill(1));
+    const w = decodeInfo(encodeInfo({ size: 5 * PAGE + 1, pages: 6, dataPages: 2, id: new Uint8Array(16).fill(9) }));
     expect([w.info.size, w.info.pages, w.info.dataPages]).toEqual([5 * PAGE + 1, 6, 2]);
-    expect(() => decodeWelcome(encodeWelcome(new Uint8Array(32), { size: 8 * PAGE, pages: 3, dataPages: 0, id: new Uint8Array(16) }))).toThrow(/3 pages/);
+    expect(() => decodeInfo(encodeInfo({ size: 8 * PAGE, pages: 3, dataPages: 0, id: new Uint8Array(16) }))).toThrow(/3 pages/);
   });
 
   test("the zero map round-trips bit for bit; stray bits past the end are refused", () => {
@@ -110,14 +111,27 @@ describe("frames", () => {
 
 describe("tokens and proofs", () => {
   test("proofs differ per direction and per token; the token never appears in them", () => {
-    const cn = new Uint8Array(32).fill(1);
-    const sn = new Uint8Array(32).fill(2);
-    const c = clientProof(token, sn, cn);
-    const s = serverProof(token, cn, sn);
+    const t = { hello: encodeHello({ versionMin: 2, versionMax: 2, role: Role.URGENT, flags: 0, nonce: new Uint8Array(32).fill(1) }), challenge: new Uint8Array(48).fill(2) };
+    const c = clientProof(token, t);
+    const s = serverProof(token, t);
     expect(proofsEqual(c, s)).toBe(false);
-    expect(proofsEqual(c, clientProof(Buffer.from("another token, also long"), sn, cn))).toBe(false);
-    expect(proofsEqual(c, clientProof(token, sn, cn))).toBe(true);
+    expect(proofsEqual(c, clientProof(Buffer.from("another token, also long"), t))).toBe(false);
+    expect(proofsEqual(c, clientProof(token, t))).toBe(true);
     expect(Buffer.from(c).includes(token)).toBe(false);
+    // The proof covers the whole transcript: a relay that changes the role (or anything else) breaks it.
+    const other = { ...t, hello: encodeHello({ versionMin: 2, versionMax: 2, role: Role.BACKGROUND, flags: 0, nonce: new Uint8Array(32).fill(1) }) };
+    expect(proofsEqual(c, clientProof(token, other))).toBe(false);
+  });
+
+  test("session keys differ per direction, per connection (nonce) and per token", () => {
+    const t = { hello: new Uint8Array(48).fill(1), challenge: new Uint8Array(48).fill(2) };
+    const k = sessionKeys(token, t);
+    const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
+    const again = sessionKeys(token, { ...t, challenge: new Uint8Array(48).fill(3) });
+    const otherToken = sessionKeys(Buffer.from("another token, also long"), t);
+    const all = [k.clientToServer, k.serverToClient, again.clientToServer, again.serverToClient, otherToken.clientToServer, otherToken.serverToClient].map(hex);
+    expect(new Set(all).size).toBe(6);
+    expect(hex(sessionKeys(token, t).clientToServer)).toBe(all[0]!);
   });
 
   test("short, missing or empty token files are refused with the path", () => {
@@ -162,7 +176,7 @@ describe("the page server refuses bad peers, one connection at a time", () => {
   test("a HELLO with a foreign magic", async () => {
     const hello = encodeHello({ versionMin: 1, versionMax: 1, role: Role.URGENT, flags: 0, nonce: new Uint8Array(32) });
     hello.set(new TextEncoder().encode("GET "), 0);
-    await expectRefused((c) => c.send(frame(FrameType.HELLO, hello)), ErrorCode.BAD_FRAME, /SLPC magic/, /client #\d+: HELLO without the SLPC magic.*; connection closed/);
+    await expectRefused((c) => c.send(frame(FrameType.HELLO, hello)), ErrorCode.BAD_FRAME, /SLPC magic/, /client #\d+ from 127\.0\.0\.1: HELLO without the SLPC magic.*; connection closed/);
   });
 
   test("an HTTP request instead of a HELLO", async () => {
@@ -171,7 +185,7 @@ describe("the page server refuses bad peers, one connection at a time", () => {
 
   test("a protocol version the server does not speak", async () => {
     const hello = encodeHello({ versionMin: PROTOCOL_VERSION + 1, versionMax: PROTOCOL_VERSION + 5, role: Role.URGENT, flags: 0, nonce: new Uint8Array(32) });
-    await expectRefused((c) => c.send(frame(FrameType.HELLO, hello)), ErrorCode.VERSION, /versions 2-6; this server speaks 1/, /versions 2-6/);
+    await expectRefused((c) => c.send(frame(FrameType.HELLO, hello)), ErrorCode.VERSION, /versions 3-7; this server speaks 2/, /versions 3-7/);
   });
 
   test("an oversized frame (a 1 MiB HELLO)", async () => {
@@ -227,7 +241,7 @@ describe("the page server refuses bad peers, one connection at a time", () => {
     c.close();
   });
 
-  test("replies carry only data pages, in order, each with its CRC; zero pages never cross the wire", async () => {
+  test("replies carry only data pages, in order, sealed; zero pages never cross the wire", async () => {
     const start = 64 * PAGE;
     const bytes = 512 * PAGE; // 2 MiB: several chunks
     witness.send(header(FrameType.REQUEST, 0, 7, start, bytes));
@@ -240,7 +254,6 @@ describe("the page server refuses bad peers, one connection at a time", () => {
       const d = await witness.next((f) => f.type === FrameType.DATA && f.id === 7);
       expect(d.offset).toBeGreaterThanOrEqual(cursor);
       expect(d.payload.length).toBeLessThanOrEqual(MAX_CHUNK);
-      expect(Bun.hash.crc32(d.payload)).toBe(d.crc);
       expect(d.payload.equals(imageBytes.subarray(start + d.offset, start + d.offset + d.payload.length))).toBe(true);
       // The pages it skipped are zero pages.
       for (let o = cursor; o < d.offset; o += PAGE) expect(imageBytes.subarray(start + o, start + o + PAGE).every((x) => x === 0)).toBe(true);
@@ -254,10 +267,9 @@ describe("the page server refuses bad peers, one connection at a time", () => {
     const c = await RawClient.connect(ps.port);
     const w = await c.authenticate(token, Role.PROBE, WANT_ZERO_MAP);
     expect(w.type).toBe(FrameType.WELCOME);
-    const info = decodeWelcome(w.payload);
-    expect(proofsEqual(info.proof, (w as typeof w & { expectedProof: Uint8Array }).expectedProof)).toBe(true);
+    expect(proofsEqual(decodeWelcome(w.payload), w.expectedProof!)).toBe(true);
+    const info = decodeInfo((await c.next((f) => f.type === FrameType.INFO)).payload);
     const zf = await c.next((f) => f.type === FrameType.ZERO_MAP);
-    expect(Bun.hash.crc32(zf.payload)).toBe(zf.crc);
     const z = zeroMapFromBytes(zf.payload, info.info.pages);
     for (let p = 0; p < info.info.pages; p += 17) {
       const isZero = imageBytes.subarray(p * PAGE, (p + 1) * PAGE).every((x) => x === 0);
@@ -298,10 +310,10 @@ describe("the client refuses bad page servers with a clear error", () => {
         if (stage++ === 0) {
           const p = new Uint8Array(48);
           new DataView(p.buffer).setUint32(0, 0x5350_4c53, true);
-          new DataView(p.buffer).setUint16(4, 1, true);
+          new DataView(p.buffer).setUint16(4, PROTOCOL_VERSION, true);
           s.write(frame(FrameType.CHALLENGE, p));
         } else if (d.length >= HEADER_SIZE) {
-          s.write(frame(FrameType.WELCOME, encodeWelcome(new Uint8Array(32).fill(3), { size: MIB, pages: 256, dataPages: 256, id: new Uint8Array(16) })));
+          s.write(frame(FrameType.WELCOME, encodeWelcome(new Uint8Array(32).fill(3))));
         }
       });
     });

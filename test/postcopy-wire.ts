@@ -3,11 +3,12 @@
 // data path is C sockets in its EventLoop.
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
-import { clientProof, nonce, serverProof } from "../src/postcopy/auth.ts";
+import { clientProof, nonce, serverProof, sessionKeys, type Transcript } from "../src/postcopy/auth.ts";
 import {
-  decodeChallenge, decodeHeader, decodeHello, encodeChallenge, encodeHello, encodeWelcome, FrameHeader, FrameType, frame, HEADER_SIZE,
+  decodeHeader, decodeHello, encodeChallenge, encodeHello, encodeInfo, encodeWelcome, FrameHeader, FrameType, frame, HEADER_SIZE,
   PROTOCOL_VERSION, type Role, WANT_ZERO_MAP,
 } from "../src/postcopy/protocol.ts";
+import { ReceiveSeal, SEALED_HEADER_SIZE, SendSeal } from "../src/postcopy/seal.ts";
 import { BUN, Daemon, ROOT } from "./harness.ts";
 
 export interface PageServerProc {
@@ -32,20 +33,65 @@ export interface RawFrame {
   id: number;
   offset: number;
   arg: number;
-  crc: number;
   payload: Buffer;
 }
 
-/** A hand-driven protocol client: send any bytes, read whole frames. */
-export class RawClient {
+/**
+ * Whole frames from a byte stream, clear until `switchAfter` hands it the key for the frames
+ * after the one it was given (the handshake's last frame), sealed from then on. Throws SealError.
+ */
+export class FrameParser {
   private buf = Buffer.alloc(0);
+  private seal: ReceiveSeal | undefined;
+  constructor(private readonly switchAfter: (f: RawFrame) => ReceiveSeal | undefined) {}
+
+  push(d: Buffer): RawFrame[] {
+    this.buf = Buffer.concat([this.buf, d]);
+    const out: RawFrame[] = [];
+    const h = new FrameHeader();
+    for (;;) {
+      const hs = this.seal ? SEALED_HEADER_SIZE : HEADER_SIZE;
+      if (this.buf.length < hs) break;
+      const hdr = new Uint8Array(this.buf.subarray(0, hs));
+      this.seal?.openHeader(hdr);
+      decodeHeader(new DataView(hdr.buffer), 0, h);
+      if (this.buf.length < hs + h.length) break;
+      const payload = new Uint8Array(this.buf.subarray(hs, hs + h.length));
+      if (this.seal) {
+        if (h.length > 0) this.seal.openPayload(payload, h.length);
+        this.seal.next();
+      }
+      const f = { type: h.type, id: h.id, offset: h.offset, arg: h.arg, payload: Buffer.from(payload) };
+      out.push(f);
+      this.buf = this.buf.subarray(hs + h.length);
+      if (!this.seal) this.seal = this.switchAfter(f);
+    }
+    return out;
+  }
+}
+
+/** A hand-driven protocol client: send any bytes, read whole frames; sealed once authenticated. */
+export class RawClient {
   readonly frames: RawFrame[] = [];
   closed = false;
+  /** The parser or opener refused what came (e.g. a frame failing authentication). */
+  error: Error | undefined;
   private waiters: (() => void)[] = [];
+  private pendingKeys: ReturnType<typeof sessionKeys> | undefined;
+  private sendSeal: SendSeal | undefined;
+  private readonly parser = new FrameParser((f) => {
+    if (f.type !== FrameType.WELCOME || this.pendingKeys === undefined) return undefined;
+    this.sendSeal = new SendSeal(this.pendingKeys.clientToServer);
+    return new ReceiveSeal(this.pendingKeys.serverToClient);
+  });
   private constructor(readonly socket: Socket) {
     socket.on("data", (d) => {
-      this.buf = Buffer.concat([this.buf, d as Buffer]);
-      this.parse();
+      try {
+        this.frames.push(...this.parser.push(d as Buffer));
+      } catch (e) {
+        this.error = e as Error;
+        socket.destroy();
+      }
       this.wake();
     });
     socket.on("close", () => {
@@ -55,9 +101,10 @@ export class RawClient {
     socket.on("error", () => {});
   }
 
-  static connect(port: number): Promise<RawClient> {
+  /** `from`: a local (loopback) source address, to look like another host. */
+  static connect(port: number, from?: string): Promise<RawClient> {
     return new Promise((resolve, reject) => {
-      const s = createConnection({ host: "127.0.0.1", port }, () => resolve(new RawClient(s)));
+      const s = createConnection({ host: "127.0.0.1", port, localAddress: from }, () => resolve(new RawClient(s)));
       s.once("error", reject);
     });
   }
@@ -66,17 +113,18 @@ export class RawClient {
     for (const w of this.waiters.splice(0)) w();
   }
 
-  private parse(): void {
-    const h = new FrameHeader();
-    while (this.buf.length >= HEADER_SIZE) {
-      decodeHeader(new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.length), 0, h);
-      if (this.buf.length < HEADER_SIZE + h.length) return;
-      this.frames.push({ type: h.type, id: h.id, offset: h.offset, arg: h.arg, crc: h.crc, payload: Buffer.from(this.buf.subarray(HEADER_SIZE, HEADER_SIZE + h.length)) });
-      this.buf = this.buf.subarray(HEADER_SIZE + h.length);
-    }
+  /** A whole frame as it goes on the wire now: sealed once authenticated, as is before (the next sequence number is used up). */
+  wire(frameBytes: Uint8Array): Uint8Array {
+    return this.sendSeal ? this.sendSeal.frame(frameBytes) : frameBytes;
   }
 
-  send(bytes: Uint8Array): void {
+  /** Sends a whole frame: sealed once authenticated, as is before. */
+  send(frameBytes: Uint8Array): void {
+    this.socket.write(this.wire(frameBytes));
+  }
+
+  /** Sends bytes exactly as given. */
+  sendRaw(bytes: Uint8Array): void {
     this.socket.write(bytes);
   }
 
@@ -104,17 +152,20 @@ export class RawClient {
     return this.closed;
   }
 
-  /** HELLO, CHALLENGE, AUTH, WELCOME: returns the WELCOME frame (or the ERROR that refused us). */
-  async authenticate(token: Buffer, role: Role, flags = 0): Promise<RawFrame> {
-    const cn = nonce();
-    this.send(frame(FrameType.HELLO, encodeHello({ versionMin: PROTOCOL_VERSION, versionMax: PROTOCOL_VERSION, role, flags, nonce: cn })));
+  /**
+   * HELLO, CHALLENGE, AUTH, WELCOME: returns the WELCOME frame (or the ERROR that refused us);
+   * from then on both directions are sealed, and the sealed INFO frame is the next to read.
+   */
+  async authenticate(token: Buffer, role: Role, flags = 0): Promise<RawFrame & { expectedProof?: Uint8Array }> {
+    const hello = encodeHello({ versionMin: PROTOCOL_VERSION, versionMax: PROTOCOL_VERSION, role, flags, nonce: nonce() });
+    this.send(frame(FrameType.HELLO, hello));
     const ch = await this.next();
     if (ch.type !== FrameType.CHALLENGE) return ch;
-    const sn = decodeChallenge(ch.payload).nonce;
-    this.send(frame(FrameType.AUTH, clientProof(token, sn, cn)));
+    const t: Transcript = { hello, challenge: new Uint8Array(ch.payload) };
+    this.pendingKeys = sessionKeys(token, t);
+    this.send(frame(FrameType.AUTH, clientProof(token, t)));
     const w = await this.next();
-    if (w.type === FrameType.WELCOME) (w as RawFrame & { expectedProof: Uint8Array }).expectedProof = serverProof(token, cn, sn);
-    return w;
+    return w.type === FrameType.WELCOME ? { ...w, expectedProof: serverProof(token, t) } : w;
   }
 
   close(): void {
@@ -139,35 +190,38 @@ export async function fakeServer(onConnect: (s: Socket) => void): Promise<{ serv
 export async function misbehavingPageServer(token: Buffer, size: number, mode: "pong" | "silent"): Promise<{ server: Server; port: number; authenticated: () => number }> {
   let authenticated = 0;
   const { server, port } = await fakeServer((s) => {
-    let buf = Buffer.alloc(0);
-    let cn: Uint8Array | undefined;
-    let sn: Uint8Array | undefined;
+    let hello: Uint8Array | undefined;
+    let keys: ReturnType<typeof sessionKeys> | undefined;
+    let out: SendSeal | undefined;
     let wantZeroMap = false;
+    const parser = new FrameParser((f) => (f.type === FrameType.AUTH && keys ? new ReceiveSeal(keys.clientToServer) : undefined));
+    const send = (bytes: Uint8Array) => s.write(out ? out.frame(bytes) : bytes);
     s.on("error", () => {});
     s.on("data", (d) => {
-      buf = Buffer.concat([buf, d as Buffer]);
-      const h = new FrameHeader();
-      while (buf.length >= HEADER_SIZE) {
-        decodeHeader(new DataView(buf.buffer, buf.byteOffset, buf.length), 0, h);
-        if (buf.length < HEADER_SIZE + h.length) return;
-        const payload = buf.subarray(HEADER_SIZE, HEADER_SIZE + h.length);
-        buf = buf.subarray(HEADER_SIZE + h.length);
-        if (h.type === FrameType.HELLO) {
-          const hello = decodeHello(new Uint8Array(payload));
-          cn = hello.nonce;
-          wantZeroMap = (hello.flags & WANT_ZERO_MAP) !== 0;
-          sn = nonce();
-          s.write(frame(FrameType.CHALLENGE, encodeChallenge(PROTOCOL_VERSION, sn)));
-        } else if (h.type === FrameType.AUTH) {
+      let frames: RawFrame[];
+      try {
+        frames = parser.push(d as Buffer);
+      } catch {
+        return void s.destroy();
+      }
+      for (const f of frames) {
+        if (f.type === FrameType.HELLO) {
+          hello = new Uint8Array(f.payload);
+          wantZeroMap = (decodeHello(hello).flags & WANT_ZERO_MAP) !== 0;
+          const challenge = encodeChallenge(PROTOCOL_VERSION, nonce());
+          keys = sessionKeys(token, { hello, challenge });
+          send(frame(FrameType.CHALLENGE, challenge));
+          (s as Socket & { transcript?: Transcript }).transcript = { hello, challenge };
+        } else if (f.type === FrameType.AUTH) {
           authenticated++;
+          const t = (s as Socket & { transcript?: Transcript }).transcript!;
+          send(frame(FrameType.WELCOME, encodeWelcome(serverProof(token, t))));
+          out = new SendSeal(keys!.serverToClient);
           const pages = Math.ceil(size / 4096);
-          s.write(frame(FrameType.WELCOME, encodeWelcome(serverProof(token, cn!, sn!), { size, pages, dataPages: pages, id: new Uint8Array(16).fill(0x42) })));
-          if (wantZeroMap) {
-            const bits = new Uint8Array(Math.ceil(pages / 8));
-            s.write(frame(FrameType.ZERO_MAP, bits, 0, 0, 0, Bun.hash.crc32(bits)));
-          }
-        } else if (h.type === FrameType.PING && mode === "pong") {
-          s.write(frame(FrameType.PONG, null, h.id));
+          send(frame(FrameType.INFO, encodeInfo({ size, pages, dataPages: pages, id: new Uint8Array(16).fill(0x42) })));
+          if (wantZeroMap) send(frame(FrameType.ZERO_MAP, new Uint8Array(Math.ceil(pages / 8))));
+        } else if (f.type === FrameType.PING && mode === "pong") {
+          send(frame(FrameType.PONG, null, f.id));
         }
       }
     });

@@ -3,6 +3,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync, statSync, truncateSync } from "node:fs";
 import { join } from "node:path";
+import type { LogRecord } from "../src/log.ts";
 import { BUN, ROOT, ensureBuilt, tempDir } from "./harness.ts";
 import { QemuProc, buildInitramfs, debianKernel, guestArgs, qemuMissing, waitMigration } from "./qemu-guest.ts";
 
@@ -42,15 +43,25 @@ interface Run {
   stderr: string;
 }
 
-function restore(args: string[], onStderr?: (text: string) => void): { proc: Bun.Subprocess; done: Promise<Run> } {
-  const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), "qemu-restore", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+/** The JSON events (--log-format json) in a stderr text; other lines (the final error) are skipped. */
+function events(stderr: string): LogRecord[] {
+  return stderr.split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l) as LogRecord);
+}
+
+/** Runs qemu-restore with JSON events; `onEvent` sees each event as it comes. */
+function restore(args: string[], onEvent?: (e: LogRecord) => void): { proc: Bun.Subprocess; done: Promise<Run> } {
+  const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), "qemu-restore", "--log-format", "json", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   const done = (async () => {
     let stderr = "";
     const dec = new TextDecoder();
     const errPump = (async () => {
       for await (const c of proc.stderr) {
+        const before = stderr.length;
         stderr += dec.decode(c, { stream: true });
-        onStderr?.(stderr);
+        // Whole lines only: a chunk can end mid-line.
+        const start = stderr.lastIndexOf("\n", before - 1) + 1;
+        const end = stderr.lastIndexOf("\n") + 1;
+        if (onEvent && end > start) for (const e of events(stderr.slice(start, end))) onEvent(e);
       }
     })();
     const stdout = await new Response(proc.stdout).text();
@@ -146,7 +157,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     try {
       const r = await restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--no-preempt", "--json", "--background-rate", "20", "--record", ctx.workingSet]).done;
       expect(r.code, r.stderr).toBe(0);
-      expect(r.stderr).toMatch(/recorded \d+ requested pages/);
+      expect(events(r.stderr).find((e) => e.event === "qemu.recorded")?.pages as number).toBeGreaterThan(0);
       const summary = JSON.parse(r.stdout);
       expect(summary.status).toBe("completed");
       expect(summary.bytesPreempt).toBe(0);
@@ -248,8 +259,8 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
   test("snapload stopped mid-restore says the guest cannot complete", async () => {
     const dst = await destination();
     let stopped = false;
-    const run = restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--background-rate", "4"], (err) => {
-      if (!stopped && /guest running/.test(err)) {
+    const run = restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--background-rate", "4"], (e) => {
+      if (!stopped && e.event === "qemu.running") {
         stopped = true;
         run.proc.kill("SIGTERM");
       }
@@ -258,7 +269,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const r = await run.done;
       expect(stopped).toBe(true);
       expect(r.code).toBe(143);
-      expect(r.stderr).toContain("SIGTERM during the restore: the destination cannot complete without snapload");
+      expect(events(r.stderr).find((e) => e.event === "qemu.interrupted")?.signal).toBe("SIGTERM");
       // Not asked over QMP: a vCPU blocked on a missing page can hold QEMU's big lock, and then
       // the monitor does not answer either (README).
       expect(dst.proc.exitCode).toBeNull();
@@ -318,9 +329,9 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
   test("a destination killed mid-restore: snapload exits non-zero with a clear message, without hanging", async () => {
     const dst = await destination();
     let killed = false;
-    const run = restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--background-rate", "4"], (err) => {
+    const run = restore(["--mem", ctx.snapshot, "--qmp", dst.qmpPath, "--background-rate", "4"], (e) => {
       // Kill once the guest runs: the rate cap keeps the background stream going for seconds.
-      if (!killed && /guest running/.test(err)) {
+      if (!killed && e.event === "qemu.running") {
         killed = true;
         dst.proc.kill("SIGKILL");
       }

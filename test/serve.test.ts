@@ -4,6 +4,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
+import type { LogRecord } from "../src/log.ts";
 import { type Daemon, describeRun, ensureBuilt, runStandin, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
@@ -18,7 +19,7 @@ beforeAll(async () => {
   image = join(dir.path, "vm.mem");
   writeDemoImage(image, 64 * MIB, 7);
   socket = join(dir.path, "h.sock");
-  daemon = await startDaemon(["--mem", image, "--handshake-timeout", "1500", "--log-level", "debug"], socket);
+  daemon = await startDaemon(["--mem", image, "--handshake-timeout", "1500", "--log-level", "debug", "--log-format", "json"], socket);
 });
 
 afterAll(async () => {
@@ -92,10 +93,11 @@ describe("restores with every page correct", () => {
   });
 
   test("a VM that dies mid-restore is forgotten; the next VM is served", async () => {
-    const before = (daemon.log.match(/exited \(VMM hung up\)/g) ?? []).length;
+    const hungUp = (e: LogRecord) => e.reason === "VMM hung up";
+    const before = daemon.events().filter((e) => e.event === "vm.exited" && hungUp(e)).length;
     const dying = await runStandin(["--socket", socket, "--expect", image, "--order", "random", "--exit-after", "1000"]);
     expect(dying.code).not.toBe(0);
-    await daemon.waitForLog(new RegExp(`(exited \\(VMM hung up\\)[\\s\\S]*){${before + 1}}`));
+    await daemon.waitForEvents("vm.exited", before + 1, hungUp);
     await restore(["--region", "8m@0", "--verify", "all"]);
   });
 });
@@ -104,17 +106,22 @@ describe("resources", () => {
   test("every fd a VM brought is released when it exits (no leak across 20 VMs, good and bad)", async () => {
     const fds = () => readdirSync(`/proc/${daemon.proc.pid}/fd`).length;
     // One VM first, so lazily opened descriptors (JIT, timers) are already counted.
+    const exits = () => daemon.events().filter((e) => e.event === "vm.exited").length;
+    const rejects = () => daemon.events().filter((e) => e.event === "peer.rejected").length;
+    // Counted before the restore: its exit event may be logged before restore() returns.
+    const first = exits();
     await restore(["--region", "4m@0"]);
-    await daemon.waitForLog(/exited/);
+    await daemon.waitForEvents("vm.exited", first + 1);
+    const [exited, rejected] = [exits(), rejects()];
     const before = fds();
     for (let i = 0; i < 10; i++) {
       await restore(["--region", "4m@0", "--format", "future", "--fds", "two"]);
       const bad = await runStandin(["--socket", socket, "--expect", image, "--fds", "many", "--expect-reject"]);
       expect(bad.code, describeRun(bad)).toBe(3);
     }
-    // Exits are logged once the daemon has closed everything.
-    const deadline = Date.now() + 5000;
-    while (fds() > before && Date.now() < deadline) await Bun.sleep(50);
+    // Exits and rejections are logged once the daemon has closed that peer's every fd.
+    await daemon.waitForEvents("vm.exited", exited + 10);
+    await daemon.waitForEvents("peer.rejected", rejected + 10);
     expect(fds()).toBe(before);
   });
 });
@@ -151,7 +158,7 @@ describe("the socket", () => {
     const code = await proc.exited;
     const err = await new Response(proc.stderr).text();
     expect(code).not.toBe(0);
-    expect(err).toContain("EEXIST");
+    expect(err).toContain("not a stale socket file; refusing to replace it");
     expect(await Bun.file(path).text()).toBe("precious");
     d2.cleanup();
   });
@@ -165,6 +172,7 @@ describe("bad input from a VMM: one clear line, that connection closed, others u
     ["negative number", ["--body", '[{"base_host_virt_addr":4096,"size":4096,"offset":-4096}]'], /offset/],
     ["number beyond 2^53", ["--body", `[{"base_host_virt_addr":${big},"size":4096,"offset":0}]`], /larger than 2\^53/],
     ["no regions", ["--body", "[]"], /no regions/],
+    ["bytes after the JSON array", ["--body", '[{"base_host_virt_addr":4096,"size":4096,"offset":0}] {"more":1}'], /bytes after the end of the JSON array/],
     ["region past the end of the image", ["--body", `[{"base_host_virt_addr":4096,"size":${8 * MIB},"offset":${60 * MIB}}]`], /past the end of the image/],
     [
       "overlapping regions",
@@ -188,9 +196,9 @@ describe("bad input from a VMM: one clear line, that connection closed, others u
     bad.forEach((r, i) => {
       expect(r.code, `${cases[i]![0]}: ${describeRun(r)}`).toBe(3);
     });
+    const rejected = daemon.events().filter((e) => e.event === "peer.rejected");
     for (const [name, , pattern] of cases) {
-      const lines = daemon.log.split("\n").filter((l) => l.includes("rejected:") && pattern.test(l));
-      expect(lines.length, `no log line for "${name}" matching ${pattern}\n${daemon.log}`).toBeGreaterThanOrEqual(1);
+      expect(rejected.filter((e) => pattern.test(String(e.reason))).length, `no peer.rejected for "${name}" with a reason matching ${pattern}\n${daemon.log}`).toBeGreaterThanOrEqual(1);
     }
     const g = await good;
     expect(g.code, describeRun(g)).toBe(0);
@@ -203,7 +211,8 @@ describe("bad input from a VMM: one clear line, that connection closed, others u
     const liar = await runStandin(["--socket", socket, "--expect", image, "--region", "8m@0", "--announce-half", "--order", "seq"]);
     // SIGKILL from the daemon (Firecracker's advice): the shell-style exit is a signal, not a code.
     expect(liar.code, describeRun(liar)).not.toBe(0);
-    await daemon.waitForLog(/fault at 0x[0-9a-f]+ outside every region the VMM announced; killed the VMM/);
+    const failed = await daemon.waitForEvent("vm.failed", (e) => /^fault at 0x[0-9a-f]+ outside every region the VMM announced$/.test(String(e.reason)));
+    expect(failed.action).toBe("killed");
     const g = await good;
     expect(g.code, describeRun(g)).toBe(0);
     expect(g.report!.verified).toBe((64 * MIB) / 4096);

@@ -5,7 +5,10 @@
 // positions, touched in random order within and across runs). Same-CPU placement.
 // Figures: the guest's touch time (median per pattern × N), and what the daemon installed (its
 // exit line's "N pages served") against what the guest touched: the over-install of fault-around.
-// Recommendation: the N with the best geometric mean of touch time over the four patterns.
+// Recommendation: the N with the best geometric mean of touch time over the four patterns among
+// those that install at most MAX_OVER_INSTALL× the touched pages of the clustered 10% — pages the
+// guest never asked for cost host RAM, which is what a host packing many VMs runs out of first
+// (scattered single pages over-install at any N > 1, so they do not decide).
 import { join } from "node:path";
 import {
   clusteredSet,
@@ -27,6 +30,8 @@ import { SAME_CPU, snaploadRun, warmUp } from "../runs.ts";
 export const FAULT_AROUND = [1, 4, 16, 64, 512];
 const FRACTION = 0.1;
 const CLUSTER = 32;
+/** Most pages a default may install per page a clustered working set touches (see the header). */
+const MAX_OVER_INSTALL = 2;
 
 interface Pattern {
   key: string;
@@ -104,9 +109,10 @@ export const faultAround: Scenario = async (ctx: Ctx) => {
     const geoBestNs = geomean(patterns.map((p) => per[p.key]!.touchNs.min));
     return { faultAround: n, patterns: per, geomeanNs: geoNs, geomeanBestNs: geoBestNs };
   });
-  const best = sweep.reduce((a, b) => (b.geomeanNs < a.geomeanNs ? b : a));
-  const one = sweep.find((s) => s.faultAround === 1)!;
   const over = (s: (typeof sweep)[number], k: string) => s.patterns[k]!.overInstall;
+  const fastest = sweep.reduce((a, b) => (b.geomeanNs < a.geomeanNs ? b : a));
+  const one = sweep.find((s) => s.faultAround === 1)!;
+  const best = sweep.filter((s) => over(s, "clustered") <= MAX_OVER_INSTALL).reduce((a, b) => (b.geomeanNs < a.geomeanNs ? b : a), one);
 
   const rows: Row[] = sweep.map((s) => ({
     what: `--fault-around ${s.faultAround}: geometric mean of the 4 patterns' touch times`,
@@ -115,14 +121,15 @@ export const faultAround: Scenario = async (ctx: Ctx) => {
     result:
       `${(s.geomeanNs / one.geomeanNs).toFixed(2)}x N=1; installs ${over(s, "scattered").toFixed(1)}× the touched pages (scattered 10%), ` +
       `${over(s, "clustered").toFixed(1)}× (clustered 10%), ${over(s, "seq").toFixed(1)}× (all pages)`,
-    target: s === best ? "**best** ★" : "",
+    target: s === best ? "**best** ★" : s === fastest ? "fastest" : "",
   }));
   rows.push({
-    what: "recommended default: --fault-around N with the best geometric mean",
+    what: `recommended default: --fault-around N with the best geometric mean installing ≤ ${MAX_OVER_INSTALL}× a clustered working set`,
     result:
       `**N = ${best.faultAround}**: ${fmtTime(best.geomeanNs)} (${(one.geomeanNs / best.geomeanNs).toFixed(2)}x faster than N=1); ` +
       `over-install ${over(best, "scattered").toFixed(1)}× scattered, ${over(best, "clustered").toFixed(1)}× clustered ` +
-      `(${mib(best.patterns.scattered!.installedPages)} / ${mib(best.patterns.clustered!.installedPages)} installed for ${mib(count)} touched)`,
+      `(${mib(best.patterns.scattered!.installedPages)} / ${mib(best.patterns.clustered!.installedPages)} installed for ${mib(count)} touched)` +
+      (fastest === best ? "" : `; the fastest, N = ${fastest.faultAround}, is ${(best.geomeanNs / fastest.geomeanNs).toFixed(2)}x faster but installs ${over(fastest, "clustered").toFixed(1)}× the clustered set`),
   });
   const table: ExtraTable = {
     title: `fault-around sweep: guest touch time (median of ${ctx.opts.runs}) per pattern, and what the daemon installed for the 10% patterns (${mib(count)} touched; all-pages patterns always install the whole image, ${mib(pages)})`,

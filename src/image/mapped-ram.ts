@@ -1,10 +1,11 @@
-// QEMU mapped-ram migration files (see shared/docs/qemu-mapped-ram.md for the byte layout).
+// QEMU mapped-ram migration files (docs/mapped-ram-format.md has the byte layout).
 // Only the stream header, the RAM block records and their bitmaps are read; page data is mapped.
 import { sl, NativeBuffer } from "../ffi.ts";
 import { ImageError } from "../errors.ts";
 import {
   IMAGE_PAGE,
   MappedImage,
+  checkImageSize,
   ZeroMap,
   mapReadOnly,
   openRegularFile,
@@ -226,6 +227,7 @@ function parseWith(r: HeaderReader): MappedRamFile {
     });
   }
   if (totalRam === 0) throw fail("total RAM size is 0", { offset: totalAt });
+  checkImageSize(totalRam, path, "total RAM size", { offset: totalAt });
 
   const blocks: MappedRamBlockInfo[] = [];
   let pos = totalAt + 8;
@@ -282,6 +284,7 @@ function parseBlock(
   const usedAt = recordOffset + 1 + nameLen;
   const usedLength = r.be64(usedAt, "RAM block used_length", ctx);
   if (usedLength === 0) throw fail(`RAM block "${name}" has used_length 0`);
+  checkImageSize(usedLength, path, `RAM block "${name}": used_length`, ctx);
 
   // Optional fields before the header: a be64 page size (postcopy-ram with huge pages) and a
   // be64 address (x-ignore-shared). Take the first candidate that looks like QEMU's header.

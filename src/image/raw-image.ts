@@ -2,12 +2,13 @@
 // Zero pages come from the file's holes (SEEK_DATA/SEEK_HOLE); no page data is read.
 import { ImageError, SyscallError } from "../errors.ts";
 import { Errno, errnoName, sl } from "../ffi.ts";
-import { IMAGE_PAGE, MappedImage, ZeroMap, mapReadOnly, openRegularFile, type SnapshotImage } from "./snapshot-image.ts";
+import { checkImageSize, IMAGE_PAGE, MappedImage, ZeroMap, mapReadOnly, openRegularFile, type SnapshotImage } from "./snapshot-image.ts";
 
 export function openRawImage(path: string): SnapshotImage {
   const { fd, size } = openRegularFile(path);
   try {
     if (size === 0) throw new ImageError(`${path}: image file is empty`, { path });
+    checkImageSize(size, path, "image file of");
     const zero = findHoles(fd, size, path);
     const mapAddr = mapReadOnly(fd, size, 0, path);
     return new MappedImage({ format: "raw", path, size, zero, mapAddr, mapLen: size });
@@ -49,6 +50,6 @@ export function findHoles(fd: number, size: number, path: string): ZeroMap {
 // Filesystems without SEEK_HOLE support report "no holes"; anything else is a real failure.
 function noHoles(r: number, zero: ZeroMap, path: string): ZeroMap {
   const errno = -r;
-  if (errno === Errno.EINVAL || errno === 95 /* EOPNOTSUPP */) return new ZeroMap(zero.pages);
+  if (errno === Errno.EINVAL || errno === Errno.EOPNOTSUPP) return new ZeroMap(zero.pages);
   throw new SyscallError("lseek", errno, errnoName(errno), { path });
 }

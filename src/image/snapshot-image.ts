@@ -7,6 +7,24 @@ import { ImageError } from "../errors.ts";
 import { cstr, sl } from "../ffi.ts";
 
 export const IMAGE_PAGE = 4096;
+/**
+ * Largest image (raw file, or one mapped-ram block / total RAM) served: 4 TiB. Per-page maps are
+ * sized by it (zero map: 128 MiB, a region's page states: up to 1 GiB), so a header claiming
+ * more is refused with a clear error instead of failing an allocation.
+ */
+export const MAX_IMAGE_BYTES = 2 ** 42;
+
+/** Refuses sizes beyond MAX_IMAGE_BYTES with an ImageError naming what claimed them. */
+export function checkImageSize(size: number, path: string, what: string, ctx: Record<string, unknown> = {}): void {
+  if (size > MAX_IMAGE_BYTES) {
+    throw new ImageError(`${path}: ${what} ${size} bytes is larger than the ${MAX_IMAGE_BYTES / 2 ** 40} TiB snapload serves`, {
+      path,
+      ...ctx,
+      size,
+      max: MAX_IMAGE_BYTES,
+    });
+  }
+}
 
 export type ImageFormat = "raw" | "mapped-ram";
 

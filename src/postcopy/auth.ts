@@ -1,7 +1,9 @@
-// The shared secret and the challenge-response that proves it. Each side proves it holds the
-// token with an HMAC over both sides' fresh nonces; the token itself never crosses the wire.
+// The shared secret, the challenge-response that proves it, and the session keys. Each side
+// proves it holds the token with an HMAC over the handshake transcript (HELLO and CHALLENGE
+// payloads: both fresh nonces, versions, role, flags); the token itself never crosses the wire.
 // The labels differ per direction, so a proof one side sends can never be replayed as the other's.
-import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
+// The keys that seal everything after the handshake come from HKDF over the same inputs.
+import { createHmac, hkdfSync, randomBytes, timingSafeEqual } from "node:crypto";
 import { readFileSync, statSync } from "node:fs";
 import { ConfigError } from "../errors.ts";
 import type { Logger } from "../log.ts";
@@ -28,7 +30,7 @@ export function readTokenFile(path: string, logger?: Logger): Buffer {
     );
   }
   try {
-    if (statSync(path).mode & 0o077) logger?.warn(`--token-file ${path} is readable by group or others; chmod 600 it`);
+    if (statSync(path).mode & 0o077) logger?.warn("config.token_file_mode", `--token-file ${path} is readable by group or others; chmod 600 it`, { path });
   } catch {
     // It was readable a moment ago; the mode check is advice only.
   }
@@ -39,25 +41,43 @@ export function nonce(): Uint8Array {
   return new Uint8Array(randomBytes(NONCE_SIZE));
 }
 
-const CLIENT_LABEL = "snapload-postcopy-v1 client proof";
-const SERVER_LABEL = "snapload-postcopy-v1 server proof";
+const CLIENT_LABEL = "snapload-postcopy-v2 client proof";
+const SERVER_LABEL = "snapload-postcopy-v2 server proof";
+const CLIENT_KEY_LABEL = "snapload-postcopy-v2 client-to-server key";
+const SERVER_KEY_LABEL = "snapload-postcopy-v2 server-to-client key";
 
-function hmac(token: Buffer, label: string, first: Uint8Array, second: Uint8Array): Uint8Array {
+/** What both sides said in clear before proving anything: HELLO's and CHALLENGE's payloads. */
+export interface Transcript {
+  hello: Uint8Array;
+  challenge: Uint8Array;
+}
+
+function hmac(token: Buffer, label: string, t: Transcript): Uint8Array {
   const h = createHmac("sha256", token);
   h.update(label);
-  h.update(first);
-  h.update(second);
+  h.update(t.hello);
+  h.update(t.challenge);
   return new Uint8Array(h.digest());
 }
 
-/** What the client sends: it answers the server's challenge (its nonce first). */
-export function clientProof(token: Buffer, serverNonce: Uint8Array, clientNonce: Uint8Array): Uint8Array {
-  return hmac(token, CLIENT_LABEL, serverNonce, clientNonce);
+/** What the client sends: it answers the server's challenge. */
+export function clientProof(token: Buffer, t: Transcript): Uint8Array {
+  return hmac(token, CLIENT_LABEL, t);
 }
 
 /** What the server sends back once the client is authenticated (mutual authentication). */
-export function serverProof(token: Buffer, clientNonce: Uint8Array, serverNonce: Uint8Array): Uint8Array {
-  return hmac(token, SERVER_LABEL, clientNonce, serverNonce);
+export function serverProof(token: Buffer, t: Transcript): Uint8Array {
+  return hmac(token, SERVER_LABEL, t);
+}
+
+/**
+ * The two AES-256-GCM keys of one connection, one per direction: HKDF-SHA256 of the token,
+ * salted with the transcript (so with both fresh nonces: new keys on every connection).
+ */
+export function sessionKeys(token: Buffer, t: Transcript): { clientToServer: Uint8Array; serverToClient: Uint8Array } {
+  const salt = Buffer.concat([t.hello, t.challenge]);
+  const key = (label: string) => new Uint8Array(hkdfSync("sha256", token, salt, label, 32));
+  return { clientToServer: key(CLIENT_KEY_LABEL), serverToClient: key(SERVER_KEY_LABEL) };
 }
 
 export function proofsEqual(a: Uint8Array, b: Uint8Array): boolean {

@@ -1,18 +1,23 @@
 // One client connection to a page server: connect, HELLO, prove the token, check the server's
-// proof, then frames. Lives in our EventLoop on a C socket. When anything goes wrong it closes
-// itself and tells its owner once, with a kind the owner can act on (retry, or give up).
+// proof, then sealed frames (seal.ts) both ways. Lives in our EventLoop on a C socket. When
+// anything goes wrong it closes itself and tells its owner once, with a kind the owner can act
+// on (retry, or give up).
 import type { EventLoop } from "../event-loop.ts";
 import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, errnoName, NativeBuffer, sl } from "../ffi.ts";
 import type { HostPort } from "./address.ts";
-import { clientProof, nonce, proofsEqual, serverProof } from "./auth.ts";
+import { clientProof, nonce, proofsEqual, serverProof, sessionKeys, type Transcript } from "./auth.ts";
 import {
-  decodeChallenge, decodeErrorText, decodeWelcome, encodeHello, ErrorCode, errorFrame, errorText, frame, FRAME_NAMES, type FrameHeader,
+  decodeChallenge, decodeErrorText, decodeInfo, decodeWelcome, encodeHello, ErrorCode, errorFrame, errorText, frame, FRAME_NAMES, type FrameHeader,
   FrameType, type ImageInfo, MAX_CHUNK, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, type Role, WANT_ZERO_MAP,
 } from "./protocol.ts";
+import { ReceiveSeal, SealError, SendSeal } from "./seal.ts";
 import { FrameReader, FrameWriter, READ_EOF, SEND_BLOCKED, SENT_ALL } from "./wire.ts";
 
-/** Why a channel ended: `io` and `timeout` are worth a retry; the others need a person. */
-export type LostKind = "io" | "timeout" | "protocol" | "auth" | "version" | "refused";
+/**
+ * Why a channel ended: `io`, `timeout` and `tampered` (a frame failed authentication: changed in
+ * transit) are worth a retry; the others need a person.
+ */
+export type LostKind = "io" | "timeout" | "protocol" | "auth" | "version" | "refused" | "tampered";
 
 export interface ChannelOwner {
   /** Authenticated both ways; `zeroBits` only when the zero map was asked for. */
@@ -27,7 +32,7 @@ export interface ChannelOwner {
   lost(reason: string, kind: LostKind): void;
 }
 
-type State = "connecting" | "challenge" | "welcome" | "zero-map" | "ready" | "closed";
+type State = "connecting" | "challenge" | "welcome" | "info" | "zero-map" | "ready" | "closed";
 
 /** Bytes read per wake-up, so a background stream leaves room for faults. */
 const READ_BUDGET = 256 * 1024;
@@ -39,8 +44,8 @@ export class ClientChannel {
   private events = 0;
   private readonly reader: FrameReader;
   private readonly writer = new FrameWriter();
-  private readonly clientNonce = nonce();
-  private serverNonce: Uint8Array | undefined;
+  private hello: Uint8Array | undefined;
+  private transcript: Transcript | undefined;
   private info: ImageInfo | undefined;
   private zeroBits: Uint8Array | undefined;
   private zeroFill = 0;
@@ -92,8 +97,9 @@ export class ClientChannel {
       if (err < 0) return this.lose(`connect failed: ${errnoName(-err)}`, "io");
       this.state = "challenge";
       this.setEvents(EPOLLIN | EPOLLRDHUP);
-      const hello = { versionMin: PROTOCOL_VERSION, versionMax: PROTOCOL_VERSION, role: this.role, flags: this.wantZeroMap ? WANT_ZERO_MAP : 0, nonce: this.clientNonce };
-      this.send(frame(FrameType.HELLO, encodeHello(hello)));
+      const hello = { versionMin: PROTOCOL_VERSION, versionMax: PROTOCOL_VERSION, role: this.role, flags: this.wantZeroMap ? WANT_ZERO_MAP : 0, nonce: nonce() };
+      this.hello = encodeHello(hello);
+      this.send(frame(FrameType.HELLO, this.hello));
       return;
     }
     if (ev & EPOLLOUT && this.state !== "closed") this.flush();
@@ -103,10 +109,14 @@ export class ClientChannel {
     try {
       r = this.reader.read(this.fd, READ_BUDGET);
     } catch (e) {
+      if (e instanceof SealError) {
+        // Someone between us changed, replayed or cut the stream: none of it is used; drop the connection.
+        return this.lose(`a frame from the page server failed authentication: ${e.message}`, "tampered");
+      }
       if (!(e instanceof ProtocolError)) throw e;
-      // Tell the server why, then drop the connection.
-      const bye = errorFrame(e.wireCode, e.message);
-      sl.sl_send(this.fd, bye, bye.length);
+      // Tell the server why (sealed, once the handshake is done), then drop the connection.
+      this.writer.push(errorFrame(e.wireCode, e.message));
+      this.writer.flush(this.fd);
       return this.lose(`bad frame from the page server: ${e.message}`, e.wireCode === ErrorCode.AUTH_FAILED ? "auth" : "protocol");
     }
     if (this.reader.received !== before) this.lastRxAt = performance.now();
@@ -124,6 +134,9 @@ export class ClientChannel {
         break;
       case "welcome":
         if (t === FrameType.WELCOME) return -1;
+        break;
+      case "info":
+        if (t === FrameType.INFO) return -1;
         break;
       case "zero-map":
         if (t === FrameType.ZERO_MAP) return -1;
@@ -156,20 +169,31 @@ export class ClientChannel {
       case FrameType.CHALLENGE: {
         const c = decodeChallenge(own!);
         if (c.version !== PROTOCOL_VERSION) throw new ProtocolError(`the page server chose protocol version ${c.version}; we speak ${PROTOCOL_VERSION}`, ErrorCode.VERSION);
-        this.serverNonce = c.nonce;
+        this.transcript = { hello: this.hello!, challenge: own!.slice() };
         this.state = "welcome";
-        this.send(frame(FrameType.AUTH, clientProof(this.secret, c.nonce, this.clientNonce)));
+        this.send(frame(FrameType.AUTH, clientProof(this.secret, this.transcript)));
         return;
       }
       case FrameType.WELCOME: {
-        const w = decodeWelcome(own!);
+        const proof = decodeWelcome(own!);
         // Mutual: a server that does not hold the token must not feed pages to our VMs.
-        if (!proofsEqual(w.proof, serverProof(this.secret, this.clientNonce, this.serverNonce!))) {
+        if (!proofsEqual(proof, serverProof(this.secret, this.transcript!))) {
           throw new ProtocolError("the page server's proof does not match our token (is --token-file the same on both sides?)", ErrorCode.AUTH_FAILED);
         }
-        this.info = w.info;
+        // The last frame in clear: both directions are sealed from the next frame on.
+        const keys = sessionKeys(this.secret, this.transcript!);
+        this.reader.seal(new ReceiveSeal(keys.serverToClient));
+        this.writer.seal(new SendSeal(keys.clientToServer));
+        keys.clientToServer.fill(0);
+        keys.serverToClient.fill(0);
+        this.state = "info";
+        return;
+      }
+      case FrameType.INFO: {
+        const { info } = decodeInfo(own!);
+        this.info = info;
         if (this.wantZeroMap) {
-          this.zeroBits = new Uint8Array(Math.ceil(w.info.pages / 8));
+          this.zeroBits = new Uint8Array(Math.ceil(info.pages / 8));
           this.state = "zero-map";
           return;
         }
@@ -181,7 +205,6 @@ export class ClientChannel {
         if (h.offset !== this.zeroFill || part.length === 0 || this.zeroFill + part.length > bits.length) {
           throw new ProtocolError(`ZERO_MAP frame for bytes [${h.offset}, +${part.length}) where [${this.zeroFill}, ${bits.length}) was due`);
         }
-        if (Bun.hash.crc32(part) !== h.crc) throw new ProtocolError("ZERO_MAP frame failed its checksum");
         bits.set(part, this.zeroFill);
         this.zeroFill += part.length;
         if (this.zeroFill === bits.length) this.becomeReady();

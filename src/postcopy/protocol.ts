@@ -1,10 +1,11 @@
 // The postcopy wire protocol (docs/postcopy-protocol.md): every frame is a fixed 32-byte
 // little-endian header, then `length` payload bytes. Fixed headers let both sides read exactly
 // a header, then exactly a payload straight into its final buffer (page bytes are never copied).
+// After the handshake every frame travels sealed (src/postcopy/seal.ts).
 import { ZeroMap } from "../image/snapshot-image.ts";
 import { SnaploadError } from "../errors.ts";
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 export const HEADER_SIZE = 32;
 export const CLIENT_MAGIC = 0x4350_4c53; // "SLPC" little-endian
 export const SERVER_MAGIC = 0x5350_4c53; // "SLPS" little-endian
@@ -35,16 +36,18 @@ export const FrameType = {
   ERROR: 8,
   PING: 9,
   PONG: 10,
+  INFO: 11,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
 export const FRAME_NAMES: Record<number, string> = {
-  1: "HELLO", 2: "CHALLENGE", 3: "AUTH", 4: "WELCOME", 5: "ZERO_MAP", 6: "REQUEST", 7: "DATA", 8: "ERROR", 9: "PING", 10: "PONG",
+  1: "HELLO", 2: "CHALLENGE", 3: "AUTH", 4: "WELCOME", 5: "ZERO_MAP", 6: "REQUEST", 7: "DATA", 8: "ERROR", 9: "PING", 10: "PONG", 11: "INFO",
 };
 
 export const HELLO_SIZE = 48;
 export const CHALLENGE_SIZE = 48;
-export const WELCOME_SIZE = 88;
+export const WELCOME_SIZE = PROOF_SIZE;
+export const INFO_SIZE = 56;
 
 /** Largest payload each frame type may carry; anything bigger is malformed. */
 export const MAX_PAYLOAD: Record<number, number> = {
@@ -58,6 +61,7 @@ export const MAX_PAYLOAD: Record<number, number> = {
   [FrameType.ERROR]: MAX_ERROR_TEXT,
   [FrameType.PING]: 0,
   [FrameType.PONG]: 0,
+  [FrameType.INFO]: INFO_SIZE,
 };
 
 /** Connection roles a client states in HELLO. */
@@ -104,7 +108,6 @@ export class FrameHeader {
   id = 0;
   offset = 0;
   arg = 0;
-  crc = 0;
 }
 
 const TWO32 = 0x1_0000_0000;
@@ -134,11 +137,11 @@ export function decodeHeader(v: DataView, at: number, h: FrameHeader): FrameHead
   h.id = getU64(v, at + 8, "id");
   h.offset = getU64(v, at + 16, "offset");
   h.arg = v.getUint32(at + 24, true);
-  h.crc = v.getUint32(at + 28, true);
+  if (v.getUint32(at + 28, true) !== 0) throw new ProtocolError(`${FRAME_NAMES[type]} frame with reserved header bits set`);
   return h;
 }
 
-export function encodeHeader(v: DataView, at: number, type: FrameType, length: number, id = 0, offset = 0, arg = 0, crc = 0): void {
+export function encodeHeader(v: DataView, at: number, type: FrameType, length: number, id = 0, offset = 0, arg = 0): void {
   v.setUint8(at, type);
   v.setUint8(at + 1, 0);
   v.setUint16(at + 2, 0, true);
@@ -146,14 +149,14 @@ export function encodeHeader(v: DataView, at: number, type: FrameType, length: n
   setU64(v, at + 8, id);
   setU64(v, at + 16, offset);
   v.setUint32(at + 24, arg >>> 0, true);
-  v.setUint32(at + 28, crc >>> 0, true);
+  v.setUint32(at + 28, 0, true);
 }
 
 /** A whole control frame (header + payload) as fresh bytes. */
-export function frame(type: FrameType, payload: Uint8Array | null, id = 0, offset = 0, arg = 0, crc = 0): Uint8Array {
+export function frame(type: FrameType, payload: Uint8Array | null, id = 0, offset = 0, arg = 0): Uint8Array {
   const len = payload?.length ?? 0;
   const out = new Uint8Array(HEADER_SIZE + len);
-  encodeHeader(new DataView(out.buffer), 0, type, len, id, offset, arg, crc);
+  encodeHeader(new DataView(out.buffer), 0, type, len, id, offset, arg);
   if (payload) out.set(payload, HEADER_SIZE);
   return out;
 }
@@ -216,33 +219,72 @@ export interface ImageInfo {
   id: Uint8Array;
 }
 
-export function encodeWelcome(proof: Uint8Array, info: ImageInfo): Uint8Array {
-  const p = new Uint8Array(WELCOME_SIZE);
+/** WELCOME: the server's proof, in clear (the last handshake frame; everything after it is sealed). */
+export function encodeWelcome(proof: Uint8Array): Uint8Array {
+  return proof.slice(0, PROOF_SIZE);
+}
+
+export function decodeWelcome(p: Uint8Array): Uint8Array {
+  if (p.length !== WELCOME_SIZE) throw new ProtocolError(`WELCOME of ${p.length} bytes (expected ${WELCOME_SIZE})`);
+  return p.slice();
+}
+
+/** INFO, the first sealed frame from the server: what it serves. */
+export function encodeInfo(info: ImageInfo): Uint8Array {
+  const p = new Uint8Array(INFO_SIZE);
   const v = new DataView(p.buffer);
-  p.set(proof, 0);
-  setU64(v, 32, info.size);
-  v.setUint32(40, WIRE_PAGE, true);
-  setU64(v, 48, info.pages);
-  setU64(v, 56, info.dataPages);
-  p.set(info.id.subarray(0, 16), 64);
-  v.setUint32(80, MAX_CHUNK, true);
-  v.setUint32(84, MAX_REQUEST, true);
+  setU64(v, 0, info.size);
+  v.setUint32(8, WIRE_PAGE, true);
+  setU64(v, 16, info.pages);
+  setU64(v, 24, info.dataPages);
+  p.set(info.id.subarray(0, 16), 32);
+  v.setUint32(48, MAX_CHUNK, true);
+  v.setUint32(52, MAX_REQUEST, true);
   return p;
 }
 
-export function decodeWelcome(p: Uint8Array): { proof: Uint8Array; info: ImageInfo; maxRequest: number } {
-  if (p.length !== WELCOME_SIZE) throw new ProtocolError(`WELCOME of ${p.length} bytes (expected ${WELCOME_SIZE})`);
+export function decodeInfo(p: Uint8Array): { info: ImageInfo; maxRequest: number } {
+  if (p.length !== INFO_SIZE) throw new ProtocolError(`INFO of ${p.length} bytes (expected ${INFO_SIZE})`);
   const v = new DataView(p.buffer, p.byteOffset, p.length);
-  const size = getU64(v, 32, "image size");
-  const pageSize = v.getUint32(40, true);
-  const pages = getU64(v, 48, "page count");
-  const dataPages = getU64(v, 56, "data page count");
-  if (pageSize !== WIRE_PAGE) throw new ProtocolError(`WELCOME with page size ${pageSize} (this client speaks ${WIRE_PAGE})`);
-  if (size === 0 || size > MAX_IMAGE_BYTES) throw new ProtocolError(`WELCOME with image size ${size}`);
-  if (pages !== Math.ceil(size / WIRE_PAGE) || dataPages > pages) throw new ProtocolError(`WELCOME with ${pages} pages (${dataPages} data) for ${size} bytes`);
-  const maxRequest = v.getUint32(84, true);
-  if (maxRequest < 2 * 1024 * 1024) throw new ProtocolError(`WELCOME allowing requests of only ${maxRequest} bytes (a 2 MiB page must fit)`);
-  return { proof: p.slice(0, 32), info: { size, pages, dataPages, id: p.slice(64, 80) }, maxRequest };
+  const size = getU64(v, 0, "image size");
+  const pageSize = v.getUint32(8, true);
+  const pages = getU64(v, 16, "page count");
+  const dataPages = getU64(v, 24, "data page count");
+  if (pageSize !== WIRE_PAGE) throw new ProtocolError(`INFO with page size ${pageSize} (this client speaks ${WIRE_PAGE})`);
+  if (size === 0 || size > MAX_IMAGE_BYTES) throw new ProtocolError(`INFO with image size ${size}`);
+  if (pages !== Math.ceil(size / WIRE_PAGE) || dataPages > pages) throw new ProtocolError(`INFO with ${pages} pages (${dataPages} data) for ${size} bytes`);
+  const maxRequest = v.getUint32(52, true);
+  if (maxRequest < 2 * 1024 * 1024) throw new ProtocolError(`INFO allowing requests of only ${maxRequest} bytes (a 2 MiB page must fit)`);
+  return { info: { size, pages, dataPages, id: p.slice(32, 48) }, maxRequest };
+}
+
+// ---- requests and replies -------------------------------------------------------------------
+
+/**
+ * A REQUEST for `size` bytes at image `offset`: throws ProtocolError unless it is whole 4 KiB
+ * pages, 4 KiB to MAX_REQUEST; false when it reaches outside an image of `imageSize` bytes.
+ */
+export function requestInBounds(id: number, offset: number, size: number, imageSize: number): boolean {
+  if (size === 0 || size > MAX_REQUEST || size % WIRE_PAGE !== 0 || offset % WIRE_PAGE !== 0) {
+    throw new ProtocolError(`REQUEST ${id} for ${size} bytes at ${offset}: requests are whole 4 KiB pages, 4 KiB to ${MAX_REQUEST / (1024 * 1024)} MiB`);
+  }
+  return offset + size <= imageSize;
+}
+
+/**
+ * A DATA chunk [off, off+len) of request `id` (image bytes [start, start+bytes), received up to
+ * `cursor`): whole pages, in order, inside the request; the pages it skipped are zero pages and
+ * those it carries are data pages. Throws ProtocolError.
+ */
+export function checkDataChunk(id: number, off: number, len: number, cursor: number, start: number, bytes: number, zero: ZeroMap): void {
+  if (len === 0 || off % WIRE_PAGE !== 0 || len % WIRE_PAGE !== 0 || off < cursor || off + len > bytes) {
+    throw new ProtocolError(`DATA for request ${id} at [${off}, +${len}) does not fit [${cursor}, ${bytes}) in whole pages`);
+  }
+  const skipFrom = (start + cursor) / WIRE_PAGE;
+  const chunkFirst = (start + off) / WIRE_PAGE;
+  if (!zero.isRangeZero(skipFrom, chunkFirst - skipFrom) || !zero.isRangeData(chunkFirst, len / WIRE_PAGE)) {
+    throw new ProtocolError(`DATA for request ${id} at [${off}, +${len}) disagrees with the zero map`);
+  }
 }
 
 // ---- zero map ------------------------------------------------------------------------------------

@@ -6,17 +6,19 @@
 //
 // If the page server goes away, requests stay outstanding (a vCPU waiting on a page keeps
 // waiting: pages are never guessed), the channels reconnect with backoff and re-send them; a VM
-// left without a page server for the deadline is failed (the server kills its VMM).
+// left without a page server for the deadline is failed (the server kills its VMM). A frame
+// that fails authentication (changed in transit) is the same to us: that connection is dropped,
+// nothing of the request it belonged to is installed, and the request goes out again.
 import type { EventLoop } from "../event-loop.ts";
 import { NativeBuffer } from "../ffi.ts";
 import { PAGE_IN_FLIGHT, type PageRequester, type Region } from "../handler-table.ts";
 import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
 import { formatBytes } from "../log.ts";
 import type { RequesterContext } from "../server.ts";
-import { AGAIN, FAILED, GONE, OK, type VmSession } from "../vm-session.ts";
+import { AGAIN, FAILED, GONE, type VmSession } from "../vm-session.ts";
 import type { HostPort } from "./address.ts";
 import { ClientChannel, type LostKind } from "./client-channel.ts";
-import { frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
+import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
 
 export interface RemoteTarget {
   url: string;
@@ -44,8 +46,6 @@ const DEAD_AFTER_MAX_MS = 5000;
 const DEAD_AFTER_MIN_MS = 500;
 /** How often connection health and the deadline are looked at. */
 const TICK_MAX_MS = 250;
-/** Checksum failures of one request in a row before the page server is declared broken. */
-const MAX_BAD_REPLIES = 8;
 const FREE_SLOTS_KEPT = 32;
 
 const URGENT = 0;
@@ -66,12 +66,6 @@ interface Req {
   /** Next byte (within the request) a DATA frame may start at: chunks come in order. */
   cursor: number;
   sent: boolean;
-  /** Replies in a row for these pages that failed their checksum. */
-  badReplies: number;
-  /** Byte ranges of this reply that failed their checksum: never installed, asked for again. */
-  bad: [number, number][] | undefined;
-  /** Region pages (relative to `first`) not to install from the slot (they went out again). */
-  skip: Uint8Array | undefined;
 }
 
 export class VmClient implements PageRequester {
@@ -111,7 +105,7 @@ export class VmClient implements PageRequester {
   private outageLogged = false;
   private cancelTick: () => void = () => {};
   private done = false;
-  readonly counters = { requests: 0, bytes: 0, badReplies: 0, reconnects: 0 };
+  readonly counters = { requests: 0, bytes: 0, tampered: 0, reconnects: 0 };
 
   constructor(
     private readonly vm: VmSession,
@@ -189,9 +183,6 @@ export class VmClient implements PageRequester {
       slot: undefined,
       cursor: 0,
       sent: false,
-      badReplies: 0,
-      bad: undefined,
-      skip: undefined,
     };
   }
 
@@ -223,8 +214,7 @@ export class VmClient implements PageRequester {
   private send(req: Req, ch: ClientChannel, now = true): void {
     if (!this.stillWanted(req)) return this.release(req);
     req.slot ??= this.takeSlot();
-    req.cursor = 0;
-    req.bad = undefined; // a reply cut short by a lost connection starts over
+    req.cursor = 0; // a reply cut short by a lost connection starts over
     if (this.target.zero.isRangeZero(req.start / IMAGE_PAGE, req.bytes / IMAGE_PAGE)) {
       // Nothing of it would cross the wire (cannot happen for requests the VM makes; cheap to be sure).
       req.slot.bytes.fill(0, 0, req.bytes);
@@ -258,7 +248,7 @@ export class VmClient implements PageRequester {
   private release(req: Req): void {
     if (req.urgent) {
       const flags = this.urgentPages[req.region.index]!;
-      for (let k = 0; k < req.count; k++) if (!req.skip?.[k]) flags[req.first + k] = 0;
+      flags.fill(0, req.first, req.first + req.count);
     }
     if (req.slot !== undefined) {
       if (this.freeSlots.length < FREE_SLOTS_KEPT && !this.done) this.freeSlots.push(req.slot);
@@ -281,47 +271,24 @@ export class VmClient implements PageRequester {
   private dataTarget(h: FrameHeader): number {
     const req = this.sent.get(h.id);
     if (req === undefined) {
-      // A request re-sent under a new id (bad checksum) or given up: its late chunks are dropped.
+      // A request given up (its pages settled by another reply): its late chunks are dropped.
       if (h.id > 0 && h.id < this.nextId) return -1;
       throw new ProtocolError(`DATA for request ${h.id}, which was never made`);
     }
-    const off = h.offset;
-    const len = h.length;
-    if (len === 0 || off % IMAGE_PAGE !== 0 || len % IMAGE_PAGE !== 0 || off < req.cursor || off + len > req.bytes) {
-      throw new ProtocolError(`DATA for request ${h.id} at [${off}, +${len}) does not fit [${req.cursor}, ${req.bytes}) in whole pages`);
-    }
     // Zero pages never cross the wire: the chunk holds data pages only, and what it skipped is zero.
-    const zero = this.target.zero;
-    const skipFrom = (req.start + req.cursor) / IMAGE_PAGE;
-    const chunkFirst = (req.start + off) / IMAGE_PAGE;
-    if (!zero.isRangeZero(skipFrom, chunkFirst - skipFrom) || !zero.isRangeData(chunkFirst, len / IMAGE_PAGE)) {
-      throw new ProtocolError(`DATA for request ${h.id} at [${off}, +${len}) disagrees with the zero map`);
-    }
-    return req.slot!.address + off;
+    checkDataChunk(h.id, h.offset, h.length, req.cursor, req.start, req.bytes, this.target.zero);
+    return req.slot!.address + h.offset;
   }
 
   private onData(h: FrameHeader): void {
     const req = this.sent.get(h.id);
     if (req === undefined) return;
+    // Authenticated and decrypted in place by the reader before we hear of it.
     this.counters.bytes += h.length;
-    const payload = req.slot!.bytes.subarray(h.offset, h.offset + h.length);
-    const crc = Bun.hash.crc32(payload);
-    if (crc !== h.crc) this.badReply(req, h, crc);
     req.cursor = h.offset + h.length;
     const restFirst = (req.start + req.cursor) / IMAGE_PAGE;
     const restCount = (req.bytes - req.cursor) / IMAGE_PAGE;
     if (restCount === 0 || this.target.zero.isRangeZero(restFirst, restCount)) this.complete(req);
-  }
-
-  /** A chunk whose bytes do not match its checksum: its pages are never installed from it. */
-  private badReply(req: Req, h: FrameHeader, crc: number): void {
-    this.counters.badReplies++;
-    const a = req.start + h.offset;
-    this.ctx.logger.warn(
-      `vm ${this.vm.id}: page server reply for image bytes [0x${a.toString(16)}, 0x${(a + h.length).toString(16)}) failed its checksum ` +
-        `(crc 0x${crc.toString(16)}, frame says 0x${h.crc.toString(16)}); dropped, re-requesting`,
-    );
-    (req.bad ??= []).push([h.offset, h.length]);
   }
 
   private complete(req: Req): void {
@@ -333,48 +300,13 @@ export class VmClient implements PageRequester {
         if (run.zero) req.slot!.bytes.fill(0, run.first * IMAGE_PAGE - req.start, (run.first + run.count) * IMAGE_PAGE - req.start);
       }
     }
-    if (req.bad !== undefined && !this.askAgain(req)) return;
     this.deliver(req);
-  }
-
-  /**
-   * The region pages a corrupt chunk touched go out again as a new request (they stay in
-   * flight); the rest of this reply is delivered. False when the page server keeps lying.
-   */
-  private askAgain(req: Req): boolean {
-    const ps = req.region.pageSize;
-    const skip = new Uint8Array(req.count);
-    for (const [off, len] of req.bad!) skip.fill(1, Math.floor(off / ps), Math.ceil((off + len) / ps));
-    req.bad = undefined;
-    req.skip = skip;
-    const tries = req.badReplies + 1;
-    if (tries > MAX_BAD_REPLIES) {
-      this.ctx.fail(`page server ${this.target.url} sent ${tries} corrupt replies in a row for image bytes at 0x${req.start.toString(16)}`);
-      return false;
-    }
-    const queue = req.urgent ? this.urgentQueue : this.backgroundQueue;
-    let a = 0;
-    while (a < req.count) {
-      if (!skip[a]) {
-        a++;
-        continue;
-      }
-      let b = a + 1;
-      while (b < req.count && skip[b]) b++;
-      const again = this.newRequest(req.region, req.first + a, b - a, req.urgent);
-      again.badReplies = tries;
-      queue.unshift(again);
-      a = b;
-    }
-    if (req.urgent) this.sendUrgent();
-    else this.sendBackground();
-    return true;
   }
 
   private deliver(req: Req): void {
     const region = req.region;
     const before = region.settled;
-    const r = this.deliverParts(req);
+    const r = this.vm.deliver(region, req.first, req.count, req.slot!.address);
     if (!req.urgent) this.vm.stats.populatedPages += region.settled - before;
     if (r === AGAIN) {
       // A REMOVE is pending: let the server read it, then install what is still wanted from the same bytes.
@@ -390,26 +322,6 @@ export class VmClient implements PageRequester {
     if (r === GONE) return;
     if (!req.urgent) this.sendBackground();
     this.maybeRestartSweep();
-  }
-
-  /** vm.deliver of the request's pages, minus those asked for again. */
-  private deliverParts(req: Req): number {
-    const skip = req.skip;
-    if (skip === undefined) return this.vm.deliver(req.region, req.first, req.count, req.slot!.address);
-    const ps = req.region.pageSize;
-    let a = 0;
-    while (a < req.count) {
-      if (skip[a]) {
-        a++;
-        continue;
-      }
-      let b = a + 1;
-      while (b < req.count && !skip[b]) b++;
-      const r = this.vm.deliver(req.region, req.first + a, b - a, req.slot!.address + a * ps);
-      if (r !== OK) return r;
-      a = b;
-    }
-    return OK;
   }
 
   private redeliver(): void {
@@ -550,16 +462,27 @@ export class VmClient implements PageRequester {
     if (i === URGENT) this.urgentQueue.unshift(...again);
     else this.backgroundQueue.unshift(...again);
     this.stallSince ??= performance.now() - quietMs;
-    if (!this.outageLogged) {
+    if (kind === "tampered") {
+      // Every one is worth a line: someone on the path changes, replays or cuts our traffic.
+      this.counters.tampered++;
+      this.ctx.logger.error(
+        "remote.tampered",
+        `vm ${this.vm.id}: ${CHANNEL_NAMES[i]} channel to ${this.target.url}: ${reason}; nothing of it installed, connection dropped, ` +
+          `${again.length} requests to re-send (the VM is killed if the page server does not deliver within ${this.target.deadlineMs} ms)`,
+        { vm: this.vm.id, url: this.target.url, channel: CHANNEL_NAMES[i], reason, resend: again.length, deadlineMs: this.target.deadlineMs },
+      );
+    } else if (!this.outageLogged) {
       this.outageLogged = true;
       const level = kind === "auth" || kind === "version" || kind === "protocol" ? "error" : "warn";
       this.ctx.logger.log(
         level,
+        "remote.lost",
         `vm ${this.vm.id}: ${this.everConnected ? "lost the" : "cannot reach the"} page server ${this.target.url} (${CHANNEL_NAMES[i]} channel: ${reason}); ` +
           `${again.length} requests to re-send; reconnecting, the VM is killed if it is not back within ${this.target.deadlineMs} ms`,
+        { vm: this.vm.id, url: this.target.url, channel: CHANNEL_NAMES[i], reason, kind, resend: again.length, deadlineMs: this.target.deadlineMs },
       );
     } else {
-      this.ctx.logger.debug(`vm ${this.vm.id}: ${CHANNEL_NAMES[i]} channel: ${reason}`);
+      this.ctx.logger.debug("remote.channel_lost", `vm ${this.vm.id}: ${CHANNEL_NAMES[i]} channel: ${reason}`, { vm: this.vm.id, channel: CHANNEL_NAMES[i], reason, kind });
     }
     const delay = this.backoff[i]!;
     this.backoff[i] = Math.min(RECONNECT_MAX_MS, delay * 2);
@@ -578,9 +501,13 @@ export class VmClient implements PageRequester {
     this.stallSince = undefined;
     if (this.outageLogged) {
       this.counters.reconnects++;
-      this.ctx.logger.info(`vm ${this.vm.id}: page server ${this.target.url} is back after ${stalled.toFixed(0)} ms; outstanding requests re-sent`);
+      this.ctx.logger.info("remote.back", `vm ${this.vm.id}: page server ${this.target.url} is back after ${stalled.toFixed(0)} ms; outstanding requests re-sent`, {
+        vm: this.vm.id, url: this.target.url, stalledMs: stalled,
+      });
     } else {
-      this.ctx.logger.debug(`vm ${this.vm.id}: page server ${this.target.url} delivering after ${stalled.toFixed(1)} ms`);
+      this.ctx.logger.debug("remote.delivering", `vm ${this.vm.id}: page server ${this.target.url} delivering after ${stalled.toFixed(1)} ms`, {
+        vm: this.vm.id, url: this.target.url, stalledMs: stalled,
+      });
     }
     this.outageLogged = false;
   }
@@ -657,7 +584,9 @@ export class VmClient implements PageRequester {
     for (const s of this.freeSlots.splice(0)) s.free();
     const c = this.counters;
     this.ctx.logger.debug(
-      `vm ${this.vm.id}: page server ${this.target.url}: ${c.requests} requests, ${formatBytes(c.bytes)} received, ${c.badReplies} bad replies, ${c.reconnects} reconnects`,
+      "remote.done",
+      `vm ${this.vm.id}: page server ${this.target.url}: ${c.requests} requests, ${formatBytes(c.bytes)} received, ${c.tampered} connections dropped for frames failing authentication, ${c.reconnects} reconnects`,
+      { vm: this.vm.id, url: this.target.url, requests: c.requests, bytes: c.bytes, tampered: c.tampered, reconnects: c.reconnects },
     );
   }
 }

@@ -1,10 +1,12 @@
 // Frame I/O over a non-blocking C socket registered in our EventLoop (never Bun's sockets: Bun's
 // loop runs only between our loop's yields). The reader takes exactly a header, then exactly the
 // payload, straight to where its owner wants it; the writer sends queued bytes and raw memory
-// (page payloads straight from the image mapping) and remembers where a short send stopped.
+// (sealed page payloads from one send buffer) and remembers where a short send stopped. Both
+// switch to sealed frames (seal.ts) once the handshake is done, at a frame boundary.
 import type { Pointer } from "bun:ffi";
-import { Errno, NativeBuffer, sl } from "../ffi.ts";
+import { Errno, sl } from "../ffi.ts";
 import { decodeHeader, FrameHeader, HEADER_SIZE, ProtocolError } from "./protocol.ts";
+import { type ReceiveSeal, SEALED_HEADER_SIZE, type SendSeal } from "./seal.ts";
 
 export interface FrameSink {
   /**
@@ -23,12 +25,16 @@ export const READ_MORE = 1; // budget used up; call again
 export const READ_EOF = 2; // the peer closed
 export const READ_STOPPED = 3; // the owner stopped the reader from a callback
 
-const OWN_PAYLOAD_AT = 64;
+/** The reader's own buffer: a (sealed) header, then small payloads. */
+const OWN_PAYLOAD_AT = SEALED_HEADER_SIZE;
 
 export class FrameReader {
   readonly header = new FrameHeader();
-  private readonly buf: NativeBuffer;
+  /** A plain JS buffer, not a mapping: a connection that never authenticates costs no mmap. */
+  private readonly buf: Uint8Array;
   private readonly hdrView: DataView;
+  private sealed: ReceiveSeal | undefined;
+  private hdrSize = HEADER_SIZE;
   private hdrFill = 0;
   private inPayload = false;
   private payAddr = 0;
@@ -39,8 +45,14 @@ export class FrameReader {
   received = 0;
 
   constructor(private readonly sink: FrameSink, controlCapacity = 4096 - OWN_PAYLOAD_AT) {
-    this.buf = new NativeBuffer(OWN_PAYLOAD_AT + controlCapacity);
-    this.hdrView = new DataView(this.buf.bytes.buffer, 0, HEADER_SIZE);
+    this.buf = new Uint8Array(OWN_PAYLOAD_AT + controlCapacity);
+    this.hdrView = new DataView(this.buf.buffer, 0, HEADER_SIZE);
+  }
+
+  /** Every frame from the next one on is sealed. Call between frames (e.g. from `frame`). The reader owns `seal` now. */
+  seal(seal: ReceiveSeal): void {
+    this.sealed = seal;
+    this.hdrSize = SEALED_HEADER_SIZE;
   }
 
   /** True between frames (nothing partial buffered). */
@@ -54,24 +66,27 @@ export class FrameReader {
     while (!this.stopped) {
       if (used >= budget) return READ_MORE;
       if (!this.inPayload) {
-        const n = sl.sl_recv(fd, (this.buf.address + this.hdrFill) as Pointer, HEADER_SIZE - this.hdrFill);
+        const n = sl.sl_recv(fd, this.buf.subarray(this.hdrFill, this.hdrSize), this.hdrSize - this.hdrFill);
         if (n <= 0) return this.status(n);
         this.received += n;
         used += n;
         this.hdrFill += n;
-        if (this.hdrFill < HEADER_SIZE) continue;
+        if (this.hdrFill < this.hdrSize) continue;
+        this.sealed?.openHeader(this.buf.subarray(0, SEALED_HEADER_SIZE));
         const h = decodeHeader(this.hdrView, 0, this.header);
         const addr = this.sink.target(h);
         if (this.stopped) return READ_STOPPED;
         this.own = addr < 0;
         if (this.own && h.length > this.buf.length - OWN_PAYLOAD_AT) throw new ProtocolError(`frame of ${h.length} bytes where at most ${this.buf.length - OWN_PAYLOAD_AT} fit`);
-        this.payAddr = this.own ? this.buf.address + OWN_PAYLOAD_AT : addr;
+        this.payAddr = addr;
         this.payFill = 0;
         this.inPayload = true;
       }
       const h = this.header;
       if (this.payFill < h.length) {
-        const n = sl.sl_recv(fd, (this.payAddr + this.payFill) as Pointer, h.length - this.payFill);
+        const n = this.own
+          ? sl.sl_recv(fd, this.buf.subarray(OWN_PAYLOAD_AT + this.payFill, OWN_PAYLOAD_AT + h.length), h.length - this.payFill)
+          : sl.sl_recv(fd, (this.payAddr + this.payFill) as Pointer, h.length - this.payFill);
         if (n <= 0) return this.status(n);
         this.received += n;
         used += n;
@@ -80,7 +95,13 @@ export class FrameReader {
       }
       this.inPayload = false;
       this.hdrFill = 0;
-      this.sink.frame(h, this.own ? this.buf.bytes.subarray(OWN_PAYLOAD_AT, OWN_PAYLOAD_AT + h.length) : null);
+      const own = this.own ? this.buf.subarray(OWN_PAYLOAD_AT, OWN_PAYLOAD_AT + h.length) : null;
+      if (this.sealed !== undefined) {
+        // Decrypted where it landed; a payload that fails its tag throws before anyone sees it.
+        if (h.length > 0) this.sealed.openPayload(own ?? this.payAddr, h.length);
+        this.sealed.next();
+      }
+      this.sink.frame(h, own);
     }
     return READ_STOPPED;
   }
@@ -91,11 +112,11 @@ export class FrameReader {
     return n;
   }
 
-  /** No more callbacks after this; frees the buffer. Safe to call from a callback. */
+  /** No more callbacks after this; frees the key. Safe to call from a callback. */
   stop(): void {
     if (this.stopped) return;
     this.stopped = true;
-    this.buf.free();
+    this.sealed?.free();
   }
 }
 
@@ -111,6 +132,7 @@ export class FrameWriter {
   private readonly q: Segment[] = [];
   private head = 0;
   private pos = 0;
+  private sealed: SendSeal | undefined;
   /** Bytes queued and not yet sent. */
   pending = 0;
 
@@ -118,14 +140,34 @@ export class FrameWriter {
     return this.pending === 0;
   }
 
-  push(bytes: Uint8Array): void {
+  /** Every frame pushed from now on is sealed. The writer owns `seal` now. */
+  seal(seal: SendSeal): void {
+    this.sealed = seal;
+  }
+
+  /** Queues a whole frame (header and payload), sealed once the handshake is done. */
+  push(frameBytes: Uint8Array): void {
+    this.pushBytes(this.sealed !== undefined ? this.sealed.frame(frameBytes) : frameBytes);
+  }
+
+  /**
+   * Queues a sealed frame whose `len`-byte payload at `src` is encrypted into `dst`, which the
+   * caller owns and leaves alone until the writer is empty again.
+   */
+  pushSealed(header: Uint8Array, src: number, dst: number, len: number): void {
+    if (this.sealed === undefined) throw new ProtocolError("a payload frame before the channel was sealed");
+    this.pushBytes(this.sealed.data(header, src, dst, len));
+    this.pushRaw(dst, len);
+  }
+
+  private pushBytes(bytes: Uint8Array): void {
     if (bytes.length === 0) return;
     this.q.push({ bytes, addr: 0, len: bytes.length });
     this.pending += bytes.length;
   }
 
   /** Queues memory we own (and keep alive and unchanged until it is sent): sent without a copy. */
-  pushRaw(addr: number, len: number): void {
+  private pushRaw(addr: number, len: number): void {
     if (len === 0) return;
     this.q.push({ bytes: null, addr, len });
     this.pending += len;
@@ -178,10 +220,13 @@ export class FrameWriter {
     return seg;
   }
 
+  /** Drops what is queued and frees the key: the connection is closing. */
   clear(): void {
     this.q.length = 0;
     this.head = 0;
     this.pos = 0;
     this.pending = 0;
+    this.sealed?.free();
+    this.sealed = undefined;
   }
 }

@@ -322,7 +322,7 @@ export class QemuPageSink {
       } else if (m.type === "req") {
         this.#serveRequest(m.block, m.start, m.length, at);
       } else {
-        this.opts.logger.debug(`return path: ignoring message type ${m.code}`);
+        this.opts.logger.debug("qemu.return_path_ignored", `return path: ignoring message type ${m.code}`, { type: m.code });
       }
     }
   }

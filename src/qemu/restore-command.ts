@@ -4,7 +4,7 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { z } from "zod";
+import type { QemuRestoreConfig } from "../cli/qemu-restore.ts";
 import { ConfigError, SnaploadError } from "../errors.ts";
 import { Logger, formatBytes } from "../log.ts";
 import { imageBackend } from "../image-backend.ts";
@@ -16,27 +16,6 @@ import { MigrationError, QemuPageSink, formatMigrationAddress, parseMigrationAdd
 import { QmpClient } from "./qmp.ts";
 import { readDeviceState, readSnapshotStream, type SnapshotStream } from "./snapshot-stream.ts";
 import { TARGET_PAGE } from "./stream.ts";
-
-const intFlag = (min: number, max: number) =>
-  z.string().regex(/^\d+$/, "must be a whole number").transform(Number).pipe(z.number().int().min(min).max(max));
-
-export const qemuRestoreSchema = z
-  .object({
-    mem: z.string({ error: "is required (the mapped-ram snapshot file)" }).min(1),
-    qmp: z.string().min(1).optional(),
-    to: z.string().min(1).optional(),
-    "no-preempt": z.boolean().default(false),
-    "fault-around": intFlag(1, 512).default(1),
-    prefetch: z.string().min(1).optional(),
-    record: z.string().min(1).optional(),
-    "send-zero-pages": z.boolean().default(false),
-    "background-rate": intFlag(1, 1_000_000).optional(),
-    "completion-timeout": intFlag(1, 86_400_000).default(600_000),
-    json: z.boolean().default(false),
-    "log-level": z.enum(["error", "warn", "info", "debug"]).default("info"),
-  })
-  .refine((c) => c.qmp !== undefined || c.to !== undefined, { message: "give --qmp SOCKET (or --to ADDRESS if you drive QMP yourself)", path: ["qmp"] });
-export type QemuRestoreConfig = z.output<typeof qemuRestoreSchema>;
 
 export interface RestoreSummary {
   snapshot: string;
@@ -66,7 +45,7 @@ const RUNNING_POLL_MS = 2;
 const PROGRESS_MS = 2000;
 
 export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: string) => void = (s) => process.stdout.write(s)): Promise<number> {
-  const logger = new Logger(config["log-level"]);
+  const logger = new Logger(config["log-level"], { format: config["log-format"] });
   const t0 = performance.now();
   if (config.mem.startsWith("tcp://")) throw new ConfigError("qemu-restore reads a local mapped-ram file; --mem tcp:// is not supported yet");
   const stream = readSnapshotStream(config.mem);
@@ -74,7 +53,10 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     throw new SnaploadError("BAD_IMAGE", `${config.mem} cannot be restored by qemu-restore:\n  ${stream.refusals.join("\n  ")}`);
   }
   const deviceState = readDeviceState(stream);
-  const step = (what: string) => logger.debug(`${what} at ${(performance.now() - t0).toFixed(1)} ms`);
+  const step = (what: string) => {
+    const ms = round(performance.now() - t0);
+    logger.debug("qemu.step", `${what} at ${ms.toFixed(1)} ms`, { step: what, ms });
+  };
   step("snapshot parsed");
   const images: SnapshotImage[] = [];
   let qmp: QmpClient | undefined;
@@ -86,13 +68,13 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
 
     let plan: DestinationPlan;
     let addr: MigrationAddress;
-    const preempt = !config["no-preempt"];
+    const preempt = config.preempt;
     if (config.qmp !== undefined) {
       qmp = await QmpClient.connect(config.qmp);
       step("QMP connected");
       plan = await checkDestination(qmp, stream);
       step("destination checked");
-      if (plan.extra.length > 0) logger.warn(`destination RAM blocks not in the snapshot stay zero: ${plan.extra.join(", ")}`);
+      if (plan.extra.length > 0) logger.warn("qemu.extra_blocks", `destination RAM blocks not in the snapshot stay zero: ${plan.extra.join(", ")}`, { blocks: plan.extra });
       const caps = [{ capability: "postcopy-ram", state: true }];
       if (preempt) caps.push({ capability: "postcopy-preempt", state: true });
       await qmp.execute("migrate-set-capabilities", { capabilities: caps });
@@ -140,7 +122,9 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       },
     );
     logger.info(
+      "qemu.restoring",
       `restoring ${config.mem} (${stream.machine}, ${stream.ram.blocks.length} RAM blocks, ${formatBytes(stream.ram.totalRam)}, device state ${formatBytes(deviceState.length)}) to ${formatMigrationAddress(addr)}${preempt ? " with postcopy-preempt" : ""}`,
+      { mem: config.mem, machine: stream.machine, blocks: stream.ram.blocks.length, ramBytes: stream.ram.totalRam, deviceStateBytes: deviceState.length, address: formatMigrationAddress(addr), preempt },
     );
 
     let runningMs: number | null = null;
@@ -148,7 +132,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     let stopMonitor = false;
     // Killed now, the guest keeps running but blocks on the first page it still lacks.
     const onSignal = (sig: NodeJS.Signals) => {
-      logger.error(`${sig} during the restore: the destination cannot complete without snapload; its guest will block on the first page it still lacks`);
+      logger.error("qemu.interrupted", `${sig} during the restore: the destination cannot complete without snapload; its guest will block on the first page it still lacks`, { signal: sig });
       process.exit(128 + (sig === "SIGINT" ? 2 : 15));
     };
     process.once("SIGINT", onSignal);
@@ -165,7 +149,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
               const st = await q.execute<{ status: string }>("query-status");
               if (st.status === "running" || st.status === "paused") {
                 runningMs = performance.now() - t0;
-                logger.info(`guest ${st.status === "running" ? "running" : "loaded (paused: -S)"} after ${runningMs.toFixed(1)} ms`);
+                logger.info("qemu.running", `guest ${st.status === "running" ? "running" : "loaded (paused: -S)"} after ${runningMs.toFixed(1)} ms`, { ms: round(runningMs), paused: st.status === "paused" });
               }
             }
             const m = await q.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
@@ -183,7 +167,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     });
     const progress = setInterval(() => {
       const { sent, of } = sink.progress;
-      logger.info(`progress: ${sent}/${of} data pages sent (${((100 * sent) / of).toFixed(0)}%), ${sink.stats.requests} requests served`);
+      logger.info("qemu.progress", `progress: ${sent}/${of} data pages sent (${((100 * sent) / of).toFixed(0)}%), ${sink.stats.requests} requests served`, { sent, of, requests: sink.stats.requests });
     }, PROGRESS_MS);
     const timer = setTimeout(() => sink.abort(new MigrationError(`the restore did not complete within ${config["completion-timeout"]} ms`)), config["completion-timeout"]);
     let stats: SinkStats;
@@ -210,7 +194,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     const doneMs = performance.now() - t0;
     if (recorder && config.record) {
       writeWorkingSet(config.record, recorder.order, stream.ram.totalRam);
-      logger.info(`recorded ${recorder.length} requested pages to ${config.record}`);
+      logger.info("qemu.recorded", `recorded ${recorder.length} requested pages to ${config.record}`, { path: config.record, pages: recorder.length });
     }
     const lat = [...stats.latenciesMs].sort((a, b) => a - b);
     const summary: RestoreSummary = {

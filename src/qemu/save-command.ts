@@ -2,21 +2,12 @@
 // guest, turn mapped-ram on, `migrate file:`, wait — and says what qemu-restore will make of it.
 import { existsSync, statSync } from "node:fs";
 import { resolve } from "node:path";
-import { z } from "zod";
+import type { QemuSaveConfig } from "../cli/qemu-save.ts";
 import { ConfigError } from "../errors.ts";
 import { formatBytes } from "../log.ts";
 import { MigrationError } from "./page-sink.ts";
 import { QmpClient } from "./qmp.ts";
 import { readSnapshotStream } from "./snapshot-stream.ts";
-
-export const qemuSaveSchema = z.object({
-  qmp: z.string({ error: "is required (the QEMU's QMP socket)" }).min(1),
-  out: z.string({ error: "is required (the snapshot file to write)" }).min(1),
-  resume: z.boolean().default(false),
-  timeout: z.string().regex(/^\d+$/, "must be a whole number").transform(Number).pipe(z.number().int().min(1)).default(600_000),
-  json: z.boolean().default(false),
-});
-export type QemuSaveConfig = z.output<typeof qemuSaveSchema>;
 
 const POLL_MS = 20;
 

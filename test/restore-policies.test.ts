@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
 import { prng } from "../src/prng.ts";
 import { decodeWorkingSet, encodeWorkingSet } from "../src/working-set.ts";
-import { describeRun, ensureBuilt, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, runStandin, STANDIN, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const PAGES = (32 * MIB) / 4096;
@@ -21,12 +21,10 @@ beforeAll(() => {
 });
 afterAll(() => dir?.cleanup());
 
-/** Faults the daemon reported for its most recent VM exit. */
-function lastExit(log: string): { pages: number; faults: number } {
-  const all = [...log.matchAll(/(\d+) pages served \((\d+) zero\) in (\d+) faults/g)];
-  const m = all.at(-1);
-  if (!m) throw new Error(`no exit line in log:\n${log}`);
-  return { pages: Number(m[1]), faults: Number(m[3]) };
+/** Pages and faults of the daemon's VM exit (its only VM; the daemon logs JSON). */
+async function vmExit(d: Daemon): Promise<{ pages: number; faults: number }> {
+  const e = await d.waitForEvent("vm.exited");
+  return { pages: e.pages as number, faults: e.faults as number };
 }
 
 function orderFile(name: string, pages: number[]): string {
@@ -49,12 +47,11 @@ function randomPages(count: number, seed: number): number[] {
 describe("fault-around", () => {
   test("--fault-around 16 serves a sequential restore in about 1/16 of the faults", async () => {
     const sock = join(dir.path, "fa.sock");
-    const d = await startDaemon(["--mem", image, "--fault-around", "16"], sock);
+    const d = await startDaemon(["--mem", image, "--fault-around", "16", "--log-format", "json"], sock);
     const r = await runStandin(["--socket", sock, "--expect", image, "--order", "seq", "--verify", "all"]);
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.report!.verified).toBe(PAGES);
-    await d.waitForLog(/exited/);
-    const { faults } = lastExit(d.log);
+    const { faults } = await vmExit(d);
     expect(faults).toBeLessThanOrEqual(PAGES / 16 + 64);
     expect(faults).toBeGreaterThan(0);
     await d.stop();
@@ -62,11 +59,10 @@ describe("fault-around", () => {
 
   test("--fault-around 1 is one page per fault", async () => {
     const sock = join(dir.path, "fa1.sock");
-    const d = await startDaemon(["--mem", image, "--fault-around", "1"], sock);
+    const d = await startDaemon(["--mem", image, "--fault-around", "1", "--log-format", "json"], sock);
     const r = await runStandin(["--socket", sock, "--expect", image, "--order", "random", "--fraction", "0.25"]);
     expect(r.code, describeRun(r)).toBe(0);
-    await d.waitForLog(/exited/);
-    const { pages, faults } = lastExit(d.log);
+    const { pages, faults } = await vmExit(d);
     expect(pages).toBe(r.report!.pages);
     expect(faults).toBe(r.report!.pages);
     await d.stop();
@@ -120,24 +116,23 @@ describe("working sets", () => {
     const order = orderFile("ws.order", subset);
     const ws = join(dir.path, "vm.ws");
     const sock = join(dir.path, "rec.sock");
-    const rec = await startDaemon(["--mem", image, "--record", ws], sock);
+    const rec = await startDaemon(["--mem", image, "--record", ws, "--log-format", "json"], sock);
     const r1 = await runStandin(["--socket", sock, "--expect", image, "--order", `file:${order}`]);
     expect(r1.code, describeRun(r1)).toBe(0);
-    await rec.waitForLog(/recorded \d+ first touches/);
+    expect((await rec.waitForEvent("vm.recorded")).pages).toBe(subset.length);
     await rec.stop();
     const recorded = decodeWorkingSet(readFileSync(ws), 32 * MIB);
     expect([...recorded]).toEqual(subset);
 
     const sock2 = join(dir.path, "pf.sock");
-    const pf = await startDaemon(["--mem", image, "--prefetch", ws], sock2);
-    expect(pf.log).toContain(`prefetching ${subset.length} pages`);
+    const pf = await startDaemon(["--mem", image, "--prefetch", ws, "--log-format", "json"], sock2);
+    expect((await pf.waitForEvent("daemon.listening")).prefetchPages).toBe(subset.length);
     // The guest touches the same set in another order, and verifies every page it touched.
     const reordered = orderFile("ws2.order", [...subset].reverse());
     const r2 = await runStandin(["--socket", sock2, "--expect", image, "--order", `file:${reordered}`]);
     expect(r2.code, describeRun(r2)).toBe(0);
     expect(r2.report!.verified).toBe(subset.length);
-    await pf.waitForLog(/exited/);
-    const { faults } = lastExit(pf.log);
+    const { faults } = await vmExit(pf);
     // Prefetch races the guest from the handshake on; most touches must find their page installed.
     expect(faults).toBeLessThan(subset.length / 2);
     await pf.stop();
@@ -146,17 +141,26 @@ describe("working sets", () => {
   test("SIGUSR1 writes the recording of a running VM", async () => {
     const ws = join(dir.path, "usr1-{vm}.ws");
     const sock = join(dir.path, "usr1.sock");
-    const d = await startDaemon(["--mem", image, "--record", ws], sock);
-    const run = runStandin(["--socket", sock, "--expect", image, "--order", "seq", "--fraction", "0.1", "--hold", "1500"]);
-    await new Promise((r) => setTimeout(r, 700));
+    const d = await startDaemon(["--mem", image, "--record", ws, "--log-format", "json"], sock);
+    // The stand-in prints its report once it touched its pages, then holds the VM connected.
+    const standin = Bun.spawn([STANDIN, "--socket", sock, "--expect", image, "--order", "seq", "--fraction", "0.1", "--hold", "60000"], { stdout: "pipe", stderr: "pipe" });
+    const reader = standin.stdout.getReader();
+    let out = "";
+    while (!out.includes("}\n")) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`stand-in exited without a report: ${out}`);
+      out += new TextDecoder().decode(value);
+    }
     d.proc.kill("SIGUSR1");
-    await d.waitForLog(/recorded \d+ first touches to .*usr1-1\.ws/);
+    const e = await d.waitForEvent("vm.recorded");
+    expect(e).toMatchObject({ vm: 1, pid: standin.pid, path: join(dir.path, "usr1-1.ws") });
     const path = join(dir.path, "usr1-1.ws");
     expect(existsSync(path)).toBe(true);
     const recorded = decodeWorkingSet(readFileSync(path), 32 * MIB);
     expect(recorded.length).toBe(Math.ceil(PAGES * 0.1));
     expect(recorded[0]).toBe(0);
-    expect((await run).code).toBe(0);
+    expect(e.pages).toBe(recorded.length);
+    standin.kill("SIGKILL");
     await d.stop();
   });
 
@@ -189,13 +193,12 @@ describe("working sets", () => {
 describe("background population", () => {
   test("a VM that touches 1% is fully populated, then detached; every page correct", async () => {
     const sock = join(dir.path, "pop.sock");
-    const d = await startDaemon(["--mem", image, "--populate", "background"], sock);
+    const d = await startDaemon(["--mem", image, "--populate", "background", "--log-format", "json"], sock);
     const r = await runStandin(["--socket", sock, "--expect", image, "--order", "random", "--fraction", "0.01", "--pause", "1500", "--verify", "all"]);
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.report!.verified).toBe(PAGES);
-    await d.waitForLog(/fully populated in [\d.]+ s .*detached/);
-    await d.waitForLog(/exited/);
-    const { faults } = lastExit(d.log);
+    await d.waitForEvent("vm.detached");
+    const { faults } = await vmExit(d);
     // Verification touched every page after the pause: served by the populator, not by faults.
     expect(faults).toBeLessThan(PAGES / 2);
     await d.stop();
@@ -203,10 +206,10 @@ describe("background population", () => {
 
   test("population skips pages the guest discarded (they stay zero)", async () => {
     const sock = join(dir.path, "popb.sock");
-    const d = await startDaemon(["--mem", image, "--populate", "background"], sock);
+    const d = await startDaemon(["--mem", image, "--populate", "background", "--log-format", "json"], sock);
     const r = await runStandin(["--socket", sock, "--expect", image, "--balloon", "4m:8m", "--fraction", "0.01", "--pause", "1500", "--verify", "all"]);
     expect(r.code, describeRun(r)).toBe(0);
-    await d.waitForLog(/detached/);
+    await d.waitForEvent("vm.detached");
     await d.stop();
   });
 });

@@ -1,11 +1,11 @@
-// Review regressions. The fault path is driven with a fake kernel (the FFI symbols are swapped
+// Races on the fault path, and a VMM that forks. The fault path is driven with a fake kernel (the FFI symbols are swapped
 // for a model of UFFDIO_COPY / ZEROPAGE / WAKE), so races that are hard to hit with real
 // processes (an event pending between reading a batch and installing it) are deterministic.
 import { afterEach, describe, expect, test } from "bun:test";
 import { Errno, sl, UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE } from "../src/ffi.ts";
 import { HandlerTable, PAGE_INSTALLED, type PageBackend } from "../src/handler-table.ts";
 import { ZeroMap } from "../src/image/snapshot-image.ts";
-import { Scratch, VmSession } from "../src/vm-session.ts";
+import { MAX_DRAIN_ROUNDS, Scratch, VmSession } from "../src/vm-session.ts";
 
 const PS = 4096;
 const BASE = 0x7f00_0000_0000;
@@ -135,6 +135,58 @@ describe("coalesced faults that meet EAGAIN", () => {
     vm.serveRetries();
     expect(region.state[21]).toBe(PAGE_INSTALLED);
     expect([...kernel.sleeping]).toEqual([]);
+  });
+});
+
+describe("drain() while installs keep meeting EAGAIN (issue 8)", () => {
+  // The REMOVE was read, but the VMM thread that madvise()d has not run since (throttled): the
+  // kernel keeps answering EAGAIN and the uffd stays empty. drain() used to re-read the empty uffd
+  // and retry forever, holding the one loop every VM is served from.
+  test("returns after one more read of the empty queue, keeping the fault for a later retry", () => {
+    const { vm, kernel, scratch, region } = setup();
+    let reads = 0;
+    const s = sl as unknown as Record<string, (...a: number[]) => number>;
+    s.sl_uffd_read = () => {
+      // Bounded here so the old behaviour ends the test instead of hanging it.
+      if (++reads >= 1000) kernel.eagain = 0;
+      return 0;
+    };
+    cleanup = () => {
+      kernel.restore();
+      scratch.free();
+    };
+    kernel.fault(5);
+    kernel.eagain = 1;
+    faultBatch(scratch, [5]);
+    vm.dispatch(scratch.msgs, 1);
+    expect(vm.retry.length).toBe(1);
+    expect(vm.drain()).toBe(true);
+    expect(reads).toBeLessThanOrEqual(2);
+    expect(vm.retry.length).toBe(1); // still owed: the server retries it after a tick
+    expect(kernel.sleeping.has(5)).toBe(true);
+    // The VMM thread has run: the retry installs the page and wakes the vCPU.
+    kernel.eagain = 0;
+    expect(vm.serveRetries()).toBe(true);
+    expect(region.state[5]).toBe(PAGE_INSTALLED);
+    expect([...kernel.sleeping]).toEqual([]);
+  });
+
+  test("a VMM that keeps its uffd full is read at most MAX_DRAIN_ROUNDS times per drain()", () => {
+    const { vm, kernel, scratch } = setup();
+    let reads = 0;
+    const s = sl as unknown as Record<string, (...a: number[]) => number>;
+    // Every read returns a full batch of faults (the fake kernel answers EEXIST after the first).
+    s.sl_uffd_read = () => {
+      if (++reads >= 1000) return 0;
+      faultBatch(scratch, Array.from({ length: Scratch.MAX_MSGS }, (_, i) => i % PAGES));
+      return Scratch.MAX_MSGS;
+    };
+    cleanup = () => {
+      kernel.restore();
+      scratch.free();
+    };
+    expect(vm.drain()).toBe(true);
+    expect(reads).toBe(MAX_DRAIN_ROUNDS);
   });
 });
 

@@ -1,4 +1,4 @@
-// Review reproductions: hostile peers of the page server.
+// Hostile peers of the page server: a client that floods requests and never reads its replies.
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -37,8 +37,8 @@ for (const kind of ["PING", "out-of-bounds REQUEST"] as const) {
     const pid = ps.daemon.proc.pid;
     const before = rssKiB(pid);
     const one = kind === "PING" ? frame(FrameType.PING, null, 7) : frame(FrameType.REQUEST, null, 7, 2 ** 40, 4096);
-    const batch = Buffer.concat(Array.from({ length: 4096 }, () => one)); // 128 KiB
-    for (let i = 0; i < 1024 && !c.closed; i++) { // 128 MiB of frames
+    for (let i = 0; i < 1024 && !c.closed; i++) { // 256 MiB of sealed frames (64 bytes each)
+      const batch = Buffer.concat(Array.from({ length: 4096 }, () => c.wire(one))); // 256 KiB
       if (!c.socket.write(batch)) await new Promise((r) => { c.socket.once("drain", r); setTimeout(r, 2000); });
     }
     await Bun.sleep(500);
@@ -46,5 +46,8 @@ for (const kind of ["PING", "out-of-bounds REQUEST"] as const) {
     console.log(`${kind}: page server RSS grew by ${(grown / 1024).toFixed(0)} MiB; connection closed: ${c.closed}`);
     c.close();
     expect(grown).toBeLessThan(64 * 1024);
+    // Dropped for not reading its replies, not for anything else (every frame it sent was sealed right).
+    await ps.daemon.waitForLog(/replies left unread; connection closed/);
+    expect(ps.daemon.log).not.toMatch(/failed authentication/);
   }, 60_000);
 }

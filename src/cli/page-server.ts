@@ -1,0 +1,54 @@
+// `snapload page-server`: its options (parser, schema and usage from one table).
+import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, requiredString } from "./command.ts";
+
+const options = {
+  listen: { type: "string", schema: requiredString("HOST:PORT to listen on"), arg: "HOST:PORT", help: "address to listen on" },
+  mem: { type: "string", schema: requiredString("the image to serve"), arg: "FILE", help: "raw or mapped-ram image to serve" },
+  "token-file": {
+    type: "string",
+    schema: requiredString("the page server serves only clients that prove they hold this shared secret"),
+    arg: "FILE", help: "shared secret clients must prove they hold",
+  },
+  ramblock: { type: "string", schema: optionalString(), arg: "NAME", help: "mapped-ram block to serve (as for serve)" },
+  // Short: an unauthenticated connection holds an fd, and anyone can open one.
+  "handshake-timeout": {
+    type: "string", schema: intValue(10, 600_000).default(2000), arg: "MS",
+    help: "drop clients that have not authenticated by then (default 2000)",
+  },
+  "max-preauth": {
+    type: "string", schema: intValue(1, 1_000_000).default(256), arg: "N",
+    help: "unauthenticated connections held at once (default 256) ...",
+  },
+  "max-preauth-per-address": {
+    type: "string", schema: intValue(1, 1_000_000).default(32), arg: "N",
+    help: "... and from one address (default 32); past either the\noldest idle one is dropped",
+  },
+  "max-clients": {
+    type: "string", schema: intValue(1, 1_000_000).default(1024), arg: "N",
+    help: "authenticated connections at once (default 1024)",
+  },
+  "log-level": logLevelOption,
+  "log-format": logFormatOption,
+  metrics: metricsOption,
+  // Exercises the clients' authentication: flips a sealed payload byte of every Nth reply.
+  "test-only-corrupt-every": {
+    type: "string", schema: intValue(1, 1_000_000_000).optional(), arg: "N", hidden: true,
+    help: "TEST ONLY: corrupt a sealed payload byte of every Nth reply",
+  },
+  // Exercises contained accept failures: fails the setup of every Nth accepted connection.
+  "test-only-fail-accept-every": {
+    type: "string", schema: intValue(1, 1_000_000_000).optional(), arg: "N", hidden: true,
+    help: "TEST ONLY: fail the setup of every Nth accepted connection",
+  },
+} as const;
+
+export const pageServer = defineCommand({
+  name: "page-server",
+  synopsis: "--listen HOST:PORT --mem FILE --token-file FILE [options]",
+  summary: "Serve an image's pages over TCP to daemons started with --mem tcp://HOST:PORT (postcopy).\n" +
+    "Clients must prove they hold the same --token-file secret; after that handshake every\n" +
+    "byte is encrypted and authenticated (AES-256-GCM, fresh keys per connection).",
+  options,
+  run: async (config) => (await import("../page-server-command.ts")).pageServerCommand(config),
+});
+export type PageServerConfig = ConfigOf<typeof options>;
