@@ -30,9 +30,8 @@ import {
 
 export class MigrationError extends SnaploadError {
   constructor(message: string, context: Record<string, unknown> = {}, options?: { cause?: unknown }) {
-    super("MIGRATION", message, context);
+    super("MIGRATION", message, context, options);
     this.name = "MigrationError";
-    if (options?.cause !== undefined) this.cause = options.cause;
   }
 }
 

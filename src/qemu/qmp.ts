@@ -8,10 +8,9 @@ export class QmpError extends SnaploadError {
   /** QMP's error class (e.g. GenericError), when QEMU answered with an error. */
   readonly qmpClass?: string;
   constructor(message: string, context: Record<string, unknown> = {}, qmpClass?: string, options?: { cause?: unknown }) {
-    super("QMP", message, context);
+    super("QMP", message, context, options);
     this.name = "QmpError";
     if (qmpClass !== undefined) this.qmpClass = qmpClass;
-    if (options?.cause !== undefined) this.cause = options.cause;
   }
 }
 
