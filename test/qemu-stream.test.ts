@@ -6,46 +6,12 @@ import { join } from "node:path";
 import { planBlocks, parseRamblockTable } from "../src/qemu/destination.ts";
 import { readDeviceState, readSnapshotStream } from "../src/qemu/snapshot-stream.ts";
 import { ReturnPathDecoder, Rp, type RpMessage } from "../src/qemu/stream.ts";
-import { generateMappedRam, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
+import { generateMappedRam } from "./gen-mapped-ram.ts";
+import { DEVICE, SID, withQemuTail } from "./qemu-standin.ts";
 import { tempDir } from "./harness.ts";
 
 const tmp = tempDir("snapload-qemu-stream-");
 afterAll(() => tmp.cleanup());
-
-const SID = 2; // the generator's ram section id
-const DEVICE = Buffer.concat([
-  Buffer.from([0x04, 0, 0, 0, 7, 5]), Buffer.from("timer"), Buffer.from([0, 0, 0, 0, 0, 0, 0, 2]),
-  Buffer.from("device bytes \x00\x06 that look like an EOF"), Buffer.from([0x7e, 0, 0, 0, 7]),
-]);
-
-/** Rewrites the generator's stand-in tail as QEMU 10.0 writes it (doc §6). */
-function withQemuTail(g: GeneratedMappedRam, opts: { vmdesc?: boolean; extraStart?: string } = {}): { deviceStart: number; eofAt: number } {
-  const parts: Buffer[] = [];
-  const be32 = (v: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(v); return b; };
-  const eos = Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x10]);
-  const footer = (sid: number) => Buffer.concat([Buffer.from([0x7e]), be32(sid)]);
-  parts.push(eos, footer(SID));
-  for (let i = 0; i < 2; i++) parts.push(Buffer.from([0x02]), be32(SID), eos, footer(SID));
-  parts.push(Buffer.from([0x08, 0x00, 0x0b, 0x00, 0x00])); // SWITCHOVER_START
-  if (opts.extraStart) parts.push(Buffer.from([0x01]), be32(9), Buffer.from([opts.extraStart.length]), Buffer.from(opts.extraStart), be32(0), be32(1));
-  parts.push(Buffer.from([0x03]), be32(SID), eos, footer(SID));
-  const deviceStart = g.endOfBlocks + parts.reduce((n, p) => n + p.length, 0);
-  parts.push(DEVICE, Buffer.from([0x00]));
-  const eofAt = deviceStart + DEVICE.length;
-  if (opts.vmdesc !== false) {
-    const json = Buffer.from(JSON.stringify({ page_size: 4096, devices: [{ name: "timer", instance_id: 0 }] }));
-    parts.push(Buffer.from([0x06]), be32(json.length), json);
-  }
-  const tail = Buffer.concat(parts);
-  const fd = openSync(g.path, "r+");
-  try {
-    writeSync(fd, tail, 0, tail.length, g.endOfBlocks);
-    ftruncateSync(fd, g.endOfBlocks + tail.length);
-  } finally {
-    closeSync(fd);
-  }
-  return { deviceStart, eofAt };
-}
 
 let n = 0;
 const gen = (opts: Parameters<typeof generateMappedRam>[1] = {}) => generateMappedRam(join(tmp.path, `s${n++}.bin`), { ramMiB: 2, expect: false, ...opts });

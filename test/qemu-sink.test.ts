@@ -1,0 +1,142 @@
+// The QEMU sink's scheduling, against a stand-in destination on real Unix sockets that decodes
+// the stream itself: every data page exactly once with the snapshot's bytes, zero pages only on
+// request, requests answered on the preempt channel with data-only fault-around, prefetch first,
+// and a background that continues after the guest's last request.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { imageBackend } from "../src/image-backend.ts";
+import { openMappedRamBlocks } from "../src/image/mapped-ram.ts";
+import type { SnapshotImage } from "../src/image/snapshot-image.ts";
+import { silentLogger } from "../src/log.ts";
+import { QemuPageSink, type SinkOptions } from "../src/qemu/page-sink.ts";
+import { readDeviceState, readSnapshotStream, type SnapshotStream } from "../src/qemu/snapshot-stream.ts";
+import { generateMappedRam, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
+import { ensureBuilt, tempDir } from "./harness.ts";
+import { DEVICE, type Received, StandinDestination, type StandinOptions, withQemuTail } from "./qemu-standin.ts";
+
+let tmp: ReturnType<typeof tempDir>;
+let gen: GeneratedMappedRam;
+let stream: SnapshotStream;
+const expected = new Map<string, Buffer>();
+
+beforeAll(() => {
+  ensureBuilt();
+  tmp = tempDir("snapload-qemu-sink-");
+  gen = generateMappedRam(join(tmp.path, "snap.bin"), { ramMiB: 4, seed: 7 });
+  withQemuTail(gen);
+  stream = readSnapshotStream(gen.path);
+  for (const b of gen.blocks) expected.set(b.name, readFileSync(b.expectFile!));
+});
+afterAll(() => tmp?.cleanup());
+
+const isData = (block: string, page: number) => {
+  const b = gen.blocks.find((x) => x.name === block)!;
+  return ((b.bitmap[page >> 3]! >> (page & 7)) & 1) === 1;
+};
+
+let n = 0;
+async function restore(opts: Partial<SinkOptions>, standin: StandinOptions) {
+  const path = join(tmp.path, `dst-${n++}.sock`);
+  const dest = new StandinDestination(path, standin);
+  await dest.listen();
+  const images: SnapshotImage[] = [];
+  const sink = new QemuPageSink(
+    stream.ram.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })),
+    () => {
+      images.push(...openMappedRamBlocks(gen.path, false));
+      return images.map(imageBackend);
+    },
+    { sectionId: stream.ramSectionId, header: stream.header, deviceState: readDeviceState(stream), pageSizeSummary: 4096, preempt: true, faultAround: 1, logger: silentLogger, ...opts },
+  );
+  try {
+    const stats = await sink.run({ kind: "unix", path });
+    await dest.done;
+    return { dest, stats, sink };
+  } finally {
+    dest.close();
+    for (const i of images) i.close();
+  }
+}
+
+/** Each data page exactly once with the snapshot's bytes; nothing twice; ZERO only for zero pages. */
+function checkPages(records: Received[]): void {
+  const seen = new Set<string>();
+  for (const r of records) {
+    const key = `${r.block}#${r.page}`;
+    expect(seen.has(key), `${key} sent twice`).toBe(false);
+    seen.add(key);
+    expect(r.zero, `${key}: ZERO record for a data page, or data for a zero page`).toBe(!isData(r.block, r.page));
+    if (r.data) expect(r.data.equals(expected.get(r.block)!.subarray(r.page * 4096, (r.page + 1) * 4096)), `${key} bytes`).toBe(true);
+  }
+  for (const b of gen.blocks) {
+    for (let p = 0; p < b.pages; p++) if (isData(b.name, p)) expect(seen.has(`${b.name}#${p}`), `${b.name}#${p} never sent`).toBe(true);
+  }
+}
+
+describe("QEMU sink against a stand-in destination", () => {
+  test("with preempt: requests answered on the preempt channel with data-only fault-around; every data page once; zero pages only on request", async () => {
+    const ram = gen.blocks.find((b) => b.name === "pc.ram")!;
+    // Far into pc.ram, where the slowed background has not been yet: data and zero pages.
+    const wanted = [ram.pages - 3, ram.pages - 40, ram.pages - 77, ram.pages - 200, ram.pages - 301];
+    const { dest, stats, sink } = await restore({ faultAround: 8, backgroundRate: 2 * 1024 * 1024 }, {
+      onPackage: (d) => {
+        for (const p of wanted) d.request("pc.ram", p);
+        d.request("/rom@etc/acpi/rsdp", 0); // an all-zero block: its page exists only if asked for
+      },
+    });
+    expect(dest.errors).toEqual([]);
+    expect(dest.machine).toBe("pc-i440fx-10.0");
+    expect(dest.deviceState!.equals(DEVICE)).toBe(true);
+    expect(dest.blocks).toEqual(gen.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })));
+    checkPages(dest.records);
+    const pre = dest.records.filter((r) => r.channel === "preempt");
+    for (const p of wanted) expect(pre.some((r) => r.block === "pc.ram" && r.page === p), `request ${p} on preempt`).toBe(true);
+    expect(pre.some((r) => r.block === "/rom@etc/acpi/rsdp" && r.page === 0 && r.zero)).toBe(true);
+    // Fault-around: the other preempt pages are data pages in the requests' aligned windows.
+    for (const r of pre) {
+      if (r.block !== "pc.ram" || wanted.includes(r.page)) continue;
+      expect(wanted.some((w) => Math.floor(w / 8) === Math.floor(r.page / 8)), `page ${r.page} outside every window`).toBe(true);
+      expect(r.zero).toBe(false);
+    }
+    // Zero pages only on request: the one asked for, and any zero page among those requested.
+    const zeros = dest.records.filter((r) => r.zero);
+    expect(zeros.every((r) => (r.block === "pc.ram" && wanted.includes(r.page)) || r.block === "/rom@etc/acpi/rsdp")).toBe(true);
+    expect(stats.pagesOnRequest + stats.pagesBackground + stats.pagesPrefetched + (sink.totalPages - sink.sentPages)).toBe(sink.totalPages);
+    expect(stats.requests).toBe(wanted.length + 1);
+  }, 30_000);
+
+  test("without preempt: prefetch goes first, in order; after a request the background continues right after it", async () => {
+    const ram = gen.blocks.find((b) => b.name === "pc.ram")!;
+    const ramIndex = gen.blocks.indexOf(ram);
+    const dataPages = (from: number, count: number) => {
+      const out: number[] = [];
+      for (let p = from; p < ram.pages && out.length < count; p++) if (isData("pc.ram", p)) out.push(p);
+      return out;
+    };
+    const prefetch = dataPages(500, 5).reverse(); // an order the linear sweep would never take
+    const target = dataPages(ram.pages - 200, 1)[0]!;
+    let asked = false;
+    const { dest } = await restore(
+      { preempt: false, faultAround: 1, backgroundRate: 2 * 1024 * 1024, prefetch: prefetch.map((page) => ({ block: ramIndex, page })) },
+      {
+        onRecord: (d, r) => {
+          // Once the background runs (a few records in), the guest asks for a page far ahead.
+          if (!asked && r.seq === 70) {
+            asked = true;
+            d.request("pc.ram", target);
+          }
+        },
+      },
+    );
+    expect(dest.errors).toEqual([]);
+    checkPages(dest.records);
+    expect(dest.records.slice(0, prefetch.length).map((r) => r.page)).toEqual(prefetch);
+    const answer = dest.records.find((r) => r.block === "pc.ram" && r.page === target)!;
+    expect(answer.channel).toBe("main");
+    // The section after the answer's starts where the request left off.
+    const next = dest.records.find((r) => r.section === answer.section! + 1)!;
+    expect(next.block).toBe("pc.ram");
+    expect(next.page).toBe(dataPages(target + 1, 1)[0]!);
+  }, 30_000);
+});
