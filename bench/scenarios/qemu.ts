@@ -19,6 +19,8 @@ interface Eager {
 
 interface Lazy {
   runningMs: number;
+  /** From snapload's own clock: command start (after Bun has loaded it) to guest running. */
+  ownRunningMs: number;
   completedMs: number;
   p50: number | null;
   p99: number | null;
@@ -95,7 +97,7 @@ export const qemu: Scenario = async (ctx: Ctx) => {
       const s = JSON.parse(out);
       // snapload's clock starts after Bun has loaded it: add that start-up to be fair.
       const startup = wall - s.timeToCompletionMs;
-      return { runningMs: s.timeToRunningMs + startup, completedMs: wall, p50: s.latencyP50Ms, p99: s.latencyP99Ms, requests: s.requests };
+      return { runningMs: s.timeToRunningMs + startup, ownRunningMs: s.timeToRunningMs, completedMs: wall, p50: s.latencyP50Ms, p99: s.latencyP99Ms, requests: s.requests };
     } finally {
       await dst.kill();
     }
@@ -116,12 +118,14 @@ export const qemu: Scenario = async (ctx: Ctx) => {
   const e = summarize(E.map((x) => x.runningMs));
   const lr = summarize(L.map((x) => x.runningMs));
   const lc = summarize(L.map((x) => x.completedMs));
+  const lo = summarize(L.map((x) => x.ownRunningMs));
   const runRatio = lr.median / e.median;
   const compRatio = lc.median / e.median;
   const lat = (xs: Lazy[], k: "p50" | "p99") => summarize(xs.map((x) => x[k]).filter((v): v is number => v !== null));
   const rows: Row[] = [
     { what: `QEMU eager load (migrate-incoming file:, mapped-ram), ${memMiB} MiB guest, ${fillMiB} MiB non-zero: running = complete`, median: ms(e.median), best: ms(e.min) },
     { what: "snapload qemu-restore: time to guest running (incl. snapload start-up)", median: ms(lr.median), best: ms(lr.min), result: `${check(runRatio <= RUNNING_TARGET)} ${runRatio.toFixed(3)}x eager`, target: `≤ ${RUNNING_TARGET}x` },
+    { what: "… of which after Bun start-up (snapload's own clock: parse, QMP checks, device state, QEMU loads it)", median: ms(lo.median), best: ms(lo.min), result: `${(lo.median / e.median).toFixed(3)}x eager` },
     { what: "snapload qemu-restore: time to completion (preempt)", median: ms(lc.median), best: ms(lc.min), result: `${check(compRatio <= COMPLETION_TARGET)} ${compRatio.toFixed(2)}x eager`, target: `≤ ${COMPLETION_TARGET}x` },
     { what: "request latency p50 / p99, preempt (request read → page handed to the socket)", median: `${ms(lat(L, "p50").median)} / ${ms(lat(L, "p99").median)}` },
     { what: "request latency p50 / p99, no preempt (behind background sections)", median: `${ms(lat(LN, "p50").median)} / ${ms(lat(LN, "p99").median)}` },
