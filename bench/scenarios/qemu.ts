@@ -60,11 +60,17 @@ export const qemu: Scenario = async (ctx: Ctx) => {
     return p;
   };
 
-  const eager = async (): Promise<Eager> => {
+  const eager = async (multifd = 0): Promise<Eager> => {
     const dst = await fresh();
     const q = await QmpClient.connect(dst.qmpPath);
     try {
-      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: true }] });
+      const caps = [{ capability: "mapped-ram", state: true }];
+      if (multifd > 0) {
+        // QEMU reads the file with that many threads (mapped-ram + multifd, QEMU >= 9.0).
+        caps.push({ capability: "multifd", state: true });
+        await q.execute("migrate-set-parameters", { "multifd-channels": multifd });
+      }
+      await q.execute("migrate-set-capabilities", { capabilities: caps });
       const t0 = performance.now();
       await q.execute("migrate-incoming", { uri: `file:${snapshot}` });
       for (;;) {
@@ -105,28 +111,35 @@ export const qemu: Scenario = async (ctx: Ctx) => {
 
   const runs = Math.min(ctx.opts.runs, 3);
   const E: Eager[] = [];
+  const EM: Eager[] = [];
+  const MULTIFD = 2; // this host's core count; more channels only queue
   const L: Lazy[] = [];
   const LN: Lazy[] = [];
   await eager(); // page cache warm for both
   for (let r = 0; r < runs; r++) {
     E.push(await eager());
+    EM.push(await eager(MULTIFD));
     L.push(await lazy(true));
     LN.push(await lazy(false));
-    ctx.log(`q run ${r + 1}: eager ${E.at(-1)!.runningMs.toFixed(0)} ms; snapload running ${L.at(-1)!.runningMs.toFixed(0)} ms, complete ${L.at(-1)!.completedMs.toFixed(0)} ms (no preempt: ${LN.at(-1)!.completedMs.toFixed(0)} ms)`);
+    ctx.log(`q run ${r + 1}: eager ${E.at(-1)!.runningMs.toFixed(0)} ms (multifd ${EM.at(-1)!.runningMs.toFixed(0)} ms); snapload running ${L.at(-1)!.runningMs.toFixed(0)} ms, complete ${L.at(-1)!.completedMs.toFixed(0)} ms (no preempt: ${LN.at(-1)!.completedMs.toFixed(0)} ms)`);
   }
   const ms = (v: number) => fmtTime(v * 1e6);
   const e = summarize(E.map((x) => x.runningMs));
+  const em = summarize(EM.map((x) => x.runningMs));
   const lr = summarize(L.map((x) => x.runningMs));
   const lc = summarize(L.map((x) => x.completedMs));
   const lo = summarize(L.map((x) => x.ownRunningMs));
-  const runRatio = lr.median / e.median;
-  const compRatio = lc.median / e.median;
+  // Against QEMU's faster eager variant (with multifd it reads the file on several threads).
+  const base = Math.min(e.median, em.median);
+  const runRatio = lr.median / base;
+  const compRatio = lc.median / base;
   const lat = (xs: Lazy[], k: "p50" | "p99") => summarize(xs.map((x) => x[k]).filter((v): v is number => v !== null));
   const rows: Row[] = [
     { what: `QEMU eager load (migrate-incoming file:, mapped-ram), ${memMiB} MiB guest, ${fillMiB} MiB non-zero: running = complete`, median: ms(e.median), best: ms(e.min) },
-    { what: "snapload qemu-restore: time to guest running (incl. snapload start-up)", median: ms(lr.median), best: ms(lr.min), result: `${check(runRatio <= RUNNING_TARGET)} ${runRatio.toFixed(3)}x eager`, target: `≤ ${RUNNING_TARGET}x` },
-    { what: "… of which after Bun start-up (snapload's own clock: parse, QMP checks, device state, QEMU loads it)", median: ms(lo.median), best: ms(lo.min), result: `${(lo.median / e.median).toFixed(3)}x eager` },
-    { what: "snapload qemu-restore: time to completion (preempt)", median: ms(lc.median), best: ms(lc.min), result: `${check(compRatio <= COMPLETION_TARGET)} ${compRatio.toFixed(2)}x eager`, target: `≤ ${COMPLETION_TARGET}x` },
+    { what: `QEMU eager load with multifd (${MULTIFD} channels)`, median: ms(em.median), best: ms(em.min), result: `${(em.median / e.median).toFixed(2)}x plain eager` },
+    { what: "snapload qemu-restore: time to guest running (incl. snapload start-up)", median: ms(lr.median), best: ms(lr.min), result: `${check(runRatio <= RUNNING_TARGET)} ${runRatio.toFixed(3)}x faster eager`, target: `≤ ${RUNNING_TARGET}x` },
+    { what: "… of which after Bun start-up (snapload's own clock: parse, QMP checks, device state, QEMU loads it)", median: ms(lo.median), best: ms(lo.min), result: `${(lo.median / base).toFixed(3)}x faster eager` },
+    { what: "snapload qemu-restore: time to completion (preempt)", median: ms(lc.median), best: ms(lc.min), result: `${check(compRatio <= COMPLETION_TARGET)} ${compRatio.toFixed(2)}x faster eager`, target: `≤ ${COMPLETION_TARGET}x` },
     { what: "request latency p50 / p99, preempt (request read → page handed to the socket)", median: `${ms(lat(L, "p50").median)} / ${ms(lat(L, "p99").median)}` },
     { what: "request latency p50 / p99, no preempt (behind background sections)", median: `${ms(lat(LN, "p50").median)} / ${ms(lat(LN, "p99").median)}` },
   ];
@@ -136,6 +149,6 @@ export const qemu: Scenario = async (ctx: Ctx) => {
     status: "ok",
     notes: ["TCG guest (no KVM here); the eager figure is QEMU reading every page with pread before the guest runs"],
     rows,
-    data: { memMiB, fillMiB, eager: E, preempt: L, noPreempt: LN },
+    data: { memMiB, fillMiB, eager: E, eagerMultifd: EM, multifdChannels: MULTIFD, preempt: L, noPreempt: LN },
   };
 };
