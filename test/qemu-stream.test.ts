@@ -8,7 +8,7 @@ import { readDeviceState, readSnapshotStream } from "../src/qemu/snapshot-stream
 import { ReturnPathDecoder, Rp, type RpMessage } from "../src/qemu/stream.ts";
 import { generateMappedRam } from "./gen-mapped-ram.ts";
 import { DEVICE, SID, withQemuTail } from "./qemu-standin.ts";
-import { tempDir } from "./harness.ts";
+import { runSnapload, tempDir } from "./harness.ts";
 
 const tmp = tempDir("snapload-qemu-stream-");
 afterAll(() => tmp.cleanup());
@@ -146,5 +146,25 @@ describe("destination blocks", () => {
     expect(run).toThrow(/pc\.ram" is 268435456 bytes in the snapshot but 134217728 on the destination/);
     expect(run).toThrow(/"vga\.vram" \(16777216 bytes\) does not exist on the destination/);
     expect(run).toThrow(/"pc\.bios" uses 2097152-byte pages/);
+  });
+});
+
+describe("command line", () => {
+  test("qemu-restore without --qmp or --to, and with a bad --to: exit 2 naming the flag", async () => {
+    const g = gen();
+    withQemuTail(g);
+    const none = await runSnapload(["qemu-restore", "--mem", g.path]);
+    expect(none.code).toBe(2);
+    expect(none.stderr).toContain("--qmp: is required (or --to ADDR if you drive QMP yourself)");
+    const bad = await runSnapload(["qemu-restore", "--mem", g.path, "--to", "ftp:x"]);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toContain(`"ftp:x" is not a migration address: use unix:PATH or tcp:HOST:PORT`);
+  });
+
+  test("qemu-save refuses to overwrite a file, before talking to QEMU", async () => {
+    const g = gen();
+    const r = await runSnapload(["qemu-save", "--qmp", join(tmp.path, "no.qmp"), "--out", g.path]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain("exists; qemu-save does not overwrite snapshots");
   });
 });
