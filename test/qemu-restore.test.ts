@@ -243,6 +243,22 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     }
   }, 60_000);
 
+  test("--to into a destination without postcopy-ram: a clear error that names the capability", async () => {
+    const dst = await destination();
+    try {
+      const q = await dst.qmp();
+      const addr = `unix:${join(ctx.dir, "to-nocap.sock")}`;
+      await q.execute("migrate-incoming", { uri: addr, "exit-on-error": false });
+      const r = await restore(["--mem", ctx.snapshot, "--to", addr]).done;
+      expect(r.code).not.toBe(0);
+      expect(r.stderr).toContain("with --to, set postcopy-ram and postcopy-preempt on the destination before migrate-incoming");
+      expect((await waitMigration(q)).status).toBe("failed");
+      q.close();
+    } finally {
+      await dst.kill();
+    }
+  }, 60_000);
+
   test("a QEMU not started with -incoming is refused with the reason", async () => {
     const qmp = join(ctx.dir, `plain-${n++}.qmp`);
     const plain = new QemuProc(guestArgs({ kernel: (kernel as { path: string }).path, initrd: ctx.initrd, memMiB: MEM_MIB, qmp, extra: ["-S"] }), qmp);

@@ -171,6 +171,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     }, PROGRESS_MS);
     const timer = setTimeout(() => sink.abort(new MigrationError(`the restore did not complete within ${config["completion-timeout"]} ms`)), config["completion-timeout"]);
     let stats: SinkStats;
+    const stats0 = sink.stats;
     try {
       stats = await runPromise;
     } catch (e) {
@@ -179,6 +180,14 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       const qmpLost = e instanceof MigrationError && e.context.qmpLost === true;
       const why = qmp && !qmpLost ? await destinationReason(qmp) : undefined;
       if (why && e instanceof MigrationError) throw new MigrationError(`${e.message}\n  destination: ${why}`, {}, { cause: e });
+      if (!qmp && e instanceof MigrationError && stats0.packageSentMs === 0) {
+        // Without --qmp the usual cause of an early refusal is a capability the user did not set.
+        throw new MigrationError(
+          `${e.message}\n  (with --to, set postcopy-ram${preempt ? " and postcopy-preempt" : ""} on the destination before migrate-incoming, and keep mapped-ram and multifd off)`,
+          {},
+          { cause: e },
+        );
+      }
       throw e;
     } finally {
       clearTimeout(timer);
