@@ -94,6 +94,14 @@ export function guestArgs(o: GuestOptions): string[] {
   ];
 }
 
+const live = new Set<Bun.Subprocess>();
+
+/** SIGKILLs every QEMU still running (a test that timed out skips its own cleanup). A QEMU
+ *  whose vCPU waits on a page that will never come ignores SIGTERM. */
+export function killAllQemu(): void {
+  for (const p of live) p.kill("SIGKILL");
+}
+
 /** One QEMU process; its serial console (stdout) and stderr are collected as they come. */
 export class QemuProc {
   serial = "";
@@ -104,6 +112,8 @@ export class QemuProc {
   constructor(readonly args: string[], readonly qmpPath: string) {
     const proc = Bun.spawn(args, { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
     this.proc = proc;
+    live.add(proc);
+    void proc.exited.then(() => live.delete(proc));
     const pump = async (s: ReadableStream<Uint8Array>, into: "serial" | "stderr") => {
       const dec = new TextDecoder();
       for await (const c of s) {

@@ -1,11 +1,11 @@
 // qemu-restore against a real, unmodified QEMU (TCG) and a real Linux guest: the guest's memory
 // after a lazy restore equals its memory before the snapshot, page for page.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync, statSync, truncateSync } from "node:fs";
-import { join } from "node:path";
+import { existsSync, readFileSync, statSync, truncateSync } from "node:fs";
+import { dirname, join } from "node:path";
 import type { LogRecord } from "../src/log.ts";
 import { BUN, ROOT, ensureBuilt, tempDir } from "./harness.ts";
-import { QemuProc, buildInitramfs, debianKernel, guestArgs, qemuMissing, waitMigration } from "./qemu-guest.ts";
+import { QemuProc, buildInitramfs, debianKernel, guestArgs, killAllQemu, qemuMissing, waitMigration } from "./qemu-guest.ts";
 
 const missing = qemuMissing();
 const kernel = missing === undefined ? debianKernel() : undefined;
@@ -125,7 +125,10 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     }
   }, 180_000);
 
-  afterAll(() => ctx?.cleanup());
+  afterAll(() => {
+    killAllQemu();
+    ctx?.cleanup();
+  });
 
   test("with preempt, into a paused destination: RAM after completion equals RAM before the snapshot; the guest then runs with its data intact", async () => {
     const dst = await destination(["-S"]);
@@ -286,6 +289,10 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       expect(stopped).toBe(true);
       expect(r.code).toBe(143);
       expect(events(r.stderr).find((e) => e.event === "qemu.interrupted")?.signal).toBe("SIGTERM");
+      // The private directory of the migration socket is gone even so.
+      const address = String(events(r.stderr).find((e) => e.event === "qemu.restoring")?.address);
+      expect(address).toStartWith("unix:");
+      expect(existsSync(dirname(address.slice(5)))).toBe(false);
       // Not asked over QMP: a vCPU blocked on a missing page can hold QEMU's big lock, and then
       // the monitor does not answer either (README).
       expect(dst.proc.exitCode).toBeNull();

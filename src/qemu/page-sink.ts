@@ -104,7 +104,7 @@ const POOL_CHUNKS = 8;
 const HINT_WINDOW = 256; // pages the background follows after a request before the linear sweep
 const PONG_TIMEOUT_MS = 10_000;
 
-function connectTo(addr: MigrationAddress): Promise<Socket> {
+function connectTo(addr: MigrationAddress, channel = "main"): Promise<Socket> {
   return new Promise((resolve, reject) => {
     const s = addr.kind === "unix" ? connect(addr.path) : connect(addr.port, addr.host);
     s.once("connect", () => {
@@ -112,7 +112,15 @@ function connectTo(addr: MigrationAddress): Promise<Socket> {
       resolve(s);
     });
     s.once("error", (e: NodeJS.ErrnoException) =>
-      reject(new MigrationError(`cannot connect to the destination's migration address ${formatMigrationAddress(addr)}: ${e.code ?? e.message}`, {}, { cause: e })),
+      reject(
+        new MigrationError(
+          channel === "main"
+            ? `cannot connect to the destination's migration address ${formatMigrationAddress(addr)}: ${e.code ?? e.message}`
+            : `cannot open the ${channel} channel to ${formatMigrationAddress(addr)} (${e.code ?? e.message}): the destination stopped listening, so it refused the stream so far (see QEMU's stderr)`,
+          {},
+          { cause: e },
+        ),
+      ),
     );
   });
 }
@@ -250,7 +258,7 @@ export class QemuPageSink {
 
       if (this.opts.preempt) {
         // The destination waits for this channel before loading the device state (doc §4).
-        const pre = await connectTo(addr);
+        const pre = await connectTo(addr, "preempt");
         this.#pre = pre;
         this.#watch(pre, "preempt");
       }

@@ -133,6 +133,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     // Killed now, the guest keeps running but blocks on the first page it still lacks.
     const onSignal = (sig: NodeJS.Signals) => {
       logger.error("qemu.interrupted", `${sig} during the restore: the destination cannot complete without snapload; its guest will block on the first page it still lacks`, { signal: sig });
+      if (dir) rmSync(dir, { recursive: true, force: true }); // exit() skips the finally below
       process.exit(128 + (sig === "SIGINT" ? 2 : 15));
     };
     process.once("SIGINT", onSignal);
@@ -180,10 +181,11 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       const qmpLost = e instanceof MigrationError && e.context.qmpLost === true;
       const why = qmp && !qmpLost ? await destinationReason(qmp) : undefined;
       if (why && e instanceof MigrationError) throw new MigrationError(`${e.message}\n  destination: ${why}`, {}, { cause: e });
-      if (!qmp && e instanceof MigrationError && stats0.packageSentMs === 0) {
-        // Without --qmp the usual cause of an early refusal is a capability the user did not set.
+      if (!qmp && e instanceof MigrationError && stats0.requests === 0) {
+        // Without --qmp the usual cause of a refusal before any page request is a capability the
+        // user did not set (a postcopy destination asks for pages as soon as it loads devices).
         throw new MigrationError(
-          `${e.message}\n  (with --to, set postcopy-ram${preempt ? " and postcopy-preempt" : ""} on the destination before migrate-incoming, and keep mapped-ram and multifd off)`,
+          `${e.message}\n  (if the destination refused the stream: with --to, set postcopy-ram${preempt ? " and postcopy-preempt" : ""} on the destination before migrate-incoming, and keep mapped-ram and multifd off)`,
           {},
           { cause: e },
         );
