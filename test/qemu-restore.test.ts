@@ -26,6 +26,7 @@ interface Ctx {
   cleanup: () => void;
 }
 let ctx: Ctx;
+let scratch: { cleanup: () => void } | undefined;
 let n = 0;
 
 /** A fresh destination QEMU, returned once its QMP socket accepts connections. */
@@ -90,6 +91,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
   beforeAll(async () => {
     ensureBuilt();
     const t = tempDir("snapload-qemu-test-");
+    scratch = t; // cleaned in afterAll even when this setup fails
     const initrd = buildInitramfs(t.path);
     const qmp = join(t.path, "src.qmp");
     const src = new QemuProc(guestArgs({ kernel: (kernel as { path: string }).path, initrd, memMiB: MEM_MIB, qmp }), qmp);
@@ -127,7 +129,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
 
   afterAll(() => {
     killAllQemu();
-    ctx?.cleanup();
+    scratch?.cleanup();
   });
 
   test("with preempt, into a paused destination: RAM after completion equals RAM before the snapshot; the guest then runs with its data intact", async () => {
