@@ -335,6 +335,9 @@ export class QemuPageSink {
   }
 
   #serveRequest(name: string | undefined, start: number, length: number, receivedAt: number): void {
+    // Requests can only follow LISTEN, which travels in the package, after which the blocks
+    // are open; a destination that asks earlier is not following the protocol.
+    if (this.#blocks.length === 0) return this.abort(new MigrationError("the destination requested a page before the device state was sent"));
     const bi = name === undefined ? undefined : this.#byName.get(name);
     if (bi === undefined) return this.abort(new MigrationError(`the destination requested a page of unknown RAM block "${name}"`));
     const block = this.#blocks[bi]!;
@@ -408,7 +411,9 @@ export class QemuPageSink {
     const zero = block.backend.zero.isZero(page);
     if (!zero || this.opts.sendZeroPages) this.#mustSent++;
     const view = this.#views[bi];
-    const data = zero || !view ? undefined : view.subarray(page * TARGET_PAGE, (page + 1) * TARGET_PAGE);
+    // The parser checked that every data page lies inside the file, hence inside the mapping.
+    if (!zero && !view) throw new MigrationError(`internal error: data page ${page} of ${block.name} has no mapping`);
+    const data = zero ? undefined : view!.subarray(page * TARGET_PAGE, (page + 1) * TARGET_PAGE);
     pageRecord(b, page * TARGET_PAGE, withName ? block.name : undefined, data);
   }
 

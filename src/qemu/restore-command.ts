@@ -67,6 +67,8 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     const blockBase = blockStarts(stream);
 
     let plan: DestinationPlan;
+    // Checked before anything is asked of QEMU, so a typo leaves it untouched.
+    const given = config.to === undefined ? undefined : parseMigrationAddress(config.to);
     let addr: MigrationAddress;
     const preempt = config.preempt;
     if (config.qmp !== undefined) {
@@ -77,24 +79,29 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       if (plan.extra.length > 0) logger.warn("qemu.extra_blocks", `destination RAM blocks not in the snapshot stay zero: ${plan.extra.join(", ")}`, { blocks: plan.extra });
       const caps = [{ capability: "postcopy-ram", state: true }];
       if (preempt) caps.push({ capability: "postcopy-preempt", state: true });
-      await qmp.execute("migrate-set-capabilities", { capabilities: caps });
-      if (config.to !== undefined) addr = parseMigrationAddress(config.to);
+      if (given) addr = given;
       else {
         dir = mkdtempSync(join(tmpdir(), "snapload-qemu-"));
         addr = { kind: "unix", path: join(dir, "migrate.sock") };
       }
-      await qmp.execute("migrate-incoming", { uri: formatMigrationAddress(addr), "exit-on-error": false });
+      await qmp.execute("migrate-set-capabilities", { capabilities: caps });
+      try {
+        await qmp.execute("migrate-incoming", { uri: formatMigrationAddress(addr), "exit-on-error": false });
+      } catch (e) {
+        // Leave the destination as we found it (e.g. the --to address was taken).
+        await qmp.execute("migrate-set-capabilities", { capabilities: caps.map((c) => ({ ...c, state: false })) }).catch(() => {});
+        throw e;
+      }
       step("migrate-incoming issued");
     } else {
       // Without QMP the user has set the capabilities and called migrate-incoming; page sizes
       // are assumed to be the target page (no hugetlbfs).
-      addr = parseMigrationAddress(config.to!);
+      addr = given!;
       plan = { blocks: stream.ram.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })), pageSizeSummary: TARGET_PAGE, extra: [] };
     }
 
     // Every RAM block as the image backend `serve` uses for a local file (page-source.ts), from
-    // one parse;
-    // opened by the sink once the device state is on its way.
+    // one parse, opened by the sink once the device state is on its way.
     const openBlocks = () => {
       images.push(...openMappedRamBlocks(config.mem, false));
       const backends = images.map((image, i) => {
