@@ -1,5 +1,6 @@
 // The `snapload` command line: parses, validates once, and hands typed config to a command.
 import { ConfigError, SnaploadError } from "./errors.ts";
+import { STORE_USAGE } from "./store/cli.ts";
 import { demoSchema, inspectSchema, pageServerSchema, parseFlags, serveSchema, validate } from "./config.ts";
 
 export const USAGE = `snapload — lazy snapshot loading over userfaultfd
@@ -39,7 +40,7 @@ usage:
       --log-level LEVEL       error|warn|info|debug (default info)
   snapload inspect FILE [--ramblock NAME] [--json]
       Show an image's format, blocks, page size, and data vs zero pages.
-  snapload demo [--size-mib N] [--threads N] [--fault-around N] [--dir DIR] [--keep]
+${STORE_USAGE}  snapload demo [--size-mib N] [--threads N] [--fault-around N] [--dir DIR] [--keep]
       Make a demo image, serve it, restore a stand-in VM from it and verify every page.
   snapload help
 `;
@@ -65,7 +66,11 @@ export async function runCli(argv: string[]): Promise<number> {
         const { pageServerCommand } = await import("./page-server-command.ts");
         return await pageServerCommand(config);
       }
+      case "push":
+      case "pull":
+        return await (await import("./store/cli.ts")).storeCommand(command, rest);
       case "inspect": {
+        if (rest[0] !== undefined && (await import("./store/stores.ts")).isStoreUrl(rest[0])) return await (await import("./store/cli.ts")).storeCommand("inspect", rest);
         const { flags, positional } = parseFlags(rest, ["json"]);
         if (positional.length > 1) throw new ConfigError(`inspect takes one FILE, got ${positional.length}`);
         const config = validate(inspectSchema, { ...flags, file: positional[0] ?? "" }, Object.keys(inspectSchema.shape));

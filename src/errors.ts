@@ -9,7 +9,12 @@ export type ErrorCode =
   | "PEER_GONE"
   | "BAD_FRAME"
   | "AUTH_FAILED"
-  | "BAD_WORKING_SET";
+  | "BAD_WORKING_SET"
+  // object stores (src/store/)
+  | "STORE_UNAVAILABLE"
+  | "NOT_FOUND"
+  | "BAD_MANIFEST"
+  | "BAD_CHUNK";
 
 export class SnaploadError extends Error {
   readonly code: ErrorCode;
