@@ -30,7 +30,15 @@ usage:
                               is detached
       --token-file FILE       the page server's shared secret (required with tcp://)
       --page-server-deadline MS  a VM whose page server stays unreachable this long is killed
-                              (default 30000)
+                              (default 30000); also the deadline for a chunk from a store
+      --mem STORE/NAME        a snapshot in a store (file://DIR, s3://BUCKET[/PREFIX], http(s)://URL;
+                              see push): chunks fetched on demand, verified, kept in the host cache;
+                              the snapshot's recorded working set is prefetched first
+      --cache-dir DIR         host chunk cache, shared by every daemon (default /var/cache/snapload
+                              as root, else $TMPDIR/snapload)
+      --cache-size N          cache size in bytes, or with k/m/g/t (default 10g); LRU eviction
+      --s3-endpoint URL       S3-compatible endpoint for s3:// (Ceph RGW, MinIO, ...), path-style
+      --store-parallel N      chunk GETs in flight per daemon (default 8)
   snapload page-server --listen HOST:PORT --mem FILE --token-file FILE [options]
       Serve an image's pages over TCP to daemons started with --mem tcp://HOST:PORT (postcopy).
       Clients must prove they hold the same --token-file secret. The channel is NOT encrypted:
@@ -48,6 +56,7 @@ ${STORE_USAGE}  snapload demo [--size-mib N] [--threads N] [--fault-around N] [-
 const SERVE_FLAGS = [
   "socket", "mem", "ramblock", "socket-mode", "fault-around", "handshake-timeout", "on-fatal", "populate",
   "prefetch", "record", "log-level", "page-server-deadline", "token-file", "spin-us",
+  "cache-dir", "cache-size", "s3-endpoint", "store-parallel",
 ];
 
 export async function runCli(argv: string[]): Promise<number> {

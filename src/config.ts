@@ -35,6 +35,11 @@ export const serveSchema = z
   "log-level": z.enum(["error", "warn", "info", "debug"]).default("info"),
   "page-server-deadline": intFlag(100, 86_400_000).default(30_000),
   "token-file": z.string().min(1).optional(),
+  // object stores (src/store/)
+  "cache-dir": z.string().min(1).optional(),
+  "cache-size": z.string().regex(/^\d+[kmgt]?$/i, "must be bytes, or a number with k/m/g/t").transform((s) => Number.parseInt(s, 10) * 1024 ** " kmgt".indexOf((s.match(/[kmgt]$/i)?.[0] ?? " ").toLowerCase())).optional(),
+  "s3-endpoint": z.url().optional(),
+  "store-parallel": intFlag(1, 256).optional(),
 })
   .refine((c) => c.mem.length === 1 || c.mem.length === c.socket.length, {
     message: "give one --mem for all sockets, or one --mem per --socket (paired in order)",

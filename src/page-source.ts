@@ -11,6 +11,8 @@ export interface OpenedSource {
   /** One line for the log: what is served, how big, data vs zero. */
   summary: string;
   close(): void;
+  /** A working set the source carries (a store manifest's), prefetched unless --prefetch says otherwise. */
+  prefetch?: Uint32Array;
 }
 
 export interface SourceOptions {
@@ -21,6 +23,11 @@ export interface SourceOptions {
   /** As given on the command line; undefined = the source's default (tcp:// pulls everything). */
   populate?: "none" | "background";
   logger: Logger;
+  /** Object stores (src/store/): host chunk cache, its size in bytes, S3 endpoint, GETs in flight. */
+  cacheDir?: string;
+  cacheSize?: number;
+  s3Endpoint?: string;
+  storeParallel?: number;
 }
 
 export async function openSource(mem: string, opts: SourceOptions): Promise<OpenedSource> {
@@ -30,6 +37,7 @@ export async function openSource(mem: string, opts: SourceOptions): Promise<Open
     });
     return openRemoteSource(mem, opts);
   }
+  if (/^(file|s3|https?):\/\//.test(mem)) return (await import("./store/store-source.ts")).openStoreSource(mem, opts);
   const image = openImage(mem, { ramblock: opts.ramblock });
   const backend = imageBackend(image);
   return {

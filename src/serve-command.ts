@@ -24,9 +24,13 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
         deadlineMs: config["page-server-deadline"],
         populate: config.populate,
         logger,
+        cacheDir: config["cache-dir"],
+        cacheSize: config["cache-size"],
+        s3Endpoint: config["s3-endpoint"],
+        storeParallel: config["store-parallel"],
       });
       if (!opened.includes(src)) opened.push(src);
-      const prefetch = config.prefetch !== undefined ? await readWorkingSet(config.prefetch, src.source.backend.size) : undefined;
+      const prefetch = config.prefetch !== undefined ? await readWorkingSet(config.prefetch, src.source.backend.size) : src.prefetch;
       listeners.push({ socketPath: config.socket[i]!, socketMode: config["socket-mode"], source: src.source, prefetch });
       summaries.push(`${src.summary}, fault-around ${faultAround}, populate ${config.populate ?? "none"}${prefetch ? `, prefetching ${prefetch.length} pages` : ""}`);
     }

@@ -1,0 +1,199 @@
+// Gets chunks for every VM of the daemon: from this process's memory, the host chunk cache, or
+// the store. One GET per chunk however many faults (of however many VMs) wait on it; a bounded
+// number of GETs in flight, with room always kept for faults; background fetches (prefetch,
+// population) in the order asked. Every fetched chunk is verified (decodeChunk: length and
+// SHA-256 after decompression) before anyone sees it. Failed GETs are retried with exponential
+// backoff and jitter until the deadline; a missing or persistently corrupt chunk fails at once.
+import type { EventLoop } from "../event-loop.ts";
+import type { Logger } from "../log.ts";
+import type { ChunkCache, LocalChunk } from "./chunk-cache.ts";
+import { StoreError } from "./errors.ts";
+import { chunkKey, decodeChunk } from "./format.ts";
+import { type ObjectStore, PermanentStoreError } from "./stores.ts";
+
+export type ChunkCallback = (err: StoreError | undefined, chunk: LocalChunk | undefined) => void;
+
+export interface FetcherOptions {
+  /** GETs in flight at once. */
+  parallel: number;
+  /** How long a chunk may stay unobtainable (store down, errors) before its waiters fail. */
+  deadlineMs: number;
+  logger: Logger;
+}
+
+const RETRY_FIRST_MS = 50;
+const RETRY_MAX_MS = 2000;
+/** Fetches of one chunk that decoded badly, in a row, before it is declared corrupt in the store. */
+const MAX_BAD_FETCHES = 3;
+/** GET slots background fetches leave free, so a fault never queues behind prefetch. */
+const URGENT_RESERVE = 2;
+/** While GETs are in flight the event loop must hand the thread to Bun often: completions run there. */
+const POLL_MS = 1;
+
+interface Pending {
+  store: ObjectStore;
+  hash: string;
+  length: number;
+  /** What the chunk is, for messages ("chunk 12 of vm1"). */
+  label: string;
+  urgent: boolean;
+  waiters: ChunkCallback[];
+  queued: boolean;
+  started: number;
+  attempts: number;
+  badFetches: number;
+  lastError: string;
+}
+
+export class ChunkFetcher {
+  private readonly pending = new Map<string, Pending>();
+  private readonly urgentQueue: Pending[] = [];
+  private readonly backgroundQueue: Pending[] = [];
+  private inFlight = 0;
+  private loop: EventLoop | undefined;
+  private polling = false;
+  readonly counters = { gets: 0, bytes: 0, retries: 0, badFetches: 0, coalesced: 0 };
+
+  constructor(
+    readonly cache: ChunkCache,
+    private readonly opts: FetcherOptions,
+  ) {}
+
+  /** The daemon's loop: while GETs are in flight it is kept turning so their completions run. */
+  attach(loop: EventLoop): void {
+    this.loop = loop;
+  }
+
+  /**
+   * Calls back with the verified chunk: synchronously when this process or the host cache has
+   * it (returns true), later otherwise (returns false).
+   */
+  acquire(store: ObjectStore, hash: string, length: number, label: string, urgent: boolean, cb: ChunkCallback): boolean {
+    const local = this.cache.lookup(hash, length);
+    if (local !== undefined) {
+      cb(undefined, local);
+      return true;
+    }
+    let p = this.pending.get(hash);
+    if (p !== undefined) {
+      this.counters.coalesced++;
+      p.waiters.push(cb);
+      if (urgent) this.hurry(hash);
+      return false;
+    }
+    p = { store, hash, length, label, urgent, waiters: [cb], queued: true, started: performance.now(), attempts: 0, badFetches: 0, lastError: "" };
+    this.pending.set(hash, p);
+    (urgent ? this.urgentQueue : this.backgroundQueue).push(p);
+    this.pump();
+    return false;
+  }
+
+  /** A vCPU now waits on this chunk: if its GET has not started, it goes before background ones. */
+  hurry(hash: string): void {
+    const p = this.pending.get(hash);
+    if (p === undefined || p.urgent) return;
+    p.urgent = true;
+    if (!p.queued) return;
+    const i = this.backgroundQueue.indexOf(p);
+    if (i >= 0) this.backgroundQueue.splice(i, 1);
+    this.urgentQueue.push(p);
+    this.pump();
+  }
+
+  private pump(): void {
+    const max = this.opts.parallel;
+    while (this.inFlight < max) {
+      let p = this.urgentQueue.shift();
+      if (p === undefined) {
+        if (this.inFlight >= Math.max(1, max - URGENT_RESERVE)) break;
+        p = this.backgroundQueue.shift();
+        if (p === undefined) break;
+      }
+      p.queued = false;
+      this.start(p);
+    }
+  }
+
+  private start(p: Pending): void {
+    this.inFlight++;
+    p.attempts++;
+    this.counters.gets++;
+    this.keepPolling();
+    const key = chunkKey(p.hash);
+    p.store.get(key).then(
+      (object) => {
+        this.inFlight--;
+        if (object === undefined) {
+          return this.finish(p, new StoreError("NOT_FOUND", `${p.label} is missing from ${p.store.url} (no object ${key})`, { key }));
+        }
+        this.counters.bytes += object.length;
+        let bytes: Uint8Array;
+        try {
+          bytes = decodeChunk(object, p.hash, p.length, `${p.store.url}/${key}`);
+        } catch (e) {
+          this.counters.badFetches++;
+          p.badFetches++;
+          p.lastError = (e as Error).message;
+          if (p.badFetches >= MAX_BAD_FETCHES) {
+            return this.finish(p, new StoreError("BAD_CHUNK", `${p.label}: ${p.lastError} (${p.badFetches} fetches in a row)`, { key }));
+          }
+          this.opts.logger.warn(`${p.label}: ${p.lastError}; fetching it again`);
+          return this.retry(p);
+        }
+        this.finish(p, undefined, this.cache.insert(p.hash, bytes));
+      },
+      (e: unknown) => {
+        this.inFlight--;
+        p.lastError = (e as Error).message;
+        if (e instanceof PermanentStoreError) return this.finish(p, e);
+        if (performance.now() - p.started >= this.opts.deadlineMs) {
+          return this.finish(p, new StoreError("STORE_UNAVAILABLE", `${p.label}: not obtainable within ${this.opts.deadlineMs} ms after ${p.attempts} attempts (last: ${p.lastError})`, { key }));
+        }
+        if (p.attempts === 1) this.opts.logger.warn(`${p.label}: ${p.lastError}; retrying for up to ${this.opts.deadlineMs} ms`);
+        this.retry(p);
+      },
+    );
+  }
+
+  /** Again after a backoff of 50 ms doubling to 2 s, each with ±50% jitter (no herd when a store comes back). */
+  private retry(p: Pending): void {
+    this.counters.retries++;
+    const base = Math.min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** Math.min(10, p.attempts - 1));
+    const left = this.opts.deadlineMs - (performance.now() - p.started);
+    const delay = Math.max(0, Math.min(left, base * (0.5 + Math.random())));
+    setTimeout(() => {
+      p.queued = true;
+      (p.urgent ? this.urgentQueue : this.backgroundQueue).unshift(p);
+      this.pump();
+    }, delay);
+    this.pump();
+  }
+
+  private finish(p: Pending, err: StoreError | undefined, chunk?: LocalChunk): void {
+    this.pending.delete(p.hash);
+    for (const cb of p.waiters.splice(0)) cb(err, chunk);
+    this.pump();
+  }
+
+  /**
+   * The daemon's loop blocks in epoll_wait and hands the thread to Bun only when idle; a 1 ms
+   * timer makes every wait short while GETs are outstanding, so their completions (which Bun runs
+   * on this thread) are seen within a millisecond.
+   */
+  private keepPolling(): void {
+    if (this.polling || this.loop === undefined) return;
+    this.polling = true;
+    const tick = () => {
+      if (this.pending.size === 0) {
+        this.polling = false;
+        return;
+      }
+      this.loop!.after(POLL_MS, tick);
+    };
+    this.loop.after(POLL_MS, tick);
+  }
+
+  get idle(): boolean {
+    return this.pending.size === 0;
+  }
+}
