@@ -76,7 +76,14 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
       `store ${ref} (manifest ${manifest.hash.slice(0, 16)}), ${b.image.size} bytes (${manifest.zero.pages - zeroPages} data, ${zeroPages} zero pages), ` +
       `${dataChunks} chunks of ${formatBytes(b.chunkSize)}, ${f.cache.describe()}, ${sweep ? "background completion" : "on demand"}, deadline ${opts.deadlineMs} ms` +
       (manifest.workingSet ? `, working set of ${manifest.workingSet.length} pages` : ""),
-    close: () => {},
+    close: () => {
+      const c = f.counters;
+      const k = f.cache.counters;
+      opts.logger.info(
+        `store ${ref}: ${c.gets} GETs (${formatBytes(c.bytes)}), ${c.coalesced} waits joined a GET in flight, ${c.retries} retries, ${c.badFetches} corrupt; ` +
+          `cache: ${k.hits} hits, ${k.inserted} inserted, ${k.evicted} evicted, ${k.corrupt} corrupt`,
+      );
+    },
   };
 }
 
