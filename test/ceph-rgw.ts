@@ -23,6 +23,10 @@ export interface Rgw {
   /** Environment for a snapload child process talking to this gateway. */
   env: Record<string, string>;
   dir: string;
+  /** Kills the gateway only (the cluster stays): the store "goes down". */
+  stopGateway(): Promise<void>;
+  /** Starts the gateway again on the same port; resolves once S3 answers. */
+  startGateway(): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -117,17 +121,28 @@ rgw_data = ${dir}/rgw
     run(["ceph", ...c, "--connect-timeout", "20", "osd", "new", osdUuid], "ceph osd new");
     run(["ceph-osd", ...c, "-i", "0", "--mkfs", "--osd-uuid", osdUuid], "ceph-osd --mkfs");
     spawn(["ceph-osd", ...c, "-f", "-i", "0"]);
-    spawn(["radosgw", ...c, "-f", "-n", "client.rgw"]);
     const endpoint = `http://127.0.0.1:${rgwPort}`;
-    await waitFor("radosgw", 60_000, async () => {
-      try {
-        const r = await fetch(endpoint);
-        await r.arrayBuffer();
-        return r.status === 200;
-      } catch {
-        return false;
-      }
-    }, procs);
+    let gateway: Bun.Subprocess | undefined;
+    const startGateway = async () => {
+      if (gateway !== undefined && gateway.exitCode === null) return;
+      gateway = spawn(["radosgw", ...c, "-f", "-n", "client.rgw"]);
+      await waitFor("radosgw", 60_000, async () => {
+        try {
+          const r = await fetch(endpoint);
+          await r.arrayBuffer();
+          return r.status === 200;
+        } catch {
+          return false;
+        }
+      }, [gateway]);
+    };
+    const stopGateway = async () => {
+      if (gateway === undefined) return;
+      gateway.kill("SIGKILL");
+      await gateway.exited;
+      gateway = undefined;
+    };
+    await startGateway();
     const accessKeyId = "SNAPLOADTESTKEY";
     const secretAccessKey = "snaploadtestsecret";
     run(["radosgw-admin", ...c, "user", "create", "--uid", "snapload", "--display-name", "snapload", "--access-key", accessKeyId, "--secret", secretAccessKey], "radosgw-admin user create");
@@ -137,6 +152,8 @@ rgw_data = ${dir}/rgw
       secretAccessKey,
       dir,
       env: { AWS_ACCESS_KEY_ID: accessKeyId, AWS_SECRET_ACCESS_KEY: secretAccessKey, AWS_REGION: "us-east-1" },
+      startGateway,
+      stopGateway,
       stop,
     };
   } catch (e) {
