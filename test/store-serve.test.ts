@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
 import { chunkKey, decodeManifest, encodeChunk, manifestKey } from "../src/store/format.ts";
 import { encodeWorkingSet } from "../src/working-set.ts";
+import { generateMappedRam } from "./gen-mapped-ram.ts";
 import { describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
@@ -113,6 +114,31 @@ describe("lazy restore from a file:// store", () => {
       await d.stop();
     }
     expect(d.log).toMatch(/exited \(VMM hung up\)/);
+  }, T);
+});
+
+describe("QEMU mapped-ram files", () => {
+  test("push stores the RAM block (stale bytes of zero pages never), with the file's geometry; pull and a restore match the block", async () => {
+    const gen = generateMappedRam(join(dir.path, "guest.mapped-ram"), { ramMiB: 24, seed: 12 });
+    const ram = gen.blocks.find((b) => b.name === "pc.ram")!;
+    const p = await runSnapload(["push", gen.path, `file://${store}/qemu`]);
+    expect(p.code, p.stderr).toBe(0);
+    const ins = await runSnapload(["inspect", `file://${store}/qemu`, "--json"]);
+    const rep = JSON.parse(ins.stdout);
+    expect(rep).toMatchObject({ source: "mapped-ram", block: "pc.ram", size: ram.usedLength, blockPageSize: 4096 });
+    expect(rep.blocks.map((b: { name: string }) => b.name)).toEqual(gen.blocks.map((b) => b.name));
+    const out = join(dir.path, "qemu.raw");
+    expect((await runSnapload(["pull", `file://${store}/qemu`, out])).code).toBe(0);
+    expect(Bun.hash(readFileSync(out))).toBe(Bun.hash(readFileSync(ram.expectFile!)));
+    const d = await serve(`file://${store}/qemu`, join(dir.path, "cache-q"));
+    try {
+      expectClean(await runStandin(["--socket", d.socket, "--expect", ram.expectFile!, "--order", "random", "--threads", "2", "--verify", "all"]), ram.usedLength / PAGE);
+    } finally {
+      await d.stop();
+    }
+    const bios = await runSnapload(["push", gen.path, `file://${store}/bios`, "--ramblock", "pc.bios"]);
+    expect(bios.code, bios.stderr).toBe(0);
+    expect(bios.stdout).toMatch(/pushed .*\/bios: 256 KiB in 1 chunks/);
   }, T);
 });
 
