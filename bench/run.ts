@@ -13,6 +13,7 @@ import { overhead } from "./scenarios/overhead.ts";
 import { population } from "./scenarios/population.ts";
 import { postcopy } from "./scenarios/postcopy.ts";
 import { scale } from "./scenarios/scale.ts";
+import { store } from "./scenarios/store.ts";
 import { workingSet } from "./scenarios/working-set.ts";
 import { type MicroSummary, renderMarkdown, type Results } from "./table.ts";
 
@@ -23,6 +24,7 @@ const SCENARIOS: [string, string, Scenario][] = [
   ["d", "postcopy", postcopy],
   ["e", "scale", scale],
   ["f", "fault-around sweep", faultAround],
+  ["g", "object storage", store],
 ];
 
 /** Above this share of foreign CPU time a scenario's figures get a warning. */
@@ -52,7 +54,7 @@ function parseArgs(argv: string[]): BenchOptions {
 
 function usage(err?: string): never {
   if (err) console.error(`bench: ${err}`);
-  console.error("usage: bun bench/run.ts [--quick] [--only a,b,c,d,e,f,micro] [--runs N]");
+  console.error("usage: bun bench/run.ts [--quick] [--only a,b,c,d,e,f,g,micro] [--runs N]");
   process.exit(err ? 2 : 0);
 }
 
