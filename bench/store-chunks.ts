@@ -9,7 +9,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { prng } from "../src/prng.ts";
-import { CHUNK_SIZES, decodeChunk, encodeChunk, sha256 } from "../src/store/format.ts";
+import { CHUNK_SIZES, decodeChunk, encodeChunk, isAllZero, sha256 } from "../src/store/format.ts";
 import { tempDir } from "../test/harness.ts";
 import { createBucket, startRgw } from "../test/ceph-rgw.ts";
 import { writeGuestLikeImage } from "../test/store-helpers.ts";
@@ -23,14 +23,21 @@ const dir = tempDir("snapload-bench-store-");
 const path = join(dir.path, "a.mem");
 writeGuestLikeImage(path, size, 1);
 const a = new Uint8Array(readFileSync(path));
-// Snapshot 2: the same guest a few seconds later — 0.5% of pages rewritten, scattered.
-const b = a.slice();
+// Snapshot 2: the same guest a few seconds later — 0.5% of pages rewritten, in runs of 32 pages
+// (a guest's dirty pages cluster), and (b2) scattered uniformly, the worst case for chunking.
 const rnd = prng(7);
 const pages = size / PAGE;
-for (let i = 0; i < pages / 200; i++) {
-  const p = Math.floor(rnd() * pages);
-  for (let k = 0; k < 64; k++) b[p * PAGE + Math.floor(rnd() * PAGE)] = (rnd() * 256) | 0;
+function rewrite(run: number): Uint8Array {
+  const out = a.slice();
+  for (let i = 0; i < pages / 200 / run; i++) {
+    const first = Math.floor(rnd() * (pages - run));
+    for (let p = first; p < first + run; p++) for (let k = 0; k < 64; k++) out[p * PAGE + Math.floor(rnd() * PAGE)] = (rnd() * 256) | 0;
+  }
+  return out;
 }
+const b = rewrite(32);
+const b2 = rewrite(1);
+const isZeroPage = (p: number) => a.subarray(p * PAGE, (p + 1) * PAGE).every((x) => x === 0);
 // A 10% working set: scattered single pages, and runs of 32 pages.
 const scattered = new Set<number>();
 while (scattered.size < pages / 10) scattered.add(Math.floor(rnd() * pages));
@@ -39,7 +46,7 @@ while (clustered.size < pages / 10) {
   const s = Math.floor(rnd() * (pages - 32));
   for (let k = 0; k < 32; k++) clustered.add(s + k);
 }
-const zeroChunk = (bytes: Uint8Array) => bytes.every((x) => x === 0);
+const zeroChunk = (bytes: Uint8Array) => isAllZero(bytes);
 
 interface Row {
   chunk: number;
@@ -48,6 +55,7 @@ interface Row {
   compressMBs: number;
   decompressGBs: number;
   secondPushBytes: number;
+  secondScattered: number;
   storedBytes: number;
   coldScattered: number;
   coldClustered: number;
@@ -60,7 +68,7 @@ for (const chunk of CHUNK_SIZES) {
     const objects: { o: Uint8Array; h: string; n: number }[] = [];
     let logical = 0;
     const perChunk: number[] = [];
-    const t0 = performance.now();
+    let tc = 0;
     for (let off = 0; off < size; off += chunk) {
       const bytes = a.subarray(off, off + chunk);
       if (zeroChunk(bytes)) {
@@ -68,36 +76,42 @@ for (const chunk of CHUNK_SIZES) {
         continue;
       }
       const h = sha256(bytes);
-      logical += bytes.length;
       if (!stored.has(h)) {
+        const t0 = performance.now();
         const { object } = encodeChunk(bytes, level);
+        tc += (performance.now() - t0) / 1000;
+        logical += bytes.length;
         stored.set(h, object.length);
         objects.push({ o: object, h, n: bytes.length });
       }
       perChunk.push(stored.get(h)!);
     }
-    const tc = (performance.now() - t0) / 1000;
     const t1 = performance.now();
     let out = 0;
     for (const { o, h, n } of objects) out += decodeChunk(o, h, n, "bench").length;
     const td = (performance.now() - t1) / 1000;
     let storedBytes = 0;
     for (const v of stored.values()) storedBytes += v;
-    // Second push: chunks of b not already stored.
-    let second = 0;
-    for (let off = 0; off < size; off += chunk) {
-      const bytes = b.subarray(off, off + chunk);
-      if (zeroChunk(bytes)) continue;
-      const h = sha256(bytes);
-      if (!stored.has(h)) {
-        const { object } = encodeChunk(bytes, level);
-        stored.set(h, object.length);
-        second += object.length;
+    // Second push: chunks of the next snapshot not already stored.
+    const secondPush = (next: Uint8Array) => {
+      const seen = new Set(stored.keys());
+      let n = 0;
+      for (let off = 0; off < size; off += chunk) {
+        const bytes = next.subarray(off, off + chunk);
+        if (zeroChunk(bytes)) continue;
+        const h = sha256(bytes);
+        if (!seen.has(h)) {
+          seen.add(h);
+          n += encodeChunk(bytes, level).object.length;
+        }
       }
-    }
+      return n;
+    };
+    const second = secondPush(b);
+    const secondScattered = secondPush(b2);
     const cold = (set: Set<number>) => {
       const touched = new Set<number>();
-      for (const p of set) touched.add(Math.floor((p * PAGE) / chunk));
+      for (const p of set) if (!isZeroPage(p)) touched.add(Math.floor((p * PAGE) / chunk));
       let fetched = 0;
       for (const c of touched) fetched += perChunk[c]!;
       return fetched;
@@ -109,6 +123,7 @@ for (const chunk of CHUNK_SIZES) {
       compressMBs: logical / MIB / tc,
       decompressGBs: out / 1e9 / td,
       secondPushBytes: second,
+      secondScattered,
       storedBytes,
       coldScattered: cold(scattered),
       coldClustered: cold(clustered),
@@ -130,7 +145,7 @@ if (values.rgw) {
       const h = sha256(bytes);
       await client.write(`c/${h}`, encodeChunk(bytes, 3).object);
       const times: number[] = [];
-      for (let i = 0; i < 40; i++) {
+      for (let i = 0; i < 100; i++) {
         const t = performance.now();
         const o = new Uint8Array(await client.file(`c/${h}`).arrayBuffer());
         decodeChunk(o, h, bytes.length, "rgw");
@@ -147,12 +162,12 @@ dir.cleanup();
 
 const mib = (n: number) => `${(n / MIB).toFixed(1)} MiB`;
 const lines = [
-  `Store chunk-size/level sweep · ${new Date().toISOString()} · guest-like image of ${mib(size)} (45% zero 256 KiB runs, text, sparse and random data) · second snapshot: 0.5% of pages rewritten, scattered · cold restore: a 10% working set (${mib(scattered.size * PAGE)} touched) · one core`,
+  `Store chunk-size/level sweep · ${new Date().toISOString()} · guest-like image of ${mib(size)} (45% zero 256 KiB runs, text, sparse and random data), stored ${mib(rows[0]!.storedBytes)}-ish · second snapshot: 0.5% of pages rewritten, in runs of 32 pages / scattered · cold restore: a 10% working set (${mib(scattered.size * PAGE)} touched), bytes fetched · compression: distinct data chunks, uncompressed / stored · one core`,
   "",
-  "| chunk | zstd level | compression | compress | decompress + SHA-256 | stored | 2nd push uploads | cold fetch, scattered 10% | cold fetch, clustered 10% | RGW GET + decode, one chunk (p50) |",
+  "| chunk | zstd level | compression | compress | decompress + SHA-256 | stored | 2nd push uploads (runs / scattered) | cold fetch, scattered 10% | cold fetch, clustered 10% | RGW GET + decode, one chunk (p50) |",
   "|---|---|---|---|---|---|---|---|---|---|",
   ...rows.map((r) =>
-    `| ${r.chunk / 1024} KiB | ${r.level} | ${r.ratio.toFixed(2)}x | ${r.compressMBs.toFixed(0)} MB/s | ${r.decompressGBs.toFixed(2)} GB/s | ${mib(r.storedBytes)} | ${mib(r.secondPushBytes)} | ${mib(r.coldScattered)} | ${mib(r.coldClustered)} | ${r.rgwFaultMs !== undefined ? `${r.rgwFaultMs.toFixed(2)} ms` : "-"} |`,
+    `| ${r.chunk / 1024} KiB | ${r.level} | ${r.ratio.toFixed(2)}x | ${r.compressMBs.toFixed(0)} MB/s | ${r.decompressGBs.toFixed(2)} GB/s | ${mib(r.storedBytes)} | ${mib(r.secondPushBytes)} / ${mib(r.secondScattered)} | ${mib(r.coldScattered)} | ${mib(r.coldClustered)} | ${r.rgwFaultMs !== undefined ? `${r.rgwFaultMs.toFixed(2)} ms` : "-"} |`,
   ),
 ];
 writeFileSync(join(import.meta.dir, "store-results.md"), `${lines.join("\n")}\n`);

@@ -3,6 +3,7 @@
 import { ConfigError } from "./errors.ts";
 import { imageBackend } from "./image-backend.ts";
 import { openImage } from "./image/open-image.ts";
+import type { EventLoop } from "./event-loop.ts";
 import type { Logger } from "./log.ts";
 import type { PageSource } from "./server.ts";
 
@@ -13,6 +14,8 @@ export interface OpenedSource {
   close(): void;
   /** A working set the source carries (a store manifest's), prefetched unless --prefetch says otherwise. */
   prefetch?: Uint32Array;
+  /** Called once the daemon's event loop exists, before it runs (sources with background upkeep). */
+  attach?(loop: EventLoop): void;
 }
 
 export interface SourceOptions {

@@ -47,6 +47,7 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
     const warm = warmUpFaultPath();
     logger.debug(warm ? `fault path warmed up in ${(performance.now() - t0).toFixed(1)} ms` : "fault path warm-up skipped (no userfaultfd)");
     server.loop.spinMs = config["spin-us"] / 1000;
+    for (const s of opened) s.attach?.(server.loop);
     server.listen();
     listeners.forEach((l, i) => logger.info(`listening on ${l.socketPath}: ${summaries[i]}`));
     const shutdown = (signal: string) => {

@@ -48,10 +48,10 @@ describe("file:// store through the CLI", () => {
   test("push, pull: byte-identical; a second push uploads nothing", async () => {
     const p1 = await runSnapload(["push", image, `file://${store}/one`]);
     expect(p1.code, p1.stderr).toBe(0);
-    expect(p1.stdout).toMatch(/uploaded 16 of 16 data chunks/);
+    expect(p1.stdout).toMatch(/uploaded 64 of 64 data chunks/);
     const p2 = await runSnapload(["push", image, `file://${store}/two`]);
     expect(p2.code, p2.stderr).toBe(0);
-    expect(p2.stdout).toMatch(/16 already in the store\); uploaded 0 of 16 data chunks, 0 B/);
+    expect(p2.stdout).toMatch(/64 already in the store\); uploaded 0 of 64 data chunks, 0 B/);
     const out = join(dir.path, "pulled.mem");
     const pl = await runSnapload(["pull", `file://${store}/two`, out]);
     expect(pl.code, pl.stderr).toBe(0);
@@ -60,7 +60,7 @@ describe("file:// store through the CLI", () => {
     expect(ins.code, ins.stderr).toBe(0);
     const rep = JSON.parse(ins.stdout);
     expect(rep.size).toBe(16 * MIB);
-    expect(rep.distinctChunks).toBe(16);
+    expect(rep.distinctChunks).toBe(64);
     expect(rep.storedBytes).toBeLessThan(16 * MIB);
   });
 

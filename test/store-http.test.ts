@@ -79,7 +79,7 @@ describe("http:// store behind nginx", () => {
     } finally {
       await d.stop();
     }
-    expect(d.log).toMatch(/store http:\/\/127\.0\.0\.1:\d+\/vm: 16 GETs/);
+    expect(d.log).toMatch(/store http:\/\/127\.0\.0\.1:\d+\/vm: 64 GETs/);
   }, 60_000);
 
   test("push to an http:// store is refused: it is read-only", async () => {

@@ -2,7 +2,7 @@
 // VMM stand-in verifying every page; a warm cache restores with the store gone; a chunk tampered
 // with in the store or in the cache is never installed.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { cpSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
 import { chunkKey, decodeManifest, encodeChunk, manifestKey } from "../src/store/format.ts";
@@ -114,6 +114,44 @@ describe("lazy restore from a file:// store", () => {
       await d.stop();
     }
     expect(d.log).toMatch(/exited \(VMM hung up\)/);
+  }, T);
+});
+
+describe("the host chunk cache", () => {
+  test("--cache-size: least recently used chunks are evicted; the cache stays within its size", async () => {
+    const cache = join(dir.path, "cache-small");
+    const d = await serve(`file://${store}/vm`, cache, ["--cache-size", "1m"]);
+    try {
+      expectClean(await runStandin(["--socket", d.socket, "--expect", image, "--order", "seq", "--verify", "all"]));
+    } finally {
+      await d.stop();
+    }
+    const evicted = Number(d.log.match(/cache: \d+ hits, \d+ inserted, (\d+) evicted/)![1]);
+    expect(evicted).toBeGreaterThan(0);
+    let bytes = 0;
+    for (const sub of readdirSync(join(cache, "chunks"))) for (const f of readdirSync(join(cache, "chunks", sub))) bytes += statSync(join(cache, "chunks", sub, f)).size;
+    expect(bytes).toBeLessThanOrEqual(1024 * 1024);
+  }, T);
+
+  const isRoot = process.getuid?.() === 0;
+  test.skipIf(!isRoot)("a full cache disk (a 256 KiB tmpfs): chunks stay in memory, the restore is correct, one warning", async () => {
+    const mnt = join(dir.path, "tiny");
+    mkdirSync(mnt);
+    const m = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt]);
+    expect(m.exitCode, m.stderr.toString()).toBe(0);
+    try {
+      const d = await serve(`file://${store}/vm`, mnt);
+      try {
+        expectClean(await runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--verify", "all"]));
+      } finally {
+        await d.stop();
+      }
+      const warnings = d.log.split("\n").filter((l) => /cannot write .*keeping chunks in memory until it can/.test(l));
+      expect(warnings.length).toBe(1);
+      expect(warnings[0]).toMatch(/ENOSPC|no space/i);
+    } finally {
+      Bun.spawnSync(["umount", mnt]);
+    }
   }, T);
 });
 

@@ -2,12 +2,13 @@
 // surviving restarts. A file is created whole (temp file + rename) and never modified, so a
 // reader sees a whole chunk or none; every file is re-hashed when a daemon first maps it, so a
 // corrupted cache costs a refetch, never a wrong page. Chunks are installed straight from the
-// file mapping, as pages of a local image are. LRU by modification time (touched on every use),
+// file mapping, as pages of a local image are (a chunk just fetched is installed from its
+// verified bytes while it is being written to the cache). LRU by modification time (touched on every use),
 // evicted past --cache-size; an evicted file stays valid for whoever still has it mapped.
-import { type Pointer, toArrayBuffer } from "bun:ffi";
+import { type Pointer, ptr, toArrayBuffer } from "bun:ffi";
 import { mkdirSync, readdirSync, renameSync, statSync, unlinkSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { sl, NativeBuffer } from "../ffi.ts";
+import { sl } from "../ffi.ts";
 import { mapReadOnly, openRegularFile } from "../image/snapshot-image.ts";
 import { formatBytes, type Logger } from "../log.ts";
 import { sha256 } from "./format.ts";
@@ -16,6 +17,8 @@ import { sha256 } from "./format.ts";
 export interface LocalChunk {
   readonly addr: number;
   readonly length: number;
+  /** Keeps the bytes alive while they are not in a mapping (just fetched, not yet in the cache). */
+  readonly keep?: Uint8Array;
 }
 
 /** Temp files older than this are leftovers of a daemon that died mid-write. */
@@ -132,23 +135,44 @@ export class ChunkCache {
   }
 
   /**
-   * Keeps verified chunk bytes: written to the cache (atomically) and mapped from there. If the
-   * cache cannot take it (disk full, read-only), the chunk is kept in memory instead: the
-   * restore goes on, only the next daemon will fetch it again.
+   * Takes verified chunk bytes: usable at once (installed straight from them), written to the
+   * cache (atomically) and mapped from there by persist(), off the fault path.
    */
   insert(hash: string, bytes: Uint8Array): LocalChunk {
     const have = this.local.get(hash);
     if (have !== undefined) return have;
+    const chunk: LocalChunk = { addr: ptr(bytes) as number, length: bytes.length, keep: bytes };
+    this.local.set(hash, chunk);
+    this.unpersisted.push(hash);
+    return chunk;
+  }
+
+  private readonly unpersisted: string[] = [];
+
+  get persistPending(): boolean {
+    return this.unpersisted.length > 0;
+  }
+
+  /**
+   * Writes one fetched chunk to the cache and swaps its bytes for the file mapping. If the cache
+   * cannot take it (disk full, read-only), the chunk stays in memory: the restore goes on, only
+   * the next daemon will fetch it again. Returns true while more are waiting.
+   */
+  persist(): boolean {
+    const hash = this.unpersisted.shift();
+    if (hash === undefined) return false;
+    const mem = this.local.get(hash);
+    if (mem?.keep === undefined) return this.unpersisted.length > 0;
+    const bytes = mem.keep;
     const path = this.path(hash);
     const tmp = join(this.dir, "chunks", hash.slice(0, 2), `.${hash}.${process.pid}.${Math.random().toString(36).slice(2)}`);
-    let chunk: LocalChunk | undefined;
     try {
       mkdirSync(join(this.dir, "chunks", hash.slice(0, 2)), { recursive: true });
       writeFileSync(tmp, bytes);
       renameSync(tmp, path);
       const { fd } = openRegularFile(path);
       try {
-        chunk = { addr: mapReadOnly(fd, bytes.length, 0, path), length: bytes.length };
+        this.local.set(hash, { addr: mapReadOnly(fd, bytes.length, 0, path), length: bytes.length });
       } finally {
         sl.sl_close(fd);
       }
@@ -163,12 +187,8 @@ export class ChunkCache {
         this.writeFailedLogged = true;
         this.logger.warn(`chunk cache ${this.dir}: cannot write ${path} (${(e as Error).message}); keeping chunks in memory until it can`);
       }
-      const buf = new NativeBuffer(bytes.length);
-      buf.bytes.set(bytes);
-      chunk = { addr: buf.address as number, length: bytes.length };
     }
-    this.local.set(hash, chunk);
-    return chunk;
+    return this.unpersisted.length > 0;
   }
 
   private touch(hash: string, size: number, path: string): void {

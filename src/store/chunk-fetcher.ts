@@ -61,7 +61,41 @@ export class ChunkFetcher {
 
   /** The daemon's loop: while GETs are in flight it is kept turning so their completions run. */
   attach(loop: EventLoop): void {
+    if (this.loop === loop) return;
     this.loop = loop;
+    if (this.warming.length || this.cache.persistPending) this.startBackground();
+  }
+
+  private readonly warming: { hash: string; length: number }[] = [];
+  private backgroundOn = false;
+  /** Cache upkeep between faults: write fetched chunks to the cache; map and verify cached ones ahead of need. */
+  private readonly background = (): boolean => {
+    if (this.cache.persistPending) this.cache.persist();
+    else {
+      const w = this.warming.shift();
+      if (w !== undefined) this.cache.lookup(w.hash, w.length);
+    }
+    const more = this.cache.persistPending || this.warming.length > 0;
+    if (!more) {
+      this.loop?.removeBackground(this.background);
+      this.backgroundOn = false;
+    }
+    return more;
+  };
+
+  private startBackground(): void {
+    if (this.backgroundOn || this.loop === undefined) return;
+    this.backgroundOn = true;
+    this.loop.addBackground(this.background);
+  }
+
+  /**
+   * Maps and verifies, between faults, the chunks of a snapshot the host cache already holds (the
+   * working set's first), so that no fault of a warm restore pays for hashing its chunk.
+   */
+  warm(chunks: { hash: string; length: number }[]): void {
+    this.warming.push(...chunks);
+    this.startBackground();
   }
 
   /**
@@ -141,6 +175,7 @@ export class ChunkFetcher {
           return this.retry(p);
         }
         this.finish(p, undefined, this.cache.insert(p.hash, bytes));
+        this.startBackground();
       },
       (e: unknown) => {
         this.inFlight--;

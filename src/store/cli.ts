@@ -12,8 +12,8 @@ export const STORE_USAGE = `  snapload push FILE STORE/NAME [options]
       snapshot store: STORE is file://DIR, s3://BUCKET[/PREFIX] (credentials from AWS_* or
       ~/.aws) or, read-only for serve/pull/inspect, http(s)://URL. Chunks the store already
       holds are not uploaded again; the manifest is written last.
-      --chunk-size N          256k|1m|2m|4m (default 1m)
-      --level N               zstd level (default 3)
+      --chunk-size N          256k|1m|2m|4m (default 256k)
+      --level N               zstd level (default 1)
       --parallel N            uploads in flight (default 8)
       --working-set FILE      a recorded working set (serve --record), prefetched first on restore
       --s3-endpoint URL       S3-compatible endpoint (Ceph RGW, MinIO, ...); path-style requests

@@ -69,8 +69,23 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
   };
   const dataChunks = b.chunks.filter((h) => h !== null).length;
   const zeroPages = manifest.zero.countZero();
+  // Chunks to map and verify ahead of need if the host cache has them: the working set's first.
+  const order: number[] = [];
+  const seen = new Set<number>();
+  const add = (c: number) => {
+    if (!seen.has(c) && b.chunks[c] !== null) {
+      seen.add(c);
+      order.push(c);
+    }
+  };
+  for (const p of manifest.workingSet ?? []) add(Math.floor((p * IMAGE_PAGE) / b.chunkSize));
+  for (let c = 0; c < b.chunks.length; c++) add(c);
   return {
     source,
+    attach: (loop) => {
+      f.attach(loop);
+      f.warm(order.map((c) => ({ hash: b.chunks[c]!, length: chunkLength(b.image.size, b.chunkSize, c) })));
+    },
     ...(manifest.workingSet !== undefined ? { prefetch: manifest.workingSet } : {}),
     summary:
       `store ${ref} (manifest ${manifest.hash.slice(0, 16)}), ${b.image.size} bytes (${manifest.zero.pages - zeroPages} data, ${zeroPages} zero pages), ` +
