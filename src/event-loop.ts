@@ -27,6 +27,11 @@ export class EventLoop {
   private wake = -1;
   /** Milliseconds to busy-poll before blocking (0 = never spin). */
   spinMs = 0;
+  /**
+   * Promises in flight whose completions run on Bun's own loop (object-store GETs): while > 0,
+   * every turn hands the thread to Bun and no wait exceeds 1 ms, so a completion is seen at once.
+   */
+  asyncPending = 0;
 
   constructor() {
     this.epfd = check("epoll_create", sl.sl_epoll_create());
@@ -110,7 +115,7 @@ export class EventLoop {
     let busy = false;
     let turns = 0;
     while (!this.stopped) {
-      let timeout = busy ? 0 : IDLE_WAIT_MS;
+      let timeout = busy ? 0 : this.asyncPending > 0 ? 1 : IDLE_WAIT_MS;
       if (this.timers.length) timeout = Math.max(0, Math.min(timeout, Math.ceil(this.timers[0]!.at - performance.now())));
       let n = 0;
       if (timeout > 0 && this.spinMs > 0) {
@@ -133,7 +138,7 @@ export class EventLoop {
       busy = this.background.length > 0 ? this.runBackground() : false;
       const idle = n === 0 && !busy;
       // The clock is read every 16 turns only: a turn is a few microseconds when faults stream.
-      if (idle || ((++turns & 15) === 0 && performance.now() - lastYield >= YIELD_EVERY_MS)) {
+      if (idle || this.asyncPending > 0 || ((++turns & 15) === 0 && performance.now() - lastYield >= YIELD_EVERY_MS)) {
         await yieldToBun();
         lastYield = performance.now();
       }

@@ -8,7 +8,7 @@
 import { type Pointer, ptr, toArrayBuffer } from "bun:ffi";
 import { mkdirSync, readdirSync, renameSync, statSync, unlinkSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { sl } from "../ffi.ts";
+import { NativeBuffer, sl } from "../ffi.ts";
 import { mapReadOnly, openRegularFile } from "../image/snapshot-image.ts";
 import { formatBytes, type Logger } from "../log.ts";
 import { sha256 } from "./format.ts";
@@ -19,6 +19,27 @@ export interface LocalChunk {
   readonly length: number;
   /** Keeps the bytes alive while they are not in a mapping (just fetched, not yet in the cache). */
   readonly keep?: Uint8Array;
+  /** The pool buffer holding them, given back once the chunk is mapped from the cache. */
+  readonly buffer?: NativeBuffer;
+}
+
+/**
+ * Decompression buffers, reused: fresh memory is slow to touch on a VM. A buffer is lent from
+ * the fetch of a chunk until that chunk is mapped from the cache (or for good if it cannot be).
+ * Holders of a chunk must look it up again (ChunkCache.peek) when they use it: the address of a
+ * chunk moves from its buffer to its mapping between event-loop turns.
+ */
+class BufferPool {
+  private readonly free: NativeBuffer[] = [];
+  take(length: number): NativeBuffer {
+    const i = this.free.findIndex((b) => b.length >= length);
+    if (i >= 0) return this.free.splice(i, 1)[0]!;
+    return new NativeBuffer(length);
+  }
+  give(b: NativeBuffer): void {
+    if (this.free.length < 64) this.free.push(b);
+    else b.free();
+  }
 }
 
 /** Temp files older than this are leftovers of a daemon that died mid-write. */
@@ -138,16 +159,20 @@ export class ChunkCache {
    * Takes verified chunk bytes: usable at once (installed straight from them), written to the
    * cache (atomically) and mapped from there by persist(), off the fault path.
    */
-  insert(hash: string, bytes: Uint8Array): LocalChunk {
+  insert(hash: string, bytes: Uint8Array, buffer?: NativeBuffer): LocalChunk {
     const have = this.local.get(hash);
-    if (have !== undefined) return have;
-    const chunk: LocalChunk = { addr: ptr(bytes) as number, length: bytes.length, keep: bytes };
+    if (have !== undefined) {
+      if (buffer !== undefined) this.pool.give(buffer);
+      return have;
+    }
+    const chunk: LocalChunk = { addr: ptr(bytes) as number, length: bytes.length, keep: bytes, ...(buffer !== undefined ? { buffer } : {}) };
     this.local.set(hash, chunk);
     this.unpersisted.push(hash);
     return chunk;
   }
 
   private readonly unpersisted: string[] = [];
+  readonly pool = new BufferPool();
 
   get persistPending(): boolean {
     return this.unpersisted.length > 0;
@@ -176,6 +201,7 @@ export class ChunkCache {
       } finally {
         sl.sl_close(fd);
       }
+      if (mem.buffer !== undefined) this.pool.give(mem.buffer);
       this.counters.inserted++;
       this.touch(hash, bytes.length, path);
       this.evict(hash);

@@ -27,8 +27,6 @@ const RETRY_MAX_MS = 2000;
 const MAX_BAD_FETCHES = 3;
 /** GET slots background fetches leave free, so a fault never queues behind prefetch. */
 const URGENT_RESERVE = 2;
-/** While GETs are in flight the event loop must hand the thread to Bun often: completions run there. */
-const POLL_MS = 1;
 
 interface Pending {
   store: ObjectStore;
@@ -51,7 +49,6 @@ export class ChunkFetcher {
   private readonly backgroundQueue: Pending[] = [];
   private inFlight = 0;
   private loop: EventLoop | undefined;
-  private polling = false;
   readonly counters = { gets: 0, bytes: 0, retries: 0, badFetches: 0, coalesced: 0 };
 
   constructor(
@@ -117,6 +114,9 @@ export class ChunkFetcher {
     }
     p = { store, hash, length, label, urgent, waiters: [cb], queued: true, started: performance.now(), attempts: 0, badFetches: 0, lastError: "" };
     this.pending.set(hash, p);
+    // Until it is settled, the daemon's loop hands the thread to Bun every turn: GET completions
+    // (and retry timers) run there.
+    if (this.loop !== undefined) this.loop.asyncPending++;
     (urgent ? this.urgentQueue : this.backgroundQueue).push(p);
     this.pump();
     return false;
@@ -152,7 +152,6 @@ export class ChunkFetcher {
     this.inFlight++;
     p.attempts++;
     this.counters.gets++;
-    this.keepPolling();
     const key = chunkKey(p.hash);
     p.store.get(key).then(
       (object) => {
@@ -162,9 +161,11 @@ export class ChunkFetcher {
         }
         this.counters.bytes += object.length;
         let bytes: Uint8Array;
+        const buffer = this.cache.pool.take(p.length);
         try {
-          bytes = decodeChunk(object, p.hash, p.length, `${p.store.url}/${key}`);
+          bytes = decodeChunk(object, p.hash, p.length, `${p.store.url}/${key}`, buffer.bytes);
         } catch (e) {
+          this.cache.pool.give(buffer);
           this.counters.badFetches++;
           p.badFetches++;
           p.lastError = (e as Error).message;
@@ -174,7 +175,10 @@ export class ChunkFetcher {
           this.opts.logger.warn(`${p.label}: ${p.lastError}; fetching it again`);
           return this.retry(p);
         }
-        this.finish(p, undefined, this.cache.insert(p.hash, bytes));
+        // Raw chunks are used from the GET's own bytes; the buffer goes back.
+        const used = bytes.buffer === buffer.bytes.buffer;
+        if (!used) this.cache.pool.give(buffer);
+        this.finish(p, undefined, this.cache.insert(p.hash, bytes, used ? buffer : undefined));
         this.startBackground();
       },
       (e: unknown) => {
@@ -206,26 +210,9 @@ export class ChunkFetcher {
 
   private finish(p: Pending, err: StoreError | undefined, chunk?: LocalChunk): void {
     this.pending.delete(p.hash);
+    if (this.loop !== undefined) this.loop.asyncPending--;
     for (const cb of p.waiters.splice(0)) cb(err, chunk);
     this.pump();
-  }
-
-  /**
-   * The daemon's loop blocks in epoll_wait and hands the thread to Bun only when idle; a 1 ms
-   * timer makes every wait short while GETs are outstanding, so their completions (which Bun runs
-   * on this thread) are seen within a millisecond.
-   */
-  private keepPolling(): void {
-    if (this.polling || this.loop === undefined) return;
-    this.polling = true;
-    const tick = () => {
-      if (this.pending.size === 0) {
-        this.polling = false;
-        return;
-      }
-      this.loop!.after(POLL_MS, tick);
-    };
-    this.loop.after(POLL_MS, tick);
   }
 
   get idle(): boolean {

@@ -5,6 +5,7 @@
 import { z } from "zod";
 import { IMAGE_PAGE, ZeroMap } from "../image/snapshot-image.ts";
 import { StoreError } from "./errors.ts";
+import { zstdDecompressInto } from "./zstd.ts";
 
 export const STORE_FORMAT_VERSION = 1;
 /**
@@ -69,9 +70,11 @@ export function encodeChunk(bytes: Uint8Array, level: number): { object: Uint8Ar
 
 /**
  * Decodes a chunk object and checks it against the name it was fetched by and the length the
- * manifest expects. Throws BAD_CHUNK: such bytes must never reach a guest.
+ * manifest expects. Throws BAD_CHUNK: such bytes must never reach a guest. With `into` (at least
+ * `length` bytes), a zstd chunk is decompressed there when libzstd is at hand (see zstd.ts); the
+ * result is then a view of `into`.
  */
-export function decodeChunk(object: Uint8Array, hash: string, length: number, where: string): Uint8Array {
+export function decodeChunk(object: Uint8Array, hash: string, length: number, where: string, into?: Uint8Array): Uint8Array {
   const bad = (why: string) => new StoreError("BAD_CHUNK", `chunk ${hash.slice(0, 16)}… from ${where}: ${why}`, { hash, where });
   if (object.length < CHUNK_HEADER) throw bad(`${object.length} bytes, shorter than a chunk header`);
   const v = new DataView(object.buffer, object.byteOffset, object.byteLength);
@@ -82,10 +85,15 @@ export function decodeChunk(object: Uint8Array, hash: string, length: number, wh
   let bytes: Uint8Array;
   if (object[4] === CODEC_RAW) bytes = payload;
   else if (object[4] === CODEC_ZSTD) {
-    try {
-      bytes = Bun.zstdDecompressSync(payload);
-    } catch (e) {
-      throw bad(`zstd data does not decompress (${(e as Error).message})`);
+    const n = into !== undefined ? zstdDecompressInto(payload, into.subarray(0, length)) : undefined;
+    if (n === -1) throw bad("zstd data does not decompress (corrupt, or larger than the manifest says)");
+    if (n !== undefined) bytes = into!.subarray(0, n);
+    else {
+      try {
+        bytes = Bun.zstdDecompressSync(payload);
+      } catch (e) {
+        throw bad(`zstd data does not decompress (${(e as Error).message})`);
+      }
     }
   } else throw bad(`unknown codec ${object[4]}`);
   if (bytes.length !== length) throw bad(`decompresses to ${bytes.length} bytes, the manifest expects ${length}`);

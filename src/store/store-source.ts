@@ -14,7 +14,7 @@ import { formatBytes, type Logger } from "../log.ts";
 import type { OpenedSource, SourceOptions } from "../page-source.ts";
 import type { PageSource, RequesterContext } from "../server.ts";
 import { AGAIN, FAILED, GONE, type VmSession } from "../vm-session.ts";
-import { ChunkCache, type LocalChunk } from "./chunk-cache.ts";
+import { ChunkCache } from "./chunk-cache.ts";
 import { ChunkFetcher } from "./chunk-fetcher.ts";
 import type { StoreError } from "./errors.ts";
 import { chunkLength, type Manifest } from "./format.ts";
@@ -180,7 +180,6 @@ export class StoreRequester implements PageRequester {
 
   /** Region pages [k, k+n) need chunks `chunks`: deliver once every one of them is at hand. */
   private piece(region: Region, k: number, n: number, chunks: number[], urgent: boolean, sweep: boolean): void {
-    const got: (LocalChunk | undefined)[] = new Array(chunks.length);
     let missing = chunks.length;
     let failed = false;
     if (sweep) this.sweepOutstanding++;
@@ -188,21 +187,20 @@ export class StoreRequester implements PageRequester {
     chunks.forEach((c, j) => {
       const hash = this.hashes[c];
       const length = chunkLength(this.size, this.chunkSize, c);
-      const arrived = (err: StoreError | undefined, chunk: LocalChunk | undefined) => {
+      const arrived = (err: StoreError | undefined) => {
         if (failed || this.done) return;
         if (err !== undefined) {
           failed = true;
           if (sweep) this.sweepOutstanding--;
           return this.fail(err.message);
         }
-        got[j] = chunk;
         if (--missing === 0) {
           if (sweep) this.sweepOutstanding--;
-          this.deliver(region, k, n, chunks, got as LocalChunk[]);
+          this.deliver(region, k, n, chunks);
         }
       };
-      // Every page we are asked for is a data page, so its chunk has a hash (checked with the manifest).
-      if (hash === null || hash === undefined) return arrived(undefined, undefined);
+      // A null chunk is all zero: nothing to fetch (a huge page may span one).
+      if (hash === null || hash === undefined) return arrived(undefined);
       this.t.fetcher.acquire(this.t.store, hash, length, `chunk ${c} of "${name}"`, urgent, arrived);
     });
   }
@@ -215,13 +213,18 @@ export class StoreRequester implements PageRequester {
     this.ctx.fail(message);
   }
 
-  private deliver(region: Region, k: number, n: number, chunks: number[], got: LocalChunk[]): void {
+  private deliver(region: Region, k: number, n: number, chunks: number[]): void {
     if (this.vm.closed || this.vm.detached) return;
+    // Looked up now, not when each arrived: a chunk's bytes move from a buffer to the cache mapping.
+    const got = chunks.map((c) => {
+      const h = this.hashes[c];
+      return h ? this.t.fetcher.cache.peek(h) : undefined;
+    });
     const ps = region.pageSize;
     const off = region.offset + k * ps;
     let src: number;
     if (chunks.length === 1) {
-      if (got[0] === undefined) return this.fail(`pages at image offset 0x${off.toString(16)} are data in the zero map but lie in an all-zero chunk`);
+      if (got[0] === undefined) return this.fail(`pages at image offset 0x${off.toString(16)} are data in the zero map but their chunk is not at hand`);
       src = got[0].addr + (off - chunks[0]! * this.chunkSize);
     } else {
       // Assemble the huge page from its chunks (zero pages are zero bytes in a chunk; a null chunk is all zero).
@@ -230,6 +233,7 @@ export class StoreRequester implements PageRequester {
       for (let j = 0; j < chunks.length; j++) {
         const at = chunks[j]! * this.chunkSize - off;
         const c = got[j];
+        if (this.hashes[chunks[j]!] && c === undefined) return this.fail(`chunk ${chunks[j]} of "${this.t.manifest.body.name}" is not at hand`);
         if (c === undefined) st.fill(0, at, Math.min(ps, at + this.chunkSize));
         else st.set(new Uint8Array(toArrayBuffer(c.addr as Pointer, 0, c.length)), at);
       }
