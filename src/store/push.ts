@@ -76,9 +76,10 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
     const n = chunkCount(size, chunkSize);
     const hashes: (string | null)[] = new Array(n).fill(null);
     const stored: number[] = new Array(n).fill(0);
-    const seen = new Map<string, number>(); // hash -> stored size
+    const seen = new Map<string, Promise<number>>(); // hash -> its object's size, once known
     const report = { zeroChunks: 0, duplicateChunks: 0, existingChunks: 0, uploadedChunks: 0, uploadedBytes: 0 };
     const buf = new Uint8Array(chunkSize);
+    const again = new Uint8Array(chunkSize);
     const inFlight = new Set<Promise<unknown>>();
     let done = 0;
     let failure: unknown;
@@ -93,27 +94,30 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
       }
       const hash = sha256(bytes);
       hashes[i] = hash;
-      const earlier = seen.get(hash);
-      if (earlier !== undefined) {
+      if (seen.has(hash)) {
         report.duplicateChunks++;
-        stored[i] = earlier;
         done++;
         continue;
       }
-      const { object } = encodeChunk(bytes, level);
-      stored[i] = object.length;
-      seen.set(hash, object.length);
       const key = chunkKey(hash);
+      const at = i * chunkSize;
+      // The store is asked first: a chunk it holds is neither compressed nor sent again.
       const task = (async () => {
-        if (await store.has(key)) report.existingChunks++;
+        let objectSize = await store.size(key);
+        if (objectSize !== undefined) report.existingChunks++;
         else {
+          // Read again (the loop has moved on): from the image mapping, page cache warm.
+          const { object } = encodeChunk(readChunk(image.base, zero, at, len, again)!, level);
           await store.put(key, object);
+          objectSize = object.length;
           report.uploadedChunks++;
           report.uploadedBytes += object.length;
         }
         done++;
         opts.progress?.(done, n, report.uploadedBytes);
+        return objectSize;
       })();
+      seen.set(hash, task);
       const tracked = task.then(
         () => {},
         (e) => {
@@ -126,6 +130,7 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
     }
     await Promise.all(inFlight);
     if (failure !== undefined) throw failure;
+    for (let i = 0; i < n; i++) if (hashes[i] !== null) stored[i] = await seen.get(hashes[i]!)!;
     const blocks = image.blocks?.map((b) => ({ name: b.name, usedLength: b.usedLength, pageSize: b.pageSize }));
     const blockPageSize = image.blocks?.find((b) => b.name === image.blockName)?.pageSize;
     const body: ManifestBody = {
@@ -149,13 +154,7 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
     // Last: only now does NAME point at a complete snapshot.
     await store.put(manifestKey(name), manifest);
     let storedBytes = 0;
-    const distinct = new Set<string>();
-    hashes.forEach((h, i) => {
-      if (h !== null && !distinct.has(h)) {
-        distinct.add(h);
-        storedBytes += stored[i]!;
-      }
-    });
+    for (const size of seen.values()) storedBytes += await size;
     return {
       name,
       manifestHash: sha256(manifest.subarray(manifest.indexOf(0x0a) + 1)),

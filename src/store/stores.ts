@@ -2,7 +2,7 @@
 // S3-compatible endpoint, path-style) and `http(s)://BASE` (read-only, any web server or CDN).
 // The same key layout everywhere (docs/store-format.md), so a file:// store copied to a bucket or
 // published by a web server is the same store.
-import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { basename, dirname, join, resolve } from "node:path";
 import { ConfigError } from "../errors.ts";
@@ -16,6 +16,8 @@ export interface ObjectStore {
   /** The object's bytes, or undefined when there is no such object. Throws StoreError otherwise. */
   get(key: string): Promise<Uint8Array | undefined>;
   has(key: string): Promise<boolean>;
+  /** The object's size (a HEAD), or undefined when there is no such object. */
+  size(key: string): Promise<number | undefined>;
   put(key: string, data: Uint8Array): Promise<void>;
 }
 
@@ -72,6 +74,15 @@ class FileStore implements ObjectStore {
 
   async has(key: string): Promise<boolean> {
     return existsSync(join(this.root, key));
+  }
+
+  async size(key: string): Promise<number | undefined> {
+    try {
+      return statSync(join(this.root, key)).size;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw new StoreError("STORE_UNAVAILABLE", `${this.url}: stat ${key}: ${(e as Error).message}`, { key }, { cause: e });
+    }
   }
 
   async put(key: string, data: Uint8Array): Promise<void> {
@@ -197,6 +208,16 @@ class S3Store implements ObjectStore {
     }
   }
 
+  async size(key: string): Promise<number | undefined> {
+    try {
+      return (await this.client.stat(this.prefix + key)).size;
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === "NoSuchKey" || code === "NotFound") return undefined;
+      throw this.fail("HEAD", key, e);
+    }
+  }
+
   async put(key: string, data: Uint8Array): Promise<void> {
     try {
       await this.client.write(this.prefix + key, data);
@@ -240,6 +261,15 @@ class HttpStore implements ObjectStore {
       throw new StoreError("STORE_UNAVAILABLE", `${this.url}: HEAD ${key}: ${(e as Error).message}`, { key }, { cause: e });
     });
     return r.status === 200;
+  }
+
+  async size(key: string): Promise<number | undefined> {
+    const r = await fetch(`${this.base}/${key}`, { method: "HEAD" }).catch((e) => {
+      throw new StoreError("STORE_UNAVAILABLE", `${this.url}: HEAD ${key}: ${(e as Error).message}`, { key }, { cause: e });
+    });
+    if (r.status === 404) return undefined;
+    if (r.status !== 200) throw new StoreError("STORE_UNAVAILABLE", `${this.url}: HEAD ${key}: HTTP ${r.status}`, { key });
+    return Number(r.headers.get("content-length"));
   }
 
   async put(key: string): Promise<void> {
