@@ -1,7 +1,7 @@
 // The store format and the file:// store end to end through the CLI: push/pull byte-identical,
 // dedup on a second push, manifest and chunk checks.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, statSync, watch, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
 import { chunkKey, decodeChunk, decodeManifest, encodeChunk, encodeManifest, manifestKey, sha256 } from "../src/store/format.ts";
@@ -115,4 +115,41 @@ describe("file:// store through the CLI", () => {
     const enc = new TextDecoder().decode(encodeManifest(body)).replace("snapload-manifest 1 ", "snapload-manifest 2 ");
     expect(() => decodeManifest(new TextEncoder().encode(enc), "t")).toThrow(/format version 2 is not supported/);
   });
+});
+
+describe("an interrupted push", () => {
+  test("killed mid-upload: no snapshot is visible; re-run, it reuses what was uploaded and completes", async () => {
+    const big = join(dir.path, "big.mem");
+    writeDemoImage(big, 64 * MIB, 12);
+    const st = join(dir.path, "istore");
+    mkdirSync(join(st, "chunks"), { recursive: true });
+    // Killed once a few chunk objects exist (watched, not timed).
+    const proc = Bun.spawn([process.execPath, join(import.meta.dir, "../src/main.ts"), "push", big, `file://${st}/vm`, "--parallel", "1"], { stdout: "pipe", stderr: "pipe" });
+    let seen = 0;
+    await new Promise<void>((resolve) => {
+      const w = watch(join(st, "chunks"), { recursive: true }, (_ev, name) => {
+        if (name && /[0-9a-f]{64}$/.test(String(name)) && ++seen >= 5) {
+          w.close();
+          resolve();
+        }
+      });
+      proc.exited.then(() => {
+        w.close();
+        resolve();
+      });
+    });
+    proc.kill("SIGKILL");
+    await proc.exited;
+    expect(proc.signalCode).toBe("SIGKILL");
+    const ins = await runSnapload(["inspect", `file://${st}/vm`]);
+    expect(ins.code).toBe(2);
+    expect(ins.stderr).toMatch(/no snapshot named "vm"/);
+    const again = await runSnapload(["push", big, `file://${st}/vm`]);
+    expect(again.code, again.stderr).toBe(0);
+    const existing = Number(again.stdout.match(/(\d+) already in the store/)![1]);
+    expect(existing).toBeGreaterThanOrEqual(4);
+    const out = join(dir.path, "big.pulled");
+    expect((await runSnapload(["pull", `file://${st}/vm`, out])).code).toBe(0);
+    expect(Bun.hash(readFileSync(out))).toBe(Bun.hash(readFileSync(big)));
+  }, 60_000);
 });

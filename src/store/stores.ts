@@ -102,7 +102,10 @@ class FileStore implements ObjectStore {
 // ---- s3:// ------------------------------------------------------------------------------------
 
 /** S3 error codes that no retry can fix. */
-const PERMANENT_S3 = new Set(["AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "ERR_S3_MISSING_CREDENTIALS", "ERR_S3_INVALID_PATH"]);
+const PERMANENT_S3 = new Set([
+  "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
+  "ERR_S3_MISSING_CREDENTIALS", "ERR_S3_INVALID_PATH",
+]);
 
 interface AwsCredentials {
   accessKeyId?: string;
