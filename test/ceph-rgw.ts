@@ -27,6 +27,8 @@ export interface Rgw {
   stopGateway(): Promise<void>;
   /** Starts the gateway again on the same port; resolves once S3 answers. */
   startGateway(): Promise<void>;
+  /** SIGSTOP / SIGCONT the gateway: connections are accepted by the kernel, nothing answers. */
+  freezeGateway(frozen: boolean): void;
   stop(): Promise<void>;
 }
 
@@ -154,6 +156,7 @@ rgw_data = ${dir}/rgw
       env: { AWS_ACCESS_KEY_ID: accessKeyId, AWS_SECRET_ACCESS_KEY: secretAccessKey, AWS_REGION: "us-east-1" },
       startGateway,
       stopGateway,
+      freezeGateway: (frozen: boolean) => gateway?.kill(frozen ? "SIGSTOP" : "SIGCONT"),
       stop,
     };
   } catch (e) {

@@ -107,6 +107,21 @@ describe("serve --mem s3://", () => {
     }
   }, T);
 
+  test("the gateway hangs (SIGSTOP): GETs are abandoned, the VM is killed by the deadline, not left waiting", async () => {
+    const d = await serve("vm1", join(dir.path, "cache-d"), ["--page-server-deadline", "1500"]);
+    try {
+      rgw.freezeGateway(true);
+      const doomed = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", image, "--order", "random", "--timeout", "20000"], { stdout: "pipe", stderr: "pipe" });
+      await doomed.exited;
+      expect(doomed.signalCode).toBe("SIGKILL");
+      await d.waitForLog(/killed the VMM/);
+      expect(d.log).toMatch(/error: vm \d+ pid \d+: chunk \d+ of "vm1": not obtainable within 1500 ms after \d+ attempts \(last: s3:\/\/snaps\/fleet: GET chunks\/[0-9a-f]{2}\/[0-9a-f]{64}: no answer within \d+ ms\); killed the VMM/);
+    } finally {
+      rgw.freezeGateway(false);
+      await d.stop();
+    }
+  }, T);
+
   test("the gateway never comes back: the VM is killed after the deadline, with the reason", async () => {
     const d = await serve("vm1", join(dir.path, "cache-c"), ["--page-server-deadline", "1500"]);
     try {

@@ -25,6 +25,9 @@ const RETRY_FIRST_MS = 50;
 const RETRY_MAX_MS = 2000;
 /** Fetches of one chunk that decoded badly, in a row, before it is declared corrupt in the store. */
 const MAX_BAD_FETCHES = 3;
+/** A GET with no answer after this long is abandoned and retried (a stalled store). */
+const ATTEMPT_TIMEOUT_MS = 5000;
+const MIN_ATTEMPT_MS = 100;
 /** GET slots background fetches leave free, so a fault never queues behind prefetch. */
 const URGENT_RESERVE = 2;
 
@@ -37,7 +40,9 @@ interface Pending {
   urgent: boolean;
   waiters: ChunkCallback[];
   queued: boolean;
-  started: number;
+  /** When its GETs started failing (the deadline counts from there, not from the queue). */
+  failingSince: number | undefined;
+  warned: boolean;
   attempts: number;
   badFetches: number;
   lastError: string;
@@ -120,7 +125,7 @@ export class ChunkFetcher {
       if (urgent) this.hurry(hash);
       return false;
     }
-    p = { store, hash, length, label, urgent, waiters: [cb], queued: true, started: performance.now(), attempts: 0, badFetches: 0, lastError: "" };
+    p = { store, hash, length, label, urgent, waiters: [cb], queued: true, failingSince: undefined, warned: false, attempts: 0, badFetches: 0, lastError: "" };
     this.pending.set(hash, p);
     // Until it is settled, the daemon's loop hands the thread to Bun every turn: GET completions
     // (and retry timers) run there.
@@ -161,9 +166,38 @@ export class ChunkFetcher {
     p.attempts++;
     this.counters.gets++;
     const key = chunkKey(p.hash);
+    // A GET that hangs (a stalled gateway) is abandoned after a while and counts as a failure:
+    // only failures move a VM toward its deadline, and a hang must too.
+    const left = p.failingSince === undefined ? this.opts.deadlineMs : this.opts.deadlineMs - (performance.now() - p.failingSince);
+    const limit = Math.max(MIN_ATTEMPT_MS, Math.min(ATTEMPT_TIMEOUT_MS, left));
+    let settled = false;
+    const attemptAt = performance.now();
+    const settle = (): boolean => {
+      if (settled) return false;
+      settled = true;
+      clearTimeout(timer);
+      this.inFlight--;
+      return true;
+    };
+    const timer = setTimeout(() => {
+      // Silent since it was sent: the store has been failing us since then.
+      p.failingSince ??= attemptAt;
+      if (settle()) failed(new StoreError("STORE_UNAVAILABLE", `${p.store.url}: GET ${key}: no answer within ${Math.round(limit)} ms`, { key }));
+    }, limit);
+    const failed = (e: unknown) => {
+      p.lastError = (e as Error).message;
+      if (e instanceof PermanentStoreError) return this.finish(p, e);
+      p.failingSince ??= performance.now();
+      if (performance.now() - p.failingSince >= this.opts.deadlineMs) {
+        return this.finish(p, new StoreError("STORE_UNAVAILABLE", `${p.label}: not obtainable within ${this.opts.deadlineMs} ms after ${p.attempts} attempts (last: ${p.lastError})`, { key }));
+      }
+      if (!p.warned) this.opts.logger.warn(`${p.label}: ${p.lastError}; retrying for up to ${this.opts.deadlineMs} ms`);
+      p.warned = true;
+      this.retry(p);
+    };
     p.store.get(key).then(
       (object) => {
-        this.inFlight--;
+        if (!settle()) return;
         if (object === undefined) {
           return this.finish(p, new StoreError("NOT_FOUND", `${p.label} is missing from ${p.store.url} (no object ${key})`, { key }));
         }
@@ -190,14 +224,7 @@ export class ChunkFetcher {
         this.startBackground();
       },
       (e: unknown) => {
-        this.inFlight--;
-        p.lastError = (e as Error).message;
-        if (e instanceof PermanentStoreError) return this.finish(p, e);
-        if (performance.now() - p.started >= this.opts.deadlineMs) {
-          return this.finish(p, new StoreError("STORE_UNAVAILABLE", `${p.label}: not obtainable within ${this.opts.deadlineMs} ms after ${p.attempts} attempts (last: ${p.lastError})`, { key }));
-        }
-        if (p.attempts === 1) this.opts.logger.warn(`${p.label}: ${p.lastError}; retrying for up to ${this.opts.deadlineMs} ms`);
-        this.retry(p);
+        if (settle()) failed(e);
       },
     );
   }
@@ -206,7 +233,7 @@ export class ChunkFetcher {
   private retry(p: Pending): void {
     this.counters.retries++;
     const base = Math.min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** Math.min(10, p.attempts - 1));
-    const left = this.opts.deadlineMs - (performance.now() - p.started);
+    const left = this.opts.deadlineMs - (performance.now() - (p.failingSince ?? performance.now()));
     const delay = Math.max(0, Math.min(left, base * (0.5 + Math.random())));
     setTimeout(() => {
       p.queued = true;
