@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { PAGE_IN_FLIGHT, PAGE_MISSING, type PageBackend, type PageRequester, type Region } from "../handler-table.ts";
 import { NativeBuffer } from "../ffi.ts";
 import { IMAGE_PAGE } from "../image/snapshot-image.ts";
-import { formatBytes, type Logger } from "../log.ts";
+import { formatBytes } from "../log.ts";
 import type { OpenedSource, SourceOptions } from "../page-source.ts";
 import type { PageSource, RequesterContext } from "../server.ts";
 import { AGAIN, FAILED, GONE, type VmSession } from "../vm-session.ts";
@@ -131,7 +131,6 @@ export class StoreRequester implements PageRequester {
   private sweepPage = 0;
   private sweepOutstanding = 0;
   private sweepScheduled = false;
-  private readonly logger: Logger;
 
   constructor(
     private readonly vm: VmSession,
@@ -141,7 +140,6 @@ export class StoreRequester implements PageRequester {
     this.chunkSize = t.manifest.body.chunkSize;
     this.size = t.manifest.body.image.size;
     this.hashes = t.manifest.body.chunks;
-    this.logger = ctx.logger;
     if (t.sweep) this.scheduleSweep();
   }
 
@@ -189,7 +187,7 @@ export class StoreRequester implements PageRequester {
     let failed = false;
     if (sweep) this.sweepOutstanding++;
     const name = this.t.manifest.body.name;
-    chunks.forEach((c, j) => {
+    for (const c of chunks) {
       const hash = this.hashes[c];
       const length = chunkLength(this.size, this.chunkSize, c);
       const arrived = (err: StoreError | undefined) => {
@@ -205,9 +203,9 @@ export class StoreRequester implements PageRequester {
         }
       };
       // A null chunk is all zero: nothing to fetch (a huge page may span one).
-      if (hash === null || hash === undefined) return arrived(undefined);
-      this.t.fetcher.acquire(this.t.store, hash, length, `chunk ${c} of "${name}"`, urgent, arrived);
-    });
+      if (hash === null || hash === undefined) arrived(undefined);
+      else this.t.fetcher.acquire(this.t.store, hash, length, `chunk ${c} of "${name}"`, urgent, arrived);
+    }
   }
 
   private fail(message: string): void {
