@@ -178,6 +178,11 @@ export class ChunkCache {
     return this.unpersisted.length > 0;
   }
 
+  /** Fetched chunks not yet written to the cache (held in memory meanwhile). */
+  get persistBacklog(): number {
+    return this.unpersisted.length;
+  }
+
   /**
    * Writes one fetched chunk to the cache and swaps its bytes for the file mapping. If the cache
    * cannot take it (disk full, read-only), the chunk stays in memory: the restore goes on, only

@@ -25,6 +25,8 @@ const RETRY_FIRST_MS = 50;
 const RETRY_MAX_MS = 2000;
 /** Fetches of one chunk that decoded badly, in a row, before it is declared corrupt in the store. */
 const MAX_BAD_FETCHES = 3;
+/** Fetched chunks held in memory, not yet written to the cache, before writes stop waiting for GETs to settle. */
+const MAX_UNWRITTEN = 64;
 /** A GET with no answer after this long is abandoned and retried (a stalled store). */
 const ATTEMPT_TIMEOUT_MS = 5000;
 const MIN_ATTEMPT_MS = 100;
@@ -54,7 +56,7 @@ export class ChunkFetcher {
   private readonly backgroundQueue: Pending[] = [];
   private inFlight = 0;
   private loop: EventLoop | undefined;
-  readonly counters = { gets: 0, bytes: 0, retries: 0, badFetches: 0, coalesced: 0 };
+  readonly counters = { gets: 0, bytes: 0, retries: 0, badFetches: 0, coalesced: 0, decodeMs: 0 };
 
   constructor(
     readonly cache: ChunkCache,
@@ -72,12 +74,16 @@ export class ChunkFetcher {
   private backgroundOn = false;
   /** Cache upkeep between faults: write fetched chunks to the cache; map and verify cached ones ahead of need. */
   private readonly background = (): boolean => {
-    if (this.cache.persistPending) this.cache.persist();
+    // Cache writes wait while GETs are in flight (a restore is waiting on them and shares this
+    // thread), unless too many fetched chunks are held in memory.
+    const writeNow = this.cache.persistPending && (this.pending.size === 0 || this.cache.persistBacklog > MAX_UNWRITTEN);
+    if (writeNow) this.cache.persist();
     else {
       const w = this.warming.shift();
       if (w !== undefined) this.cache.lookup(w.hash, w.length);
     }
-    const more = this.cache.persistPending || this.warming.length > 0;
+    // Off while only deferred writes remain: finish() turns it on again when the last GET settles.
+    const more = this.warming.length > 0 || (this.cache.persistPending && (this.pending.size === 0 || this.cache.persistBacklog > MAX_UNWRITTEN));
     if (!more) {
       this.loop?.removeBackground(this.background);
       this.backgroundOn = false;
@@ -204,8 +210,10 @@ export class ChunkFetcher {
         this.counters.bytes += object.length;
         let bytes: Uint8Array;
         const buffer = this.cache.pool.take(p.length);
+        const t0 = performance.now();
         try {
           bytes = decodeChunk(object, p.hash, p.length, `${p.store.url}/${key}`, buffer.bytes);
+          this.counters.decodeMs += performance.now() - t0;
         } catch (e) {
           this.cache.pool.give(buffer);
           this.counters.badFetches++;
@@ -221,7 +229,7 @@ export class ChunkFetcher {
         const used = bytes.buffer === buffer.bytes.buffer;
         if (!used) this.cache.pool.give(buffer);
         this.finish(p, undefined, this.cache.insert(p.hash, bytes, used ? buffer : undefined));
-        this.startBackground();
+        if (this.cache.persistBacklog > MAX_UNWRITTEN) this.startBackground();
       },
       (e: unknown) => {
         if (settle()) failed(e);
@@ -246,6 +254,7 @@ export class ChunkFetcher {
   private finish(p: Pending, err: StoreError | undefined, chunk?: LocalChunk): void {
     this.pending.delete(p.hash);
     if (this.loop !== undefined) this.loop.asyncPending--;
+    if (this.pending.size === 0 && this.cache.persistPending) this.startBackground();
     for (const cb of p.waiters.splice(0)) cb(err, chunk);
     this.pump();
   }

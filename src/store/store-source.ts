@@ -97,10 +97,12 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
       `${dataChunks} chunks of ${formatBytes(b.chunkSize)}, ${f.cache.describe()}, ${sweep ? "background completion" : "on demand"}, deadline ${opts.deadlineMs} ms` +
       (manifest.workingSet ? `, working set of ${manifest.workingSet.length} pages` : ""),
     close: () => {
+      // Chunks fetched but not written yet go to the cache now: the next daemon finds them there.
+      while (f.cache.persist());
       const c = f.counters;
       const k = f.cache.counters;
       opts.logger.info(
-        `store ${ref}: ${c.gets} GETs (${formatBytes(c.bytes)}), ${c.coalesced} waits joined a GET in flight, ${c.retries} retries, ${c.badFetches} corrupt; ` +
+        `store ${ref}: ${c.gets} GETs (${formatBytes(c.bytes)}), ${c.coalesced} waits joined a GET in flight, ${c.retries} retries, ${c.badFetches} corrupt, ${c.decodeMs.toFixed(1)} ms decoding; ` +
           `cache: ${k.hits} hits, ${k.inserted} inserted, ${k.evicted} evicted, ${k.corrupt} corrupt`,
       );
     },
