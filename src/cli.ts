@@ -1,6 +1,6 @@
 // The `snapload` command line: parses, validates once, and hands typed config to a command.
 import { ConfigError, SnaploadError } from "./errors.ts";
-import { STORE_USAGE } from "./store/cli.ts";
+import { STORE_USAGE } from "./store/usage.ts";
 import { demoSchema, inspectSchema, pageServerSchema, parseFlags, serveSchema, validate } from "./config.ts";
 
 export const USAGE = `snapload — lazy snapshot loading over userfaultfd
