@@ -118,14 +118,17 @@ describe("lazy restore from a file:// store", () => {
 });
 
 describe("the host chunk cache", () => {
-  test("--cache-size: least recently used chunks are evicted; the cache stays within its size", async () => {
+  test("--cache-size: least recently used chunks are evicted (and unmapped, fetched again when needed); the cache stays within its size", async () => {
     const cache = join(dir.path, "cache-small");
     const d = await serve(`file://${store}/vm`, cache, ["--cache-size", "1m"]);
     try {
       expectClean(await runStandin(["--socket", d.socket, "--expect", image, "--order", "seq", "--verify", "all"]));
+      expectClean(await runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--threads", "2", "--verify", "all"]));
     } finally {
       await d.stop();
     }
+    const distinct = new Set(manifestOf("vm").body.chunks.filter((h) => h !== null)).size;
+    expect(Number(d.log.match(/store .*: (\d+) GETs/)![1])).toBeGreaterThan(distinct);
     const evicted = Number(d.log.match(/cache: \d+ hits, \d+ inserted, (\d+) evicted/)![1]);
     expect(evicted).toBeGreaterThan(0);
     let bytes = 0;

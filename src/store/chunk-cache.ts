@@ -4,7 +4,7 @@
 // corrupted cache costs a refetch, never a wrong page. Chunks are installed straight from the
 // file mapping, as pages of a local image are (a chunk just fetched is installed from its
 // verified bytes while it is being written to the cache). LRU by modification time (touched on every use),
-// evicted past --cache-size; an evicted file stays valid for whoever still has it mapped.
+// evicted past --cache-size (this daemon unmaps it too; another daemon's mapping stays valid).
 import { type Pointer, ptr, toArrayBuffer } from "bun:ffi";
 import { mkdirSync, readdirSync, renameSync, statSync, unlinkSync, utimesSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -46,7 +46,7 @@ class BufferPool {
 const STALE_TMP_MS = 10 * 60 * 1000;
 
 export class ChunkCache {
-  /** Chunks this process has mapped (or holds in memory), by hash. Kept for the process's life. */
+  /** Chunks this process has mapped (or holds in memory), by hash; a mapping goes when its file is evicted. */
   private readonly local = new Map<string, LocalChunk>();
   /** Files in the cache directory by hash, least recently used first (Map keeps insertion order). */
   private readonly files = new Map<string, number>();
@@ -252,6 +252,13 @@ export class ChunkCache {
       this.files.delete(hash);
       this.bytes -= size;
       this.counters.evicted++;
+      // Our mapping of it goes too, so the daemon's mappings stay within the cache size. Safe
+      // between event-loop turns: users look chunks up when they install from them.
+      const mine = this.local.get(hash);
+      if (mine !== undefined && mine.keep === undefined) {
+        sl.sl_unmap(mine.addr as Pointer, mine.length);
+        this.local.delete(hash);
+      }
     }
   }
 

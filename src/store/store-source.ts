@@ -225,12 +225,15 @@ export class StoreRequester implements PageRequester {
       const h = this.hashes[c];
       return h ? this.t.fetcher.cache.peek(h) : undefined;
     });
+    // A chunk that arrived earlier may have been evicted since (a huge page waiting for its
+    // others, a tiny cache): ask for it again; the pages stay in flight.
+    if (chunks.some((c, j) => this.hashes[c] && got[j] === undefined)) return this.piece(region, k, n, chunks, true, false);
+    if (chunks.length === 1 && got[0] === undefined) return this.fail(`data pages at image offset 0x${(region.offset + k * region.pageSize).toString(16)} lie in a chunk the manifest says is all zero`);
     const ps = region.pageSize;
     const off = region.offset + k * ps;
     let src: number;
     if (chunks.length === 1) {
-      if (got[0] === undefined) return this.fail(`pages at image offset 0x${off.toString(16)} are data in the zero map but their chunk is not at hand`);
-      src = got[0].addr + (off - chunks[0]! * this.chunkSize);
+      src = got[0]!.addr + (off - chunks[0]! * this.chunkSize);
     } else {
       // Assemble the huge page from its chunks (zero pages are zero bytes in a chunk; a null chunk is all zero).
       this.staging ??= new NativeBuffer(ps);
@@ -238,7 +241,6 @@ export class StoreRequester implements PageRequester {
       for (let j = 0; j < chunks.length; j++) {
         const at = chunks[j]! * this.chunkSize - off;
         const c = got[j];
-        if (this.hashes[chunks[j]!] && c === undefined) return this.fail(`chunk ${chunks[j]} of "${this.t.manifest.body.name}" is not at hand`);
         if (c === undefined) st.fill(0, at, Math.min(ps, at + this.chunkSize));
         else st.set(new Uint8Array(toArrayBuffer(c.addr as Pointer, 0, c.length)), at);
       }
