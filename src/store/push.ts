@@ -3,7 +3,7 @@
 // what the store does not hold yet (several PUTs at once) and writes the manifest LAST: an
 // interrupted push leaves orphan chunks (reused by the next push), never a visible snapshot.
 import { toArrayBuffer, type Pointer } from "bun:ffi";
-import { closeSync, ftruncateSync, openSync, renameSync, writeSync } from "node:fs";
+import { closeSync, ftruncateSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
 import { openImage } from "../image/open-image.ts";
 import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
 import { formatBytes } from "../log.ts";
@@ -254,7 +254,7 @@ export async function pull(ref: string, file: string, opts: StoreOptions & { par
   } catch (e) {
     closeSync(fd);
     try {
-      (await import("node:fs")).unlinkSync(tmp);
+      unlinkSync(tmp);
     } catch {}
     throw e;
   }

@@ -2,7 +2,7 @@
 // S3-compatible endpoint, path-style) and `http(s)://BASE` (read-only, any web server or CDN).
 // The same key layout everywhere (docs/store-format.md), so a file:// store copied to a bucket or
 // published by a web server is the same store.
-import { existsSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { basename, dirname, join, resolve } from "node:path";
 import { ConfigError } from "../errors.ts";
@@ -15,7 +15,6 @@ export interface ObjectStore {
   readonly writable: boolean;
   /** The object's bytes, or undefined when there is no such object. Throws StoreError otherwise. */
   get(key: string): Promise<Uint8Array | undefined>;
-  has(key: string): Promise<boolean>;
   /** The object's size (a HEAD), or undefined when there is no such object. */
   size(key: string): Promise<number | undefined>;
   put(key: string, data: Uint8Array): Promise<void>;
@@ -70,10 +69,6 @@ class FileStore implements ObjectStore {
       if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
       throw new StoreError("STORE_UNAVAILABLE", `${this.url}: reading ${key}: ${(e as Error).message}`, { key }, { cause: e });
     }
-  }
-
-  async has(key: string): Promise<boolean> {
-    return existsSync(join(this.root, key));
   }
 
   async size(key: string): Promise<number | undefined> {
@@ -203,14 +198,6 @@ class S3Store implements ObjectStore {
     }
   }
 
-  async has(key: string): Promise<boolean> {
-    try {
-      return await this.client.exists(this.prefix + key);
-    } catch (e) {
-      throw this.fail("HEAD", key, e);
-    }
-  }
-
   async size(key: string): Promise<number | undefined> {
     try {
       return (await this.client.stat(this.prefix + key)).size;
@@ -257,13 +244,6 @@ class HttpStore implements ObjectStore {
       throw r.status === 401 || r.status === 403 ? new PermanentStoreError("STORE_UNAVAILABLE", text, { key }) : new StoreError("STORE_UNAVAILABLE", text, { key });
     }
     return new Uint8Array(await r.arrayBuffer());
-  }
-
-  async has(key: string): Promise<boolean> {
-    const r = await fetch(`${this.base}/${key}`, { method: "HEAD" }).catch((e) => {
-      throw new StoreError("STORE_UNAVAILABLE", `${this.url}: HEAD ${key}: ${(e as Error).message}`, { key }, { cause: e });
-    });
-    return r.status === 200;
   }
 
   async size(key: string): Promise<number | undefined> {
