@@ -4,12 +4,13 @@ import type { Command } from "./cli/command.ts";
 import { demo } from "./cli/demo.ts";
 import { inspect } from "./cli/inspect.ts";
 import { pageServer } from "./cli/page-server.ts";
+import { pullCmd, pushCmd } from "./cli/push.ts";
 import { serve } from "./cli/serve.ts";
 import { stats } from "./cli/stats.ts";
 import { ConfigError, SnaploadError } from "./errors.ts";
 
 /** Every command, in usage order. Adding one: a module in src/cli/ and a line here. */
-const COMMANDS: Command[] = [serve, pageServer, stats, inspect, demo];
+const COMMANDS: Command[] = [serve, pageServer, stats, inspect, pushCmd, pullCmd, demo];
 
 export const USAGE = `snapload — lazy snapshot loading over userfaultfd
 

@@ -10,7 +10,12 @@ export type ErrorCode =
   | "BAD_FRAME"
   | "AUTH_FAILED"
   | "BAD_WORKING_SET"
-  | "SOCKET_IN_USE";
+  | "SOCKET_IN_USE"
+  // object stores (src/store/)
+  | "STORE_UNAVAILABLE"
+  | "NOT_FOUND"
+  | "BAD_MANIFEST"
+  | "BAD_CHUNK";
 
 export class SnaploadError extends Error {
   readonly code: ErrorCode;
