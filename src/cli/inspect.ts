@@ -4,7 +4,7 @@ import { endpointValue } from "../store/cli.ts";
 import { type ConfigOf, defineCommand, optionalString, switchValue } from "./command.ts";
 
 const options = {
-  file: { type: "string", positional: true, schema: z.string({ error: "inspect needs a FILE" }).min(1, "inspect needs a FILE"), arg: "FILE", help: "the image, or STORE/NAME: a stored snapshot (see push)" },
+  file: { type: "string", positional: true, schema: z.string({ error: "inspect needs a FILE" }).min(1, "inspect needs a FILE"), arg: "FILE|STORE/NAME", help: "the image, or a stored snapshot (see push)" },
   ramblock: { type: "string", schema: optionalString(), arg: "NAME", help: "describe this mapped-ram block (default: the largest)" },
   json: { type: "boolean", schema: switchValue(), help: "print JSON instead of text" },
   "s3-endpoint": { type: "string", schema: endpointValue(), arg: "URL", help: "S3-compatible endpoint, for s3:// snapshots" },
