@@ -29,7 +29,7 @@ function refusal(run: () => unknown): string {
 describe("parser", () => {
   test("a stray positional is refused, not dropped", () => {
     expect(refusal(() => serve.parse(["--socket", "s", "--mem", "m", "stray"]))).toBe("serve takes no arguments, got 'stray'");
-    expect(refusal(() => inspect.parse(["a.mem", "b.mem"]))).toBe("inspect takes one FILE, got 2 arguments");
+    expect(refusal(() => inspect.parse(["a.mem", "b.mem"]))).toBe("inspect takes one FILE|STORE/NAME, got 2 arguments");
     expect(inspect.parse(["a.mem"]).file).toBe("a.mem");
   });
 
