@@ -16,6 +16,7 @@ import { population } from "./scenarios/population.ts";
 import { postcopy } from "./scenarios/postcopy.ts";
 import { qemu } from "./scenarios/qemu.ts";
 import { scale } from "./scenarios/scale.ts";
+import { store } from "./scenarios/store.ts";
 import { workingSet } from "./scenarios/working-set.ts";
 import { type MicroSummary, renderMarkdown, type Results } from "./table.ts";
 
@@ -28,6 +29,7 @@ const SCENARIOS: [string, string, Scenario][] = [
   ["f", "fault-around sweep", faultAround],
   ["g", "defaults on every core layout", defaults],
   ["h", "fairness", fairness],
+  ["s", "object storage", store],
   ["q", "QEMU restore", qemu],
 ];
 
@@ -58,7 +60,7 @@ function parseArgs(argv: string[]): BenchOptions {
 
 function usage(err?: string): never {
   if (err) console.error(`bench: ${err}`);
-  console.error("usage: bun bench/run.ts [--quick] [--only a,b,c,d,e,f,g,h,q,micro] [--runs N]");
+  console.error(`usage: bun bench/run.ts [--quick] [--only ${[...SCENARIOS.map((s) => s[0]), "micro"].join(",")}] [--runs N]`);
   process.exit(err ? 2 : 0);
 }
 

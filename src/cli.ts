@@ -6,12 +6,13 @@ import { inspect } from "./cli/inspect.ts";
 import { pageServer } from "./cli/page-server.ts";
 import { qemuRestore } from "./cli/qemu-restore.ts";
 import { qemuSave } from "./cli/qemu-save.ts";
+import { pullCmd, pushCmd } from "./cli/push.ts";
 import { serve } from "./cli/serve.ts";
 import { stats } from "./cli/stats.ts";
 import { ConfigError, SnaploadError } from "./errors.ts";
 
 /** Every command, in usage order. Adding one: a module in src/cli/ and a line here. */
-const COMMANDS: Command[] = [serve, pageServer, stats, inspect, qemuRestore, qemuSave, demo];
+const COMMANDS: Command[] = [serve, pageServer, stats, inspect, qemuRestore, qemuSave, pushCmd, pullCmd, demo];
 
 export const USAGE = `snapload — lazy snapshot loading over userfaultfd
 

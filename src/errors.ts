@@ -11,6 +11,12 @@ export type ErrorCode =
   | "AUTH_FAILED"
   | "BAD_WORKING_SET"
   | "SOCKET_IN_USE"
+  // object stores (src/store/)
+  | "STORE_UNAVAILABLE"
+  | "NOT_FOUND"
+  | "BAD_MANIFEST"
+  | "BAD_CHUNK"
+  // qemu-restore / qemu-save (src/qemu/)
   | "QMP"
   | "QEMU_MISMATCH"
   | "MIGRATION";

@@ -34,6 +34,11 @@ export class EventLoop {
   private wake = -1;
   /** Whether and how long to busy-poll before blocking (default: never). */
   spin = new SpinPolicy(0);
+  /**
+   * Promises in flight whose completions run on Bun's own loop (object-store GETs): while > 0,
+   * every turn hands the thread to Bun and no wait exceeds 1 ms, so a completion is seen at once.
+   */
+  asyncPending = 0;
 
   constructor() {
     this.epfd = check("epoll_create", sl.sl_epoll_create());
@@ -119,7 +124,7 @@ export class EventLoop {
     let idleWait = IDLE_WAIT_MS;
     let turns = 0;
     while (!this.stopped) {
-      let timeout = busy ? 0 : idleWait;
+      let timeout = busy ? 0 : this.asyncPending > 0 ? 1 : idleWait;
       if (this.timers.length) timeout = Math.max(0, Math.min(timeout, Math.ceil(this.timers[0]!.at - performance.now())));
       let n = 0;
       const spinUs = timeout > 0 ? this.spin.budget(active) : 0;
@@ -145,7 +150,7 @@ export class EventLoop {
       const idle = n === 0 && !busy;
       idleWait = idle ? Math.min(IDLE_WAIT_MAX_MS, idleWait * 2) : IDLE_WAIT_MS;
       // The clock is read every 16 turns only: a turn is a few microseconds when faults stream.
-      if (idle || ((++turns & 15) === 0 && performance.now() - lastYield >= YIELD_EVERY_MS)) {
+      if (idle || this.asyncPending > 0 || ((++turns & 15) === 0 && performance.now() - lastYield >= YIELD_EVERY_MS)) {
         await yieldToBun();
         lastYield = performance.now();
       }

@@ -12,3 +12,4 @@ export { imageBackend } from "./image-backend.ts";
 export { openSource } from "./page-source.ts";
 export { encodeWorkingSet, decodeWorkingSet, readWorkingSet, writeWorkingSet, TouchRecorder } from "./working-set.ts";
 export { Logger } from "./log.ts";
+export { push, pull, inspectStore, fetchManifest } from "./store/push.ts";

@@ -33,6 +33,15 @@ export const EVENT_NAMES = [
   "remote.back",
   "remote.delivering",
   "remote.done",
+  // serve --mem STORE/NAME (src/store/)
+  "store.manifest",
+  "store.cache_warm",
+  "store.cache_unreadable",
+  "store.cache_corrupt",
+  "store.cache_write_failed",
+  "store.get_retrying",
+  "store.bad_chunk",
+  "store.closed",
   // page-server
   "page_server.listening",
   "page_server.test_corruption",

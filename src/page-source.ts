@@ -3,6 +3,7 @@
 import { ConfigError } from "./errors.ts";
 import { imageBackend } from "./image-backend.ts";
 import { openImage } from "./image/open-image.ts";
+import type { EventLoop } from "./event-loop.ts";
 import type { Logger } from "./log.ts";
 import type { PageSource } from "./server.ts";
 
@@ -11,6 +12,10 @@ export interface OpenedSource {
   /** One line for the log: what is served, how big, data vs zero. */
   summary: string;
   close(): void;
+  /** A working set the source carries (a store manifest's), prefetched unless --prefetch says otherwise. */
+  prefetch?: Uint32Array;
+  /** Called once the daemon's event loop exists, before it runs (sources with background upkeep). */
+  attach?(loop: EventLoop): void;
 }
 
 export interface SourceOptions {
@@ -21,6 +26,11 @@ export interface SourceOptions {
   /** As given on the command line; undefined = the source's default (tcp:// pulls everything). */
   populate?: "none" | "background";
   logger: Logger;
+  /** Object stores (src/store/): host chunk cache, its size in bytes, S3 endpoint, GETs in flight. */
+  cacheDir?: string;
+  cacheSize?: number;
+  s3Endpoint?: string;
+  storeParallel?: number;
 }
 
 export async function openSource(mem: string, opts: SourceOptions): Promise<OpenedSource> {
@@ -30,6 +40,7 @@ export async function openSource(mem: string, opts: SourceOptions): Promise<Open
     });
     return openRemoteSource(mem, opts);
   }
+  if (/^(file|s3|https?):\/\//.test(mem)) return (await import("./store/store-source.ts")).openStoreSource(mem, opts);
   const image = openImage(mem, { ramblock: opts.ramblock });
   const backend = imageBackend(image);
   return {

@@ -28,9 +28,13 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
         deadlineMs: config["page-server-deadline"],
         populate: config.populate,
         logger,
+        cacheDir: config["cache-dir"],
+        cacheSize: config["cache-size"],
+        s3Endpoint: config["s3-endpoint"],
+        storeParallel: config["store-parallel"],
       });
       if (!opened.includes(src)) opened.push(src);
-      const prefetch = config.prefetch !== undefined ? await readWorkingSet(config.prefetch, src.source.backend.size) : undefined;
+      const prefetch = config.prefetch !== undefined ? await readWorkingSet(config.prefetch, src.source.backend.size) : src.prefetch;
       listeners.push({ socketPath: config.socket[i]!, socketMode: config["socket-mode"], source: src.source, prefetch });
       summaries.push(`${src.summary}, fault-around ${faultAround}, populate ${config.populate ?? "none"}${prefetch ? `, prefetching ${prefetch.length} pages` : ""}`);
     }
@@ -52,6 +56,7 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
         : "fault path warm-up skipped (no userfaultfd)",
       { done: warm !== undefined && warm.real > 0, ms: warm?.ms, syntheticFaults: warm?.synthetic, realFaults: warm?.real },
     );
+    for (const s of opened) s.attach?.(server.loop);
     const shutdown = (signal: string) => {
       logger.info("daemon.signal", `${signal}: shutting down`, { signal });
       server.close();

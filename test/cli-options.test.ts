@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { USAGE } from "../src/cli.ts";
 import { demo } from "../src/cli/demo.ts";
 import { inspect } from "../src/cli/inspect.ts";
+import { pullCmd, pushCmd } from "../src/cli/push.ts";
 import { pageServer } from "../src/cli/page-server.ts";
 import { serve } from "../src/cli/serve.ts";
 import { stats } from "../src/cli/stats.ts";
@@ -28,7 +29,7 @@ function refusal(run: () => unknown): string {
 describe("parser", () => {
   test("a stray positional is refused, not dropped", () => {
     expect(refusal(() => serve.parse(["--socket", "s", "--mem", "m", "stray"]))).toBe("serve takes no arguments, got 'stray'");
-    expect(refusal(() => inspect.parse(["a.mem", "b.mem"]))).toBe("inspect takes one FILE, got 2 arguments");
+    expect(refusal(() => inspect.parse(["a.mem", "b.mem"]))).toBe("inspect takes one FILE|STORE/NAME, got 2 arguments");
     expect(inspect.parse(["a.mem"]).file).toBe("a.mem");
   });
 
@@ -77,7 +78,7 @@ describe("parser", () => {
   });
 
   test("each command's usage lists every option of its table but the hidden ones", () => {
-    for (const command of [serve, pageServer, stats, inspect, demo]) {
+    for (const command of [serve, pageServer, stats, inspect, pushCmd, pullCmd, demo]) {
       const usage = command.usage();
       expect(USAGE).toContain(usage);
       for (const [name, o] of Object.entries(command.options)) {

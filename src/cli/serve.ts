@@ -1,6 +1,7 @@
 // `snapload serve`: its options (parser, schema and usage from one table).
 import { z } from "zod";
 import { DEFAULT_FAULT_AROUND } from "../config.ts";
+import { endpointValue } from "../store/cli.ts";
 import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, repeatedString } from "./command.ts";
 
 const options = {
@@ -13,7 +14,10 @@ const options = {
     help: "raw or mapped-ram image; one for all sockets, or one per --socket\n" +
       "tcp://HOST:PORT: fetch pages from a page server instead (postcopy; see\n" +
       "page-server); every page not touched yet is pulled in the background, then\n" +
-      "the VM is detached",
+      "the VM is detached\n" +
+      "STORE/NAME: a snapshot in a store (file://DIR, s3://BUCKET[/PREFIX],\n" +
+      "http(s)://URL; see push): chunks fetched on demand, verified, kept in the\n" +
+      "host cache; the snapshot's recorded working set is prefetched first",
   },
   ramblock: { type: "string", schema: optionalString(), arg: "NAME", help: "mapped-ram block to serve (default: the largest, the guest RAM)" },
   "socket-mode": {
@@ -58,8 +62,23 @@ const options = {
   "token-file": { type: "string", schema: optionalString(), arg: "FILE", help: "the page server's shared secret (required with tcp://)" },
   "page-server-deadline": {
     type: "string", schema: intValue(100, 86_400_000).default(30_000), arg: "MS",
-    help: "a VM whose page server stays unreachable this long is killed\n(default 30000)",
+    help: "a VM whose page server stays unreachable this long is killed\n(default 30000); also the deadline for a chunk from a store",
   },
+  // object stores (src/store/)
+  "cache-dir": {
+    type: "string", schema: optionalString(), arg: "DIR",
+    help: "host chunk cache, shared by every daemon (default /var/cache/snapload\nas root, else $TMPDIR/snapload)",
+  },
+  "cache-size": {
+    type: "string", arg: "N", help: "cache size in bytes, or with k/m/g/t (default 10g); LRU eviction",
+    schema: z
+      .string()
+      .regex(/^\d+[kmgt]?$/i, "must be bytes, or a number with k/m/g/t")
+      .transform((s) => Number.parseInt(s, 10) * 1024 ** " kmgt".indexOf((s.match(/[kmgt]$/i)?.[0] ?? " ").toLowerCase()))
+      .optional(),
+  },
+  "s3-endpoint": { type: "string", schema: endpointValue(), arg: "URL", help: "S3-compatible endpoint for s3:// (Ceph RGW, MinIO, ...), path-style" },
+  "store-parallel": { type: "string", schema: intValue(1, 256).optional(), arg: "N", help: "chunk GETs in flight per daemon (default 8)" },
 } as const;
 
 export const serve = defineCommand({

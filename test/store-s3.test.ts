@@ -1,0 +1,139 @@
+// s3:// against a real Ceph RADOS Gateway on loopback (started once for this file): push with
+// dedup, pull, inspect, lazy restores verified page by page, wrong credentials, and the gateway
+// going down mid-restore (and coming back, or not).
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { copyFileSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { writeDemoImage } from "../src/demo-image.ts";
+import { cephMissing, createBucket, type Rgw, startRgw } from "./ceph-rgw.ts";
+import { describeRun, ensureBuilt, patchFile, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
+
+const MIB = 1024 * 1024;
+const PAGE = 4096;
+const SIZE = 32 * MIB;
+const T = 90_000;
+let dir: ReturnType<typeof tempDir>;
+let image: string;
+let rgw: Rgw;
+let env: Record<string, string>;
+let sockets = 0;
+
+beforeAll(async () => {
+  // In CI these must run: a machine without Ceph fails here, saying how to install it.
+  const missing = cephMissing();
+  if (missing !== undefined) throw new Error(missing);
+  ensureBuilt();
+  dir = tempDir();
+  image = join(dir.path, "vm.mem");
+  writeDemoImage(image, SIZE, 33);
+  rgw = await startRgw();
+  createBucket(rgw, "snaps");
+  env = { ...(process.env as Record<string, string>), ...rgw.env };
+}, 120_000);
+
+afterAll(async () => {
+  await rgw?.stop();
+  dir?.cleanup();
+});
+
+const s3 = (name: string) => `s3://snaps/fleet/${name}`;
+const ep = () => ["--s3-endpoint", rgw.endpoint];
+
+function expectClean(r: StandinResult, verified = SIZE / PAGE): void {
+  expect(r.code, describeRun(r)).toBe(0);
+  expect(r.report!.mismatches).toBe(0);
+  expect(r.report!.verified).toBe(verified);
+}
+
+async function serve(name: string, cache: string, extra: string[] = []) {
+  return startDaemon(["--mem", s3(name), ...ep(), "--cache-dir", cache, "--log-level", "debug", ...extra], join(dir.path, `s${++sockets}.sock`), rgw.env);
+}
+
+describe("push, pull, inspect against Ceph RGW", () => {
+  test("push uploads every chunk once; a near-identical second snapshot uploads only what changed; pull is byte-identical", async () => {
+    const p1 = await runSnapload(["push", image, s3("vm1"), ...ep(), "--chunk-size", "256k"], { env });
+    expect(p1.code, p1.stderr).toBe(0);
+    expect(p1.stdout).toMatch(/uploaded 128 of 128 data chunks/);
+    const second = join(dir.path, "vm2.mem");
+    copyFileSync(image, second);
+    patchFile(second, 3 * MIB + 17, [0xde, 0xad]);
+    const p2 = await runSnapload(["push", second, s3("vm2"), ...ep(), "--chunk-size", "256k"], { env });
+    expect(p2.code, p2.stderr).toBe(0);
+    expect(p2.stdout).toMatch(/127 already in the store\); uploaded 1 of 128 data chunks/);
+    const out = join(dir.path, "pulled.mem");
+    const pl = await runSnapload(["pull", s3("vm2"), out, ...ep()], { env });
+    expect(pl.code, pl.stderr).toBe(0);
+    expect(Bun.hash(readFileSync(out))).toBe(Bun.hash(readFileSync(second)));
+    const ins = await runSnapload(["inspect", s3("vm1"), ...ep(), "--json"], { env });
+    expect(ins.code, ins.stderr).toBe(0);
+    expect(JSON.parse(ins.stdout)).toMatchObject({ size: SIZE, chunkSize: 256 * 1024, distinctChunks: 128, source: "raw" });
+  }, T);
+
+  test("wrong credentials: one clear line, exit 2", async () => {
+    const r = await runSnapload(["inspect", s3("vm1"), ...ep()], { env: { ...env, AWS_SECRET_ACCESS_KEY: "wrong" } });
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/^snapload: s3:\/\/snaps\/fleet: GET snapshots\/vm1: SignatureDoesNotMatch/);
+  });
+});
+
+describe("serve --mem s3://", () => {
+  test("lazy restores, two VMs at once, every page verified", async () => {
+    const d = await serve("vm1", join(dir.path, "cache-a"));
+    try {
+      const [a, b] = await Promise.all([
+        runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--seed", "5", "--verify", "all"]),
+        runStandin(["--socket", d.socket, "--expect", image, "--order", "seq", "--threads", "2", "--verify", "all"]),
+      ]);
+      expectClean(a);
+      expectClean(b);
+    } finally {
+      await d.stop();
+    }
+    expect(d.log).toMatch(/store s3:\/\/snaps\/fleet\/vm1: 128 GETs/);
+  }, T);
+
+  test("the gateway goes down mid-restore and comes back: the restore completes, no wrong page", async () => {
+    const d = await serve("vm1", join(dir.path, "cache-b"), ["--page-server-deadline", "30000"]);
+    try {
+      await rgw.stopGateway();
+      const run = runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--verify", "all"]);
+      await d.waitForLog(/warn: chunk \d+ of "vm1": .*; retrying for up to 30000 ms/);
+      await rgw.startGateway();
+      expectClean(await run);
+      expect(d.log).not.toMatch(/killed the VMM/);
+    } finally {
+      await rgw.startGateway();
+      await d.stop();
+    }
+  }, T);
+
+  test("the gateway hangs (SIGSTOP): GETs are abandoned, the VM is killed by the deadline, not left waiting", async () => {
+    const d = await serve("vm1", join(dir.path, "cache-d"), ["--page-server-deadline", "1500"]);
+    try {
+      rgw.freezeGateway(true);
+      const doomed = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", image, "--order", "random", "--timeout", "20000"], { stdout: "pipe", stderr: "pipe" });
+      await doomed.exited;
+      expect(doomed.signalCode).toBe("SIGKILL");
+      await d.waitForLog(/killed the VMM/);
+      expect(d.log).toMatch(/error: vm \d+ pid \d+: chunk \d+ of "vm1": not obtainable within 1500 ms after \d+ attempts \(last: s3:\/\/snaps\/fleet: GET chunks\/[0-9a-f]{2}\/[0-9a-f]{64}: no answer within \d+ ms\); killed the VMM/);
+    } finally {
+      rgw.freezeGateway(false);
+      await d.stop();
+    }
+  }, T);
+
+  test("the gateway never comes back: the VM is killed after the deadline, with the reason", async () => {
+    const d = await serve("vm1", join(dir.path, "cache-c"), ["--page-server-deadline", "1500"]);
+    try {
+      await rgw.stopGateway();
+      const doomed = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", image, "--order", "random", "--timeout", "20000"], { stdout: "pipe", stderr: "pipe" });
+      await doomed.exited;
+      expect(doomed.signalCode).toBe("SIGKILL");
+      await d.waitForLog(/killed the VMM/);
+      expect(d.log).toMatch(/error: vm \d+ pid \d+: chunk \d+ of "vm1": not obtainable within 1500 ms after \d+ attempts \(last: .*\); killed the VMM/);
+    } finally {
+      await rgw.startGateway();
+      await d.stop();
+    }
+  }, T);
+});
