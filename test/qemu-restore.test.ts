@@ -11,7 +11,7 @@ const missing = qemuMissing();
 const kernel = missing === undefined ? debianKernel() : undefined;
 const skipReason = missing ?? (kernel && "error" in kernel ? kernel.error : undefined);
 const MEM_MIB = 128;
-const VGA_WINDOW = [0xa0000, 0xc0000] as const; // reads as MMIO in a dump (shared/docs)
+const VGA_WINDOW = [0xa0000, 0xc0000] as const; // reads as MMIO in a dump (docs/qemu-postcopy-source.md §6)
 
 interface Ctx {
   dir: string;

@@ -1,5 +1,5 @@
 // The QEMU page sink: plays the postcopy migration SOURCE for an unmodified QEMU destination.
-// Sends the minimal order of shared/docs/qemu-postcopy-source.md §3.2, then answers the guest's
+// Sends the minimal order of docs/qemu-postcopy-source.md §3.2, then answers the guest's
 // page requests first (on the preempt channel when there is one) while every other page streams
 // in the background, each page exactly once across all channels (§4: a second copy is fatal).
 import { connect, type Socket } from "node:net";

@@ -1,6 +1,5 @@
 // A small QMP client (QEMU Machine Protocol: one JSON object per line over a unix socket).
-// Commands are sent one at a time and answered in order; asynchronous events are kept for
-// whoever waits on them.
+// Commands are answered in the order they were sent; asynchronous events are ignored.
 import { connect, type Socket } from "node:net";
 import { SnaploadError } from "../errors.ts";
 
@@ -20,15 +19,9 @@ interface Pending {
   reject: (e: Error) => void;
 }
 
-export interface QmpEvent {
-  event: string;
-  data?: Record<string, unknown>;
-}
-
 export class QmpClient {
   #buf = "";
   readonly #pending: Pending[] = [];
-  readonly events: QmpEvent[] = [];
   #closed: Error | undefined;
   #greeting: ((v: unknown) => void) | undefined;
 
@@ -130,10 +123,7 @@ export class QmpClient {
       this.#greeting = undefined;
       return;
     }
-    if ("event" in msg) {
-      this.events.push(msg as unknown as QmpEvent);
-      return;
-    }
+    if ("event" in msg) return; // asynchronous events (STOP, RESUME, ...): nothing waits on them
     const p = this.#pending.shift();
     if (!p) return;
     if ("error" in msg) {

@@ -1,6 +1,6 @@
 // What a postcopy source needs from a mapped-ram snapshot besides the pages: the configuration
 // section (rewritten without its capabilities subsection), the RAM section id, and the device
-// state bytes, located without decoding any vmstate (shared/docs/qemu-postcopy-source.md §1, §6).
+// state bytes, located without decoding any vmstate (docs/qemu-postcopy-source.md §1, §6).
 // The RAM block records and bitmaps come from the existing parser (parseMappedRam).
 import { ImageError } from "../errors.ts";
 import { sl } from "../ffi.ts";

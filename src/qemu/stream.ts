@@ -1,5 +1,6 @@
 // Encoders for the QEMU migration stream a postcopy source sends, and the decoder of the return
-// path it reads (shared/docs/qemu-postcopy-source.md §2–§5). Integers are big-endian.
+// path it reads (docs/qemu-postcopy-source.md §2–§5). Integers are big-endian.
+import { SnaploadError } from "../errors.ts";
 
 export const TARGET_PAGE = 4096;
 
@@ -179,7 +180,12 @@ export type RpMessage =
   | { type: "req"; block: string | undefined; start: number; length: number }
   | { type: "other"; code: number };
 
-export class RpError extends Error {}
+export class RpError extends SnaploadError {
+  constructor(message: string) {
+    super("BAD_FRAME", message);
+    this.name = "RpError";
+  }
+}
 
 /** Splits the return-path byte stream into messages; keeps REQ_PAGES_ID's block for REQ_PAGES. */
 export class ReturnPathDecoder {
