@@ -16,7 +16,12 @@ function run(cmd: string[], cwd?: string): { ok: boolean; out: string } {
 
 /** The cached vmlinuz of Debian's linux-image-amd64, fetched on first use; or why not. */
 export function debianKernel(): { path: string } | { error: string } {
-  const deps = run(["apt-cache", "depends", "linux-image-amd64"]);
+  let deps = run(["apt-cache", "depends", "linux-image-amd64"]);
+  // A machine whose packages were installed from an image may have no package lists: read them once.
+  if (!/Depends: linux-image-/.test(deps.out) && process.getuid?.() === 0) {
+    run(["apt-get", "-q", "-o", "DPkg::Lock::Timeout=600", "update"]);
+    deps = run(["apt-cache", "depends", "linux-image-amd64"]);
+  }
   const pkg = deps.out.match(/Depends: (linux-image-[^\s]+)/)?.[1];
   if (!deps.ok || !pkg) return { error: `cannot resolve linux-image-amd64 with apt-cache: ${deps.out.trim()}` };
   const dir = join(CACHE, pkg);
