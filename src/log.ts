@@ -33,6 +33,7 @@ export const EVENT_NAMES = [
   "remote.back",
   "remote.delivering",
   "remote.done",
+  "remote.urgent_stages",
   // page-server
   "page_server.listening",
   "page_server.test_corruption",

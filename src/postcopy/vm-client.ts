@@ -18,6 +18,7 @@ import type { RequesterContext } from "../server.ts";
 import { AGAIN, FAILED, GONE, type VmSession } from "../vm-session.ts";
 import type { HostPort } from "./address.ts";
 import { ClientChannel, type LostKind } from "./client-channel.ts";
+import { StageTimes } from "./stage-times.ts";
 import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
 
 export interface RemoteTarget {
@@ -66,6 +67,8 @@ interface Req {
   /** Next byte (within the request) a DATA frame may start at: chunks come in order. */
   cursor: number;
   sent: boolean;
+  /** Urgent requests: Bun.nanoseconds() at each stage (stage-times.ts); 0 = not reached. */
+  marks: { created: number; sent: number; header: number; opened: number } | undefined;
 }
 
 export class VmClient implements PageRequester {
@@ -105,6 +108,8 @@ export class VmClient implements PageRequester {
   private outageLogged = false;
   private cancelTick: () => void = () => {};
   private done = false;
+  /** Urgent requests' time per stage, reported when the VM is done with the page server. */
+  readonly stages = new StageTimes();
   readonly counters = { requests: 0, bytes: 0, tampered: 0, reconnects: 0 };
 
   constructor(
@@ -183,6 +188,7 @@ export class VmClient implements PageRequester {
       slot: undefined,
       cursor: 0,
       sent: false,
+      marks: urgent ? { created: Bun.nanoseconds(), sent: 0, header: 0, opened: 0 } : undefined,
     };
   }
 
@@ -231,6 +237,12 @@ export class VmClient implements PageRequester {
     else this.backgroundInFlight += req.bytes;
     this.counters.requests++;
     ch.send(frame(FrameType.REQUEST, null, req.id, req.start, req.bytes), now);
+    const m = req.marks;
+    if (m !== undefined) {
+      m.sent = Bun.nanoseconds();
+      m.header = 0;
+      m.opened = 0;
+    }
   }
 
   /** False when every page of the request was installed or discarded meanwhile. */
@@ -277,6 +289,7 @@ export class VmClient implements PageRequester {
     }
     // Zero pages never cross the wire: the chunk holds data pages only, and what it skipped is zero.
     checkDataChunk(h.id, h.offset, h.length, req.cursor, req.start, req.bytes, this.target.zero);
+    if (req.marks !== undefined && req.marks.header === 0) req.marks.header = Bun.nanoseconds();
     return req.slot!.address + h.offset;
   }
 
@@ -292,6 +305,7 @@ export class VmClient implements PageRequester {
   }
 
   private complete(req: Req): void {
+    if (req.marks !== undefined) req.marks.opened = Bun.nanoseconds();
     this.unsend(req);
     const region = req.region;
     if (region.imagePagesPerPage > 1) {
@@ -307,6 +321,7 @@ export class VmClient implements PageRequester {
     const region = req.region;
     const before = region.settled;
     const r = this.vm.deliver(region, req.first, req.count, req.slot!.address);
+    if (req.marks !== undefined && r !== AGAIN) this.stages.record(req.marks, Bun.nanoseconds());
     if (!req.urgent) this.vm.stats.populatedPages += region.settled - before;
     if (r === AGAIN) {
       // A REMOVE is pending: let the server read it, then install what is still wanted from the same bytes.
@@ -565,6 +580,19 @@ export class VmClient implements PageRequester {
     return true;
   }
 
+  /** Where urgent requests' time went (stage-times.ts), for whoever tunes the fault path. */
+  private logStages(): void {
+    if (this.stages.count === 0 || !this.ctx.logger.enabled("debug")) return;
+    const { count, us } = this.stages.summary();
+    const f = (v: [number, number, number]) => `${v[0]}/${v[1]}/${v[2]}`;
+    this.ctx.logger.debug(
+      "remote.urgent_stages",
+      `vm ${this.vm.id}: ${count} urgent requests, µs p50/p99/max: queued ${f(us.queue)}, page server round trip ${f(us.server)}, ` +
+        `receive+decrypt ${f(us.receive)}, install ${f(us.install)}, total ${f(us.total)}`,
+      { vm: this.vm.id, requests: count, queueUs: us.queue, serverUs: us.server, receiveUs: us.receive, installUs: us.install, totalUs: us.total },
+    );
+  }
+
   close(): void {
     if (this.done) return;
     this.done = true;
@@ -583,6 +611,7 @@ export class VmClient implements PageRequester {
     this.redeliveries.length = 0;
     for (const s of this.freeSlots.splice(0)) s.free();
     const c = this.counters;
+    this.logStages();
     this.ctx.logger.debug(
       "remote.done",
       `vm ${this.vm.id}: page server ${this.target.url}: ${c.requests} requests, ${formatBytes(c.bytes)} received, ${c.tampered} connections dropped for frames failing authentication, ${c.reconnects} reconnects`,
