@@ -8,7 +8,7 @@ import type { HostPort } from "./address.ts";
 import { clientProof, nonce, proofsEqual, serverProof, sessionKeys, type Transcript } from "./auth.ts";
 import {
   decodeChallenge, decodeErrorText, decodeInfo, decodeWelcome, encodeHello, ErrorCode, errorFrame, errorText, frame, FRAME_NAMES, type FrameHeader,
-  FrameType, type ImageInfo, MAX_CHUNK, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, type Role, WANT_ZERO_MAP,
+  FrameType, type ImageInfo, MAX_CHUNK, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, Role, WANT_ZERO_MAP,
 } from "./protocol.ts";
 import { ReceiveSeal, SealError, SendSeal } from "./seal.ts";
 import { FrameReader, FrameWriter, READ_EOF, SEND_BLOCKED, SENT_ALL } from "./wire.ts";
@@ -34,7 +34,12 @@ export interface ChannelOwner {
 
 type State = "connecting" | "challenge" | "welcome" | "info" | "zero-map" | "ready" | "closed";
 
-/** Bytes read per wake-up, so a background stream leaves room for faults. */
+/**
+ * Bytes read per wake-up. A background connection's turn is short (a fault, or the urgent
+ * connection's reply, that becomes ready meanwhile waits for the rest of it: receiving, decrypting
+ * and installing ~64 KiB is tens of µs); an urgent connection's replies are small and wanted now.
+ */
+export const READ_BUDGET_BACKGROUND = 64 * 1024;
 const READ_BUDGET = 256 * 1024;
 
 export class ClientChannel {
@@ -107,7 +112,7 @@ export class ClientChannel {
     let r: number;
     const before = this.reader.received;
     try {
-      r = this.reader.read(this.fd, READ_BUDGET);
+      r = this.reader.read(this.fd, this.role === Role.BACKGROUND ? READ_BUDGET_BACKGROUND : READ_BUDGET);
     } catch (e) {
       if (e instanceof SealError) {
         // Someone between us changed, replayed or cut the stream: none of it is used; drop the connection.

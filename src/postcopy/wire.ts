@@ -60,7 +60,10 @@ export class FrameReader {
     return this.hdrFill === 0 && !this.inPayload;
   }
 
-  /** Reads frames until the socket is empty or about `budget` bytes were taken. Throws ProtocolError. */
+  /**
+   * Reads frames until the socket is empty or `budget` bytes were taken (a payload is received in
+   * pieces of at most what is left of it; it is decrypted and handed on once whole). Throws ProtocolError.
+   */
   read(fd: number, budget: number): number {
     let used = 0;
     while (!this.stopped) {
@@ -86,7 +89,7 @@ export class FrameReader {
       if (this.payFill < h.length) {
         const n = this.own
           ? sl.sl_recv(fd, this.buf.subarray(OWN_PAYLOAD_AT + this.payFill, OWN_PAYLOAD_AT + h.length), h.length - this.payFill)
-          : sl.sl_recv(fd, (this.payAddr + this.payFill) as Pointer, h.length - this.payFill);
+          : sl.sl_recv(fd, (this.payAddr + this.payFill) as Pointer, Math.min(h.length - this.payFill, budget - used));
         if (n <= 0) return this.status(n);
         this.received += n;
         used += n;
