@@ -4,6 +4,7 @@
 // long restore costs no more memory than a short one) and reported once, when the VM is done
 // with the page server (the `remote.urgent_stages` event): the measurement issue 10 asks for
 // before tuning anything on the fault path.
+import { readFileSync } from "node:fs";
 import { prng } from "../prng.ts";
 
 export const STAGES = ["queue", "server", "receive", "install", "total"] as const;
@@ -65,6 +66,21 @@ export class StageTimes {
       us[STAGES[s]!] = [q(0.5), q(0.99), round(this.max[s]! / 1000)];
     }
     return { count: this.seen, us };
+  }
+}
+
+/**
+ * The calling thread's time on a CPU and waiting for one (runnable, not running) so far, in ms,
+ * from Linux schedstat; undefined where it is not available. A wait that rivals the CPU time says
+ * the host is short of CPU: every stage above includes such waits.
+ */
+export function threadSchedMs(): { cpu: number; waiting: number } | undefined {
+  try {
+    const [run, wait] = readFileSync("/proc/thread-self/schedstat", "utf8").split(" ").map(Number);
+    if (!Number.isFinite(run) || !Number.isFinite(wait)) return undefined;
+    return { cpu: run! / 1e6, waiting: wait! / 1e6 };
+  } catch {
+    return undefined;
   }
 }
 

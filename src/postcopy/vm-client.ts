@@ -18,7 +18,7 @@ import type { RequesterContext } from "../server.ts";
 import { AGAIN, FAILED, GONE, type VmSession } from "../vm-session.ts";
 import type { HostPort } from "./address.ts";
 import { ClientChannel, type LostKind } from "./client-channel.ts";
-import { StageTimes } from "./stage-times.ts";
+import { StageTimes, threadSchedMs } from "./stage-times.ts";
 import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
 
 export interface RemoteTarget {
@@ -110,6 +110,8 @@ export class VmClient implements PageRequester {
   private done = false;
   /** Urgent requests' time per stage, reported when the VM is done with the page server. */
   readonly stages = new StageTimes();
+  /** The loop thread's CPU and run-queue time when this VM arrived (the stages include such waits). */
+  private readonly schedAtStart = threadSchedMs();
   readonly counters = { requests: 0, bytes: 0, tampered: 0, reconnects: 0 };
 
   constructor(
@@ -604,11 +606,16 @@ export class VmClient implements PageRequester {
     if (this.stages.count === 0 || !this.ctx.logger.enabled("debug")) return;
     const { count, us } = this.stages.summary();
     const f = (v: [number, number, number]) => `${v[0]}/${v[1]}/${v[2]}`;
+    const now = threadSchedMs();
+    const start = this.schedAtStart;
+    const cpuMs = now && start ? Math.round(now.cpu - start.cpu) : undefined;
+    const runQueueMs = now && start ? Math.round(now.waiting - start.waiting) : undefined;
     this.ctx.logger.debug(
       "remote.urgent_stages",
       `vm ${this.vm.id}: ${count} urgent requests, µs p50/p99/max: queued ${f(us.queue)}, page server round trip ${f(us.server)}, ` +
-        `receive+decrypt ${f(us.receive)}, install ${f(us.install)}, total ${f(us.total)}`,
-      { vm: this.vm.id, requests: count, queueUs: us.queue, serverUs: us.server, receiveUs: us.receive, installUs: us.install, totalUs: us.total },
+        `receive+decrypt ${f(us.receive)}, install ${f(us.install)}, total ${f(us.total)}` +
+        (cpuMs !== undefined ? `; meanwhile the loop thread ran ${cpuMs} ms and waited ${runQueueMs} ms for a CPU` : ""),
+      { vm: this.vm.id, requests: count, queueUs: us.queue, serverUs: us.server, receiveUs: us.receive, installUs: us.install, totalUs: us.total, cpuMs, runQueueMs },
     );
   }
 
