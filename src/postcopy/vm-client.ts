@@ -10,7 +10,7 @@
 // that fails authentication (changed in transit) is the same to us: that connection is dropped,
 // nothing of the request it belonged to is installed, and the request goes out again.
 import type { EventLoop } from "../event-loop.ts";
-import { NativeBuffer } from "../ffi.ts";
+import { NativeBuffer, sl } from "../ffi.ts";
 import { PAGE_IN_FLIGHT, type PageRequester, type Region } from "../handler-table.ts";
 import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
 import { formatBytes } from "../log.ts";
@@ -134,6 +134,15 @@ export class VmClient implements PageRequester {
     this.tick();
     this.scheduleSweep();
   }
+
+  /**
+   * The background connection's reads stop early when this VM has a fault waiting (its uffd is
+   * readable) or an urgent reply has arrived: bulk bytes never hold up the fault path for long.
+   */
+  private readonly urgentWaiting = (): boolean => {
+    const urgent = this.urgentInFlight > 0 ? (this.channels[URGENT]?.socket ?? -1) : -1;
+    return sl.sl_readable2(urgent, this.vm.uffd) > 0;
+  };
 
   // ---- PageRequester ------------------------------------------------------------------------
 
@@ -465,7 +474,7 @@ export class VmClient implements PageRequester {
       },
       requestError: (id, message) => this.requestError(id, message),
       lost: (reason, kind) => this.onLost(i, reason, kind),
-    }, Math.min(HANDSHAKE_TIMEOUT_MS, this.target.deadlineMs));
+    }, Math.min(HANDSHAKE_TIMEOUT_MS, this.target.deadlineMs), i === BACKGROUND ? this.urgentWaiting : undefined);
     this.channels[i] = ch;
   }
 
