@@ -32,8 +32,8 @@ export const EVENT_NAMES = [
   "remote.channel_lost",
   "remote.back",
   "remote.delivering",
-  "remote.done",
   "remote.urgent_stages",
+  "remote.done",
   // page-server
   "page_server.listening",
   "page_server.test_corruption",
