@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define SL_ABI_VERSION 4
+#define SL_ABI_VERSION 3
 
 /* Size of one struct uffd_msg as the kernel writes it. */
 #define SL_UFFD_MSG_SIZE 32

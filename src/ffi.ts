@@ -69,7 +69,7 @@ function libraryPath(): string {
   return join(import.meta.dir, "..", "build", "libsnapload.so");
 }
 
-export const ABI_VERSION = 4;
+export const ABI_VERSION = 3;
 const loaded = dlopen(libraryPath(), FFI_SYMBOLS);
 export const sl = loaded.symbols;
 if (sl.sl_abi_version() !== ABI_VERSION) {
