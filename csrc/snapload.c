@@ -745,18 +745,6 @@ int sl_recv(int fd, void *buf, uint32_t len)
 	}
 }
 
-int sl_readable2(int fd1, int fd2)
-{
-	struct pollfd p[2] = { { .fd = fd1, .events = POLLIN }, { .fd = fd2, .events = POLLIN } };
-	for (;;) {
-		int n = poll(p, 2, 0);
-		if (n >= 0)
-			return n;
-		if (errno != EINTR)
-			return NEG_ERRNO();
-	}
-}
-
 int sl_send(int fd, const void *buf, uint32_t len)
 {
 	for (;;) {

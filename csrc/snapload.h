@@ -190,9 +190,6 @@ int sl_socket_error(int fd);
  * it would block. */
 int sl_recv(int fd, void *buf, uint32_t len);
 int sl_send(int fd, const void *buf, uint32_t len);
-/* How many of fd1, fd2 are readable right now (poll, no wait); a negative fd
- * is skipped. -errno on failure. */
-int sl_readable2(int fd1, int fd2);
 
 /* ---- processes ------------------------------------------------------------ */
 

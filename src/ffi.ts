@@ -55,7 +55,6 @@ export const FFI_SYMBOLS = {
   sl_socket_error: { args: [i32], returns: i32 },
   sl_recv: { args: [i32, ptr, u32], returns: i32 },
   sl_send: { args: [i32, ptr, u32], returns: i32 },
-  sl_readable2: { args: [i32, i32], returns: i32 },
   sl_kill: { args: [i32, i32], returns: i32 },
   sl_pidfd_open: { args: [i32], returns: i32 },
   sl_peer_pidfd: { args: [i32], returns: i32 },

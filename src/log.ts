@@ -32,7 +32,6 @@ export const EVENT_NAMES = [
   "remote.channel_lost",
   "remote.back",
   "remote.delivering",
-  "remote.urgent_stages",
   "remote.done",
   // serve --mem STORE/NAME (src/store/)
   "store.manifest",

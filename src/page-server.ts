@@ -57,11 +57,8 @@ export interface PageServerOptions {
 
 /** Bytes read from one connection per wake-up before others get a turn. */
 const READ_BUDGET = 64 * 1024;
-/**
- * Bytes of background payload sent per turn of the loop, over all connections: one chunk, so an
- * urgent request that arrives meanwhile waits for at most one chunk's encryption and send.
- */
-const BACKGROUND_STEP_BYTES = MAX_CHUNK;
+/** Bytes of background payload sent per idle turn of the loop, over all connections. */
+const BACKGROUND_STEP_BYTES = 256 * 1024;
 /** A connection that refused us or was refused gets this long to take our last frame. */
 const LINGER_MS = 1000;
 /** Control replies (PONG, refusals) a client leaves unread past this: it is dropped, not buffered without bound. */

@@ -2,7 +2,7 @@
 // event with a known name; the fields agree with what the VMM stand-in saw; docs/events.md names
 // exactly the events the code can emit.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
 import { EVENT_NAMES, Logger, type LogRecord } from "../src/log.ts";
@@ -102,7 +102,7 @@ describe("page-server --log-format json", () => {
     writeFileSync(token, "a-test-secret-of-enough-bytes-0123456789", { mode: 0o600 });
     const ps = await startPageServer(["--mem", image, "--token-file", token, "--log-format", "json", "--log-level", "debug"]);
     const sock = join(dir.path, "remote.sock");
-    const d = await startDaemon(["--mem", `tcp://127.0.0.1:${ps.port}`, "--token-file", token, "--log-format", "json", "--log-level", "debug"], sock);
+    const d = await startDaemon(["--mem", `tcp://127.0.0.1:${ps.port}`, "--token-file", token, "--log-format", "json"], sock);
     try {
       const listening = await ps.daemon.waitForEvent("page_server.listening");
       expect(listening).toMatchObject({ port: ps.port, format: "raw", path: image, size: 16 * MIB });
@@ -116,27 +116,7 @@ describe("page-server --log-format json", () => {
       await d.stop();
       await ps.daemon.stop();
     }
-    const events = expectOnlyEvents(d);
-    // Where the urgent requests' time went: the first touch cannot have been streamed in yet, so
-    // there is at least one; a request's total is the sum of its stages, so no stage exceeds it.
-    const stages = events.find((e) => e.event === "remote.urgent_stages")!;
-    expect(stages, "no remote.urgent_stages event").toBeDefined();
-    expect(stages.requests as number).toBeGreaterThanOrEqual(1);
-    const total = stages.totalUs as number[];
-    for (const k of ["queueUs", "serverUs", "receiveUs", "installUs"]) {
-      const v = stages[k] as number[];
-      expect(v.length).toBe(3);
-      expect(v[0]!).toBeLessThanOrEqual(v[1]!);
-      expect(v[1]!).toBeLessThanOrEqual(v[2]!);
-      expect(v[2]!).toBeLessThanOrEqual(total[2]! + 0.1);
-    }
-    if (existsSync("/proc/thread-self/schedstat")) {
-      expect(stages.runQueueMs as number).toBeGreaterThanOrEqual(0);
-      expect(stages.cpuMs as number).toBeGreaterThan(0);
-    } else {
-      // No schedstat on this kernel: the fields are left out rather than guessed.
-      expect(stages.cpuMs).toBeUndefined();
-    }
+    expectOnlyEvents(d);
     const closed = expectOnlyEvents(ps.daemon).filter((e) => e.event === "page_server.client_closed");
     expect(closed.length).toBeGreaterThan(0);
     expect(closed.reduce((n, e) => n + (e.bytes as number), 0)).toBeGreaterThan(0);

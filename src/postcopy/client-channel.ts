@@ -36,13 +36,6 @@ type State = "connecting" | "challenge" | "welcome" | "info" | "zero-map" | "rea
 
 /** Bytes read per wake-up, so a background stream leaves room for faults. */
 const READ_BUDGET = 256 * 1024;
-/**
- * A background connection (one given `yieldTo`) receives payloads in pieces of this size and,
- * between pieces, stops its turn as soon as `yieldTo()` reports a fault or an urgent reply
- * waiting: those wait for at most one piece (and a chunk's decryption and install), not for the
- * whole budget. One poll per piece costs ~1% of the time the piece takes to receive and install.
- */
-export const BACKGROUND_PIECE = 32 * 1024;
 
 export class ClientChannel {
   private state: State = "connecting";
@@ -69,8 +62,6 @@ export class ClientChannel {
     private readonly wantZeroMap: boolean,
     private readonly owner: ChannelOwner,
     handshakeTimeoutMs: number,
-    /** Background connections: true when more urgent work (a fault, an urgent reply) is waiting. */
-    private readonly yieldTo?: () => boolean,
   ) {
     this.reader = new FrameReader(
       { target: (h) => this.target(h), frame: (h, own) => this.onFrame(h, own) },
@@ -90,11 +81,6 @@ export class ClientChannel {
 
   get ready(): boolean {
     return this.state === "ready";
-  }
-
-  /** The socket (-1 once closed or if the connect failed): for readiness checks only. */
-  get socket(): number {
-    return this.fd;
   }
 
   /** Queues a frame and (unless `now` is false: the caller flushes a batch) sends what the socket takes. */
@@ -121,7 +107,7 @@ export class ClientChannel {
     let r: number;
     const before = this.reader.received;
     try {
-      r = this.reader.read(this.fd, READ_BUDGET, this.yieldTo, this.yieldTo === undefined ? READ_BUDGET : BACKGROUND_PIECE);
+      r = this.reader.read(this.fd, READ_BUDGET);
     } catch (e) {
       if (e instanceof SealError) {
         // Someone between us changed, replayed or cut the stream: none of it is used; drop the connection.

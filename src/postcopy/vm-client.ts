@@ -10,7 +10,7 @@
 // that fails authentication (changed in transit) is the same to us: that connection is dropped,
 // nothing of the request it belonged to is installed, and the request goes out again.
 import type { EventLoop } from "../event-loop.ts";
-import { NativeBuffer, sl } from "../ffi.ts";
+import { NativeBuffer } from "../ffi.ts";
 import { PAGE_IN_FLIGHT, type PageRequester, type Region } from "../handler-table.ts";
 import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
 import { formatBytes } from "../log.ts";
@@ -18,7 +18,6 @@ import type { RequesterContext } from "../server.ts";
 import { AGAIN, FAILED, GONE, type VmSession } from "../vm-session.ts";
 import type { HostPort } from "./address.ts";
 import { ClientChannel, type LostKind } from "./client-channel.ts";
-import { StageTimes, threadSchedMs } from "./stage-times.ts";
 import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
 
 export interface RemoteTarget {
@@ -67,8 +66,6 @@ interface Req {
   /** Next byte (within the request) a DATA frame may start at: chunks come in order. */
   cursor: number;
   sent: boolean;
-  /** Urgent requests: Bun.nanoseconds() at each stage (stage-times.ts); 0 = not reached. */
-  marks: { created: number; sent: number; header: number; opened: number } | undefined;
 }
 
 export class VmClient implements PageRequester {
@@ -108,10 +105,6 @@ export class VmClient implements PageRequester {
   private outageLogged = false;
   private cancelTick: () => void = () => {};
   private done = false;
-  /** Urgent requests' time per stage, reported when the VM is done with the page server. */
-  readonly stages = new StageTimes();
-  /** The loop thread's CPU and run-queue time when this VM arrived (the stages include such waits). */
-  private readonly schedAtStart = threadSchedMs();
   readonly counters = { requests: 0, bytes: 0, tampered: 0, reconnects: 0 };
 
   constructor(
@@ -134,15 +127,6 @@ export class VmClient implements PageRequester {
     this.tick();
     this.scheduleSweep();
   }
-
-  /**
-   * The background connection's reads stop early when this VM has a fault waiting (its uffd is
-   * readable) or an urgent reply has arrived: bulk bytes never hold up the fault path for long.
-   */
-  private readonly urgentWaiting = (): boolean => {
-    const urgent = this.urgentInFlight > 0 ? (this.channels[URGENT]?.socket ?? -1) : -1;
-    return sl.sl_readable2(urgent, this.vm.uffd) > 0;
-  };
 
   // ---- PageRequester ------------------------------------------------------------------------
 
@@ -199,7 +183,6 @@ export class VmClient implements PageRequester {
       slot: undefined,
       cursor: 0,
       sent: false,
-      marks: urgent ? { created: Bun.nanoseconds(), sent: 0, header: 0, opened: 0 } : undefined,
     };
   }
 
@@ -248,12 +231,6 @@ export class VmClient implements PageRequester {
     else this.backgroundInFlight += req.bytes;
     this.counters.requests++;
     ch.send(frame(FrameType.REQUEST, null, req.id, req.start, req.bytes), now);
-    const m = req.marks;
-    if (m !== undefined) {
-      m.sent = Bun.nanoseconds();
-      m.header = 0;
-      m.opened = 0;
-    }
   }
 
   /** False when every page of the request was installed or discarded meanwhile. */
@@ -300,7 +277,6 @@ export class VmClient implements PageRequester {
     }
     // Zero pages never cross the wire: the chunk holds data pages only, and what it skipped is zero.
     checkDataChunk(h.id, h.offset, h.length, req.cursor, req.start, req.bytes, this.target.zero);
-    if (req.marks !== undefined && req.marks.header === 0) req.marks.header = Bun.nanoseconds();
     return req.slot!.address + h.offset;
   }
 
@@ -313,29 +289,9 @@ export class VmClient implements PageRequester {
     const restFirst = (req.start + req.cursor) / IMAGE_PAGE;
     const restCount = (req.bytes - req.cursor) / IMAGE_PAGE;
     if (restCount === 0 || this.target.zero.isRangeZero(restFirst, restCount)) this.complete(req);
-    else if (req.region.imagePagesPerPage === 1) this.deliverChunk(req, h.offset, h.length);
-  }
-
-  /**
-   * Installs a chunk's pages as soon as it is decrypted, before the rest of its request: the
-   * bytes are still in the CPU's cache (received, decrypted, copied into the guest in one pass
-   * of ~128 KiB), and a vCPU waiting on one of them need not wait for the whole request. 4 KiB
-   * pages only (a chunk holds whole pages of those); the request's last chunk goes through
-   * complete(), which installs whatever of the request is still in flight.
-   */
-  private deliverChunk(req: Req, offset: number, length: number): void {
-    const region = req.region;
-    const before = region.settled;
-    const r = this.vm.deliver(region, req.first + offset / IMAGE_PAGE, length / IMAGE_PAGE, req.slot!.address + offset);
-    if (!req.urgent) this.vm.stats.populatedPages += region.settled - before;
-    // AGAIN: those pages went back to missing and are served again as faults once the REMOVE is read.
-    if (r === FAILED) return this.ctx.fail(`installing pages fetched from ${this.target.url} failed`);
-    this.ctx.delivered();
-    this.finishedWithVm();
   }
 
   private complete(req: Req): void {
-    if (req.marks !== undefined) req.marks.opened = Bun.nanoseconds();
     this.unsend(req);
     const region = req.region;
     if (region.imagePagesPerPage > 1) {
@@ -351,7 +307,6 @@ export class VmClient implements PageRequester {
     const region = req.region;
     const before = region.settled;
     const r = this.vm.deliver(region, req.first, req.count, req.slot!.address);
-    if (req.marks !== undefined && r !== AGAIN) this.stages.record(req.marks, Bun.nanoseconds());
     if (!req.urgent) this.vm.stats.populatedPages += region.settled - before;
     if (r === AGAIN) {
       // A REMOVE is pending: let the server read it, then install what is still wanted from the same bytes.
@@ -474,7 +429,7 @@ export class VmClient implements PageRequester {
       },
       requestError: (id, message) => this.requestError(id, message),
       lost: (reason, kind) => this.onLost(i, reason, kind),
-    }, Math.min(HANDSHAKE_TIMEOUT_MS, this.target.deadlineMs), i === BACKGROUND ? this.urgentWaiting : undefined);
+    }, Math.min(HANDSHAKE_TIMEOUT_MS, this.target.deadlineMs));
     this.channels[i] = ch;
   }
 
@@ -610,24 +565,6 @@ export class VmClient implements PageRequester {
     return true;
   }
 
-  /** Where urgent requests' time went (stage-times.ts), for whoever tunes the fault path. */
-  private logStages(): void {
-    if (this.stages.count === 0 || !this.ctx.logger.enabled("debug")) return;
-    const { count, us } = this.stages.summary();
-    const f = (v: [number, number, number]) => `${v[0]}/${v[1]}/${v[2]}`;
-    const now = threadSchedMs();
-    const start = this.schedAtStart;
-    const cpuMs = now && start ? Math.round(now.cpu - start.cpu) : undefined;
-    const runQueueMs = now && start ? Math.round(now.waiting - start.waiting) : undefined;
-    this.ctx.logger.debug(
-      "remote.urgent_stages",
-      `vm ${this.vm.id}: ${count} urgent requests, µs p50/p99/max: queued ${f(us.queue)}, page server round trip ${f(us.server)}, ` +
-        `receive+decrypt ${f(us.receive)}, install ${f(us.install)}, total ${f(us.total)}` +
-        (cpuMs !== undefined ? `; meanwhile the loop thread ran ${cpuMs} ms and waited ${runQueueMs} ms for a CPU` : ""),
-      { vm: this.vm.id, requests: count, queueUs: us.queue, serverUs: us.server, receiveUs: us.receive, installUs: us.install, totalUs: us.total, cpuMs, runQueueMs },
-    );
-  }
-
   close(): void {
     if (this.done) return;
     this.done = true;
@@ -646,7 +583,6 @@ export class VmClient implements PageRequester {
     this.redeliveries.length = 0;
     for (const s of this.freeSlots.splice(0)) s.free();
     const c = this.counters;
-    this.logStages();
     this.ctx.logger.debug(
       "remote.done",
       `vm ${this.vm.id}: page server ${this.target.url}: ${c.requests} requests, ${formatBytes(c.bytes)} received, ${c.tampered} connections dropped for frames failing authentication, ${c.reconnects} reconnects`,

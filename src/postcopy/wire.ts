@@ -60,18 +60,11 @@ export class FrameReader {
     return this.hdrFill === 0 && !this.inPayload;
   }
 
-  /**
-   * Reads frames until the socket is empty or `budget` bytes were taken (a payload is received in
-   * pieces of at most what is left of it; it is decrypted and handed on once whole). With
-   * `yieldTo`, payloads come in pieces of at most `piece` bytes and, once something was read (at
-   * least a header or one piece, so the stream always moves), the read stops early (READ_MORE)
-   * as soon as `yieldTo()` says more urgent work is waiting.
-   * Throws ProtocolError.
-   */
-  read(fd: number, budget: number, yieldTo?: () => boolean, piece = budget): number {
+  /** Reads frames until the socket is empty or about `budget` bytes were taken. Throws ProtocolError. */
+  read(fd: number, budget: number): number {
     let used = 0;
     while (!this.stopped) {
-      if (used >= budget || (used > 0 && yieldTo?.())) return READ_MORE;
+      if (used >= budget) return READ_MORE;
       if (!this.inPayload) {
         const n = sl.sl_recv(fd, this.buf.subarray(this.hdrFill, this.hdrSize), this.hdrSize - this.hdrFill);
         if (n <= 0) return this.status(n);
@@ -93,7 +86,7 @@ export class FrameReader {
       if (this.payFill < h.length) {
         const n = this.own
           ? sl.sl_recv(fd, this.buf.subarray(OWN_PAYLOAD_AT + this.payFill, OWN_PAYLOAD_AT + h.length), h.length - this.payFill)
-          : sl.sl_recv(fd, (this.payAddr + this.payFill) as Pointer, Math.min(h.length - this.payFill, budget - used, piece));
+          : sl.sl_recv(fd, (this.payAddr + this.payFill) as Pointer, h.length - this.payFill);
         if (n <= 0) return this.status(n);
         this.received += n;
         used += n;
