@@ -137,9 +137,9 @@ export const qemu: Scenario = async (ctx: Ctx) => {
   const rows: Row[] = [
     { what: `QEMU eager load (migrate-incoming file:, mapped-ram), ${memMiB} MiB guest, ${fillMiB} MiB non-zero: running = complete`, median: ms(e.median), best: ms(e.min) },
     { what: `QEMU eager load with multifd (${MULTIFD} channels)`, median: ms(em.median), best: ms(em.min), result: `${(em.median / e.median).toFixed(2)}x plain eager` },
-    { what: "snapload qemu-restore: time to guest running (incl. snapload start-up)", median: ms(lr.median), best: ms(lr.min), result: `${check(runRatio <= RUNNING_TARGET)} ${runRatio.toFixed(3)}x faster eager`, target: `≤ ${RUNNING_TARGET}x` },
-    { what: "… of which after Bun start-up (snapload's own clock: parse, QMP checks, device state, QEMU loads it)", median: ms(lo.median), best: ms(lo.min), result: `${(lo.median / base).toFixed(3)}x faster eager` },
-    { what: "snapload qemu-restore: time to completion (preempt)", median: ms(lc.median), best: ms(lc.min), result: `${check(compRatio <= COMPLETION_TARGET)} ${compRatio.toFixed(2)}x faster eager`, target: `≤ ${COMPLETION_TARGET}x` },
+    { what: "snapload qemu-restore: time to guest running (incl. snapload start-up)", median: ms(lr.median), best: ms(lr.min), result: `**${runRatio.toFixed(2)}x** the faster eager load`, target: `≤ ${RUNNING_TARGET}x ${check(runRatio <= RUNNING_TARGET)}` },
+    { what: "… of which after Bun start-up (snapload's own clock: parse, QMP checks, device state, QEMU loads it)", median: ms(lo.median), best: ms(lo.min), result: `${(lo.median / base).toFixed(2)}x the faster eager load` },
+    { what: "snapload qemu-restore: time to completion (preempt)", median: ms(lc.median), best: ms(lc.min), result: `**${compRatio.toFixed(2)}x** the faster eager load`, target: `≤ ${COMPLETION_TARGET}x ${check(compRatio <= COMPLETION_TARGET)}` },
     { what: "request latency p50 / p99, preempt (request read → page handed to the socket)", median: `${ms(lat(L, "p50").median)} / ${ms(lat(L, "p99").median)}` },
     { what: "request latency p50 / p99, no preempt (behind background sections)", median: `${ms(lat(LN, "p50").median)} / ${ms(lat(LN, "p99").median)}` },
   ];
