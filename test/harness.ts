@@ -1,5 +1,5 @@
 // Shared test plumbing: real processes only — the daemon under test and the C VMM stand-in.
-import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { EventName, LogRecord } from "../src/log.ts";
@@ -186,4 +186,42 @@ export async function runSnapload(args: string[], opts: { timeoutMs?: number; cw
   const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   clearTimeout(killer);
   return { code, stdout, stderr };
+}
+
+const NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages";
+
+function meminfo(field: string): number {
+  const m = readFileSync("/proc/meminfo", "utf8").match(new RegExp(`^${field}:\\s+(\\d+)`, "m"));
+  return m ? Number(m[1]) : -1;
+}
+
+/**
+ * Reserves `need` free 2 MiB huge pages (raising vm.nr_hugepages) at module load, so that
+ * test.skipIf sees the outcome. `skipReason` is "" when they are there; `restore()` (afterAll)
+ * puts vm.nr_hugepages back.
+ */
+export function reserveHugePages(need: number, file: string): { skipReason: string; restore(): void } {
+  let oldNr: number | undefined;
+  let skipReason = "";
+  try {
+    oldNr = Number(readFileSync(NR_HUGEPAGES, "utf8").trim());
+    const free = meminfo("HugePages_Free");
+    if (free < need) writeFileSync(NR_HUGEPAGES, String(meminfo("HugePages_Total") + (need - free)));
+    const now = meminfo("HugePages_Free");
+    if (now < need) skipReason = `the kernel gave only ${now} free 2 MiB huge pages (need ${need}) after writing ${NR_HUGEPAGES}`;
+  } catch (e) {
+    skipReason = `cannot reserve huge pages through ${NR_HUGEPAGES}: ${(e as Error).message}`;
+  }
+  if (skipReason) console.warn(`${file}: SKIPPING every case: ${skipReason}`);
+  return {
+    skipReason,
+    restore() {
+      if (oldNr === undefined) return;
+      try {
+        writeFileSync(NR_HUGEPAGES, String(oldNr));
+      } catch (e) {
+        console.warn(`${file}: could not restore ${NR_HUGEPAGES} to ${oldNr}: ${(e as Error).message}`);
+      }
+    },
+  };
 }

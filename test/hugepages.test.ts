@@ -3,39 +3,20 @@
 // The pool is reserved here (root: /proc/sys/vm/nr_hugepages) and given back in afterAll.
 // If the kernel will not give us the pages, every case is skipped with the reason printed.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { generateMappedRam, generateRawImage, type GeneratedBlock, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
-import { type Daemon, describeRun, ensureBuilt, runStandin, startDaemon, tempDir, type StandinResult } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, reserveHugePages, runStandin, startDaemon, tempDir, type StandinResult } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const HUGE = 2 * MIB;
 const PAGE = 4096;
 const RAW_MIB = 64;
 const NEED = RAW_MIB / 2 + 8; // the largest stand-in below, plus slack
-const NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages";
 /** Per test: bunfig's [test] timeout is not applied, and the stand-in's own watchdog (5 s) must fire first. */
 const T = 20_000;
 
-function meminfo(field: string): number {
-  const m = readFileSync("/proc/meminfo", "utf8").match(new RegExp(`^${field}:\\s+(\\d+)`, "m"));
-  return m ? Number(m[1]) : -1;
-}
-
-// Reserved at load time, so that test.skipIf sees the outcome.
-let oldNr: number | undefined;
-let skipReason = "";
-try {
-  oldNr = Number(readFileSync(NR_HUGEPAGES, "utf8").trim());
-  const free = meminfo("HugePages_Free");
-  if (free < NEED) writeFileSync(NR_HUGEPAGES, String(meminfo("HugePages_Total") + (NEED - free)));
-  const now = meminfo("HugePages_Free");
-  if (now < NEED) skipReason = `the kernel gave only ${now} free 2 MiB huge pages (need ${NEED}) after writing ${NR_HUGEPAGES}`;
-} catch (e) {
-  skipReason = `cannot reserve huge pages through ${NR_HUGEPAGES}: ${(e as Error).message}`;
-}
-const skip = skipReason !== "";
-if (skip) console.warn(`hugepages.test.ts: SKIPPING every case: ${skipReason}`);
+const hugePages = reserveHugePages(NEED, "hugepages.test.ts");
+const skip = hugePages.skipReason !== "";
 
 let dir: ReturnType<typeof tempDir> | undefined;
 let raw: string;
@@ -71,13 +52,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   // The pool first: nothing below may stop it from being given back.
-  if (oldNr !== undefined) {
-    try {
-      writeFileSync(NR_HUGEPAGES, String(oldNr));
-    } catch (e) {
-      console.warn(`hugepages.test.ts: could not restore ${NR_HUGEPAGES} to ${oldNr}: ${(e as Error).message}`);
-    }
-  }
+  hugePages.restore();
   await Promise.all([rawDaemon, faDaemon, mrDaemon, armDaemon].map((d) => d?.stop()));
   dir?.cleanup();
 }, 15_000);

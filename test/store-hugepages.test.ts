@@ -3,34 +3,16 @@
 // The pool is reserved here and given back in afterAll; if the kernel refuses, the cases are
 // skipped with the reason printed (as in hugepages.test.ts).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/demo-image.ts";
-import { describeRun, ensureBuilt, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { describeRun, ensureBuilt, reserveHugePages, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const SIZE = 16 * MIB;
 const NEED = SIZE / (2 * MIB) + 4;
-const NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages";
 
-function meminfo(field: string): number {
-  const m = readFileSync("/proc/meminfo", "utf8").match(new RegExp(`^${field}:\\s+(\\d+)`, "m"));
-  return m ? Number(m[1]) : -1;
-}
-
-let oldNr: number | undefined;
-let skipReason = "";
-try {
-  oldNr = Number(readFileSync(NR_HUGEPAGES, "utf8").trim());
-  const free = meminfo("HugePages_Free");
-  if (free < NEED) writeFileSync(NR_HUGEPAGES, String(meminfo("HugePages_Total") + (NEED - free)));
-  const now = meminfo("HugePages_Free");
-  if (now < NEED) skipReason = `the kernel gave only ${now} free 2 MiB huge pages (need ${NEED}) after writing ${NR_HUGEPAGES}`;
-} catch (e) {
-  skipReason = `cannot reserve huge pages through ${NR_HUGEPAGES}: ${(e as Error).message}`;
-}
-const skip = skipReason !== "";
-if (skip) console.warn(`store-hugepages.test.ts: SKIPPING every case: ${skipReason}`);
+const hugePages = reserveHugePages(NEED, "store-hugepages.test.ts");
+const skip = hugePages.skipReason !== "";
 
 let dir: ReturnType<typeof tempDir>;
 let image: string;
@@ -48,13 +30,7 @@ beforeAll(async () => {
 });
 
 afterAll(() => {
-  if (oldNr !== undefined) {
-    try {
-      writeFileSync(NR_HUGEPAGES, String(oldNr));
-    } catch (e) {
-      console.warn(`store-hugepages.test.ts: could not restore ${NR_HUGEPAGES} to ${oldNr}: ${(e as Error).message}`);
-    }
-  }
+  hugePages.restore();
   dir?.cleanup();
 });
 
