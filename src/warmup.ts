@@ -42,8 +42,15 @@ class WarmUpVm {
     this.uffd = uffd;
     this.guest = new NativeBuffer(this.len);
     this.source = new NativeBuffer(this.len);
-    check("UFFDIO_API", sl.sl_uffd_api(uffd, 0, null, null));
-    check("UFFDIO_REGISTER", sl.sl_uffd_register(uffd, this.guest.address, this.len, SL_UFFD_MODE_MISSING, null));
+    try {
+      check("UFFDIO_API", sl.sl_uffd_api(uffd, 0, null, null));
+      check("UFFDIO_REGISTER", sl.sl_uffd_register(uffd, this.guest.address, this.len, SL_UFFD_MODE_MISSING, null));
+    } catch (e) {
+      this.guest.free();
+      this.source.free();
+      this.scratch.free();
+      throw e;
+    }
     this.source.bytes.fill(0x5a);
     const zero = new ZeroMap(PAGES);
     zero.setZeroRange(PAGES / 2, PAGES / 2);
