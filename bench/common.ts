@@ -1,10 +1,10 @@
 // What every scenario shares: options, the scratch directory, images, feature flags, rows.
 import { closeSync, existsSync, fsyncSync, openSync, renameSync, writeSync } from "node:fs";
-import { prng } from "../src/prng.ts";
+import { prng } from "../src/core/prng.ts";
 
 export { prng };
 import { randomFillSync } from "node:crypto";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 
 export interface BenchOptions {
   quick: boolean;
@@ -27,7 +27,7 @@ export interface Ctx {
   /** A random-data image of `mib` MiB (made once per run, page cache warm). */
   image(mib: number): string;
   /**
-   * A realistic image of `mib` MiB (src/demo-image.ts: ~40% zero pages left as file holes, text,
+   * A realistic image of `mib` MiB (src/cli/demo-image.ts: ~40% zero pages left as file holes, text,
    * random bytes, sparse pages), made once per run.
    */
   demoImage(mib: number): string;
@@ -131,7 +131,7 @@ export function makeRandomImage(path: string, mib: number): void {
   renameSync(tmp, path);
 }
 
-/** `writeDemoImage` (src/demo-image.ts) of `mib` MiB unless the file exists; synced, then renamed into place. */
+/** `writeDemoImage` (src/cli/demo-image.ts) of `mib` MiB unless the file exists; synced, then renamed into place. */
 export function makeDemoImage(path: string, mib: number, seed = 42): { pages: number; zeroPages: number } | undefined {
   if (existsSync(path)) return undefined;
   const tmp = `${path}.partial`;

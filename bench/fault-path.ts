@@ -3,11 +3,11 @@
 // metrics it keeps), pages dropped between rounds. No second process, so it is steadier than the
 // end-to-end scenarios for A/B runs of the fault path itself (e.g. with and without a change).
 //   bun bench/fault-path.ts [--rounds N] [--batch N]     prints {"nsPerFault": ...} per run
-import { NativeBuffer, sl } from "../src/ffi.ts";
-import { HandlerTable, type PageBackend } from "../src/handler-table.ts";
-import { IMAGE_PAGE, ZeroMap } from "../src/image/snapshot-image.ts";
-import { writeFaultMessage } from "../src/uffd-messages.ts";
-import { Scratch, VmSession } from "../src/vm-session.ts";
+import { NativeBuffer, sl } from "../src/core/ffi.ts";
+import { HandlerTable, type PageBackend } from "../src/scheduler/handler-table.ts";
+import { IMAGE_PAGE, ZeroMap } from "../src/sources/image/snapshot-image.ts";
+import { writeFaultMessage } from "../src/sinks/uffd/uffd-messages.ts";
+import { Scratch, VmSession } from "../src/daemon/vm-session.ts";
 
 const argv = process.argv.slice(2);
 const arg = (name: string, dflt: number) => {

@@ -2,10 +2,10 @@
 //   bun bench/micro.ts [--out FILE] [--quick]
 // Prints mitata's report on stderr; writes a ns/op summary as JSON to FILE.
 import { bench, do_not_optimize, group, run } from "mitata";
-import { NativeBuffer, sl, UFFD_MSG_SIZE } from "../src/ffi.ts";
-import { HandlerTable, type PageBackend } from "../src/handler-table.ts";
-import { ZeroMap } from "../src/image/snapshot-image.ts";
-import { decodeMessages, writeFaultMessage } from "../src/uffd-messages.ts";
+import { NativeBuffer, sl, UFFD_MSG_SIZE } from "../src/core/ffi.ts";
+import { HandlerTable, type PageBackend } from "../src/scheduler/handler-table.ts";
+import { ZeroMap } from "../src/sources/image/snapshot-image.ts";
+import { decodeMessages, writeFaultMessage } from "../src/sinks/uffd/uffd-messages.ts";
 import { prng } from "./common.ts";
 
 const argv = process.argv.slice(2);

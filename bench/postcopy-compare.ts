@@ -13,7 +13,7 @@ import { writeFileSync } from "node:fs";
 import { createConnection } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { clientProof } from "../src/postcopy/auth.ts";
 import { decodeChallenge, encodeHello, FrameType, frame, HEADER_SIZE, Role } from "../src/postcopy/protocol.ts";
 

@@ -11,7 +11,7 @@ import { createConnection, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect as tlsConnect, createServer as tlsCreateServer } from "node:tls";
-import { NativeBuffer } from "../src/ffi.ts";
+import { NativeBuffer } from "../src/core/ffi.ts";
 import { AeadKey, TAG_SIZE } from "../src/postcopy/aead.ts";
 import { prng } from "./common.ts";
 

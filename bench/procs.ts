@@ -2,7 +2,7 @@
 // any way out — normal end, error, Ctrl-C — so no daemon outlives the run.
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import type { LogRecord } from "../src/log.ts";
+import type { LogRecord } from "../src/core/log.ts";
 import type { StandinReport } from "../test/harness.ts";
 
 export type { StandinReport };

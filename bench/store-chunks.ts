@@ -8,8 +8,8 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { prng } from "../src/prng.ts";
-import { CHUNK_SIZES, decodeChunk, encodeChunk, isAllZero, sha256 } from "../src/store/format.ts";
+import { prng } from "../src/core/prng.ts";
+import { CHUNK_SIZES, decodeChunk, encodeChunk, isAllZero, sha256 } from "../src/sources/store/format.ts";
 import { tempDir } from "../test/harness.ts";
 import { createBucket, startRgw } from "../test/ceph-rgw.ts";
 import { writeGuestLikeImage } from "../test/store-helpers.ts";

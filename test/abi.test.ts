@@ -1,11 +1,11 @@
-// The C header is the ABI: every function it declares is bound in src/ffi.ts with matching
+// The C header is the ABI: every function it declares is bound in src/core/ffi.ts with matching
 // argument and return types, nothing is bound that it does not declare, and the constants both
 // sides use agree.
 import { describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { FFIType } from "bun:ffi";
-import * as ffi from "../src/ffi.ts";
+import * as ffi from "../src/core/ffi.ts";
 
 const header = readFileSync(join(import.meta.dir, "..", "csrc", "snapload.h"), "utf8").replace(/\/\*[\s\S]*?\*\//g, "");
 

@@ -4,14 +4,14 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readdirSync } from "node:fs";
 import { join } from "node:path";
-import { USAGE } from "../src/cli.ts";
+import { USAGE } from "../src/cli/main.ts";
 import { demo } from "../src/cli/demo.ts";
 import { inspect } from "../src/cli/inspect.ts";
 import { pullCmd, pushCmd } from "../src/cli/push.ts";
 import { pageServer } from "../src/cli/page-server.ts";
 import { serve } from "../src/cli/serve.ts";
 import { stats } from "../src/cli/stats.ts";
-import { ConfigError } from "../src/errors.ts";
+import { ConfigError } from "../src/core/errors.ts";
 import { generateRawImage } from "./gen-mapped-ram.ts";
 import { runSnapload, tempDir } from "./harness.ts";
 

@@ -1,8 +1,8 @@
-// Errno names and numbers come from the runtime (src/ffi.ts): every errno the OS defines gets a
+// Errno names and numbers come from the runtime (src/core/ffi.ts): every errno the OS defines gets a
 // name of its own number, including those Bun's libuv table lacks.
 import { expect, test } from "bun:test";
 import { constants } from "node:os";
-import { Errno, errnoName } from "../src/ffi.ts";
+import { Errno, errnoName } from "../src/core/ffi.ts";
 import { ensureBuilt } from "./harness.ts";
 
 ensureBuilt();

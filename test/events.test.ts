@@ -1,11 +1,11 @@
-// Structured events (src/log.ts): with --log-format json every line the daemons write is one JSON
+// Structured events (src/core/log.ts): with --log-format json every line the daemons write is one JSON
 // event with a known name; the fields agree with what the VMM stand-in saw; docs/events.md names
 // exactly the events the code can emit.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
-import { EVENT_NAMES, Logger, type LogRecord } from "../src/log.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
+import { EVENT_NAMES, Logger, type LogRecord } from "../src/core/log.ts";
 import { type Daemon, describeRun, ensureBuilt, ROOT, runStandin, startDaemon, tempDir } from "./harness.ts";
 import { startPageServer } from "./postcopy-wire.ts";
 

@@ -2,10 +2,10 @@
 // for a model of UFFDIO_COPY / ZEROPAGE / WAKE), so races that are hard to hit with real
 // processes (an event pending between reading a batch and installing it) are deterministic.
 import { afterEach, describe, expect, test } from "bun:test";
-import { Errno, sl, UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE } from "../src/ffi.ts";
-import { HandlerTable, PAGE_INSTALLED, type PageBackend } from "../src/handler-table.ts";
-import { ZeroMap } from "../src/image/snapshot-image.ts";
-import { MAX_DRAIN_ROUNDS, Scratch, VmSession } from "../src/vm-session.ts";
+import { Errno, sl, UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE } from "../src/core/ffi.ts";
+import { HandlerTable, PAGE_INSTALLED, type PageBackend } from "../src/scheduler/handler-table.ts";
+import { ZeroMap } from "../src/sources/image/snapshot-image.ts";
+import { MAX_DRAIN_ROUNDS, Scratch, VmSession } from "../src/daemon/vm-session.ts";
 
 const PS = 4096;
 const BASE = 0x7f00_0000_0000;
@@ -193,7 +193,7 @@ describe("drain() while installs keep meeting EAGAIN (issue 8)", () => {
 // ---- a hostile VMM: UFFD_FEATURE_EVENT_FORK ---------------------------------------------------
 import { readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { ensureBuilt, startDaemon, tempDir } from "./harness.ts";
 
 const FORKER_C = String.raw`

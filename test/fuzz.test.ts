@@ -10,11 +10,11 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { closeSync, ftruncateSync, openSync, readFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import fc from "fast-check";
-import { HandshakeError, SnaploadError } from "../src/errors.ts";
-import { JsonScanner, MAX_HANDSHAKE_BYTES, PAGE_2M, PAGE_4K, parseHandshake, scanJson } from "../src/handshake.ts";
-import { openMappedRamImage, parseMappedRam } from "../src/image/mapped-ram.ts";
-import { IMAGE_PAGE } from "../src/image/snapshot-image.ts";
-import { decodeWorkingSet, encodeWorkingSet, WorkingSetError } from "../src/working-set.ts";
+import { HandshakeError, SnaploadError } from "../src/core/errors.ts";
+import { JsonScanner, MAX_HANDSHAKE_BYTES, PAGE_2M, PAGE_4K, parseHandshake, scanJson } from "../src/sinks/uffd/handshake.ts";
+import { openMappedRamImage, parseMappedRam } from "../src/sources/image/mapped-ram.ts";
+import { IMAGE_PAGE } from "../src/sources/image/snapshot-image.ts";
+import { decodeWorkingSet, encodeWorkingSet, WorkingSetError } from "../src/scheduler/working-set.ts";
 import { type GeneratedMappedRam, generateMappedRam } from "./gen-mapped-ram.ts";
 import { tempDir } from "./harness.ts";
 

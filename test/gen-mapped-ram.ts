@@ -5,7 +5,7 @@
 //   bun test/gen-mapped-ram.ts OUT [--ram-mib N] [--seed N]     a mapped-ram file + OUT.<block>.expect
 //   bun test/gen-mapped-ram.ts OUT --raw-mib N [--seed N]       a sparse raw memory file
 import { closeSync, ftruncateSync, openSync, writeSync } from "node:fs";
-import { prng } from "../src/prng.ts";
+import { prng } from "../src/core/prng.ts";
 
 export const PAGES_ALIGN = 1 << 20;
 const HEADER_SIZE = 28;

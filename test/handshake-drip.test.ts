@@ -8,7 +8,7 @@
 // the "before" figure against an older tree with the same attack).
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { BUN, Daemon, describeRun, ensureBuilt, ROOT, runStandin, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;

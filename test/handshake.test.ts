@@ -1,8 +1,8 @@
 // Unit tests of the handshake body: scanJson (where a body split over reads ends, numbers beyond
 // 2^53 caught before JSON.parse rounds them) and parseHandshake / checkRegionsFitImage.
 import { describe, expect, test } from "bun:test";
-import { HandshakeError } from "../src/errors.ts";
-import { checkRegionsFitImage, JsonScanner, MAX_REGIONS, PAGE_2M, PAGE_4K, parseHandshake, scanJson } from "../src/handshake.ts";
+import { HandshakeError } from "../src/core/errors.ts";
+import { checkRegionsFitImage, JsonScanner, MAX_REGIONS, PAGE_2M, PAGE_4K, parseHandshake, scanJson } from "../src/sinks/uffd/handshake.ts";
 
 const MIB = 1024 * 1024;
 const enc = (s: string) => new TextEncoder().encode(s);

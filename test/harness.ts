@@ -2,7 +2,7 @@
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { EventName, LogRecord } from "../src/log.ts";
+import type { EventName, LogRecord } from "../src/core/log.ts";
 
 export const ROOT = join(import.meta.dir, "..");
 export const BUN = process.execPath;

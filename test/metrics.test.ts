@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { readTokenFile } from "../src/postcopy/auth.ts";
 import { encodeHeader, ErrorCode, FrameType, HEADER_SIZE, Role } from "../src/postcopy/protocol.ts";
 import { Exposition, parseExposition, type Sample } from "../src/metrics/exposition.ts";

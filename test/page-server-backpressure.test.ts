@@ -2,7 +2,7 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { readTokenFile } from "../src/postcopy/auth.ts";
 import { FrameType, frame, Role } from "../src/postcopy/protocol.ts";
 import { ensureBuilt, tempDir } from "./harness.ts";

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import fc from "fast-check";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { readTokenFile } from "../src/postcopy/auth.ts";
 import {
   checkDataChunk, decodeChallenge, decodeErrorText, decodeHeader, decodeHello, decodeInfo, decodeWelcome, encodeChallenge, encodeHeader, encodeHello,

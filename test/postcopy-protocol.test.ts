@@ -4,10 +4,10 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
-import { ZeroMap } from "../src/image/snapshot-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
+import { ZeroMap } from "../src/sources/image/snapshot-image.ts";
 import { parseHostPort, parseTcpUrl } from "../src/postcopy/address.ts";
-import { prng } from "../src/prng.ts";
+import { prng } from "../src/core/prng.ts";
 import { clientProof, proofsEqual, readTokenFile, serverProof, sessionKeys } from "../src/postcopy/auth.ts";
 import {
   decodeHeader, decodeHello, decodeInfo, decodeWelcome, encodeHeader, encodeHello, encodeInfo, encodeWelcome, ErrorCode, FrameHeader, FrameType, frame, HEADER_SIZE,

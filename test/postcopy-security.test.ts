@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createCipheriv, createDecipheriv, randomBytes } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { AeadKey } from "../src/postcopy/aead.ts";
 import { readTokenFile } from "../src/postcopy/auth.ts";
 import { decodeInfo, ErrorCode, FrameType, frame, HEADER_SIZE, MAX_CHUNK, Role } from "../src/postcopy/protocol.ts";

@@ -4,7 +4,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { generateMappedRam, type GeneratedBlock } from "./gen-mapped-ram.ts";
 import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, startDaemon, type StandinResult, tempDir } from "./harness.ts";
 import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";

@@ -4,7 +4,7 @@
 import { chmodSync, existsSync, mkdirSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { join } from "node:path";
-import { QmpClient } from "../src/qemu/qmp.ts";
+import { QmpClient } from "../src/sinks/qemu/qmp.ts";
 
 export const QEMU = Bun.which("qemu-system-x86_64");
 const CACHE = process.env.SNAPLOAD_TEST_CACHE ?? join(homedir(), ".cache", "snapload-test");

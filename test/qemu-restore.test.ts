@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readFileSync, statSync, truncateSync } from "node:fs";
 import { dirname, join } from "node:path";
-import type { LogRecord } from "../src/log.ts";
+import type { LogRecord } from "../src/core/log.ts";
 import { BUN, ROOT, ensureBuilt, tempDir } from "./harness.ts";
 import { QemuProc, buildInitramfs, debianKernel, guestArgs, killAllQemu, qemuMissing, waitMigration } from "./qemu-guest.ts";
 

@@ -5,12 +5,12 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { imageBackend } from "../src/image-backend.ts";
-import { openMappedRamBlocks } from "../src/image/mapped-ram.ts";
-import type { SnapshotImage } from "../src/image/snapshot-image.ts";
-import { silentLogger } from "../src/log.ts";
-import { QemuPageSink, type SinkOptions } from "../src/qemu/page-sink.ts";
-import { readDeviceState, readSnapshotStream, type SnapshotStream } from "../src/qemu/snapshot-stream.ts";
+import { imageBackend } from "../src/sources/image/image-backend.ts";
+import { openMappedRamBlocks } from "../src/sources/image/mapped-ram.ts";
+import type { SnapshotImage } from "../src/sources/image/snapshot-image.ts";
+import { silentLogger } from "../src/core/log.ts";
+import { QemuPageSink, type SinkOptions } from "../src/sinks/qemu/page-sink.ts";
+import { readDeviceState, readSnapshotStream, type SnapshotStream } from "../src/sinks/qemu/snapshot-stream.ts";
 import { generateMappedRam, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
 import { ensureBuilt, tempDir } from "./harness.ts";
 import { DEVICE, type Received, StandinDestination, type StandinOptions, withQemuTail } from "./qemu-standin.ts";

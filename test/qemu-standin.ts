@@ -1,5 +1,5 @@
 // A stand-in QEMU postcopy destination for the QEMU sink's tests, over real Unix sockets: it
-// parses what snapload sends with its own decoder (independent of src/qemu/stream.ts), answers
+// parses what snapload sends with its own decoder (independent of src/sinks/qemu/stream.ts), answers
 // PING, asks for pages, and records every page record with its channel and position. Plus the
 // helper that gives generated mapped-ram files the tail QEMU 10.0 writes (device state, EOF).
 import { closeSync, ftruncateSync, openSync, writeSync } from "node:fs";

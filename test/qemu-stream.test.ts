@@ -3,9 +3,9 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { openSync, closeSync, writeSync, ftruncateSync } from "node:fs";
 import { join } from "node:path";
-import { planBlocks, parseRamblockTable } from "../src/qemu/destination.ts";
-import { readDeviceState, readSnapshotStream } from "../src/qemu/snapshot-stream.ts";
-import { ReturnPathDecoder, Rp, type RpMessage } from "../src/qemu/stream.ts";
+import { planBlocks, parseRamblockTable } from "../src/sinks/qemu/destination.ts";
+import { readDeviceState, readSnapshotStream } from "../src/sinks/qemu/snapshot-stream.ts";
+import { ReturnPathDecoder, Rp, type RpMessage } from "../src/sinks/qemu/stream.ts";
 import { generateMappedRam } from "./gen-mapped-ram.ts";
 import { DEVICE, SID, withQemuTail } from "./qemu-standin.ts";
 import { runSnapload, tempDir } from "./harness.ts";

@@ -3,9 +3,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
-import { prng } from "../src/prng.ts";
-import { decodeWorkingSet, encodeWorkingSet } from "../src/working-set.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
+import { prng } from "../src/core/prng.ts";
+import { decodeWorkingSet, encodeWorkingSet } from "../src/scheduler/working-set.ts";
 import { type Daemon, describeRun, ensureBuilt, runStandin, STANDIN, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;

@@ -3,8 +3,8 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
-import type { LogRecord } from "../src/log.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
+import type { LogRecord } from "../src/core/log.ts";
 import { type Daemon, describeRun, ensureBuilt, runStandin, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;

@@ -3,8 +3,8 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { lstatSync, readdirSync, renameSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
-import { cstr, Errno, sl } from "../src/ffi.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
+import { cstr, Errno, sl } from "../src/core/ffi.ts";
 import { describeRun, ensureBuilt, ROOT, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;

@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { SpinPolicy } from "../src/spin-policy.ts";
+import { SpinPolicy } from "../src/core/spin-policy.ts";
 
 describe("SpinPolicy", () => {
   test("never spins when disabled or after an idle turn", () => {

@@ -3,8 +3,8 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdirSync, readdirSync, readFileSync, statSync, watch, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
-import { chunkKey, decodeChunk, decodeManifest, encodeChunk, encodeManifest, manifestKey, sha256 } from "../src/store/format.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
+import { chunkKey, decodeChunk, decodeManifest, encodeChunk, encodeManifest, manifestKey, sha256 } from "../src/sources/store/format.ts";
 import { ensureBuilt, patchFile, runSnapload, tempDir } from "./harness.ts";
 import { writeGuestLikeImage } from "./store-helpers.ts";
 

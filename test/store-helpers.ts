@@ -1,7 +1,7 @@
 // Images for the store tests and bench: laid out like a guest's memory (long zero stretches,
 // kernel text, page tables, some random data), unlike the demo image's evenly mixed pages.
 import { closeSync, ftruncateSync, openSync, writeSync } from "node:fs";
-import { prng } from "../src/prng.ts";
+import { prng } from "../src/core/prng.ts";
 
 const PAGE = 4096;
 

@@ -4,7 +4,7 @@
 // skipped with the reason printed (as in hugepages.test.ts).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { describeRun, ensureBuilt, reserveHugePages, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;

@@ -4,9 +4,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { cpSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
-import { chunkKey, decodeManifest, encodeChunk, manifestKey } from "../src/store/format.ts";
-import { encodeWorkingSet } from "../src/working-set.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
+import { chunkKey, decodeManifest, encodeChunk, manifestKey } from "../src/sources/store/format.ts";
+import { encodeWorkingSet } from "../src/scheduler/working-set.ts";
 import { generateMappedRam } from "./gen-mapped-ram.ts";
 import { describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
 

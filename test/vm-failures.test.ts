@@ -4,7 +4,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readdirSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/demo-image.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { BUN, Daemon, describeRun, ensureBuilt, ROOT, runStandin, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;

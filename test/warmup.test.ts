@@ -1,7 +1,7 @@
 import { describe, expect, test } from "bun:test";
-import { EventLoop } from "../src/event-loop.ts";
-import { SpinPolicy } from "../src/spin-policy.ts";
-import { warmUpDispatch, warmUpRealFaults } from "../src/warmup.ts";
+import { EventLoop } from "../src/core/event-loop.ts";
+import { SpinPolicy } from "../src/core/spin-policy.ts";
+import { warmUpDispatch, warmUpRealFaults } from "../src/daemon/warmup.ts";
 
 describe("JIT warm-up", () => {
   test("the synthetic pass serves every fault it feeds", () => {

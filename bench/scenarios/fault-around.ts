@@ -1,5 +1,5 @@
 // f. Fault-around sweep: `snapload serve --fault-around N` for N in 1, 4, 16, 64, 512 on a
-// realistic image (src/demo-image.ts: ~40% zero pages as file holes, text, random bytes), against
+// realistic image (src/cli/demo-image.ts: ~40% zero pages as file holes, text, random bytes), against
 // four guest patterns: every page in order; every page in random order; a scattered 10% (random
 // single pages); a clustered 10% (runs of 32 consecutive pages at random non-overlapping
 // positions, touched in random order within and across runs). Same-CPU placement.
@@ -161,7 +161,7 @@ export const faultAround: Scenario = async (ctx: Ctx) => {
     tables: [table],
     data: {
       imageMiB,
-      image: "src/demo-image.ts writeDemoImage(seed 42)",
+      image: "src/cli/demo-image.ts writeDemoImage(seed 42)",
       pages,
       partialPages: count,
       cluster: CLUSTER,

@@ -4,7 +4,7 @@
 // the guest runs after the device state, RAM follows). Figures: time to guest running and time to
 // completion, ratios against the eager load; request latency with and without preempt.
 import { join } from "node:path";
-import { QmpClient } from "../../src/qemu/qmp.ts";
+import { QmpClient } from "../../src/sinks/qemu/qmp.ts";
 import { QemuProc, buildInitramfs, debianKernel, guestArgs, qemuMissing } from "../../test/qemu-guest.ts";
 import { check, type Ctx, fmtTime, type Row, type Scenario, summarize } from "../common.ts";
 import { BUN, MAIN } from "../procs.ts";

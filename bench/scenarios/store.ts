@@ -12,9 +12,9 @@
 // Placement: daemon and guest on CPU 0 (the gateway and Ceph run unpinned).
 import { copyFileSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { chunkKey, decodeChunk, decodeManifest, manifestKey } from "../../src/store/format.ts";
-import { push } from "../../src/store/push.ts";
-import { encodeWorkingSet } from "../../src/working-set.ts";
+import { chunkKey, decodeChunk, decodeManifest, manifestKey } from "../../src/sources/store/format.ts";
+import { push } from "../../src/sources/store/push.ts";
+import { encodeWorkingSet } from "../../src/scheduler/working-set.ts";
 import { cephMissing, createBucket, type Rgw, startRgw } from "../../test/ceph-rgw.ts";
 import { writeGuestLikeImage } from "../../test/store-helpers.ts";
 import { check, clusteredSet, type Ctx, fmtRate, fmtTime, MiB, PAGE, prng, type Row, type Scenario, shuffle, summarize, writeOrder } from "../common.ts";

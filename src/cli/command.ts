@@ -1,9 +1,9 @@
 // One table per command: each option's row gives util.parseArgs its type, zod its schema and the
 // usage text its line, so the three cannot drift apart. A command is a `defineCommand` call in a
-// module of its own plus one line in the registry (src/cli.ts).
+// module of its own plus one line in the registry (src/cli/main.ts).
 import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 import { z } from "zod";
-import { ConfigError } from "../errors.ts";
+import { ConfigError } from "../core/errors.ts";
 
 export interface Option<S extends z.ZodType = z.ZodType> {
   /** `string` takes a value (`--name VALUE` or `--name=VALUE`); `boolean` is a switch. */

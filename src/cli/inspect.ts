@@ -1,6 +1,6 @@
 // `snapload inspect`: its options (parser, schema and usage from one table).
 import { z } from "zod";
-import { endpointValue } from "../store/cli.ts";
+import { endpointValue } from "./store-commands.ts";
 import { type ConfigOf, defineCommand, optionalString, switchValue } from "./command.ts";
 
 const options = {
@@ -18,10 +18,10 @@ export const inspect = defineCommand({
     "logical bytes, dedup and compression.",
   options,
   run: async (config) => {
-    if ((await import("../store/stores.ts")).isStoreUrl(config.file)) {
-      return (await import("../store/cli.ts")).inspectStoreCommand({ name: config.file, json: config.json, s3Endpoint: config["s3-endpoint"] });
+    if ((await import("../sources/store/stores.ts")).isStoreUrl(config.file)) {
+      return (await import("./store-commands.ts")).inspectStoreCommand({ name: config.file, json: config.json, s3Endpoint: config["s3-endpoint"] });
     }
-    const { inspectImage } = await import("../inspect.ts");
+    const { inspectImage } = await import("./inspect-file.ts");
     process.stdout.write(`${inspectImage(config.file, { ramblock: config.ramblock, json: config.json })}\n`);
     return 0;
   },

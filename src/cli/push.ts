@@ -1,6 +1,6 @@
 // `snapload push` and `snapload pull`: their options (parser, schema and usage from one table).
 import { z } from "zod";
-import { chunkSizeValue, endpointValue } from "../store/cli.ts";
+import { chunkSizeValue, endpointValue } from "./store-commands.ts";
 import { type ConfigOf, defineCommand, intValue, optionalString } from "./command.ts";
 
 const positional = (what: string, arg: string, help: string) =>
@@ -30,7 +30,7 @@ export const pushCmd = defineCommand({
     "http(s)://URL. Chunks the store already holds are not uploaded again; the manifest is written last.",
   options: pushOptions,
   run: async (c) =>
-    (await import("../store/cli.ts")).pushCommand({
+    (await import("./store-commands.ts")).pushCommand({
       file: c.file, target: c.target, chunkSize: c["chunk-size"], level: c.level, parallel: c.parallel,
       ramblock: c.ramblock, workingSet: c["working-set"], s3Endpoint: c["s3-endpoint"],
     }),
@@ -49,6 +49,6 @@ export const pullCmd = defineCommand({
   synopsis: "STORE/NAME FILE [--s3-endpoint URL] [--parallel N]",
   summary: "Rebuild the raw image from a store (every chunk verified).",
   options: pullOptions,
-  run: async (c) => (await import("../store/cli.ts")).pullCommand({ source: c.source, file: c.file, parallel: c.parallel, s3Endpoint: c["s3-endpoint"] }),
+  run: async (c) => (await import("./store-commands.ts")).pullCommand({ source: c.source, file: c.file, parallel: c.parallel, s3Endpoint: c["s3-endpoint"] }),
 });
 export type PullConfig = ConfigOf<typeof pullOptions>;

@@ -42,7 +42,7 @@ export const qemuRestore = defineCommand({
   options,
   checks: [{ ok: (c) => c.qmp !== undefined || c.to !== undefined, option: "qmp", message: "is required (or --to ADDR if you drive QMP yourself)" }],
   run: async (config) => {
-    const { qemuRestoreCommand } = await import("../qemu/restore-command.ts");
+    const { qemuRestoreCommand } = await import("./qemu-restore-command.ts");
     return qemuRestoreCommand(config);
   },
 });

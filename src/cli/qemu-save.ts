@@ -17,7 +17,7 @@ export const qemuSave = defineCommand({
     "migrate to FILE, wait; report size and time, and whether qemu-restore can serve it.",
   options,
   run: async (config) => {
-    const { qemuSaveCommand } = await import("../qemu/save-command.ts");
+    const { qemuSaveCommand } = await import("./qemu-save-command.ts");
     return qemuSaveCommand(config);
   },
 });

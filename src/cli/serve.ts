@@ -1,7 +1,7 @@
 // `snapload serve`: its options (parser, schema and usage from one table).
 import { z } from "zod";
-import { DEFAULT_FAULT_AROUND } from "../config.ts";
-import { endpointValue } from "../store/cli.ts";
+import { DEFAULT_FAULT_AROUND } from "./config.ts";
+import { endpointValue } from "./store-commands.ts";
 import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, repeatedString } from "./command.ts";
 
 const options = {
@@ -93,6 +93,6 @@ export const serve = defineCommand({
     option: "mem",
     message: "give one --mem for all sockets, or one --mem per --socket (paired in order)",
   }],
-  run: async (config) => (await import("../serve-command.ts")).serveCommand(config),
+  run: async (config) => (await import("./serve-command.ts")).serveCommand(config),
 });
 export type ServeConfig = ConfigOf<typeof options>;

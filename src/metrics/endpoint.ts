@@ -1,8 +1,8 @@
 // `--metrics HOST:PORT`: GET /metrics answers the Prometheus text format, rendered per scrape.
 // Bun's HTTP server runs on Bun's event loop, which the daemon's loop hands the thread to between
 // epoll waits; a scrape never runs inside the fault path.
-import { ConfigError } from "../errors.ts";
-import type { Logger } from "../log.ts";
+import { ConfigError } from "../core/errors.ts";
+import type { Logger } from "../core/log.ts";
 import { formatHostPort, parseHostPort, resolveHost } from "../postcopy/address.ts";
 
 export const METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8";

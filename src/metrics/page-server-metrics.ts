@@ -1,5 +1,5 @@
 // What `page-server --metrics` exposes: clients, requests, bytes sent, error frames by code.
-import type { PageServer } from "../page-server.ts";
+import type { PageServer } from "../postcopy/page-server.ts";
 import { Exposition } from "./exposition.ts";
 
 export function renderPageServerMetrics(server: PageServer): string {

@@ -1,8 +1,8 @@
 // What `serve --metrics` exposes. The fault path only bumps typed arrays it already owns (per VM:
 // PageInstaller.pages, VmSession.latency, VmSession.stats); totals are summed when scraped, from
 // the live VMs plus what closed VMs left in VmTotals.
-import { HOW_NAMES, KIND_NAMES } from "../page-installer.ts";
-import type { VmSession } from "../vm-session.ts";
+import { HOW_NAMES, KIND_NAMES } from "../sinks/uffd/page-installer.ts";
+import type { VmSession } from "../daemon/vm-session.ts";
 import { Exposition } from "./exposition.ts";
 import { addHistogram, histogramSumUs, newHistogram } from "./histogram.ts";
 

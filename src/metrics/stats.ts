@@ -1,5 +1,5 @@
 // `snapload stats`: a short table of a running daemon's live VMs, read from its metrics endpoint.
-import { SnaploadError } from "../errors.ts";
+import { SnaploadError } from "../core/errors.ts";
 import { parseExposition, type Sample } from "./exposition.ts";
 import { quantileUs } from "./histogram.ts";
 

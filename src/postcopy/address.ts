@@ -2,7 +2,7 @@
 // once, up front (never on the data path).
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
-import { ConfigError } from "../errors.ts";
+import { ConfigError } from "../core/errors.ts";
 
 export interface HostPort {
   host: string;

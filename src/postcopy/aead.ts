@@ -5,7 +5,7 @@
 // encrypts straight from its image mapping into one send buffer. The cipher and its tag check
 // are OpenSSL's; this file only calls them (one context per key, the IV set per record).
 import { dlopen, FFIType, type Pointer } from "bun:ffi";
-import { SnaploadError } from "../errors.ts";
+import { SnaploadError } from "../core/errors.ts";
 
 const { i32, ptr, void: none } = FFIType;
 

@@ -5,8 +5,8 @@
 // The keys that seal everything after the handshake come from HKDF over the same inputs.
 import { createHmac, hkdfSync, randomBytes, timingSafeEqual } from "node:crypto";
 import { readFileSync, statSync } from "node:fs";
-import { ConfigError } from "../errors.ts";
-import type { Logger } from "../log.ts";
+import { ConfigError } from "../core/errors.ts";
+import type { Logger } from "../core/log.ts";
 import { NONCE_SIZE } from "./protocol.ts";
 
 export const MIN_TOKEN_BYTES = 16;

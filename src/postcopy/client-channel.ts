@@ -2,8 +2,8 @@
 // proof, then sealed frames (seal.ts) both ways. Lives in our EventLoop on a C socket. When
 // anything goes wrong it closes itself and tells its owner once, with a kind the owner can act
 // on (retry, or give up).
-import type { EventLoop } from "../event-loop.ts";
-import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, errnoName, NativeBuffer, sl } from "../ffi.ts";
+import type { EventLoop } from "../core/event-loop.ts";
+import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, errnoName, NativeBuffer, sl } from "../core/ffi.ts";
 import type { HostPort } from "./address.ts";
 import { clientProof, nonce, proofsEqual, serverProof, sessionKeys, type Transcript } from "./auth.ts";
 import {

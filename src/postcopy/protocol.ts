@@ -2,8 +2,8 @@
 // little-endian header, then `length` payload bytes. Fixed headers let both sides read exactly
 // a header, then exactly a payload straight into its final buffer (page bytes are never copied).
 // After the handshake every frame travels sealed (src/postcopy/seal.ts).
-import { ZeroMap } from "../image/snapshot-image.ts";
-import { SnaploadError } from "../errors.ts";
+import { ZeroMap } from "../sources/image/snapshot-image.ts";
+import { SnaploadError } from "../core/errors.ts";
 
 export const PROTOCOL_VERSION = 2;
 export const HEADER_SIZE = 32;

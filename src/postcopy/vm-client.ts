@@ -9,13 +9,13 @@
 // left without a page server for the deadline is failed (the server kills its VMM). A frame
 // that fails authentication (changed in transit) is the same to us: that connection is dropped,
 // nothing of the request it belonged to is installed, and the request goes out again.
-import type { EventLoop } from "../event-loop.ts";
-import { NativeBuffer } from "../ffi.ts";
-import { PAGE_IN_FLIGHT, type PageRequester, type Region } from "../handler-table.ts";
-import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
-import { formatBytes } from "../log.ts";
-import type { RequesterContext } from "../server.ts";
-import { AGAIN, FAILED, GONE, type VmSession } from "../vm-session.ts";
+import type { EventLoop } from "../core/event-loop.ts";
+import { NativeBuffer } from "../core/ffi.ts";
+import { PAGE_IN_FLIGHT, type PageRequester, type Region } from "../scheduler/handler-table.ts";
+import { IMAGE_PAGE, type ZeroMap } from "../sources/image/snapshot-image.ts";
+import { formatBytes } from "../core/log.ts";
+import type { RequesterContext } from "../daemon/server.ts";
+import { AGAIN, FAILED, GONE, type VmSession } from "../daemon/vm-session.ts";
 import type { HostPort } from "./address.ts";
 import { ClientChannel, type LostKind } from "./client-channel.ts";
 import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";

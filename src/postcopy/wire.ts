@@ -4,7 +4,7 @@
 // (sealed page payloads from one send buffer) and remembers where a short send stopped. Both
 // switch to sealed frames (seal.ts) once the handshake is done, at a frame boundary.
 import type { Pointer } from "bun:ffi";
-import { Errno, sl } from "../ffi.ts";
+import { Errno, sl } from "../core/ffi.ts";
 import { decodeHeader, FrameHeader, HEADER_SIZE, ProtocolError } from "./protocol.ts";
 import { type ReceiveSeal, SEALED_HEADER_SIZE, type SendSeal } from "./seal.ts";
 

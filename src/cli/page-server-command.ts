@@ -1,0 +1,77 @@
+// `snapload page-server`: opens the image, listens, serves until SIGINT/SIGTERM.
+import { createHash } from "node:crypto";
+import { statSync } from "node:fs";
+import type { PageServerConfig } from "./config.ts";
+import { openImage } from "../sources/image/open-image.ts";
+import type { SnapshotImage } from "../sources/image/snapshot-image.ts";
+import { formatBytes, Logger } from "../core/log.ts";
+import { type MetricsEndpoint, startMetricsEndpoint } from "../metrics/endpoint.ts";
+import { renderPageServerMetrics } from "../metrics/page-server-metrics.ts";
+import { PageServer } from "../postcopy/page-server.ts";
+import { formatHostPort, parseHostPort, resolveHost } from "../postcopy/address.ts";
+import { readTokenFile } from "../postcopy/auth.ts";
+import { zeroMapBytes } from "../postcopy/protocol.ts";
+
+export async function pageServerCommand(config: PageServerConfig): Promise<number> {
+  const logger = new Logger(config["log-level"], { format: config["log-format"] });
+  const token = readTokenFile(config["token-file"], logger);
+  const where = await resolveHost(parseHostPort(config.listen, "--listen", true), "--listen");
+  const image = openImage(config.mem, { ramblock: config.ramblock });
+  let metrics: MetricsEndpoint | undefined;
+  try {
+    const corrupt = config["test-only-corrupt-every"];
+    const server = new PageServer({
+      host: where.host,
+      port: where.port,
+      image,
+      imageId: imageIdentity(image),
+      token,
+      logger,
+      handshakeTimeoutMs: config["handshake-timeout"],
+      maxPreauth: config["max-preauth"],
+      maxPreauthPerAddress: config["max-preauth-per-address"],
+      maxClients: config["max-clients"],
+      testCorruptEvery: corrupt,
+      testFailAcceptEvery: config["test-only-fail-accept-every"],
+    });
+    if (corrupt !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: corrupting one sealed payload byte of every ${corrupt}th reply`, { every: corrupt });
+    const failEvery = config["test-only-fail-accept-every"];
+    if (failEvery !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: failing the setup of every ${failEvery}th connection`, { failAcceptEvery: failEvery });
+    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderPageServerMetrics(server), logger);
+    const port = server.listen();
+    const what = image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
+    logger.info(
+      "page_server.listening",
+      `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated and encrypted (AES-256-GCM)`,
+      {
+        address: formatHostPort({ host: where.host, port }), port, format: image.format, path: image.path, block: image.blockName,
+        size: image.size, dataPages: image.dataPages, zeroPages: image.zeroPages,
+      },
+    );
+    const shutdown = (signal: string) => {
+      logger.info("daemon.signal", `${signal}: shutting down`, { signal });
+      server.close();
+    };
+    process.on("SIGINT", () => shutdown("SIGINT"));
+    process.on("SIGTERM", () => shutdown("SIGTERM"));
+    await server.run();
+    server.close();
+    return 0;
+  } finally {
+    metrics?.stop();
+    image.close();
+  }
+}
+
+/**
+ * Names the served bytes without reading them: the file's identity and modification time, the
+ * block, and the zero map. A page server restarted on the same file gives the same id; a
+ * replaced or rewritten file gives another, and clients mid-restore refuse it.
+ */
+export function imageIdentity(image: SnapshotImage): Uint8Array {
+  const st = statSync(image.path, { bigint: true });
+  const h = createHash("sha256");
+  h.update(`${image.format}\0${image.blockName ?? ""}\0${image.size}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeNs}\0`);
+  h.update(zeroMapBytes(image.zero));
+  return new Uint8Array(h.digest().subarray(0, 16));
+}

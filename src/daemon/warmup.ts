@@ -1,0 +1,175 @@
+// JIT warm-up: before the first VM connects, run the fault path many thousand times against
+// memory of our own, so the first restore is served by optimised code rather than by the
+// interpreter and the lower JIT tiers. Plain C needs no warm-up; a daemon that restores
+// thousands of VMs reaches this state after its first VMs anyway — this spares those.
+//
+// Two passes: batches of synthetic fault messages fed straight to dispatch (shapes a loaded
+// daemon sees: several faults per read, data and zero pages), then real faults — a thread of
+// ours touching a userfaultfd-registered buffer — served through the daemon's own event loop,
+// drain and installer, so every function on the real path reaches its optimised tier.
+import { check } from "../core/check.ts";
+import type { EventLoop } from "../core/event-loop.ts";
+import { EPOLLIN, NativeBuffer, SL_UFFD_MODE_MISSING, sl } from "../core/ffi.ts";
+import { HandlerTable, type PageBackend } from "../scheduler/handler-table.ts";
+import { IMAGE_PAGE, ZeroMap } from "../sources/image/snapshot-image.ts";
+import { writeFaultMessage } from "../sinks/uffd/uffd-messages.ts";
+import { Scratch, VmSession } from "./vm-session.ts";
+
+const PAGES = 64;
+const MADV_DONTNEED = 4;
+const UFFD_FLAGS = 0o2000000 | 0o4000; // O_CLOEXEC | O_NONBLOCK
+/** A real-fault warm-up that takes longer than this is abandoned (the daemon still starts). */
+const REAL_FAULTS_DEADLINE_MS = 10_000;
+
+export interface WarmUpResult {
+  /** Faults served: synthetic (fed to dispatch) and real (through the loop). */
+  synthetic: number;
+  real: number;
+  ms: number;
+}
+
+/** A guest-like buffer registered with a fresh userfaultfd, and an image of half data, half zero pages. */
+class WarmUpVm {
+  readonly uffd: number;
+  readonly guest: NativeBuffer;
+  readonly source: NativeBuffer;
+  readonly scratch = new Scratch();
+  readonly table: HandlerTable;
+  readonly vm: VmSession;
+  readonly len = PAGES * IMAGE_PAGE;
+
+  private constructor(uffd: number) {
+    this.uffd = uffd;
+    this.guest = new NativeBuffer(this.len);
+    this.source = new NativeBuffer(this.len);
+    try {
+      check("UFFDIO_API", sl.sl_uffd_api(uffd, 0, null, null));
+      check("UFFDIO_REGISTER", sl.sl_uffd_register(uffd, this.guest.address, this.len, SL_UFFD_MODE_MISSING, null));
+    } catch (e) {
+      this.guest.free();
+      this.source.free();
+      this.scratch.free();
+      throw e;
+    }
+    this.source.bytes.fill(0x5a);
+    const zero = new ZeroMap(PAGES);
+    zero.setZeroRange(PAGES / 2, PAGES / 2);
+    // Same shape as imageBackend() builds, so the optimised code fits the real backends.
+    const backend: PageBackend = { kind: "image", size: this.len, zero, base: this.source.address, zeroBytesAreZero: true, description: "warm-up" };
+    this.table = new HandlerTable([{ base: this.guest.address, size: this.len, offset: 0, pageSize: IMAGE_PAGE }], backend);
+    this.vm = new VmSession(0, 0, uffd, -1, this.table, this.scratch, { faultAround: 1 });
+  }
+
+  static open(): WarmUpVm | undefined {
+    const uffd = sl.sl_uffd_open(UFFD_FLAGS);
+    if (uffd < 0) return undefined;
+    try {
+      return new WarmUpVm(uffd);
+    } catch (e) {
+      sl.sl_close(uffd);
+      throw e;
+    }
+  }
+
+  /** Forgets every page (after the guest buffer was discarded) so the next round faults again. */
+  reset(): void {
+    for (const r of this.table.regions) {
+      r.state.fill(0);
+      r.settled = 0;
+    }
+  }
+
+  close(): void {
+    sl.sl_close(this.uffd);
+    this.guest.free();
+    this.source.free();
+    this.scratch.free();
+  }
+}
+
+/** Synthetic pass: `rounds` passes over PAGES pages fed to dispatch. Returns faults served, or -1 without userfaultfd. */
+export function warmUpDispatch(rounds = 150): number {
+  const w = WarmUpVm.open();
+  if (!w) return -1;
+  try {
+    const msgs = w.scratch.msgs;
+    let served = 0;
+    for (let round = 0; round < rounds; round++) {
+      // Batches of 1..4 faults, as a loaded daemon sees them; every page faults once per round.
+      for (let p = 0; p < PAGES; ) {
+        const n = Math.min(1 + (p % 4), PAGES - p);
+        for (let k = 0; k < n; k++) writeFaultMessage(msgs, k, w.guest.address + (p + k) * IMAGE_PAGE);
+        w.vm.dispatch(msgs, n);
+        p += n;
+        served += n;
+      }
+      // Drop the pages (no REMOVE event: we did not ask for them) so the next round faults again.
+      sl.sl_madvise(w.guest.address, w.len, MADV_DONTNEED);
+      w.reset();
+    }
+    return w.vm.fatal === undefined ? served : 0;
+  } finally {
+    w.close();
+  }
+}
+
+/**
+ * Real pass: a thread touches every page of a registered buffer, `rounds` times; `loop` serves
+ * the faults exactly as it serves a VM's. Runs the loop until done; call before anything else
+ * is registered with it. Returns faults served (0 if it failed), or -1 without userfaultfd.
+ */
+export async function warmUpRealFaults(loop: EventLoop, rounds = 150): Promise<number> {
+  const w = WarmUpVm.open();
+  if (!w) return -1;
+  const done = check("eventfd", sl.sl_eventfd());
+  const go = check("eventfd", sl.sl_eventfd());
+  const handle = new BigUint64Array(1);
+  let started = false;
+  let completed = 0;
+  let failed = false;
+  const tokens: [number, number][] = [];
+  try {
+    tokens.push([loop.add(w.uffd, EPOLLIN, () => {
+      if (!w.vm.drain()) {
+        failed = true;
+        loop.stop();
+      }
+    }), w.uffd]);
+    tokens.push([loop.add(done, EPOLLIN, () => {
+      // The thread waits for `go` after each round: one readable event is one round.
+      sl.sl_eventfd_drain(done);
+      completed++;
+      w.reset();
+      if (completed >= rounds) loop.stop();
+      else sl.sl_eventfd_signal(go);
+    }), done]);
+    const cancel = loop.after(REAL_FAULTS_DEADLINE_MS, () => {
+      failed = true;
+      loop.stop();
+    });
+    check("toucher", sl.sl_toucher_start(w.guest.address, w.len, IMAGE_PAGE, rounds, done, go, handle));
+    started = true;
+    await loop.run();
+    cancel();
+  } finally {
+    for (const [token, fd] of tokens) loop.remove(token, fd);
+    // Closing the uffd releases a thread still blocked in a fault; then it can be joined.
+    w.close();
+    if (started) {
+      sl.sl_eventfd_signal(go);
+      sl.sl_toucher_join(handle[0]!);
+    }
+    sl.sl_close(done);
+    sl.sl_close(go);
+  }
+  return failed || w.vm.fatal !== undefined ? 0 : completed * PAGES;
+}
+
+/** Both passes; what the daemon runs before it listens. */
+export async function warmUp(loop: EventLoop): Promise<WarmUpResult | undefined> {
+  const t0 = performance.now();
+  const synthetic = warmUpDispatch();
+  if (synthetic < 0) return undefined;
+  const real = await warmUpRealFaults(loop);
+  return { synthetic, real, ms: performance.now() - t0 };
+}

@@ -1,0 +1,15 @@
+// Adapts an opened snapshot image (raw or mapped-ram) to the handler table's backend interface.
+import type { PageBackend } from "../../scheduler/handler-table.ts";
+import type { SnapshotImage } from "./snapshot-image.ts";
+
+export function imageBackend(image: SnapshotImage): PageBackend {
+  return {
+    kind: "image",
+    size: image.size,
+    zero: image.zero,
+    base: image.base,
+    // Raw holes read as zeros; mapped-ram leaves whatever the file holds where the bitmap says zero.
+    zeroBytesAreZero: image.format === "raw",
+    description: image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`,
+  };
+}

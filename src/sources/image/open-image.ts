@@ -1,0 +1,34 @@
+// Opens a memory image, telling QEMU mapped-ram files (they start with "QEVM") from raw files.
+import { ConfigError } from "../../core/errors.ts";
+import { sl } from "../../core/ffi.ts";
+import { openMappedRamImage, QEVM_MAGIC } from "./mapped-ram.ts";
+import { openRawImage } from "./raw-image.ts";
+import { openRegularFile, preadAt, type ImageFormat, type SnapshotImage } from "./snapshot-image.ts";
+
+export interface OpenImageOptions {
+  /** mapped-ram only: the RAMBlock to serve (default: the largest). */
+  ramblock?: string;
+}
+
+export function detectFormat(path: string): ImageFormat {
+  const { fd } = openRegularFile(path);
+  try {
+    const head = new Uint8Array(4);
+    const n = preadAt(fd, head, 4, 0, path);
+    return n === 4 && String.fromCharCode(...head) === QEVM_MAGIC ? "mapped-ram" : "raw";
+  } finally {
+    sl.sl_close(fd);
+  }
+}
+
+export function openImage(path: string, opts: OpenImageOptions = {}): SnapshotImage {
+  const format = detectFormat(path);
+  if (format === "mapped-ram") return openMappedRamImage(path, opts.ramblock);
+  if (opts.ramblock !== undefined) {
+    throw new ConfigError(`--ramblock "${opts.ramblock}" applies only to QEMU mapped-ram files; ${path} is a raw image`, {
+      path,
+      ramblock: opts.ramblock,
+    });
+  }
+  return openRawImage(path);
+}

@@ -1,0 +1,315 @@
+// `--mem STORE/NAME` (file://, s3://, http(s)://): a snapshot in an object store, restored
+// lazily. At startup the manifest is fetched and checked (size, zero map, chunk list, working
+// set). Then each VM gets a StoreRequester: a data page it needs is asked of the ChunkFetcher
+// (shared by every VM of the daemon) as the chunk holding it; when the verified chunk is at hand
+// (mapped from the host cache) the pages go from the mapping into the guest, as from a local image.
+// A chunk that cannot be had by the deadline fails the VM (killed): never a zero or a guess.
+import { type Pointer, toArrayBuffer } from "bun:ffi";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { PAGE_IN_FLIGHT, PAGE_MISSING, type PageBackend, type PageRequester, type Region } from "../../scheduler/handler-table.ts";
+import { NativeBuffer } from "../../core/ffi.ts";
+import { IMAGE_PAGE } from "../image/snapshot-image.ts";
+import { formatBytes } from "../../core/log.ts";
+import type { OpenedSource, SourceOptions } from "../open-source.ts";
+import type { PageSource, RequesterContext } from "../../daemon/server.ts";
+import { AGAIN, FAILED, GONE, type VmSession } from "../../daemon/vm-session.ts";
+import { ChunkCache } from "./chunk-cache.ts";
+import { ChunkFetcher } from "./chunk-fetcher.ts";
+import type { StoreError } from "./errors.ts";
+import { chunkLength, type Manifest } from "./format.ts";
+import { fetchManifest } from "./push.ts";
+import { type ObjectStore, parseStoreRef } from "./stores.ts";
+
+export const DEFAULT_CACHE_SIZE = 10 * 1024 * 1024 * 1024;
+export const DEFAULT_STORE_PARALLEL = 8;
+export function defaultCacheDir(): string {
+  return join(process.env.XDG_CACHE_HOME ?? (process.getuid?.() === 0 ? "/var/cache" : tmpdir()), "snapload");
+}
+
+export interface StoreSourceOptions extends SourceOptions {
+  cacheDir?: string;
+  cacheSize?: number;
+  s3Endpoint?: string;
+  storeParallel?: number;
+}
+
+/** Cached chunks verified before the daemon listens (~0.3 s of hashing); the rest between faults. */
+const WARM_SYNC_BYTES = 256 * 1024 * 1024;
+
+/** One fetcher (and cache) per daemon and cache directory: every source and VM shares its GETs. */
+const fetchers = new Map<string, ChunkFetcher>();
+
+export async function openStoreSource(ref: string, opts: StoreSourceOptions): Promise<OpenedSource & { prefetch?: Uint32Array }> {
+  const { store, name } = parseStoreRef(ref, { s3Endpoint: opts.s3Endpoint });
+  const t0 = performance.now();
+  const manifest = await fetchManifest(store, name);
+  const cacheDir = opts.cacheDir ?? defaultCacheDir();
+  let fetcher = fetchers.get(cacheDir);
+  if (fetcher === undefined) {
+    const cache = new ChunkCache(cacheDir, opts.cacheSize ?? DEFAULT_CACHE_SIZE, opts.logger);
+    fetcher = new ChunkFetcher(cache, { parallel: opts.storeParallel ?? DEFAULT_STORE_PARALLEL, deadlineMs: opts.deadlineMs, logger: opts.logger });
+    fetchers.set(cacheDir, fetcher);
+  }
+  const b = manifest.body;
+  opts.logger.debug("store.manifest", `${ref}: manifest ${manifest.hash.slice(0, 16)} in ${(performance.now() - t0).toFixed(1)} ms`, { ref, hash: manifest.hash, ms: performance.now() - t0 });
+  const backend: PageBackend = {
+    kind: "remote",
+    size: b.image.size,
+    zero: manifest.zero,
+    base: 0, // no local bytes: chunks arrive through the requester
+    zeroBytesAreZero: false,
+    description: `store ${ref}`,
+  };
+  const sweep = opts.populate === "background";
+  const f = fetcher;
+  const source: PageSource = {
+    backend,
+    openRequester: (vm, ctx) => {
+      f.attach(ctx.loop);
+      return new StoreRequester(vm, ctx, { store, manifest, fetcher: f, sweep, ref });
+    },
+  };
+  const dataChunks = b.chunks.filter((h) => h !== null).length;
+  const zeroPages = manifest.zero.countZero();
+  // Chunks to map and verify ahead of need if the host cache has them: the working set's first.
+  const order: number[] = [];
+  const seen = new Set<number>();
+  const add = (c: number) => {
+    if (!seen.has(c) && b.chunks[c] !== null) {
+      seen.add(c);
+      order.push(c);
+    }
+  };
+  for (const p of manifest.workingSet ?? []) add(Math.floor((p * IMAGE_PAGE) / b.chunkSize));
+  for (let c = 0; c < b.chunks.length; c++) add(c);
+  return {
+    source,
+    attach: (loop) => {
+      f.attach(loop);
+      const t = performance.now();
+      const bytes = f.warm(order.map((c) => ({ hash: b.chunks[c]!, length: chunkLength(b.image.size, b.chunkSize, c) })), WARM_SYNC_BYTES);
+      if (bytes) opts.logger.debug("store.cache_warm", `${ref}: ${formatBytes(bytes)} of chunks mapped and verified from the host cache in ${(performance.now() - t).toFixed(1)} ms`, { ref, bytes, ms: performance.now() - t });
+    },
+    ...(manifest.workingSet !== undefined ? { prefetch: manifest.workingSet } : {}),
+    summary:
+      `store ${ref} (manifest ${manifest.hash.slice(0, 16)}), ${b.image.size} bytes (${manifest.zero.pages - zeroPages} data, ${zeroPages} zero pages), ` +
+      `${dataChunks} chunks of ${formatBytes(b.chunkSize)}, ${f.cache.describe()}, ${sweep ? "background completion" : "on demand"}, deadline ${opts.deadlineMs} ms` +
+      (manifest.workingSet ? `, working set of ${manifest.workingSet.length} pages` : ""),
+    close: () => {
+      // Chunks fetched but not written yet go to the cache now: the next daemon finds them there.
+      while (f.cache.persist());
+      const c = f.counters;
+      const k = f.cache.counters;
+      opts.logger.info(
+        "store.closed",
+        `store ${ref}: ${c.gets} GETs (${formatBytes(c.bytes)}), ${c.coalesced} waits joined a GET in flight, ${c.retries} retries, ${c.badFetches} corrupt, ${c.decodeMs.toFixed(1)} ms decoding; ` +
+          `cache: ${k.hits} hits, ${k.inserted} inserted, ${k.evicted} evicted, ${k.corrupt} corrupt`,
+        { ref, gets: c.gets, bytes: c.bytes, coalesced: c.coalesced, retries: c.retries, badFetches: c.badFetches, decodeMs: c.decodeMs, cacheHits: k.hits, cacheInserted: k.inserted, cacheEvicted: k.evicted, cacheCorrupt: k.corrupt },
+      );
+    },
+  };
+}
+
+interface StoreTarget {
+  store: ObjectStore;
+  manifest: Manifest;
+  fetcher: ChunkFetcher;
+  sweep: boolean;
+  ref: string;
+}
+
+/** Background chunks one VM may have asked for and not received, during the sweep. */
+const SWEEP_WINDOW_CHUNKS = 8;
+
+/** One VM's view of the store: turns page requests into chunk acquisitions and delivers pages. */
+export class StoreRequester implements PageRequester {
+  private readonly chunkSize: number;
+  private readonly size: number;
+  private readonly hashes: (string | null)[];
+  private done = false;
+  /** Set while request() runs inside the fault path: deliveries then must not re-enter the server. */
+  private inline = 0;
+  private staging: NativeBuffer | undefined;
+  private sweepRegion = 0;
+  private sweepPage = 0;
+  private sweepOutstanding = 0;
+  private sweepScheduled = false;
+
+  constructor(
+    private readonly vm: VmSession,
+    private readonly ctx: RequesterContext,
+    private readonly t: StoreTarget,
+  ) {
+    this.chunkSize = t.manifest.body.chunkSize;
+    this.size = t.manifest.body.image.size;
+    this.hashes = t.manifest.body.chunks;
+    if (t.sweep) this.scheduleSweep();
+  }
+
+  request(region: Region, first: number, count: number, urgent: boolean, sweep = false): void {
+    if (this.done) return;
+    this.inline++;
+    try {
+      const ps = region.pageSize;
+      let k = first;
+      const end = first + count;
+      while (k < end) {
+        const off = region.offset + k * ps;
+        const c = Math.floor(off / this.chunkSize);
+        if (ps <= this.chunkSize) {
+          // The pages of this run that lie in chunk c.
+          const chunkEnd = (c + 1) * this.chunkSize;
+          const n = Math.min(end - k, Math.ceil((chunkEnd - off) / ps));
+          this.piece(region, k, n, [c], urgent, sweep);
+          k += n;
+        } else {
+          // A huge page spans several chunks: it is installed when all of them are here.
+          const chunks: number[] = [];
+          for (let o = off; o < off + ps; o += this.chunkSize) chunks.push(Math.floor(o / this.chunkSize));
+          this.piece(region, k, 1, chunks, urgent, sweep);
+          k++;
+        }
+      }
+    } finally {
+      this.inline--;
+    }
+  }
+
+  hurry(region: Region, page: number): void {
+    if (this.done) return;
+    const off = region.offset + page * region.pageSize;
+    for (let o = off; o < off + region.pageSize; o += this.chunkSize) {
+      const h = this.hashes[Math.floor(o / this.chunkSize)];
+      if (h) this.t.fetcher.hurry(h);
+    }
+  }
+
+  /** Region pages [k, k+n) need chunks `chunks`: deliver once every one of them is at hand. */
+  private piece(region: Region, k: number, n: number, chunks: number[], urgent: boolean, sweep: boolean): void {
+    let missing = chunks.length;
+    let failed = false;
+    if (sweep) this.sweepOutstanding++;
+    const name = this.t.manifest.body.name;
+    for (const c of chunks) {
+      const hash = this.hashes[c];
+      const length = chunkLength(this.size, this.chunkSize, c);
+      const arrived = (err: StoreError | undefined) => {
+        if (failed || this.done) return;
+        if (err !== undefined) {
+          failed = true;
+          if (sweep) this.sweepOutstanding--;
+          return this.fail(err.message);
+        }
+        if (--missing === 0) {
+          if (sweep) this.sweepOutstanding--;
+          this.deliver(region, k, n, chunks);
+        }
+      };
+      // A null chunk is all zero: nothing to fetch (a huge page may span one).
+      if (hash === null || hash === undefined) arrived(undefined);
+      else this.t.fetcher.acquire(this.t.store, hash, length, `chunk ${c} of "${name}"`, urgent, arrived);
+    }
+  }
+
+  private fail(message: string): void {
+    if (this.inline > 0) {
+      this.vm.fatal ??= message;
+      return;
+    }
+    this.ctx.fail(message);
+  }
+
+  private deliver(region: Region, k: number, n: number, chunks: number[]): void {
+    if (this.vm.closed || this.vm.detached) return;
+    // Looked up now, not when each arrived: a chunk's bytes move from a buffer to the cache mapping.
+    const got = chunks.map((c) => {
+      const h = this.hashes[c];
+      return h ? this.t.fetcher.cache.peek(h) : undefined;
+    });
+    // A chunk that arrived earlier may have been evicted since (a huge page waiting for its
+    // others, a tiny cache): ask for it again; the pages stay in flight.
+    if (chunks.some((c, j) => this.hashes[c] && got[j] === undefined)) return this.piece(region, k, n, chunks, true, false);
+    if (chunks.length === 1 && got[0] === undefined) return this.fail(`data pages at image offset 0x${(region.offset + k * region.pageSize).toString(16)} lie in a chunk the manifest says is all zero`);
+    const ps = region.pageSize;
+    const off = region.offset + k * ps;
+    let src: number;
+    if (chunks.length === 1) {
+      src = got[0]!.addr + (off - chunks[0]! * this.chunkSize);
+    } else {
+      // Assemble the huge page from its chunks (zero pages are zero bytes in a chunk; a null chunk is all zero).
+      this.staging ??= new NativeBuffer(ps);
+      const st = this.staging.bytes;
+      for (let j = 0; j < chunks.length; j++) {
+        const at = chunks[j]! * this.chunkSize - off;
+        const c = got[j];
+        if (c === undefined) st.fill(0, at, Math.min(ps, at + this.chunkSize));
+        else st.set(new Uint8Array(toArrayBuffer(c.addr as Pointer, 0, c.length)), at);
+      }
+      src = this.staging.address as number;
+    }
+    const r = this.vm.deliver(region, k, n, src);
+    if (r === FAILED) return this.fail(`installing pages from ${this.t.ref} failed`);
+    if (this.inline > 0) return; // the fault path that asked serves retries and detaches itself
+    this.ctx.delivered();
+    if (r !== GONE && r !== AGAIN && this.t.sweep) this.scheduleSweep();
+  }
+
+  // ---- background completion (--populate background) ----------------------------------------
+
+  private scheduleSweep(): void {
+    if (this.sweepScheduled || this.done) return;
+    this.sweepScheduled = true;
+    this.ctx.loop.after(0, () => {
+      this.sweepScheduled = false;
+      this.sweep();
+    });
+  }
+
+  /** Asks for the next missing pages in image order while the window has room. */
+  private sweep(): void {
+    if (this.done || this.vm.closed || this.vm.detached) return;
+    const regions = this.vm.table.regions;
+    const step = Math.max(1, Math.floor(this.chunkSize / IMAGE_PAGE));
+    while (this.sweepRegion < regions.length && this.sweepOutstanding < SWEEP_WINDOW_CHUNKS) {
+      const region = regions[this.sweepRegion]!;
+      if (this.sweepPage >= region.pages || region.settled === region.pages) {
+        this.sweepRegion++;
+        this.sweepPage = 0;
+        continue;
+      }
+      const to = Math.min(region.pages, this.sweepPage + Math.max(1, Math.floor((step * IMAGE_PAGE) / region.pageSize)));
+      // Zero pages go in here; missing data pages are requested (as background) through request().
+      for (let p = this.sweepPage; p < to; p++) {
+        if (region.state[p] === PAGE_MISSING && !region.isZeroPage(p)) {
+          let e = p + 1;
+          while (e < to && region.state[e] === PAGE_MISSING && !region.isZeroPage(e)) e++;
+          for (let q = p; q < e; q++) region.setState(q, PAGE_IN_FLIGHT);
+          this.request(region, p, e - p, false, true);
+          p = e - 1;
+        }
+      }
+      const r = this.vm.installMissing(region, this.sweepPage, to, 0);
+      if (r === AGAIN) {
+        this.ctx.loop.after(1, () => this.scheduleSweep());
+        return;
+      }
+      this.sweepPage = to;
+    }
+    // Failures and retries met inside request() (inline) are acted upon here, outside the fault path.
+    if (this.vm.fatal !== undefined) return this.ctx.fail(this.vm.fatal);
+    if (this.vm.table.complete || this.vm.retry.length) this.ctx.delivered();
+    else if (this.sweepRegion >= regions.length && this.sweepOutstanding === 0) {
+      // A pass is over; pages that met a pending REMOVE went back to missing: one more pass.
+      this.sweepRegion = 0;
+      this.sweepPage = 0;
+      if (this.vm.table.settledPages < this.vm.table.totalPages) this.ctx.loop.after(1, () => this.scheduleSweep());
+    }
+  }
+
+  close(): void {
+    this.done = true;
+    this.staging?.free();
+    this.staging = undefined;
+  }
+}
