@@ -41,6 +41,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "../csrc/tools/tool.h"
+
 #define PROG "plain-handler"
 #define MAX_BODY 65536
 #define MAX_FDS 16
@@ -67,18 +69,6 @@ static int gone;      /* ESRCH: the VMM's mm is gone */
 static uint64_t *pend; /* queued fault addresses */
 static size_t npend, cappend;
 
-static void die(const char *what)
-{
-	fprintf(stderr, PROG ": %s: %s\n", what, strerror(errno));
-	exit(2);
-}
-
-static void fail(const char *what, const char *detail)
-{
-	fprintf(stderr, PROG ": %s: %s\n", what, detail);
-	exit(2);
-}
-
 static void usage(void)
 {
 	fprintf(stderr, "usage: " PROG " --socket PATH --mem FILE [--strategy on_demand|chunk|fault_all]"
@@ -88,11 +78,9 @@ static void usage(void)
 
 static uint64_t parse_u64(const char *opt, const char *s)
 {
-	char *end;
-	errno = 0;
-	unsigned long long v = strtoull(s, &end, 0);
-	if (errno || end == s || *end || *s == '-')
-		fail(opt, "invalid number");
+	uint64_t v;
+	if (!tool_parse_size(s, &v))
+		tool_fail(opt, "invalid number");
 	return v;
 }
 
@@ -115,7 +103,7 @@ static int get_num(const char *obj, const char *key, uint64_t *out)
 	errno = 0;
 	unsigned long long v = strtoull(k, &end, 10);
 	if (end == k || errno || *k == '-')
-		fail("json", key);
+		tool_fail("json", key);
 	*out = v;
 	return 1;
 }
@@ -127,31 +115,31 @@ static void parse_regions(char *s)
 	while ((p = strchr(p, '{')) != NULL) {
 		char *q = strchr(p, '}');
 		if (!q)
-			fail("json", "unterminated object");
+			tool_fail("json", "unterminated object");
 		*q = 0;
 		struct region r;
 		if (!get_num(p, "\"base_host_virt_addr\"", &r.base))
-			fail("json", "missing base_host_virt_addr");
+			tool_fail("json", "missing base_host_virt_addr");
 		if (!get_num(p, "\"size\"", &r.size))
-			fail("json", "missing size");
+			tool_fail("json", "missing size");
 		if (!get_num(p, "\"offset\"", &r.offset))
-			fail("json", "missing offset");
+			tool_fail("json", "missing offset");
 		if (!get_num(p, "\"page_size\"", &r.psz) && !get_num(p, "\"page_size_kib\"", &r.psz))
 			r.psz = 4096; /* page_size_kib is in bytes despite its name */
 		if (r.psz < 4096 || (r.psz & (r.psz - 1)))
-			fail("json", "bad page size");
+			tool_fail("json", "bad page size");
 		if (r.base % r.psz || r.size % r.psz || r.size == 0)
-			fail("json", "region not page aligned");
+			tool_fail("json", "region not page aligned");
 		if (r.offset > mem_size || r.size > mem_size - r.offset)
-			fail("json", "region beyond the end of the memory file");
+			tool_fail("json", "region beyond the end of the memory file");
 		regs = realloc(regs, (nregs + 1) * sizeof *regs);
 		if (!regs)
-			die("realloc");
+			tool_die("realloc");
 		regs[nregs++] = r;
 		p = q + 1;
 	}
 	if (nregs == 0)
-		fail("json", "no regions");
+		tool_fail("json", "no regions");
 }
 
 static const struct region *find_region(uint64_t addr)
@@ -168,7 +156,7 @@ static void wake(uint64_t start, uint64_t len)
 {
 	struct uffdio_range rg = { .start = start, .len = len };
 	if (ioctl(uffd, UFFDIO_WAKE, &rg) < 0)
-		die("UFFDIO_WAKE");
+		tool_die("UFFDIO_WAKE");
 }
 
 static void unregister_range(uint64_t start, uint64_t end)
@@ -185,7 +173,7 @@ static void unregister_range(uint64_t start, uint64_t end)
 			gone = 1;
 			return;
 		}
-		die("UFFDIO_UNREGISTER");
+		tool_die("UFFDIO_UNREGISTER");
 	}
 }
 
@@ -202,12 +190,12 @@ static size_t drain(void)
 				continue;
 			if (errno == EAGAIN)
 				break;
-			die("read uffd");
+			tool_die("read uffd");
 		}
 		if (r == 0)
 			break;
 		if (r % sizeof(struct uffd_msg))
-			fail("read uffd", "partial uffd_msg");
+			tool_fail("read uffd", "partial uffd_msg");
 		size_t n = r / sizeof(struct uffd_msg);
 		for (size_t i = 0; i < n; i++) {
 			struct uffd_msg *m = &msgs[i];
@@ -216,7 +204,7 @@ static size_t drain(void)
 					cappend = cappend ? 2 * cappend : 256;
 					pend = realloc(pend, cappend * sizeof *pend);
 					if (!pend)
-						die("realloc");
+						tool_die("realloc");
 				}
 				pend[npend++] = m->arg.pagefault.address;
 			} else if (m->event == UFFD_EVENT_REMOVE) {
@@ -293,7 +281,7 @@ static void install(const struct region *r, uint64_t dst, uint64_t len, uint64_t
 			return;
 		}
 		errno = e;
-		die("UFFDIO_COPY");
+		tool_die("UFFDIO_COPY");
 	}
 	if (need_wake && fault_page && !gone)
 		wake(fault_page, r->psz);
@@ -306,7 +294,7 @@ static void handle_fault(uint64_t addr)
 	if (!r) {
 		char b[64];
 		snprintf(b, sizeof b, "0x%llx", (unsigned long long)addr);
-		fail("fault outside all regions", b);
+		tool_fail("fault outside all regions", b);
 	}
 	uint64_t page = addr & ~(r->psz - 1);
 	switch (strategy) {
@@ -354,7 +342,7 @@ static void serve(int conn)
 {
 	char *buf = malloc(MAX_BODY + 1);
 	if (!buf)
-		die("malloc");
+		tool_die("malloc");
 	union {
 		struct cmsghdr h;
 		char b[CMSG_SPACE(sizeof(int) * MAX_FDS)];
@@ -371,9 +359,9 @@ static void serve(int conn)
 		n = recvmsg(conn, &mh, MSG_CMSG_CLOEXEC);
 	while (n < 0 && errno == EINTR);
 	if (n < 0)
-		die("recvmsg");
+		tool_die("recvmsg");
 	if (n == 0)
-		fail("recvmsg", "VMM closed the socket before sending regions");
+		tool_fail("recvmsg", "VMM closed the socket before sending regions");
 	buf[n] = 0;
 
 	uffd = -1;
@@ -387,16 +375,16 @@ static void serve(int conn)
 			if (uffd < 0)
 				uffd = fd;
 			else if (close(fd) < 0) /* extra fds (memfd etc.): not used */
-				die("close extra fd");
+				tool_die("close extra fd");
 		}
 	}
 	if (uffd < 0)
-		fail("recvmsg", "no file descriptor received");
+		tool_fail("recvmsg", "no file descriptor received");
 	int fl = fcntl(uffd, F_GETFL);
 	if (fl < 0)
-		die("fcntl F_GETFL uffd");
+		tool_die("fcntl F_GETFL uffd");
 	if (!(fl & O_NONBLOCK) && fcntl(uffd, F_SETFL, fl | O_NONBLOCK) < 0)
-		die("fcntl F_SETFL uffd");
+		tool_die("fcntl F_SETFL uffd");
 
 	parse_regions(buf);
 	free(buf);
@@ -412,10 +400,10 @@ static void serve(int conn)
 		if (poll(p, 2, -1) < 0) {
 			if (errno == EINTR)
 				continue;
-			die("poll");
+			tool_die("poll");
 		}
 		if (p[0].revents & (POLLERR | POLLNVAL))
-			fail("poll", "error condition on the uffd");
+			tool_fail("poll", "error condition on the uffd");
 		if (p[0].revents & POLLIN) {
 			drain();
 			process_pending();
@@ -430,18 +418,19 @@ static void serve(int conn)
 			if (r == 0)
 				break;
 			if (r < 0 && errno != EAGAIN && errno != EINTR)
-				die("recv");
+				tool_die("recv");
 		}
 	}
 	fprintf(stderr, PROG ": served %llu faults, %llu pages\n", (unsigned long long)n_faults,
 		(unsigned long long)n_pages);
 	if (close(uffd) < 0)
-		die("close uffd");
+		tool_die("close uffd");
 	uffd = -1;
 }
 
 int main(int argc, char **argv)
 {
+	tool_name = PROG;
 	const char *sock_path = NULL, *mem_path = NULL;
 	long cpu = -1;
 	uint64_t count = 1;
@@ -463,17 +452,17 @@ int main(int argc, char **argv)
 			else if (!strcmp(v, "fault_all"))
 				strategy = FAULT_ALL;
 			else
-				fail("--strategy", "expected on_demand, chunk or fault_all");
+				tool_fail("--strategy", "expected on_demand, chunk or fault_all");
 		} else if (!strcmp(a, "--chunk")) {
 			chunk_bytes = parse_u64(a, v);
 			if (chunk_bytes == 0 || chunk_bytes % 4096)
-				fail("--chunk", "must be a positive multiple of 4096");
+				tool_fail("--chunk", "must be a positive multiple of 4096");
 		} else if (!strcmp(a, "--cpu"))
 			cpu = (long)parse_u64(a, v);
 		else if (!strcmp(a, "--count")) {
 			count = parse_u64(a, v);
 			if (count == 0)
-				fail("--count", "must be at least 1");
+				tool_fail("--count", "must be at least 1");
 		} else
 			usage();
 	}
@@ -482,47 +471,44 @@ int main(int argc, char **argv)
 
 	if (cpu >= 0) {
 		if (cpu >= CPU_SETSIZE)
-			fail("--cpu", "out of range");
-		cpu_set_t set;
-		CPU_ZERO(&set);
-		CPU_SET(cpu, &set);
-		if (sched_setaffinity(0, sizeof set, &set) < 0)
-			die("sched_setaffinity");
+			tool_fail("--cpu", "out of range");
+		int one = (int)cpu;
+		tool_pin_process(&one, 1);
 	}
 
 	/* the memory file, as Firecracker's example maps it (done before "ready"
 	 * so that a benchmark does not time it) */
 	int mfd = open(mem_path, O_RDONLY | O_CLOEXEC);
 	if (mfd < 0)
-		die("open --mem");
+		tool_die("open --mem");
 	struct stat st;
 	if (fstat(mfd, &st) < 0)
-		die("fstat --mem");
+		tool_die("fstat --mem");
 	if (st.st_size <= 0)
-		fail("--mem", "empty file");
+		tool_fail("--mem", "empty file");
 	mem_size = (uint64_t)st.st_size;
 	void *m = mmap(NULL, mem_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, mfd, 0);
 	if (m == MAP_FAILED)
-		die("mmap --mem");
+		tool_die("mmap --mem");
 	mem = m;
 	if (close(mfd) < 0)
-		die("close --mem");
+		tool_die("close --mem");
 
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	if (strlen(sock_path) >= sizeof sa.sun_path)
-		fail("--socket", "path too long");
+		tool_fail("--socket", "path too long");
 	strcpy(sa.sun_path, sock_path);
 	int ls = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (ls < 0)
-		die("socket");
+		tool_die("socket");
 	if (unlink(sock_path) < 0 && errno != ENOENT)
-		die("unlink stale socket");
+		tool_die("unlink stale socket");
 	if (bind(ls, (struct sockaddr *)&sa, sizeof sa) < 0)
-		die("bind");
+		tool_die("bind");
 	if (listen(ls, 16) < 0)
-		die("listen");
+		tool_die("listen");
 	if (printf("ready\n") < 0 || fflush(stdout) == EOF)
-		die("write stdout");
+		tool_die("write stdout");
 
 	for (uint64_t k = 0; k < count; k++) {
 		int conn;
@@ -530,14 +516,14 @@ int main(int argc, char **argv)
 			conn = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
 		while (conn < 0 && errno == EINTR);
 		if (conn < 0)
-			die("accept");
+			tool_die("accept");
 		serve(conn);
 		if (close(conn) < 0)
-			die("close connection");
+			tool_die("close connection");
 	}
 	if (close(ls) < 0)
-		die("close listener");
+		tool_die("close listener");
 	if (unlink(sock_path) < 0 && errno != ENOENT)
-		die("unlink socket");
+		tool_die("unlink socket");
 	return 0;
 }

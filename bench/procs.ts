@@ -11,6 +11,7 @@ export const ROOT = join(import.meta.dir, "..");
 export const BUN = process.execPath;
 export const MAIN = join(ROOT, "src", "main.ts");
 export const STANDIN = join(ROOT, "build", "vmm-standin");
+export const HOSTILE_PEER = join(ROOT, "build", "hostile-peer");
 export const PLAIN = join(ROOT, "build", "plain-handler");
 export const KERNEL = join(ROOT, "build", "kernel-baselines");
 

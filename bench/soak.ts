@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { makeRandomImage, MiB } from "./common.ts";
-import { BUN, freePort, killAll, MAIN, memStatus, Proc, startSnapload, STANDIN } from "./procs.ts";
+import { BUN, freePort, HOSTILE_PEER, killAll, MAIN, memStatus, Proc, startSnapload, STANDIN } from "./procs.ts";
 
 const { values } = parseArgs({ options: { minutes: { type: "string", default: "5" }, vms: { type: "string", default: "6" } }, strict: true });
 const minutes = Number(values.minutes);
@@ -48,8 +48,8 @@ async function oneVm(): Promise<void> {
   const region = `${8 * MiB}@${(n % 8) * 8 * MiB}`;
   if (kind === 4) {
     // Hostile: a handshake the daemon must refuse, then gone.
-    const bad = [["--format", "future", "--fds", "many"], ["--garbage", "70000"], ["--fds", "notuffd"], ["--silent", "--reject-timeout", "8000"]][n % 4]!;
-    const p = new Proc("hostile", [STANDIN, "--socket", local, "--expect-reject", ...bad]);
+    const bad = [["--fds", "many"], ["--garbage", "70000"], ["--fds", "notuffd"], ["--silent", "--reject-timeout", "8000"]][n % 4]!;
+    const p = new Proc("hostile", [HOSTILE_PEER, "--socket", local, ...bad]);
     const code = await p.wait(30_000);
     stats.hostile++;
     if (code !== 3) stats.hostileServed++;

@@ -1,4 +1,5 @@
-// Builds the C core and the C programs the tests and benchmarks run.
+// Builds the C core, the VMM stand-in (`snapload demo` embeds it) and the C programs the tests
+// and benchmarks run. Every program but the core links csrc/tools/tool.c, the helpers they share.
 // Rebuilds only what is older than its sources, so `npm test` stays fast.
 import { existsSync, mkdirSync, statSync } from "node:fs";
 import { join } from "node:path";
@@ -18,12 +19,17 @@ const targets: Target[] = [
     deps: ["csrc/snapload.h"],
     flags: ["-fPIC", "-shared", "-fvisibility=default", "-pthread"],
   },
-  { output: "vmm-standin", sources: ["test/vmm-standin.c"], flags: ["-pthread"] },
-  { output: "pid-reuse", sources: ["test/pid-reuse.c"], flags: ["-pthread"] },
+  tool("vmm-standin", "csrc/tools/vmm-standin.c"),
+  tool("hostile-peer", "test/hostile-peer.c"),
+  tool("pid-reuse", "test/pid-reuse.c"),
   { output: "listen-race", sources: ["test/listen-race.c", "csrc/snapload.c"], deps: ["csrc/snapload.h"], flags: ["-pthread"] },
-  { output: "plain-handler", sources: ["bench/plain-handler.c"], flags: ["-pthread"] },
-  { output: "kernel-baselines", sources: ["bench/kernel-baselines.c"], flags: ["-pthread"] },
+  tool("plain-handler", "bench/plain-handler.c"),
+  tool("kernel-baselines", "bench/kernel-baselines.c"),
 ];
+
+function tool(output: string, main: string): Target {
+  return { output, sources: [main, "csrc/tools/tool.c"], deps: ["csrc/tools/tool.h"], flags: ["-pthread"] };
+}
 
 const mtime = (p: string) => (existsSync(p) ? statSync(p).mtimeMs : -1);
 

@@ -6,7 +6,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { EVENT_NAMES, Logger, type LogRecord } from "../src/core/log.ts";
-import { type Daemon, describeRun, ensureBuilt, ROOT, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, REFUSED, ROOT, runHostilePeer, runStandin, startDaemon, tempDir } from "./harness.ts";
 import { startPageServer } from "./postcopy-wire.ts";
 
 const MIB = 1024 * 1024;
@@ -84,8 +84,8 @@ describe("serve --log-format json", () => {
     const sock = join(dir.path, "reject.sock");
     const d = await startDaemon(["--mem", image, "--log-format", "json"], sock);
     try {
-      const r = await runStandin(["--timeout", "5000", "--socket", sock, "--region", "32m@0", "--expect-reject"]);
-      expect(r.code, describeRun(r)).toBe(3);
+      const r = await runHostilePeer(["--socket", sock, "--region", "32m@0"]);
+      expect(r.code, describeRun(r)).toBe(REFUSED);
       const e = await d.waitForEvent("peer.rejected");
       expect(e).toMatchObject({ level: "warn", code: "REGION_OUT_OF_IMAGE" });
       expect(e.pid).toBeGreaterThan(0);

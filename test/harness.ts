@@ -1,4 +1,5 @@
-// Shared test plumbing: real processes only — the daemon under test and the C VMM stand-in.
+// Shared test plumbing: real processes only — the daemon under test, the C VMM stand-in
+// (csrc/tools/vmm-standin.c) and the hostile peer (test/hostile-peer.c).
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -7,9 +8,12 @@ import type { EventName, LogRecord } from "../src/core/log.ts";
 export const ROOT = join(import.meta.dir, "..");
 export const BUN = process.execPath;
 export const STANDIN = join(ROOT, "build", "vmm-standin");
+export const HOSTILE_PEER = join(ROOT, "build", "hostile-peer");
+/** hostile-peer's exit code when the handler closed the connection (what a refusal looks like). */
+export const REFUSED = 3;
 
 let built = false;
-/** Builds the C core and the stand-in (a no-op when up to date). */
+/** Builds the C core, the stand-in and the test tools (a no-op when up to date). */
 export function ensureBuilt(): void {
   if (built) return;
   const r = Bun.spawnSync([BUN, join(ROOT, "scripts/build-c.ts")], { stdout: "inherit", stderr: "inherit" });
@@ -152,14 +156,22 @@ export function patchFile(path: string, offset: number, bytes: number[]): void {
 
 /** Runs the C VMM stand-in to completion. */
 export async function runStandin(args: string[], timeoutMs = 60_000): Promise<StandinResult> {
-  const proc = Bun.spawn([STANDIN, ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+  const r = await runTool(STANDIN, args, timeoutMs);
+  const line = r.stdout.trim().split("\n").pop();
+  return line?.startsWith("{") ? { ...r, report: JSON.parse(line) } : r;
+}
+
+/** Runs the hostile peer (test/hostile-peer.c) to completion: exit REFUSED when the handler closed on it. */
+export function runHostilePeer(args: string[], timeoutMs = 60_000): Promise<StandinResult> {
+  return runTool(HOSTILE_PEER, args, timeoutMs);
+}
+
+async function runTool(path: string, args: string[], timeoutMs: number): Promise<StandinResult> {
+  const proc = Bun.spawn([path, ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   const killer = setTimeout(() => proc.kill("SIGKILL"), timeoutMs);
   const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   clearTimeout(killer);
-  let report: StandinResult["report"];
-  const line = stdout.trim().split("\n").pop();
-  if (line?.startsWith("{")) report = JSON.parse(line);
-  return { code, stdout, stderr, report };
+  return { code, stdout, stderr };
 }
 
 /** Expects a clean, fully verified restore, with the stand-in's words in the failure message. */

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { closeSync, copyFileSync, existsSync, openSync, readSync, truncateSync } from "node:fs";
 import { join } from "node:path";
 import { generateMappedRam, PAGES_ALIGN, type GeneratedBlock, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
-import { type Daemon, describeRun, ensureBuilt, patchFile, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, patchFile, runSnapload, REFUSED, runHostilePeer, runStandin, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const PAGE = 4096;
@@ -134,8 +134,8 @@ describe("serve a mapped-ram file", () => {
   test("a region reaching past the end of the chosen block is rejected", async () => {
     expect(vgaDaemon).toBeDefined();
     // vga.vram is 2 MiB: a region [1 MiB, +2 MiB) ends 1 MiB past it (pc.ram would have room).
-    const r = await runStandin(["--timeout", "5000", "--socket", vgaDaemon.socket, "--region", `${2 * MIB}@${MIB}`, "--expect-reject"]);
-    expect(r.code, describeRun(r)).toBe(3);
+    const r = await runHostilePeer(["--socket", vgaDaemon.socket, "--region", `${2 * MIB}@${MIB}`]);
+    expect(r.code, describeRun(r)).toBe(REFUSED);
     const line = await vgaDaemon.waitForLog(/rejected:.*past the end of the image.*/);
     expect(line[0]).toContain(`(${vga.usedLength} bytes)`);
     // The same daemon still serves a good VM afterwards.
@@ -147,8 +147,8 @@ describe("serve a mapped-ram file", () => {
   test("a region past the end of the default block is rejected too", async () => {
     const d = defaultDaemon;
     expect(d).toBeDefined();
-    const r = await runStandin(["--timeout", "5000", "--socket", d.socket, "--region", `${4 * MIB}@${ram.usedLength - 2 * MIB}`, "--expect-reject"]);
-    expect(r.code, describeRun(r)).toBe(3);
+    const r = await runHostilePeer(["--socket", d.socket, "--region", `${4 * MIB}@${ram.usedLength - 2 * MIB}`]);
+    expect(r.code, describeRun(r)).toBe(REFUSED);
     const line = await d.waitForLog(/rejected:.*past the end of the image.*/);
     expect(line[0]).toContain(`(${ram.usedLength} bytes)`);
   }, T);

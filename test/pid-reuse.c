@@ -17,6 +17,8 @@
  * exit 0 when it ran (whatever the outcome), 2 on a setup error.
  */
 #define _GNU_SOURCE
+#include "../csrc/tools/tool.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
@@ -43,21 +45,6 @@
 #define WAIT_DEATH_MS 1000
 #define REUSE_TRIES 20
 
-static void die(const char *what)
-{
-	fprintf(stderr, "pid-reuse: %s: %s\n", what, strerror(errno));
-	exit(2);
-}
-
-static int connect_to(int fd, const char *path)
-{
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	if (strlen(path) >= sizeof sa.sun_path)
-		return -1;
-	memcpy(sa.sun_path, path, strlen(path) + 1);
-	return connect(fd, (struct sockaddr *)&sa, sizeof sa);
-}
-
 static int set_last_pid(pid_t pid)
 {
 	int fd = open("/proc/sys/kernel/ns_last_pid", O_WRONLY | O_CLOEXEC);
@@ -81,6 +68,7 @@ static void *toucher(void *arg)
 
 int main(int argc, char **argv)
 {
+	tool_name = "pid-reuse";
 	if (argc < 4 || strcmp(argv[2], "--") != 0) {
 		fprintf(stderr, "usage: pid-reuse SOCKET -- DAEMON_COMMAND...\n");
 		return 2;
@@ -88,7 +76,7 @@ int main(int argc, char **argv)
 	const char *path = argv[1];
 	pid_t daemon = fork();
 	if (daemon < 0)
-		die("fork daemon");
+		tool_die("fork daemon");
 	if (daemon == 0) {
 		execvp(argv[3], argv + 3);
 		_exit(127);
@@ -96,10 +84,11 @@ int main(int argc, char **argv)
 	/* Wait until the daemon listens (connect succeeds); this probe is a handshake-less peer. */
 	int up = 0;
 	for (int waited = 0; waited < WAIT_DAEMON_MS && !up; waited += 10) {
-		int p = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (connect_to(p, path) == 0)
+		int p = tool_unix_connect(path);
+		if (p >= 0) {
 			up = 1;
-		close(p);
+			close(p);
+		}
 		if (!up)
 			poll(NULL, 0, 10);
 	}
@@ -111,42 +100,29 @@ int main(int argc, char **argv)
 
 	char *mem = mmap(NULL, REGION_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (mem == MAP_FAILED)
-		die("mmap");
-	int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-	if (uffd < 0)
-		die("userfaultfd");
-	struct uffdio_api api = { .api = UFFD_API };
-	if (ioctl(uffd, UFFDIO_API, &api))
-		die("UFFDIO_API");
-	struct uffdio_register reg = { .range = { .start = (uintptr_t)mem, .len = REGION_BYTES }, .mode = UFFDIO_REGISTER_MODE_MISSING };
-	if (ioctl(uffd, UFFDIO_REGISTER, &reg))
-		die("UFFDIO_REGISTER");
+		tool_die("mmap");
+	int uffd = tool_userfaultfd(0);
+	tool_uffd_register(uffd, mem, REGION_BYTES);
+	struct tool_wire_region announced = { .addr = (uintptr_t)mem, .size = ANNOUNCED_BYTES };
+	size_t n;
+	char *body = tool_handshake_json(&announced, 1, PAGE, TOOL_WIRE_V12, &n);
 
+	/* The child connects (so the daemon's peer credentials name it), sends and exits; the
+	 * parent keeps its copy of the connected socket. */
 	int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (s < 0)
-		die("socket");
+		tool_die("socket");
 	pid_t child = fork();
 	if (child < 0)
-		die("fork child");
+		tool_die("fork child");
 	if (child == 0) {
-		if (connect_to(s, path))
+		struct sockaddr_un sa = { .sun_family = AF_UNIX };
+		if (strlen(path) >= sizeof sa.sun_path)
 			_exit(1);
-		char body[256];
-		int n = snprintf(body, sizeof body,
-				 "[{\"base_host_virt_addr\":%llu,\"size\":%u,\"offset\":0,\"page_size\":%d,\"page_size_kib\":%d}]",
-				 (unsigned long long)(uintptr_t)mem, ANNOUNCED_BYTES, PAGE, PAGE);
-		union {
-			struct cmsghdr h;
-			char b[CMSG_SPACE(sizeof(int))];
-		} ctl;
-		struct iovec iov = { .iov_base = body, .iov_len = (size_t)n };
-		struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b };
-		struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-		c->cmsg_level = SOL_SOCKET;
-		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(sizeof(int));
-		memcpy(CMSG_DATA(c), &uffd, sizeof(int));
-		_exit(sendmsg(s, &msg, 0) == n ? 0 : 1);
+		memcpy(sa.sun_path, path, strlen(path) + 1);
+		if (connect(s, (struct sockaddr *)&sa, sizeof sa))
+			_exit(1);
+		_exit(tool_sendmsg_fds(s, body, n, &uffd, 1, 0) == (ssize_t)n ? 0 : 1);
 	}
 	int st;
 	if (waitpid(child, &st, 0) != child || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
@@ -163,10 +139,10 @@ int main(int argc, char **argv)
 			waitpid(victim, NULL, 0);
 		}
 		if (set_last_pid(child - 1))
-			die("ns_last_pid (not in a fresh pid namespace?)");
+			tool_die("ns_last_pid (not in a fresh pid namespace?)");
 		victim = fork();
 		if (victim < 0)
-			die("fork victim");
+			tool_die("fork victim");
 		if (victim == 0) {
 			for (;;)
 				pause();
@@ -175,7 +151,7 @@ int main(int argc, char **argv)
 	int reused = victim == child;
 	int victim_pidfd = (int)syscall(SYS_pidfd_open, victim, 0);
 	if (victim_pidfd < 0)
-		die("pidfd_open victim");
+		tool_die("pidfd_open victim");
 
 	/* A fault outside the announced 1 MiB: the daemon cannot serve it and gives up on the VM. */
 	outside = mem + ANNOUNCED_BYTES + PAGE;

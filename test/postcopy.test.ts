@@ -6,7 +6,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { generateMappedRam, type GeneratedBlock } from "./gen-mapped-ram.ts";
-import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, startDaemon, type StandinResult, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, runSnapload, REFUSED, runHostilePeer, runStandin, STANDIN, startDaemon, type StandinResult, tempDir } from "./harness.ts";
 import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";
 
 const MIB = 1024 * 1024;
@@ -101,8 +101,8 @@ describe("restores from a page server, every page verified", () => {
   }, T);
 
   test("a bad VMM handshake is refused; the daemon goes on", async () => {
-    const bad = await runStandin(["--socket", d.socket, "--expect", image, "--body", "[]", "--expect-reject"]);
-    expect(bad.code, describeRun(bad)).toBe(3);
+    const bad = await runHostilePeer(["--socket", d.socket, "--body", "[]"]);
+    expect(bad.code, describeRun(bad)).toBe(REFUSED);
     await d.waitForLog(/rejected: .*no regions/);
     expectClean(await runStandin(["--socket", d.socket, "--expect", image, "--region", "4m@0", "--verify", "all"]), (4 * MIB) / PAGE);
   }, T);

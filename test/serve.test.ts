@@ -5,7 +5,7 @@ import { existsSync, readdirSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import type { LogRecord } from "../src/core/log.ts";
-import { type Daemon, describeRun, ensureBuilt, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, REFUSED, runHostilePeer, runStandin, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 let dir: ReturnType<typeof tempDir>;
@@ -115,9 +115,9 @@ describe("resources", () => {
     const [exited, rejected] = [exits(), rejects()];
     const before = fds();
     for (let i = 0; i < 10; i++) {
-      await restore(["--region", "4m@0", "--format", "future", "--fds", "two"]);
-      const bad = await runStandin(["--socket", socket, "--expect", image, "--fds", "many", "--expect-reject"]);
-      expect(bad.code, describeRun(bad)).toBe(3);
+      await restore(["--region", "4m@0", "--format", "future", "--extra-fd"]);
+      const bad = await runHostilePeer(["--socket", socket, "--fds", "many"]);
+      expect(bad.code, describeRun(bad)).toBe(REFUSED);
     }
     // Exits and rejections are logged once the daemon has closed that peer's every fd.
     await daemon.waitForEvents("vm.exited", exited + 10);
@@ -192,9 +192,9 @@ describe("bad input from a VMM: one clear line, that connection closed, others u
 
   test("every bad peer is refused while a good VM restores", async () => {
     const good = runStandin(["--socket", socket, "--expect", image, "--order", "random", "--threads", "2", "--verify", "all"]);
-    const bad = await Promise.all(cases.map(([, args]) => runStandin(["--socket", socket, "--expect", image, "--region", "8m@0", ...args, "--expect-reject"])));
+    const bad = await Promise.all(cases.map(([, args]) => runHostilePeer(["--socket", socket, "--region", "8m@0", ...args])));
     bad.forEach((r, i) => {
-      expect(r.code, `${cases[i]![0]}: ${describeRun(r)}`).toBe(3);
+      expect(r.code, `${cases[i]![0]}: ${describeRun(r)}`).toBe(REFUSED);
     });
     const rejected = daemon.events().filter((e) => e.event === "peer.rejected");
     for (const [name, , pattern] of cases) {
@@ -208,7 +208,7 @@ describe("bad input from a VMM: one clear line, that connection closed, others u
 
   test("a VMM whose faults land outside the regions it announced is killed, others unaffected", async () => {
     const good = runStandin(["--socket", socket, "--expect", image, "--order", "random", "--verify", "all"]);
-    const liar = await runStandin(["--socket", socket, "--expect", image, "--region", "8m@0", "--announce-half", "--order", "seq"]);
+    const liar = await runHostilePeer(["--socket", socket, "--region", "8m@0", "--announce-half"]);
     // SIGKILL from the daemon (Firecracker's advice): the shell-style exit is a signal, not a code.
     expect(liar.code, describeRun(liar)).not.toBe(0);
     const failed = await daemon.waitForEvent("vm.failed", (e) => /^fault at 0x[0-9a-f]+ outside every region the VMM announced$/.test(String(e.reason)));
@@ -219,7 +219,7 @@ describe("bad input from a VMM: one clear line, that connection closed, others u
   });
 
   test("two fds (uffd + memfd, like e2b's VMM) are accepted and the extra closed", async () => {
-    const rep = await restore(["--fds", "two", "--region", "4m@0", "--verify", "all"]);
+    const rep = await restore(["--extra-fd", "--region", "4m@0", "--verify", "all"]);
     expect(rep.verified).toBe((4 * MIB) / 4096);
   });
 });

@@ -2,10 +2,10 @@
 // process that connected through a pidfd, never a pid someone else may have been given since;
 // a failure after the handshake was accepted releases the VM's fds with a log line.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readdirSync } from "node:fs";
+import { readdirSync, readlinkSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
-import { BUN, Daemon, describeRun, ensureBuilt, ROOT, runStandin, tempDir } from "./harness.ts";
+import { BUN, Daemon, describeRun, ensureBuilt, REFUSED, ROOT, runHostilePeer, runStandin, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 let dir: ReturnType<typeof tempDir>;
@@ -55,15 +55,29 @@ describe("a failure after the handshake was accepted", () => {
     try {
       await daemon.waitForLog(/listening on/);
       const fds = () => readdirSync(`/proc/${proc.pid}/fd`).length;
+      // The daemon closes a VM's uffd, socket, then pidfd in one go; the peer sees the socket
+      // close, so the pidfd's close may trail it by a reschedule. Wait for it, up to 5 s.
+      const released = async () => {
+        const pidfds = () => readdirSync(`/proc/${proc.pid}/fd`).filter((f) => {
+          try {
+            return readlinkSync(`/proc/${proc.pid}/fd/${f}`) === "anon_inode:[pidfd]";
+          } catch {
+            return false; // closed while we looked
+          }
+        }).length;
+        for (const deadline = Date.now() + 5000; pidfds() > 0 && Date.now() < deadline; ) await Bun.sleep(5);
+      };
       // A first VM, so lazily opened descriptors are counted before the baseline.
-      const first = await runStandin(["--socket", socket, "--expect", image, "--expect-reject", "--reject-timeout", "5000"]);
-      expect(first.code, describeRun(first)).toBe(3);
+      const first = await runHostilePeer(["--socket", socket, "--reject-timeout", "5000"]);
+      expect(first.code, describeRun(first)).toBe(REFUSED);
+      await released();
       const before = fds();
       for (let i = 0; i < 5; i++) {
-        const r = await runStandin(["--socket", socket, "--expect", image, "--expect-reject", "--reject-timeout", "5000"]);
-        expect(r.code, describeRun(r)).toBe(3); // the daemon closed the connection
+        const r = await runHostilePeer(["--socket", socket, "--reject-timeout", "5000"]);
+        expect(r.code, describeRun(r)).toBe(REFUSED); // the daemon closed the connection
       }
       expect((daemon.log.match(/setting up the VM failed: cannot allocate 4194304 bytes: ENOMEM; dropped/g) ?? []).length).toBe(6);
+      await released();
       expect(fds()).toBe(before);
     } finally {
       await daemon.stop();
