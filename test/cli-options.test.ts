@@ -50,6 +50,15 @@ describe("parser", () => {
     expect(serve.parse(["--socket=--odd", "--mem", "m"]).socket).toEqual(["--odd"]);
   });
 
+  test("page-server has no test-only switches: fault injection is a test seam (test/fixtures/faulty-page-server.ts)", () => {
+    const base = ["--listen", "127.0.0.1:0", "--mem", "m", "--token-file", "t"];
+    expect(pageServer.parse(base).mem).toBe("m");
+    for (const flag of ["--test-only-corrupt-every", "--test-only-fail-accept-every"]) {
+      expect(refusal(() => pageServer.parse([...base, flag, "2"]))).toBe(`unknown option ${flag}`);
+    }
+    expect(Object.keys(pageServer.options).filter((k) => k.startsWith("test"))).toEqual([]);
+  });
+
   test("unknown, repeated and invalid options name the flag", () => {
     expect(refusal(() => serve.parse(["--socket", "s", "--mem", "m", "--nope", "1"]))).toBe("unknown option --nope");
     // The parser's own error stays attached as the cause.
@@ -77,17 +86,15 @@ describe("parser", () => {
     expect(c.populate).toBeUndefined();
   });
 
-  test("each command's usage lists every option of its table but the hidden ones", () => {
+  test("each command's usage lists every option of its table", () => {
     for (const command of [serve, pageServer, stats, inspect, pushCmd, pullCmd, demo]) {
       const usage = command.usage();
       expect(USAGE).toContain(usage);
       for (const [name, o] of Object.entries(command.options)) {
         if (o.positional) expect(usage).toContain(` ${o.arg} `);
-        else if (o.hidden) expect(usage).not.toContain(`--${name}`);
         else expect(usage).toContain(`      --${name}${o.arg ? ` ${o.arg}` : ""} `);
       }
     }
-    expect(Object.values(pageServer.options).some((o) => o.hidden)).toBe(true);
   });
 });
 
@@ -120,6 +127,12 @@ describe("command line", () => {
     expect(r.code).toBe(2);
     expect(r.stderr).toContain("--socket needs a value");
     expect(readdirSync(dir.path)).toEqual(["vm.mem"]);
+  });
+
+  test("page-server --test-only-corrupt-every: exit 2, unknown option", async () => {
+    const r = await runSnapload(["page-server", "--listen", "127.0.0.1:0", "--mem", raw, "--token-file", raw, "--test-only-corrupt-every", "2"]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain("unknown option --test-only-corrupt-every");
   });
 
   test("serve --help: that command's usage, exit 0", async () => {

@@ -301,7 +301,7 @@ describe("the page server's own resources", () => {
   }, 30_000);
 
   test("a failure while setting up a connection drops that connection, never the server", async () => {
-    const p = await startPageServer(["--mem", image, "--token-file", tokenFile, "--test-only-fail-accept-every", "2"]);
+    const p = await startPageServer(["--mem", image, "--token-file", tokenFile], 0, ["--fail-accept-every", "2"]);
     cleanup.push(() => p.daemon.stop());
     let ok = 0;
     let dropped = 0;
@@ -313,7 +313,7 @@ describe("the page server's own resources", () => {
       c.close();
     }
     expect([ok, dropped]).toEqual([3, 3]);
-    await p.daemon.waitForLog(/error: setting up an accepted connection failed: TEST ONLY: injected failure setting up client #\d+; connection dropped/);
+    await p.daemon.waitForLog(/error: setting up an accepted connection failed: injected failure setting up client #\d+; connection dropped/);
     expect(p.daemon.proc.exitCode).toBeNull();
   }, 30_000);
 

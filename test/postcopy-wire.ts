@@ -17,8 +17,13 @@ export interface PageServerProc {
 }
 
 /** Starts `snapload page-server` and waits until it listens (port 0 = any). */
-export async function startPageServer(args: string[], port = 0): Promise<PageServerProc> {
-  const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), "page-server", "--listen", `127.0.0.1:${port}`, ...args], {
+/**
+ * `snapload page-server --listen 127.0.0.1:PORT ARGS...`; with `faults` (e.g. `["--corrupt-every", "50"]`)
+ * the same server built by test/fixtures/faulty-page-server.ts, which injects them.
+ */
+export async function startPageServer(args: string[], port = 0, faults: string[] = []): Promise<PageServerProc> {
+  const program = faults.length ? [join(ROOT, "test/fixtures/faulty-page-server.ts"), ...faults, "--"] : [join(ROOT, "src/main.ts"), "page-server"];
+  const proc = Bun.spawn([BUN, ...program, "--listen", `127.0.0.1:${port}`, ...args], {
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",

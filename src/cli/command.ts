@@ -18,8 +18,6 @@ export interface Option<S extends z.ZodType = z.ZodType> {
   arg?: string;
   /** Usage text; `\n` starts a new line in the help column. */
   help: string;
-  /** Left out of the usage text (test-only switches). */
-  hidden?: boolean;
 }
 
 type Options = Record<string, Option>;
@@ -153,7 +151,7 @@ export function usageOf<O extends Options>(spec: CommandSpec<O>): string {
   const lines = [`  snapload ${spec.name}${spec.synopsis ? ` ${spec.synopsis}` : ""}`];
   for (const l of spec.summary.split("\n")) lines.push(`      ${l}`);
   for (const [name, o] of Object.entries(spec.options)) {
-    if (o.hidden || o.positional) continue;
+    if (o.positional) continue;
     const flag = `--${name}${o.arg ? ` ${o.arg}` : ""}`;
     const [first = "", ...rest] = o.help.split("\n");
     lines.push(flag.length < HELP_COLUMN ? `      ${flag.padEnd(HELP_COLUMN)}${first}` : `      ${flag}  ${first}`);

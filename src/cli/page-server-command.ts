@@ -7,19 +7,23 @@ import type { SnapshotImage } from "../sources/image/snapshot-image.ts";
 import { formatBytes, Logger } from "../core/log.ts";
 import { type MetricsEndpoint, startMetricsEndpoint } from "../metrics/endpoint.ts";
 import { renderPageServerMetrics } from "../metrics/page-server-metrics.ts";
-import { PageServer } from "../postcopy/page-server.ts";
+import { PageServer, type PageServerFaults } from "../postcopy/page-server.ts";
 import { formatHostPort, parseHostPort, resolveHost } from "../postcopy/address.ts";
 import { readTokenFile } from "../postcopy/auth.ts";
 import { zeroMapBytes } from "../postcopy/protocol.ts";
 
-export async function pageServerCommand(config: PageServerConfig): Promise<number> {
+export function pageServerCommand(config: PageServerConfig): Promise<number> {
+  return runPageServer(config);
+}
+
+/** The page server of `config`, until SIGINT/SIGTERM; `faults` is for tests (see PageServerFaults). */
+export async function runPageServer(config: PageServerConfig, faults?: PageServerFaults): Promise<number> {
   const logger = new Logger(config["log-level"], { format: config["log-format"] });
   const token = readTokenFile(config["token-file"], logger);
   const where = await resolveHost(parseHostPort(config.listen, "--listen", true), "--listen");
   const image = openImage(config.mem, { ramblock: config.ramblock });
   let metrics: MetricsEndpoint | undefined;
   try {
-    const corrupt = config["test-only-corrupt-every"];
     const server = new PageServer({
       host: where.host,
       port: where.port,
@@ -31,12 +35,8 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
       maxPreauth: config["max-preauth"],
       maxPreauthPerAddress: config["max-preauth-per-address"],
       maxClients: config["max-clients"],
-      testCorruptEvery: corrupt,
-      testFailAcceptEvery: config["test-only-fail-accept-every"],
+      faults,
     });
-    if (corrupt !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: corrupting one sealed payload byte of every ${corrupt}th reply`, { every: corrupt });
-    const failEvery = config["test-only-fail-accept-every"];
-    if (failEvery !== undefined) logger.warn("page_server.test_corruption", `TEST ONLY: failing the setup of every ${failEvery}th connection`, { failAcceptEvery: failEvery });
     if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderPageServerMetrics(server), logger);
     const port = server.listen();
     const what = image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;

@@ -30,16 +30,6 @@ const options = {
   "log-level": logLevelOption,
   "log-format": logFormatOption,
   metrics: metricsOption,
-  // Exercises the clients' authentication: flips a sealed payload byte of every Nth reply.
-  "test-only-corrupt-every": {
-    type: "string", schema: intValue(1, 1_000_000_000).optional(), arg: "N", hidden: true,
-    help: "TEST ONLY: corrupt a sealed payload byte of every Nth reply",
-  },
-  // Exercises contained accept failures: fails the setup of every Nth accepted connection.
-  "test-only-fail-accept-every": {
-    type: "string", schema: intValue(1, 1_000_000_000).optional(), arg: "N", hidden: true,
-    help: "TEST ONLY: fail the setup of every Nth accepted connection",
-  },
 } as const;
 
 export const pageServer = defineCommand({

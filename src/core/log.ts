@@ -44,7 +44,6 @@ export const EVENT_NAMES = [
   "store.closed",
   // page-server
   "page_server.listening",
-  "page_server.test_corruption",
   "page_server.accept_failed",
   "page_server.client_connected",
   "page_server.client_authenticated",

@@ -48,10 +48,16 @@ export interface PageServerOptions {
   maxPreauthPerAddress: number;
   /** Authenticated connections at once (each holds a send buffer from the pool); more are refused. */
   maxClients: number;
-  /** TEST ONLY (fault injection): flip one byte of every Nth sealed DATA payload on its way out. */
-  testCorruptEvery?: number;
-  /** TEST ONLY (fault injection): throw while setting up every Nth accepted connection. */
-  testFailAcceptEvery?: number;
+  /** Fault injection, for tests (test/fixtures/faulty-page-server.ts); the product never passes one. */
+  faults?: PageServerFaults;
+}
+
+/** Hooks a test uses to make a real page server misbehave in one precise way. */
+export interface PageServerFaults {
+  /** Called while accepted connection `client` is set up; a throw fails that setup (the connection is dropped, the server goes on). */
+  accepting?(client: number): void;
+  /** Sees each sealed DATA payload of connection `client` (bytes [0, len)) before it leaves; may change it in transit. */
+  sealed?(client: number, bytes: Uint8Array, len: number): void;
 }
 
 
@@ -109,7 +115,6 @@ class Conn {
   /** Waiting for EPOLLOUT: the kernel's send buffer is full. */
   blocked = false;
   queuedForBackground = false;
-  dataFrames = 0;
   requests = 0;
   bytesSent = 0;
 
@@ -154,7 +159,6 @@ export class PageServer {
   private readonly preauthByPeer = new Map<string, Set<Conn>>();
   private readonly sendBufs: BufferPool;
   private readonly limited: LogLimiter;
-  private accepted = 0;
   readonly counters = { accepted: 0, evicted: 0, preauthTimeouts: 0, authenticated: 0, acceptErrors: 0, tampered: 0 };
 
   constructor(private readonly opts: PageServerOptions, loop?: EventLoop) {
@@ -248,8 +252,7 @@ export class PageServer {
         this.counters.preauthTimeouts++;
         this.refuse(conn, ErrorCode.TIMEOUT, `no authentication within ${this.opts.handshakeTimeoutMs} ms`);
       });
-      const every = this.opts.testFailAcceptEvery;
-      if (every !== undefined && ++this.accepted % every === 0) throw new Error(`TEST ONLY: injected failure setting up client #${conn.n}`);
+      this.opts.faults?.accepting?.(conn.n);
     } catch (e) {
       this.closeConn(conn, "dropped", "debug");
       throw e;
@@ -482,9 +485,7 @@ export class PageServer {
     // the header's ACK (~40 ms of delayed ACK).
     const buf = conn.sendBuf!;
     conn.writer.pushSealed(header, this.opts.image.base + at, buf.address, len);
-    const every = this.opts.testCorruptEvery;
-    // TEST ONLY: one byte changed in transit, so the client's authentication check is exercised end to end.
-    if (every !== undefined && ++conn.dataFrames % every === 0) buf.bytes[len >> 1]! ^= 0x5a;
+    this.opts.faults?.sealed?.(conn.n, buf.bytes, len);
     conn.bytesSent += len + SEALED_HEADER_SIZE;
   }
 
