@@ -82,7 +82,7 @@ describe("ZeroMap", () => {
     const runs = [...map.runs(0, pages)];
     expect(runs.reduce((s, r) => s + r.count, 0)).toBe(pages);
     for (const r of runs) for (let p = r.first; p < r.first + r.count; p++) expect(ref[p]).toBe(r.zero);
-    expect(() => map.isZero(pages)).toThrow(RangeError);
+    expect(() => map.isZero(pages)).toThrow(ImageError);
   });
 });
 

@@ -11,6 +11,8 @@ export type ErrorCode =
   | "AUTH_FAILED"
   | "BAD_WORKING_SET"
   | "SOCKET_IN_USE"
+  // the C core (libsnapload.so) cannot be loaded, or is not the version this code speaks
+  | "BAD_LIBRARY"
   // object stores (src/store/)
   | "STORE_UNAVAILABLE"
   | "NOT_FOUND"

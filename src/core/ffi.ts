@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { getSystemErrorName } from "node:util";
 // Embedded into the single binary by `bun build --compile`; a plain path when run from source.
 import embeddedLib from "../../build/libsnapload.so" with { type: "file" };
+import { SnaploadError, SyscallError } from "./errors.ts";
 
 const { i32, u32, u64, ptr, cstring } = FFIType;
 
@@ -69,10 +70,21 @@ function libraryPath(): string {
 }
 
 export const ABI_VERSION = 3;
-const loaded = dlopen(libraryPath(), FFI_SYMBOLS);
+const library = libraryPath();
+const loaded = load(library);
 export const sl = loaded.symbols;
 if (sl.sl_abi_version() !== ABI_VERSION) {
-  throw new Error(`libsnapload ABI ${sl.sl_abi_version()} does not match ${ABI_VERSION}`);
+  throw new SnaploadError("BAD_LIBRARY", `${library}: C core ABI ${sl.sl_abi_version()}, this snapload needs ${ABI_VERSION} (rebuild it: bun scripts/build-c.ts)`, {
+    path: library, abi: sl.sl_abi_version(), expected: ABI_VERSION,
+  });
+}
+
+function load(path: string) {
+  try {
+    return dlopen(path, FFI_SYMBOLS);
+  } catch (e) {
+    throw new SnaploadError("BAD_LIBRARY", `cannot load the C core ${path}: ${(e as Error).message}`, { path }, { cause: e });
+  }
 }
 
 /** A NUL-terminated string for `cstring` arguments. */
@@ -92,7 +104,7 @@ export class NativeBuffer {
   constructor(readonly length: number) {
     const out = new BigUint64Array(1);
     const r = sl.sl_buffer_alloc(length, out);
-    if (r < 0) throw new Error(`cannot allocate ${length} bytes: ${errnoName(-r)}`);
+    if (r < 0) throw new SyscallError(`allocating ${length} bytes`, -r, errnoName(-r), { length });
     this.address = Number(out[0]) as Pointer;
     const ab = toArrayBuffer(this.address as Pointer, 0, length);
     this.bytes = new Uint8Array(ab);

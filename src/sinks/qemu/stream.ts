@@ -80,7 +80,7 @@ export class Bytes {
   /** u8 length + bytes, no NUL. */
   counted(s: string): this {
     const b = Buffer.from(s, "utf8");
-    if (b.length > 255) throw new RangeError(`name too long for the stream: ${s}`);
+    if (b.length > 255) throw new SnaploadError("MIGRATION", `name too long for the migration stream (${b.length} bytes, at most 255): ${s}`, { name: s });
     return this.u8(b.length).bytes(b);
   }
 

@@ -126,7 +126,7 @@ class HeaderReader {
 
   /** A view of [off, off+len), valid until the next read. */
   view(off: number, len: number, what: string, ctx: Record<string, unknown> = {}): Uint8Array {
-    if (len > WINDOW) throw new RangeError(`read of ${len} bytes exceeds the window`);
+    if (len > WINDOW) throw new ImageError(`${this.path}: the ${what} (${len} bytes) is larger than the ${WINDOW}-byte read window`, { path: this.path, ...ctx, length: len });
     if (off + len > this.fileSize) {
       throw new ImageError(
         `${this.path}: file ends at ${hex(this.fileSize)}, before the ${what} at ${hex(off)}..${hex(off + len)} (truncated file?)`,

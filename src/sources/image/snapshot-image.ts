@@ -67,7 +67,7 @@ export class ZeroMap {
   readonly #bits: Uint32Array;
 
   constructor(pages: number) {
-    if (!Number.isSafeInteger(pages) || pages < 0) throw new RangeError(`bad page count ${pages}`);
+    if (!Number.isSafeInteger(pages) || pages < 0) throw new ImageError(`a zero map of ${pages} pages: not a page count`, { pages });
     this.pages = pages;
     this.#bits = new Uint32Array(Math.ceil(pages / 32));
   }
@@ -157,7 +157,7 @@ export class ZeroMap {
 
   #checkRange(first: number, count: number): void {
     if (!(first >= 0 && count >= 0 && first + count <= this.pages && Number.isInteger(first) && Number.isInteger(count))) {
-      throw new RangeError(`pages [${first}, +${count}) outside the map of ${this.pages} pages`);
+      throw new ImageError(`pages [${first}, +${count}) outside the zero map of ${this.pages} pages`, { first, count, pages: this.pages });
     }
   }
 }

@@ -157,9 +157,7 @@ export function zeroMapToBase64(zero: ZeroMap): string {
   return Buffer.from(bytes).toString("base64");
 }
 
-function zeroMapFromBase64(b64: string, pages: number): ZeroMap {
-  const bytes = Buffer.from(b64, "base64");
-  if (bytes.length !== Math.ceil(pages / 8)) throw new Error(`zero map has ${bytes.length} bytes, expected ${Math.ceil(pages / 8)}`);
+function zeroMapFromBytes(bytes: Uint8Array, pages: number): ZeroMap {
   const zero = new ZeroMap(pages);
   for (let p = 0; p < pages; p++) if ((bytes[p >>> 3]! >>> (p & 7)) & 1) zero.setZero(p);
   return zero;
@@ -200,12 +198,9 @@ export function decodeManifest(bytes: Uint8Array, where: string): Manifest {
   const pages = Math.ceil(body.image.size / IMAGE_PAGE);
   const n = chunkCount(body.image.size, body.chunkSize);
   if (body.chunks.length !== n || body.stored.length !== n) throw bad(`${body.chunks.length} chunks listed, an image of ${body.image.size} bytes in ${body.chunkSize}-byte chunks has ${n}`);
-  let zero: ZeroMap;
-  try {
-    zero = zeroMapFromBase64(body.zero, pages);
-  } catch (e) {
-    throw bad((e as Error).message);
-  }
+  const zeroBytes = Buffer.from(body.zero, "base64");
+  if (zeroBytes.length !== Math.ceil(pages / 8)) throw bad(`zero map has ${zeroBytes.length} bytes, expected ${Math.ceil(pages / 8)}`);
+  const zero = zeroMapFromBytes(zeroBytes, pages);
   const perChunk = body.chunkSize / IMAGE_PAGE;
   for (let i = 0; i < n; i++) {
     const first = i * perChunk;
