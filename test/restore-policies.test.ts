@@ -5,7 +5,7 @@ import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { prng } from "../src/core/prng.ts";
-import { decodeWorkingSet, encodeWorkingSet } from "../src/scheduler/working-set.ts";
+import { decodeWorkingSet, encodeWorkingSet } from "../src/index.ts";
 import { type Daemon, describeRun, ensureBuilt, runStandin, STANDIN, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
