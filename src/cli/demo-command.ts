@@ -1,6 +1,6 @@
 // `snapload demo`: a whole lazy restore on this machine, end to end, in one command.
-// Makes an image, serves it, runs the C VMM stand-in (Firecracker's side of the handshake)
-// as the guest, and shows that every page the guest read equals the image.
+// Makes an image, serves it, runs the C VMM stand-in (csrc/tools/vmm-standin.c, docs/vmm-standin.md:
+// Firecracker's side of the handshake) as the guest, and shows that every page the guest read equals the image.
 import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
