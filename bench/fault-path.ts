@@ -4,7 +4,8 @@
 // end-to-end scenarios for A/B runs of the fault path itself (e.g. with and without a change).
 //   bun bench/fault-path.ts [--rounds N] [--batch N]     prints {"nsPerFault": ...} per run
 import { NativeBuffer, sl } from "../src/core/ffi.ts";
-import { HandlerTable, type PageBackend } from "../src/scheduler/handler-table.ts";
+import { HandlerTable } from "../src/scheduler/handler-table.ts";
+import type { ImageBackend } from "../src/sources/port.ts";
 import { IMAGE_PAGE, ZeroMap } from "../src/sources/image/snapshot-image.ts";
 import { writeFaultMessage } from "../src/sinks/uffd/uffd-messages.ts";
 import { Scratch, VmSession } from "../src/daemon/vm-session.ts";
@@ -35,9 +36,9 @@ if (sl.sl_uffd_api(uffd, 0, null, null) < 0 || sl.sl_uffd_register(uffd, guest.a
 }
 const zero = new ZeroMap(PAGES);
 for (let p = 0; p < PAGES; p += 8) zero.setZeroRange(p, 2); // a quarter zero pages, scattered
-const backend: PageBackend = { kind: "image", size: len, zero, base: source.address, zeroBytesAreZero: true, description: "bench" };
+const backend: ImageBackend = { kind: "image", size: len, zero, base: source.address, zeroBytesAreZero: true, description: "bench" };
 const table = new HandlerTable([{ base: guest.address, size: len, offset: 0, pageSize: IMAGE_PAGE }], backend);
-const vm = new VmSession(1, 0, uffd, -1, table, scratch, { faultAround: 1 });
+const vm = new VmSession(1, uffd, table, scratch, { faultAround: 1 });
 // A fixed shuffled order of pages: faults do not coalesce, as with a random-touch guest.
 const order = Array.from({ length: PAGES }, (_, i) => i);
 let seed = 12345;
@@ -67,8 +68,8 @@ for (let i = 0; i < 50; i++) round(); // JIT warm-up
 const per: number[] = [];
 for (let i = 0; i < ROUNDS; i++) per.push(round() / PAGES);
 per.sort((a, b) => a - b);
-if (vm.fatal !== undefined) {
-  console.error(`fault-path bench: ${vm.fatal}`);
+if (vm.failure !== undefined) {
+  console.error(`fault-path bench: ${vm.failure.detail}`);
   process.exit(1);
 }
 console.log(JSON.stringify({ nsPerFault: Math.round(per[per.length >> 1]!), best: Math.round(per[0]!), p90: Math.round(per[Math.floor(per.length * 0.9)]!), rounds: ROUNDS, batch: BATCH }));

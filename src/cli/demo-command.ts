@@ -35,7 +35,7 @@ export async function demoCommand(config: DemoConfig): Promise<number> {
 
     const socketPath = join(dir, "handler.sock");
     const server = new Server({
-      listeners: [{ socketPath, socketMode: 0o600, source: { backend: imageBackend(image) } }],
+      listeners: [{ socketPath, socketMode: 0o600, source: { kind: "image", backend: imageBackend(image) } }],
       faultAround: config["fault-around"],
       handshakeTimeoutMs: 5000,
       onFatal: "kill",

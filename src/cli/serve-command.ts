@@ -66,7 +66,7 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
     process.on("SIGTERM", () => shutdown("SIGTERM"));
     process.on("SIGUSR1", () => server.writeRecordings());
     // Before listen(): a metrics address that cannot be bound leaves no socket files behind.
-    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderServeMetrics(server.totals, server.vms.values()), logger);
+    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderServeMetrics(server.totals, server.vms), logger);
     server.listen();
     listeners.forEach((l, i) =>
       logger.info("daemon.listening", `listening on ${l.socketPath}: ${summaries[i]}`, {

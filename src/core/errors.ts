@@ -11,6 +11,8 @@ export type ErrorCode =
   | "AUTH_FAILED"
   | "BAD_WORKING_SET"
   | "SOCKET_IN_USE"
+  // a VMM faulted on memory it did not announce in its handshake
+  | "UNANNOUNCED_MEMORY"
   // object stores (src/store/)
   | "STORE_UNAVAILABLE"
   | "NOT_FOUND"

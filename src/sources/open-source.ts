@@ -5,7 +5,7 @@ import { imageBackend } from "./image/image-backend.ts";
 import { openImage } from "./image/open-image.ts";
 import type { EventLoop } from "../core/event-loop.ts";
 import type { Logger } from "../core/log.ts";
-import type { PageSource } from "../daemon/server.ts";
+import type { PageSource } from "./port.ts";
 
 export interface OpenedSource {
   source: PageSource;
@@ -44,7 +44,7 @@ export async function openSource(mem: string, opts: SourceOptions): Promise<Open
   const image = openImage(mem, { ramblock: opts.ramblock });
   const backend = imageBackend(image);
   return {
-    source: { backend },
+    source: { kind: "image", backend },
     summary: `${backend.description}, ${image.size} bytes (${image.dataPages} data, ${image.zeroPages} zero pages)`,
     close: () => image.close(),
   };
