@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 // Embedded into the single binary; a plain path when run from source.
 import standinEmbedded from "../../build/vmm-standin" with { type: "file" };
-import type { DemoConfig } from "./config.ts";
+import type { DemoConfig } from "./demo.ts";
 import { writeDemoImage } from "./demo-image.ts";
 import { imageBackend } from "../sources/image/image-backend.ts";
 import { openImage } from "../sources/image/open-image.ts";

@@ -1,5 +1,6 @@
 // `snapload serve`: opens the sources, listens, serves until SIGINT/SIGTERM.
-import { DEFAULT_FAULT_AROUND, type ServeConfig } from "./config.ts";
+import { DEFAULT_FAULT_AROUND } from "./config.ts";
+import type { ServeConfig } from "./serve.ts";
 import { Logger } from "../core/log.ts";
 import { type MetricsEndpoint, startMetricsEndpoint } from "../metrics/endpoint.ts";
 import { renderServeMetrics } from "../metrics/serve-metrics.ts";

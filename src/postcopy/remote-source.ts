@@ -5,14 +5,13 @@
 import { ConfigError, SnaploadError } from "../core/errors.ts";
 import { EventLoop } from "../core/event-loop.ts";
 import type { ZeroMap } from "../sources/image/snapshot-image.ts";
-import type { OpenedSource, SourceOptions } from "../sources/open-source.ts";
 import { type HostPort, parseTcpUrl, resolveHost } from "./address.ts";
 import { checkCrypto } from "./aead.ts";
 import { readTokenFile } from "./auth.ts";
 import { ClientChannel } from "./client-channel.ts";
 import { type ImageInfo, Role, zeroMapFromBytes } from "./protocol.ts";
 import { VmClient } from "./vm-client.ts";
-import type { RemoteBackend, RemoteSource } from "../sources/port.ts";
+import type { OpenedSource, RemoteBackend, RemoteSource, SourceOptions } from "../sources/port.ts";
 
 const PROBE_RETRY_FIRST_MS = 100;
 const PROBE_RETRY_MAX_MS = 1000;

@@ -143,3 +143,31 @@ export interface RemoteSource {
 
 /** Where a listener's pages come from. */
 export type PageSource = ImageSource | RemoteSource;
+
+// ---- opening a source (what `--mem` names) ---------------------------------------------------
+
+export interface OpenedSource {
+  source: PageSource;
+  /** One line for the log: what is served, how big, data vs zero. */
+  summary: string;
+  close(): void;
+  /** A working set the source carries (a store manifest's), prefetched unless --prefetch says otherwise. */
+  prefetch?: Uint32Array;
+  /** Called once the daemon's event loop exists, before it runs (sources with background upkeep). */
+  attach?(loop: EventLoop): void;
+}
+
+export interface SourceOptions {
+  ramblock?: string;
+  tokenFile?: string;
+  /** How long VMs may wait for an unreachable page server before they are killed. */
+  deadlineMs: number;
+  /** As given on the command line; undefined = the source's default (tcp:// pulls everything). */
+  populate?: "none" | "background";
+  logger: Logger;
+  /** Object stores (src/sources/store/): host chunk cache, its size in bytes, S3 endpoint, GETs in flight. */
+  cacheDir?: string;
+  cacheSize?: number;
+  s3Endpoint?: string;
+  storeParallel?: number;
+}
