@@ -375,7 +375,7 @@ export class VmClient implements PageRequester {
         this.vm.stats.populatedPages += region.settled - before; // zero pages, installed right here
         this.requestedThisPass += this.sweepQueue.length - queued;
         if (r === AGAIN) {
-          // A REMOVE is pending; the server reads it before our next turn.
+          // A REMOVE is pending; the VM's owner reads it before our next turn.
           this.loop.after(1, () => this.scheduleSweep());
           break;
         }
