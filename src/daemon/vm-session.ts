@@ -61,7 +61,6 @@ export class VmSession implements RequesterVm {
   private batchStart = 0;
   /** Remote backend: faulting page address -> when its fault was read (Bun.nanoseconds()), until its bytes arrive. */
   private readonly remoteWaits = new Map<number, number>();
-  readonly connectedAt = performance.now();
   /** Fault addresses that met EAGAIN (a REMOVE was pending): retried after the next drain. */
   readonly retry: number[] = [];
   private failed: VmFailure | undefined;
