@@ -1,5 +1,6 @@
-// The layout rules of src/ (docs/architecture.md): no import cycles, and src/core/ (the bottom
-// layer: errors, logging, FFI, the event loop) imports nothing from the other src/ directories.
+// The layout rules of src/ (docs/architecture.md): no import cycles; src/core/ (the bottom
+// layer: errors, logging, FFI, the event loop) imports nothing from the other src/ directories;
+// the source port imports nothing above it.
 // Type-only imports count: a cycle of types is still two modules that cannot be read apart.
 import { describe, expect, test } from "bun:test";
 import { readdirSync, readFileSync } from "node:fs";
@@ -113,6 +114,13 @@ describe("src/ layout", () => {
       for (const d of deps) if (!d.startsWith("core/")) upward.push(`${file} -> ${d}`);
     }
     expect(upward, `src/core/ imports upward:\n  ${upward.join("\n  ")}`).toEqual([]);
+  });
+
+  test("the source port (sources/port.ts) imports only from below it: core/ and the image's types", () => {
+    const deps = g.get("sources/port.ts")!;
+    expect(deps.length).toBeGreaterThan(0);
+    const upward = deps.filter((d) => !d.startsWith("core/") && !d.startsWith("sources/image/"));
+    expect(upward, `sources/port.ts imports upward: ${upward.join(", ")}`).toEqual([]);
   });
 
   test("the checker sees the import forms the code uses, and finds a cycle it is given", () => {
