@@ -2,12 +2,16 @@
 // fault messages through VmSession.dispatch (decode, coalesce, UFFDIO_COPY/ZEROPAGE, wake, and the
 // metrics it keeps), pages dropped between rounds. No second process, so it is steadier than the
 // end-to-end scenarios for A/B runs of the fault path itself (e.g. with and without a change).
-//   bun bench/fault-path.ts [--rounds N] [--batch N]     prints {"nsPerFault": ...} per run
+// --js-only passes a kernel whose ioctls do nothing (the session's UffdKernel): what is left is
+// the JavaScript of the fault path alone, without the ioctls' cost and their noise on a busy host.
+//   bun bench/fault-path.ts [--rounds N] [--batch N] [--js-only]     prints {"nsPerFault": ...} per run
 import { NativeBuffer, sl } from "../src/core/ffi.ts";
-import { HandlerTable, type PageBackend } from "../src/scheduler/handler-table.ts";
+import { HandlerTable } from "../src/scheduler/handler-table.ts";
+import type { ImageBackend } from "../src/sources/port.ts";
 import { IMAGE_PAGE, ZeroMap } from "../src/sources/image/snapshot-image.ts";
 import { writeFaultMessage } from "../src/sinks/uffd/uffd-messages.ts";
 import { Scratch, VmSession } from "../src/daemon/vm-session.ts";
+import type { UffdKernel } from "../src/sinks/uffd/kernel.ts";
 
 const argv = process.argv.slice(2);
 const arg = (name: string, dflt: number) => {
@@ -18,6 +22,8 @@ const ROUNDS = arg("--rounds", 400);
 const BATCH = arg("--batch", 4);
 const PAGES = 1024;
 const MADV_DONTNEED = 4;
+const JS_ONLY = argv.includes("--js-only");
+const noKernel: UffdKernel = { read: () => 0, copy: () => 0, zeropage: () => 0, wake: () => 0, unregister: () => 0 };
 
 const uffd = sl.sl_uffd_open(0o2000000 | 0o4000);
 if (uffd < 0) {
@@ -35,9 +41,9 @@ if (sl.sl_uffd_api(uffd, 0, null, null) < 0 || sl.sl_uffd_register(uffd, guest.a
 }
 const zero = new ZeroMap(PAGES);
 for (let p = 0; p < PAGES; p += 8) zero.setZeroRange(p, 2); // a quarter zero pages, scattered
-const backend: PageBackend = { kind: "image", size: len, zero, base: source.address, zeroBytesAreZero: true, description: "bench" };
+const backend: ImageBackend = { kind: "image", size: len, zero, base: source.address, zeroBytesAreZero: true, description: "bench" };
 const table = new HandlerTable([{ base: guest.address, size: len, offset: 0, pageSize: IMAGE_PAGE }], backend);
-const vm = new VmSession(1, 0, uffd, -1, table, scratch, { faultAround: 1 });
+const vm = new VmSession(1, uffd, table, scratch, { faultAround: 1, ...(JS_ONLY ? { kernel: noKernel } : {}) });
 // A fixed shuffled order of pages: faults do not coalesce, as with a random-touch guest.
 const order = Array.from({ length: PAGES }, (_, i) => i);
 let seed = 12345;
@@ -67,8 +73,8 @@ for (let i = 0; i < 50; i++) round(); // JIT warm-up
 const per: number[] = [];
 for (let i = 0; i < ROUNDS; i++) per.push(round() / PAGES);
 per.sort((a, b) => a - b);
-if (vm.fatal !== undefined) {
-  console.error(`fault-path bench: ${vm.fatal}`);
+if (vm.failure !== undefined) {
+  console.error(`fault-path bench: ${vm.failure.detail}`);
   process.exit(1);
 }
-console.log(JSON.stringify({ nsPerFault: Math.round(per[per.length >> 1]!), best: Math.round(per[0]!), p90: Math.round(per[Math.floor(per.length * 0.9)]!), rounds: ROUNDS, batch: BATCH }));
+console.log(JSON.stringify({ nsPerFault: Math.round(per[per.length >> 1]!), best: Math.round(per[0]!), p90: Math.round(per[Math.floor(per.length * 0.9)]!), rounds: ROUNDS, batch: BATCH, jsOnly: JS_ONLY }));

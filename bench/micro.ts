@@ -3,7 +3,8 @@
 // Prints mitata's report on stderr; writes a ns/op summary as JSON to FILE.
 import { bench, do_not_optimize, group, run } from "mitata";
 import { NativeBuffer, sl, UFFD_MSG_SIZE } from "../src/core/ffi.ts";
-import { HandlerTable, type PageBackend } from "../src/scheduler/handler-table.ts";
+import { HandlerTable } from "../src/scheduler/handler-table.ts";
+import type { ImageBackend } from "../src/sources/port.ts";
 import { ZeroMap } from "../src/sources/image/snapshot-image.ts";
 import { decodeMessages, writeFaultMessage } from "../src/sinks/uffd/uffd-messages.ts";
 import { prng } from "./common.ts";
@@ -27,7 +28,7 @@ const noRemove = () => {};
 const IMAGE = 1024 * 1024 * 1024;
 const zero = ZeroMap.forSize(IMAGE);
 for (let p = 0; p < zero.pages; p += 64) zero.setZeroRange(p, 16 + (p % 32)); // ~half zero, in runs
-const backend: PageBackend = { kind: "image", size: IMAGE, zero, base: 0, zeroBytesAreZero: true, description: "bench" };
+const backend: ImageBackend = { kind: "image", size: IMAGE, zero, base: 0, zeroBytesAreZero: true, description: "bench" };
 const REGION = IMAGE / 4;
 const table = new HandlerTable(
   Array.from({ length: 4 }, (_, i) => ({ base: GUEST_BASE + i * 2 * REGION, size: REGION, offset: i * REGION, pageSize: PAGE })),

@@ -1,140 +1,252 @@
-// Races on the fault path, and a VMM that forks. The fault path is driven with a fake kernel (the FFI symbols are swapped
-// for a model of UFFDIO_COPY / ZEROPAGE / WAKE), so races that are hard to hit with real
-// processes (an event pending between reading a batch and installing it) are deterministic.
-import { afterEach, describe, expect, test } from "bun:test";
-import { Errno, sl, UFFD_EVENT_PAGEFAULT, UFFD_MSG_SIZE } from "../src/core/ffi.ts";
-import { HandlerTable, PAGE_INSTALLED, type PageBackend } from "../src/scheduler/handler-table.ts";
+// Races on the fault path, and a VMM that forks. The fault path is driven with a fake kernel
+// (a UffdKernel passed to the session, as the daemon passes the real one), so races that are hard
+// to hit with real processes (an event pending between reading a batch and installing it, a
+// fault racing the unregister, a copy cut short) are deterministic.
+import { describe, expect, test } from "bun:test";
+import { Errno, NativeBuffer } from "../src/core/ffi.ts";
+import { HandlerTable, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED } from "../src/scheduler/handler-table.ts";
 import { ZeroMap } from "../src/sources/image/snapshot-image.ts";
+import { writeFaultMessage } from "../src/sinks/uffd/uffd-messages.ts";
+import { AGAIN, EXISTED, GONE, INSTALLED, type ImageBackend, installErrno, type PageRegion, type PageRequester, type RemoteBackend } from "../src/sources/port.ts";
 import { MAX_DRAIN_ROUNDS, Scratch, VmSession } from "../src/daemon/vm-session.ts";
+import { FAKE_BASE as BASE, FakeKernel, FAKE_PAGE as PS } from "./fake-kernel.ts";
 
-const PS = 4096;
-const BASE = 0x7f00_0000_0000;
 const PAGES = 64;
+const EBUSY = 16;
 
-/** A model of one registered region: which pages exist, which vCPUs sleep on which page. */
-class FakeKernel {
-  present = new Set<number>();
-  sleeping = new Set<number>();
-  /** While > 0, every install ioctl fails with EAGAIN (a non-cooperative event is pending). */
-  eagain = 0;
-  private saved: Record<string, unknown> = {};
-
-  constructor(private readonly scratch: Scratch) {}
-
-  install(): void {
-    const s = sl as unknown as Record<string, unknown>;
-    for (const k of ["sl_uffd_copy", "sl_uffd_zeropage", "sl_uffd_wake", "sl_uffd_read"]) this.saved[k] = s[k];
-    const fill = (dst: number, len: number, mode: number) => {
-      const done = this.scratch.done.view;
-      done.setUint32(0, 0, true);
-      done.setUint32(4, 0, true);
-      if (this.eagain > 0) return -Errno.EAGAIN;
-      const first = (dst - BASE) / PS;
-      const n = len / PS;
-      let k = 0;
-      while (k < n && !this.present.has(first + k)) this.present.add(first + k++);
-      if (!(mode & 1)) for (let p = first; p < first + k; p++) this.sleeping.delete(p);
-      if (k === n) return 0;
-      if (k === 0) return -Errno.EEXIST;
-      done.setUint32(0, k * PS, true);
-      return -Errno.EAGAIN;
-    };
-    s.sl_uffd_copy = (_u: number, dst: number, _src: number, len: number, mode: number) => fill(dst, len, mode);
-    s.sl_uffd_zeropage = (_u: number, dst: number, len: number, mode: number) => fill(dst, len, mode);
-    s.sl_uffd_wake = (_u: number, start: number, len: number) => {
-      for (let p = (start - BASE) / PS; p < (start - BASE + len) / PS; p++) this.sleeping.delete(p);
-      return 0;
-    };
-    s.sl_uffd_read = () => 0;
-  }
-
-  restore(): void {
-    Object.assign(sl as unknown as Record<string, unknown>, this.saved);
-  }
-
-  /** A vCPU touches page p: it sleeps until the page exists and it is woken. */
-  fault(p: number): void {
-    if (!this.present.has(p)) this.sleeping.add(p);
-  }
-}
-
-function setup(zeroPages: number[] = []) {
+function setup(zeroPages: number[] = [], faultAround = 1) {
   const zero = new ZeroMap(PAGES);
   for (const p of zeroPages) zero.setZero(p);
-  const backend: PageBackend = { kind: "image", size: PAGES * PS, zero, base: 0x1000_0000, zeroBytesAreZero: true, description: "fake" };
+  const backend: ImageBackend = { kind: "image", size: PAGES * PS, zero, base: 0x1000_0000, zeroBytesAreZero: true, description: "fake" };
   const table = new HandlerTable([{ base: BASE, size: PAGES * PS, offset: 0, pageSize: PS }], backend);
   const scratch = new Scratch();
-  const kernel = new FakeKernel(scratch);
-  kernel.install();
-  const vm = new VmSession(1, -1, 999, 998, table, scratch, { faultAround: 1 });
-  return { vm, kernel, scratch, region: table.regions[0]! };
+  const kernel = new FakeKernel();
+  const vm = new VmSession(1, 999, table, scratch, { faultAround, kernel });
+  return { vm, kernel, scratch, region: table.regions[0]!, [Symbol.dispose]: () => scratch.free() };
 }
 
+/** Serves one batch the way the event loop does: read, dispatch, and the retries the owner schedules. */
 function faultBatch(scratch: Scratch, pages: number[]): void {
-  const b = scratch.msgs;
-  b.bytes.fill(0, 0, pages.length * UFFD_MSG_SIZE);
-  pages.forEach((p, i) => {
-    const o = i * UFFD_MSG_SIZE;
-    b.bytes[o] = UFFD_EVENT_PAGEFAULT;
-    const addr = BASE + p * PS;
-    b.view.setUint32(o + 16, addr % 0x1_0000_0000, true);
-    b.view.setUint32(o + 20, Math.floor(addr / 0x1_0000_0000), true);
-  });
+  pages.forEach((p, i) => writeFaultMessage(scratch.msgs, i, BASE + p * PS));
 }
-
-let cleanup: (() => void) | undefined;
-afterEach(() => {
-  cleanup?.();
-  cleanup = undefined;
-});
 
 describe("coalesced faults that meet EAGAIN", () => {
   test("every vCPU of a coalesced run is served once the pending event is read", () => {
-    const { vm, kernel, scratch, region } = setup();
-    cleanup = () => {
-      kernel.restore();
-      scratch.free();
-    };
+    using t = setup();
+    const { vm, kernel, region } = t;
     // Two vCPUs fault on neighbouring pages; a REMOVE elsewhere is queued but not yet read.
-    kernel.fault(10);
-    kernel.fault(11);
+    kernel.touch(10);
+    kernel.touch(11);
     kernel.eagain = 1;
-    faultBatch(scratch, [10, 11]);
-    vm.dispatch(scratch.msgs, 2);
+    expect(vm.drain()).toBe(true);
+    expect(vm.retry.length).toBe(2); // both, not only the first page of the run
+    expect(vm.stats.eagain).toBeGreaterThanOrEqual(1);
     // The REMOVE has been read: installs work again; the retries run.
     kernel.eagain = 0;
-    vm.serveRetries();
+    expect(vm.serveRetries()).toBe(true);
     expect(region.state[10]).toBe(PAGE_INSTALLED);
     expect(region.state[11]).toBe(PAGE_INSTALLED);
     expect([...kernel.sleeping]).toEqual([]); // nobody left blocked forever
+    expect(vm.failure).toBeUndefined();
   });
 
   test("a page that already existed is woken even when a later page of the run meets EAGAIN", () => {
     // Page 20 is zero, page 21 data: two runs. Page 20 was installed (unwoken) by the background sweep.
-    const { vm, kernel, scratch, region } = setup([20]);
-    cleanup = () => {
-      kernel.restore();
-      scratch.free();
-    };
-    kernel.fault(20);
-    kernel.fault(21);
-    kernel.present.add(20);
-    kernel.sleeping.add(20); // its fault was queued before the sweep installed it with DONTWAKE
+    using t = setup([20]);
+    const { vm, kernel, scratch, region } = t;
+    kernel.touch(20);
+    kernel.touch(21);
+    kernel.queue.length = 0; // read below, as one batch
+    kernel.present.add(20); // its fault was queued before the sweep installed it with DONTWAKE
     region.setState(20, PAGE_INSTALLED);
     // The zero page meets EEXIST; then an event gets queued before the data page's ioctl.
-    const s = sl as unknown as Record<string, (...a: number[]) => number>;
-    const zeropage = s.sl_uffd_zeropage!;
-    s.sl_uffd_zeropage = (...a: number[]) => {
-      const r = zeropage(...a);
+    kernel.afterInstall = () => {
       kernel.eagain = 1;
-      return r;
+      kernel.afterInstall = undefined;
     };
     faultBatch(scratch, [20, 21]);
     vm.dispatch(scratch.msgs, 2);
+    expect(kernel.sleeping.has(20)).toBe(false); // woken now, not after the retry
+    expect(vm.retry).toEqual([BASE + 21 * PS]);
     kernel.eagain = 0;
     vm.serveRetries();
     expect(region.state[21]).toBe(PAGE_INSTALLED);
     expect([...kernel.sleeping]).toEqual([]);
+  });
+
+  test("a REMOVE read in the same batch as a fault is applied first: the fault gets a zero page, not stale data", () => {
+    using t = setup();
+    const { vm, kernel, region } = t;
+    kernel.present.add(30);
+    region.setState(30, PAGE_INSTALLED);
+    kernel.discard(30, 1);
+    kernel.touch(30);
+    expect(vm.drain()).toBe(true);
+    expect(kernel.calls).toContain("zeropage 30+1 -> 0");
+    expect(region.state[30]).toBe(PAGE_REMOVED);
+    expect([...kernel.sleeping]).toEqual([]);
+  });
+});
+
+describe("partial copies", () => {
+  test("a copy cut short goes on from where it stopped, and every waiter of the run is woken", () => {
+    using t = setup([], 8);
+    const { vm, kernel, region } = t;
+    kernel.touch(8);
+    kernel.touch(9);
+    kernel.partialNext = 1; // the fault-around run's first ioctl installs one page only
+    expect(vm.drain()).toBe(true);
+    for (let p = 8; p < 16; p++) expect(region.state[p]).toBe(PAGE_INSTALLED);
+    expect(vm.stats.pagesInstalled).toBe(8);
+    expect(vm.retry.length).toBe(0);
+    expect([...kernel.sleeping]).toEqual([]);
+  });
+
+  test("a page someone installed first (EEXIST) inside a run is skipped and counted, the rest installed and woken", () => {
+    using t = setup();
+    const { vm, kernel, region } = t;
+    kernel.present.add(41); // installed behind our back: the table still says missing
+    kernel.touch(40);
+    kernel.queue.push({ kind: "fault", page: 41 }); // its vCPU slept before the page appeared
+    kernel.sleeping.add(41);
+    kernel.touch(42);
+    expect(vm.drain()).toBe(true);
+    expect(vm.stats.eexist).toBe(1);
+    for (const p of [40, 41, 42]) expect(region.state[p]).toBe(PAGE_INSTALLED);
+    expect([...kernel.sleeping]).toEqual([]);
+  });
+});
+
+describe("typed install outcomes", () => {
+  test("the installer reports INSTALLED, EXISTED, AGAIN, GONE and -errno, with no state left behind", () => {
+    using t = setup();
+    const { vm, kernel, region } = t;
+    const ins = vm.installer;
+    expect(ins.installRun(region, 0, 2, false, true)).toBe(INSTALLED);
+    expect(ins.installRun(region, 1, 2, false, true)).toBe(EXISTED);
+    expect(ins.installRun(region, 3, 1, false, true)).toBe(INSTALLED); // EXISTED is per call
+    kernel.eagain = 1;
+    expect(ins.installRun(region, 4, 1, false, true)).toBe(AGAIN);
+    kernel.eagain = 0;
+    kernel.failNext = Errno.ESRCH;
+    expect(ins.installRun(region, 4, 1, false, true)).toBe(GONE);
+    kernel.failNext = 14; // EFAULT
+    const r = ins.installRun(region, 4, 1, false, true);
+    expect(r).toBeLessThan(0);
+    expect(installErrno(r)).toBe(14);
+    expect(ins.installRun(region, 4, 1, false, true)).toBe(INSTALLED);
+  });
+
+  test("a failed install fails the VM once, with its code and errno", () => {
+    using t = setup();
+    const { vm, kernel } = t;
+    kernel.touch(5);
+    kernel.failNext = 14; // EFAULT
+    expect(vm.drain()).toBe(false);
+    expect(vm.failure).toMatchObject({ kind: "failed", code: "SYSCALL", errno: 14 });
+    expect(vm.failure!.detail).toMatch(/^installing page 0x[0-9a-f]+ failed: EFAULT$/);
+    vm.fail("PEER_GONE", "later"); // the first cause stays
+    expect(vm.failure!.code).toBe("SYSCALL");
+  });
+
+  test("a range that went away (ENOENT) is not a failure: nothing to install, nobody to retry", () => {
+    using t = setup();
+    const { vm, kernel } = t;
+    kernel.touch(6);
+    kernel.failNext = Errno.ENOENT;
+    expect(vm.drain()).toBe(true);
+    expect(vm.failure).toBeUndefined();
+    expect(vm.retry.length).toBe(0);
+  });
+
+  test("a fault outside every announced region fails the VM as UNANNOUNCED_MEMORY", () => {
+    using t = setup();
+    const { vm, kernel } = t;
+    kernel.queue.push({ kind: "fault", page: PAGES + 10 });
+    expect(vm.drain()).toBe(false);
+    expect(vm.failure).toMatchObject({ kind: "failed", code: "UNANNOUNCED_MEMORY" });
+  });
+});
+
+describe("the unregister race", () => {
+  test("a fault queued while every page was being settled is woken after the unregister", () => {
+    using t = setup();
+    const { vm, kernel, region } = t;
+    vm.installMissing(region, 0, PAGES, 0);
+    expect(vm.table.complete).toBe(true);
+    // A vCPU faulted on a page that was installed meanwhile; the message is still queued.
+    kernel.sleeping.add(7);
+    kernel.queue.push({ kind: "fault", page: 7 });
+    expect(vm.detach()).toBe(true);
+    vm.discardMessages();
+    expect(kernel.calls.slice(-2)).toEqual(["unregister", "wake 7+1"]);
+    expect([...kernel.sleeping]).toEqual([]);
+    expect(vm.failure).toBeUndefined();
+  });
+
+  test("after the unregister, a fault outside every region still fails the VM, once the whole batch was read", () => {
+    using t = setup();
+    const { vm, kernel, region } = t;
+    vm.installMissing(region, 0, PAGES, 0);
+    expect(vm.detach()).toBe(true);
+    kernel.queue.push({ kind: "fault", page: PAGES + 1 }, { kind: "fault", page: 3 });
+    kernel.sleeping.add(3);
+    vm.discardMessages();
+    expect(vm.failure?.code).toBe("UNANNOUNCED_MEMORY");
+    expect(kernel.sleeping.has(3)).toBe(false);
+  });
+
+  test("an unregister the kernel refuses fails the VM with its errno", () => {
+    using t = setup();
+    const { vm, kernel, region } = t;
+    vm.installMissing(region, 0, PAGES, 0);
+    kernel.unregister = () => -EBUSY;
+    expect(vm.detach()).toBe(false);
+    expect(vm.failure).toMatchObject({ code: "SYSCALL", errno: EBUSY });
+  });
+});
+
+describe("pages that arrive later (a remote source)", () => {
+  function remoteSetup() {
+    const zero = new ZeroMap(PAGES);
+    const backend: RemoteBackend = { kind: "remote", size: PAGES * PS, zero, description: "fake remote" };
+    const table = new HandlerTable([{ base: BASE, size: PAGES * PS, offset: 0, pageSize: PS }], backend);
+    const scratch = new Scratch();
+    const kernel = new FakeKernel();
+    const vm = new VmSession(1, 999, table, scratch, { faultAround: 1, kernel });
+    const asked: [number, number, boolean][] = [];
+    const requester: PageRequester = {
+      request: (_r: PageRegion, first, count, urgent) => void asked.push([first, count, urgent]),
+      hurry: () => {},
+      close: () => {},
+    };
+    vm.setRequester(requester);
+    const src = new NativeBuffer(PAGES * PS);
+    return { vm, kernel, region: table.regions[0]!, asked, src: src.address as number, [Symbol.dispose]: () => (scratch.free(), src.free()) };
+  }
+
+  test("a delivery that meets EAGAIN leaves the pages to the retry; nothing is guessed", () => {
+    using t = remoteSetup();
+    const { vm, kernel, region, asked, src } = t;
+    kernel.touch(12);
+    vm.drain();
+    expect(asked).toEqual([[12, 1, true]]);
+    expect(region.state[12]).toBe(PAGE_IN_FLIGHT);
+    kernel.eagain = 1;
+    expect(vm.deliver(region, 12, 1, src)).toBe(AGAIN);
+    expect(region.state[12]).toBe(PAGE_MISSING);
+    expect(vm.retry).toEqual([BASE + 12 * PS]);
+    expect(kernel.sleeping.has(12)).toBe(true);
+  });
+
+  test("a delivery whose page someone installed first still wakes the vCPU waiting on it", () => {
+    using t = remoteSetup();
+    const { vm, kernel, region, src } = t;
+    kernel.touch(13);
+    vm.drain();
+    kernel.present.add(13); // e.g. the VMM populated it itself; its waiter still sleeps
+    expect(vm.deliver(region, 13, 1, src)).toBe(INSTALLED);
+    expect(kernel.sleeping.has(13)).toBe(false);
   });
 });
 
@@ -143,26 +255,21 @@ describe("drain() while installs keep meeting EAGAIN (issue 8)", () => {
   // kernel keeps answering EAGAIN and the uffd stays empty. drain() used to re-read the empty uffd
   // and retry forever, holding the one loop every VM is served from.
   test("returns after one more read of the empty queue, keeping the fault for a later retry", () => {
-    const { vm, kernel, scratch, region } = setup();
-    let reads = 0;
-    const s = sl as unknown as Record<string, (...a: number[]) => number>;
-    s.sl_uffd_read = () => {
+    using t = setup();
+    const { vm, kernel, scratch, region } = t;
+    kernel.readHook = () => {
       // Bounded here so the old behaviour ends the test instead of hanging it.
-      if (++reads >= 1000) kernel.eagain = 0;
+      if (kernel.reads >= 1000) kernel.eagain = 0;
       return 0;
     };
-    cleanup = () => {
-      kernel.restore();
-      scratch.free();
-    };
-    kernel.fault(5);
+    kernel.sleeping.add(5);
     kernel.eagain = 1;
     faultBatch(scratch, [5]);
     vm.dispatch(scratch.msgs, 1);
     expect(vm.retry.length).toBe(1);
     expect(vm.drain()).toBe(true);
-    expect(reads).toBeLessThanOrEqual(2);
-    expect(vm.retry.length).toBe(1); // still owed: the server retries it after a tick
+    expect(kernel.reads).toBeLessThanOrEqual(2);
+    expect(vm.retry.length).toBe(1); // still owed: the owner retries it after a tick
     expect(kernel.sleeping.has(5)).toBe(true);
     // The VMM thread has run: the retry installs the page and wakes the vCPU.
     kernel.eagain = 0;
@@ -172,21 +279,16 @@ describe("drain() while installs keep meeting EAGAIN (issue 8)", () => {
   });
 
   test("a VMM that keeps its uffd full is read at most MAX_DRAIN_ROUNDS times per drain()", () => {
-    const { vm, kernel, scratch } = setup();
-    let reads = 0;
-    const s = sl as unknown as Record<string, (...a: number[]) => number>;
+    using t = setup();
+    const { vm, kernel, scratch } = t;
     // Every read returns a full batch of faults (the fake kernel answers EEXIST after the first).
-    s.sl_uffd_read = () => {
-      if (++reads >= 1000) return 0;
+    kernel.readHook = () => {
+      if (kernel.reads >= 1000) return 0;
       faultBatch(scratch, Array.from({ length: Scratch.MAX_MSGS }, (_, i) => i % PAGES));
       return Scratch.MAX_MSGS;
     };
-    cleanup = () => {
-      kernel.restore();
-      scratch.free();
-    };
     expect(vm.drain()).toBe(true);
-    expect(reads).toBe(MAX_DRAIN_ROUNDS);
+    expect(kernel.reads).toBe(MAX_DRAIN_ROUNDS);
   });
 });
 

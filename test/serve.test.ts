@@ -213,6 +213,7 @@ describe("bad input from a VMM: one clear line, that connection closed, others u
     expect(liar.code, describeRun(liar)).not.toBe(0);
     const failed = await daemon.waitForEvent("vm.failed", (e) => /^fault at 0x[0-9a-f]+ outside every region the VMM announced$/.test(String(e.reason)));
     expect(failed.action).toBe("killed");
+    expect(failed.code).toBe("UNANNOUNCED_MEMORY");
     const g = await good;
     expect(g.code, describeRun(g)).toBe(0);
     expect(g.report!.verified).toBe((64 * MIB) / 4096);

@@ -39,7 +39,12 @@ export interface CommandSpec<O extends Options> {
   summary: string;
   options: O;
   checks?: Check<ConfigOf<O>>[];
-  run: (config: ConfigOf<O>) => Promise<number>;
+  /**
+   * The implementation (a dynamic import, so `help` loads nothing else). Left out when the
+   * implementation imports this table's config type: main.ts binds it (`bindRun`), so the table
+   * does not import its implementation back (no import cycle).
+   */
+  run?: (config: ConfigOf<O>) => Promise<number>;
 }
 
 export interface Command<C = unknown> {
@@ -93,9 +98,17 @@ export function defineCommand<const O extends Options>(spec: CommandSpec<O>): Co
       return r.data;
     },
     usage: () => usageOf(spec),
-    main: (argv) => spec.run(command.parse(argv)),
+    main: async (argv) => {
+      if (spec.run === undefined) throw new Error(`internal: no implementation bound to '${spec.name}'`);
+      return spec.run(command.parse(argv));
+    },
   };
   return command;
+}
+
+/** The command with its implementation: what main.ts lists for a table defined without `run`. */
+export function bindRun<C>(command: Command<C>, run: (config: C) => Promise<number>): Command<C> {
+  return { ...command, main: async (argv) => run(command.parse(argv)) };
 }
 
 /**

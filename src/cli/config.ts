@@ -1,9 +1,6 @@
-// Command-line configuration, validated once at the edge (src/cli/*.ts: one table per command).
-// Everything past here trusts its input.
-export type { DemoConfig } from "./demo.ts";
-export type { InspectConfig } from "./inspect.ts";
-export type { PageServerConfig } from "./page-server.ts";
-export type { ServeConfig } from "./serve.ts";
+// Command-line defaults shared by a command's table and its implementation. Configuration is
+// validated once at the edge (src/cli/*.ts: one table per command, which also exports its
+// config type); everything past there trusts its input.
 
 /**
  * Pages per fault unless told otherwise: the fastest N of the fault-around sweep (README, bench f)

@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 // Embedded into the single binary; a plain path when run from source.
 import standinEmbedded from "../../build/vmm-standin" with { type: "file" };
-import type { DemoConfig } from "./config.ts";
+import type { DemoConfig } from "./demo.ts";
 import { writeDemoImage } from "./demo-image.ts";
 import { imageBackend } from "../sources/image/image-backend.ts";
 import { openImage } from "../sources/image/open-image.ts";
@@ -35,7 +35,7 @@ export async function demoCommand(config: DemoConfig): Promise<number> {
 
     const socketPath = join(dir, "handler.sock");
     const server = new Server({
-      listeners: [{ socketPath, socketMode: 0o600, source: { backend: imageBackend(image) } }],
+      listeners: [{ socketPath, socketMode: 0o600, source: { kind: "image", backend: imageBackend(image) } }],
       faultAround: config["fault-around"],
       handshakeTimeoutMs: 5000,
       onFatal: "kill",

@@ -14,6 +14,5 @@ export const demo = defineCommand({
   synopsis: "[--size-mib N] [--threads N] [--fault-around N] [--dir DIR] [--keep]",
   summary: "Make a demo image, serve it, restore a stand-in VM from it and verify every page.",
   options,
-  run: async (config) => (await import("./demo-command.ts")).demoCommand(config),
 });
 export type DemoConfig = ConfigOf<typeof options>;

@@ -1,6 +1,6 @@
 // The `snapload` command line: finds the command, which parses and validates once (its table in
 // src/cli/) and hands typed config to its implementation.
-import type { Command } from "./command.ts";
+import { bindRun, type Command } from "./command.ts";
 import { demo } from "./demo.ts";
 import { inspect } from "./inspect.ts";
 import { pageServer } from "./page-server.ts";
@@ -11,8 +11,21 @@ import { serve } from "./serve.ts";
 import { stats } from "./stats.ts";
 import { ConfigError, SnaploadError } from "../core/errors.ts";
 
-/** Every command, in usage order. Adding one: a module in src/cli/ and a line here. */
-const COMMANDS: Command[] = [serve, pageServer, stats, inspect, qemuRestore, qemuSave, pushCmd, pullCmd, demo];
+/**
+ * Every command, in usage order. Adding one: a module in src/cli/ and a line here. An
+ * implementation that imports its table's config type is bound here, not in the table.
+ */
+const COMMANDS: Command[] = [
+  bindRun(serve, async (c) => (await import("./serve-command.ts")).serveCommand(c)),
+  bindRun(pageServer, async (c) => (await import("./page-server-command.ts")).pageServerCommand(c)),
+  stats,
+  inspect,
+  bindRun(qemuRestore, async (c) => (await import("./qemu-restore-command.ts")).qemuRestoreCommand(c)),
+  bindRun(qemuSave, async (c) => (await import("./qemu-save-command.ts")).qemuSaveCommand(c)),
+  pushCmd,
+  pullCmd,
+  bindRun(demo, async (c) => (await import("./demo-command.ts")).demoCommand(c)),
+];
 
 export const USAGE = `snapload — lazy snapshot loading over userfaultfd
 

@@ -1,7 +1,7 @@
 // `snapload page-server`: opens the image, listens, serves until SIGINT/SIGTERM.
 import { createHash } from "node:crypto";
 import { statSync } from "node:fs";
-import type { PageServerConfig } from "./config.ts";
+import type { PageServerConfig } from "./page-server.ts";
 import { openImage } from "../sources/image/open-image.ts";
 import type { SnapshotImage } from "../sources/image/snapshot-image.ts";
 import { formatBytes, Logger } from "../core/log.ts";

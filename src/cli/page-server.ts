@@ -39,6 +39,5 @@ export const pageServer = defineCommand({
     "Clients must prove they hold the same --token-file secret; after that handshake every\n" +
     "byte is encrypted and authenticated (AES-256-GCM, fresh keys per connection).",
   options,
-  run: async (config) => (await import("./page-server-command.ts")).pageServerCommand(config),
 });
 export type PageServerConfig = ConfigOf<typeof options>;

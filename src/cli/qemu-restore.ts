@@ -41,9 +41,5 @@ export const qemuRestore = defineCommand({
     "The guest runs at once; its RAM follows on request and in the background.",
   options,
   checks: [{ ok: (c) => c.qmp !== undefined || c.to !== undefined, option: "qmp", message: "is required (or --to ADDR if you drive QMP yourself)" }],
-  run: async (config) => {
-    const { qemuRestoreCommand } = await import("./qemu-restore-command.ts");
-    return qemuRestoreCommand(config);
-  },
 });
 export type QemuRestoreConfig = ConfigOf<typeof options>;

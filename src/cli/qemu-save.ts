@@ -16,9 +16,5 @@ export const qemuSave = defineCommand({
     "Snapshot a running QEMU the way qemu-restore needs it: stop the guest, mapped-ram on,\n" +
     "migrate to FILE, wait; report size and time, and whether qemu-restore can serve it.",
   options,
-  run: async (config) => {
-    const { qemuSaveCommand } = await import("./qemu-save-command.ts");
-    return qemuSaveCommand(config);
-  },
 });
 export type QemuSaveConfig = ConfigOf<typeof options>;

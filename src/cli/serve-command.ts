@@ -1,5 +1,6 @@
 // `snapload serve`: opens the sources, listens, serves until SIGINT/SIGTERM.
-import { DEFAULT_FAULT_AROUND, type ServeConfig } from "./config.ts";
+import { DEFAULT_FAULT_AROUND } from "./config.ts";
+import type { ServeConfig } from "./serve.ts";
 import { Logger } from "../core/log.ts";
 import { type MetricsEndpoint, startMetricsEndpoint } from "../metrics/endpoint.ts";
 import { renderServeMetrics } from "../metrics/serve-metrics.ts";
@@ -66,7 +67,7 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
     process.on("SIGTERM", () => shutdown("SIGTERM"));
     process.on("SIGUSR1", () => server.writeRecordings());
     // Before listen(): a metrics address that cannot be bound leaves no socket files behind.
-    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderServeMetrics(server.totals, server.vms.values()), logger);
+    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderServeMetrics(server.totals, server.vms), logger);
     server.listen();
     listeners.forEach((l, i) =>
       logger.info("daemon.listening", `listening on ${l.socketPath}: ${summaries[i]}`, {

@@ -93,6 +93,5 @@ export const serve = defineCommand({
     option: "mem",
     message: "give one --mem for all sockets, or one --mem per --socket (paired in order)",
   }],
-  run: async (config) => (await import("./serve-command.ts")).serveCommand(config),
 });
 export type ServeConfig = ConfigOf<typeof options>;

@@ -13,6 +13,8 @@ export type ErrorCode =
   | "SOCKET_IN_USE"
   // the C core (libsnapload.so) cannot be loaded, or is not the version this code speaks
   | "BAD_LIBRARY"
+  // a VMM faulted on memory it did not announce in its handshake
+  | "UNANNOUNCED_MEMORY"
   // object stores (src/store/)
   | "STORE_UNAVAILABLE"
   | "NOT_FOUND"

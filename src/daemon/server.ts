@@ -1,33 +1,20 @@
-// `snapload serve`: the Unix socket VMMs hand their userfaultfd to, and every VM's lifecycle.
-// A bad peer costs one log line and its own connection; every other VM keeps being served.
+// `snapload serve`: the Unix socket VMMs hand their userfaultfd to. Accepts and checks
+// handshakes, then hands each VM to its own VmSupervisor (vm-supervisor.ts), which owns the rest
+// of its life. A bad peer costs one log line and its own connection; every other VM keeps being served.
 import { check } from "../core/check.ts";
 import { HandshakeError, SnaploadError, SocketInUseError } from "../core/errors.ts";
 import { EventLoop } from "../core/event-loop.ts";
-import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "../core/ffi.ts";
-import { checkRegionsFitImage, JsonScanner, type RegionMapping, MAX_HANDSHAKE_BYTES, MAX_HANDSHAKE_MESSAGES, parseHandshake } from "../sinks/uffd/handshake.ts";
-import { HandlerTable, type PageBackend, type PageRequester } from "../scheduler/handler-table.ts";
-import { formatBytes, type Logger } from "../core/log.ts";
+import { cstr, EPOLLIN, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "../core/ffi.ts";
+import { checkRegionsFitImage, JsonScanner, MAX_HANDSHAKE_BYTES, MAX_HANDSHAKE_MESSAGES, parseHandshake } from "../sinks/uffd/handshake.ts";
+import type { UffdKernel } from "../sinks/uffd/kernel.ts";
+import type { Logger } from "../core/log.ts";
 import { VmTotals } from "../metrics/serve-metrics.ts";
-import { Populator, type PopulateMode } from "../scheduler/populator.ts";
-import { Scratch, VmSession, type VmStats } from "./vm-session.ts";
-import { TouchRecorder, writeWorkingSet } from "../scheduler/working-set.ts";
+import type { PopulateMode } from "../scheduler/populator.ts";
+import type { PageSource } from "../sources/port.ts";
+import { Scratch } from "./vm-session.ts";
+import { type SupervisorDeps, type VmExit, VmSupervisor } from "./vm-supervisor.ts";
 
-/** What a remote source's per-VM requester may use of the daemon. */
-export interface RequesterContext {
-  loop: EventLoop;
-  logger: Logger;
-  /** The VM cannot be served any more (e.g. no page server within the deadline): kill or drop it. */
-  fail(reason: string): void;
-  /** Call after vm.deliver(): serves retries, detaches a VM whose pages are all installed. */
-  delivered(): void;
-}
-
-/** Where a listener's pages come from: a local image, or a remote page server (one requester per VM). */
-export interface PageSource {
-  readonly backend: PageBackend;
-  /** Remote sources only: the per-VM channel that fetches pages and delivers them to the VM. */
-  openRequester?(vm: VmSession, ctx: RequesterContext): PageRequester & { close(): void };
-}
+export type { VmEnd, VmExit } from "./vm-supervisor.ts";
 
 /** One Unix socket VMMs connect to, and the source its VMs are restored from. */
 export interface Listener {
@@ -49,23 +36,14 @@ export interface ServerOptions {
   /** Where to write each VM's first-touch order; `{vm}` and `{pid}` are substituted. */
   recordPath?: string;
   logger: Logger;
-}
-
-export interface VmExit {
-  id: number;
-  pid: number;
-  reason: string;
-  stats: VmStats;
-  seconds: number;
+  /** The userfaultfd calls of the fault path (default: the C core). */
+  kernel?: UffdKernel;
 }
 
 /** Known VMMs send the uffd and at most two more fds (e2b: a memfd; unreleased Firecracker: up to 3). */
 const MAX_FDS = 3;
 /** accept() failed (out of fds): how long the listener is left unwatched. */
 const ACCEPT_PAUSE_MS = 100;
-const SIGKILL = 9;
-/** How soon faults that met EAGAIN (an event pending in the kernel) are retried. */
-const RETRY_MS = 1;
 
 interface BoundListener extends Listener {
   fd: number;
@@ -106,30 +84,39 @@ interface Pending {
 
 export class Server {
   readonly loop: EventLoop;
-  readonly vms = new Map<number, VmSession>();
+  /** The connected VMs; each owns everything of its own (nothing here is kept per VM). */
+  readonly vms = new Set<VmSupervisor>();
   readonly exits: VmExit[] = [];
   /** Lifecycle counters and what closed VMs counted (the metrics endpoint adds the live VMs). */
   readonly totals = new VmTotals();
   onVmExit: ((exit: VmExit) => void) | undefined;
   private readonly bound: BoundListener[] = [];
-  private readonly backends = new Map<VmSession, PageBackend>();
-  private readonly requesters = new Map<VmSession, { close(): void }>();
-  private readonly scratch = new Scratch();
   private readonly recvBuf = new NativeBuffer(MAX_HANDSHAKE_BYTES);
   private readonly recvFds = new Int32Array(16);
   private readonly recvCounts = new Int32Array(2);
   private readonly pending = new Set<Pending>();
-  private readonly tokens = new Map<VmSession, { uffd: number; sock: number }>();
-  private readonly populators = new Map<VmSession, Populator>();
-  private readonly retryScheduled = new Set<VmSession>();
-  private readonly recorders = new Map<VmSession, TouchRecorder>();
-  private backgroundOn = false;
-  private readonly background = () => this.populateStep();
+  private readonly deps: SupervisorDeps;
   private nextId = 1;
   private closed = false;
 
   constructor(private readonly opts: ServerOptions, loop?: EventLoop) {
     this.loop = loop ?? new EventLoop();
+    this.deps = {
+      loop: this.loop,
+      logger: opts.logger,
+      totals: this.totals,
+      scratch: new Scratch(),
+      faultAround: opts.faultAround,
+      populate: opts.populate,
+      onFatal: opts.onFatal,
+      recordPath: opts.recordPath,
+      kernel: opts.kernel,
+      closed: (vm, exit) => {
+        this.vms.delete(vm);
+        this.exits.push(exit);
+        this.onVmExit?.(exit);
+      },
+    };
   }
 
   listen(): void {
@@ -213,8 +200,7 @@ export class Server {
   private accept(p: Pending, text: string): void {
     const regions = parseHandshake(text);
     const source = p.listener.source;
-    const backend = source.backend;
-    checkRegionsFitImage(regions, backend.size);
+    checkRegionsFitImage(regions, source.backend.size);
     if (p.fds.length === 0) throw new HandshakeError("no file descriptor came with the handshake (expected the userfaultfd)");
     if (p.fds.length > MAX_FDS) throw new HandshakeError(`${p.fds.length} file descriptors came with the handshake; at most ${MAX_FDS} expected`);
     const uffds = p.fds.filter((fd) => sl.sl_fd_is_uffd(fd) === 1);
@@ -228,13 +214,26 @@ export class Server {
     this.forgetPending(p);
     // From here the connection is no longer pending: a failure must release it here, with a log
     // line (reject() only knows pending connections).
-    const started: { vm?: VmSession } = {};
+    let vm: VmSupervisor | undefined;
     try {
-      this.startVm(p, regions, uffd, started);
+      vm = new VmSupervisor(this.deps, {
+        id: this.nextId++,
+        pid: p.pid,
+        pidfd: p.pidfd,
+        uffd,
+        sock: p.fd,
+        regions,
+        source,
+        socketPath: p.listener.socketPath,
+        ...(p.listener.prefetch !== undefined ? { prefetch: p.listener.prefetch } : {}),
+      });
+      this.vms.add(vm);
+      vm.start();
     } catch (e) {
-      const reason = `setting up the VM failed: ${(e as Error).message}`;
-      this.opts.logger.error("vm.setup_failed", `connection from pid ${p.pid}: ${reason}; dropped`, { pid: p.pid, reason });
-      if (started.vm !== undefined) this.closeVm(started.vm, reason, true);
+      const detail = `setting up the VM failed: ${(e as Error).message}`;
+      const code = e instanceof SnaploadError ? e.code : "SYSCALL";
+      this.opts.logger.error("vm.setup_failed", `connection from pid ${p.pid}: ${detail}; dropped`, { pid: p.pid, reason: detail, code });
+      if (vm !== undefined) vm.close({ kind: "failed", code, detail });
       else {
         sl.sl_close(uffd);
         sl.sl_close(p.fd);
@@ -243,196 +242,9 @@ export class Server {
     }
   }
 
-  /** Everything after the handshake is accepted; `started.vm` is set as soon as there is one to close. */
-  private startVm(p: Pending, regions: RegionMapping[], uffd: number, started: { vm?: VmSession }): void {
-    const source = p.listener.source;
-    const backend = source.backend;
-    const table = new HandlerTable(regions, backend);
-    const recorder = this.opts.recordPath !== undefined ? new TouchRecorder(Math.ceil(backend.size / 4096)) : undefined;
-    const vm = new VmSession(this.nextId++, p.pid, uffd, p.fd, table, this.scratch, { faultAround: this.opts.faultAround, recorder });
-    vm.pidfd = p.pidfd;
-    started.vm = vm;
-    this.vms.set(vm.id, vm);
-    this.backends.set(vm, backend);
-    if (recorder) this.recorders.set(vm, recorder);
-    if (source.openRequester) {
-      const requester = source.openRequester(vm, {
-        loop: this.loop,
-        logger: this.opts.logger,
-        fail: (reason) => {
-          if (vm.closed) return;
-          vm.fatal = reason;
-          this.failVm(vm);
-        },
-        delivered: () => {
-          if (vm.closed || vm.detached) return;
-          if (vm.fatal !== undefined) return this.failVm(vm);
-          if (vm.retry.length) this.serveVm(vm);
-          else if (vm.table.complete) this.detachVm(vm);
-        },
-      });
-      vm.setRequester(requester);
-      this.requesters.set(vm, requester);
-    }
-    this.totals.connected++;
-    // Set before either add, so closeVm removes whichever was added if the other throws.
-    const tokens = { uffd: -1, sock: -1 };
-    this.tokens.set(vm, tokens);
-    tokens.uffd = this.loop.add(uffd, EPOLLIN, () => this.serveVm(vm));
-    tokens.sock = this.loop.add(p.fd, EPOLLRDHUP, (ev) => {
-      if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) this.closeVm(vm, "VMM hung up");
-    });
-    const pageSizes = [...new Set(regions.map((r) => formatBytes(r.pageSize)))].join("/");
-    this.opts.logger.info(
-      "vm.connected",
-      `vm ${vm.id} pid ${vm.pid} connected: ${regions.length} region${regions.length > 1 ? "s" : ""}, ${formatBytes(table.bytes)}, ${pageSizes} pages`,
-      { vm: vm.id, pid: vm.pid, socket: p.listener.socketPath, regions: regions.length, bytes: table.bytes, pageSizes: [...new Set(regions.map((r) => r.pageSize))] },
-    );
-    // A remote source's client does its own background completion (it knows what is in flight).
-    const populator = new Populator(vm, p.listener.prefetch, source.openRequester ? "none" : this.opts.populate);
-    if (!populator.idle) {
-      this.populators.set(vm, populator);
-      if (!this.backgroundOn) {
-        this.backgroundOn = true;
-        this.loop.addBackground(this.background);
-      }
-    }
-    // The VMM may have faulted already, before we watched the uffd.
-    this.serveVm(vm);
-  }
-
-  private serveVm(vm: VmSession): void {
-    if (vm.closed) return;
-    // A detached VM may still have a REMOVE queued from before the unregister; its madvise
-    // waits until someone reads it, so keep reading (and ignoring) until the VMM hangs up.
-    if (vm.detached) {
-      vm.discardMessages();
-      if (vm.fatal !== undefined) this.failVm(vm);
-      return;
-    }
-    if (!vm.drain()) return this.failVm(vm);
-    if (vm.retry.length) this.scheduleRetry(vm);
-    else if (vm.table.complete) this.detachVm(vm);
-  }
-
-  /** Faults that met EAGAIN are retried after a tick, one timer per VM however often it wakes. */
-  private scheduleRetry(vm: VmSession): void {
-    if (this.retryScheduled.has(vm)) return;
-    this.retryScheduled.add(vm);
-    this.loop.after(RETRY_MS, () => {
-      this.retryScheduled.delete(vm);
-      this.serveVm(vm);
-    });
-  }
-
-  /** One slice of prefetch/population per VM, round robin; faults are served between slices. */
-  private populateStep(): boolean {
-    let more = false;
-    for (const [vm, populator] of this.populators) {
-      if (populator.step()) more = true;
-      else this.populators.delete(vm);
-      if (vm.fatal !== undefined) this.failVm(vm);
-      else if (!vm.closed && !vm.detached && vm.retry.length === 0 && vm.table.complete) this.detachVm(vm);
-    }
-    if (!more && this.populators.size === 0) {
-      this.loop.removeBackground(this.background);
-      this.backgroundOn = false;
-    }
-    return more;
-  }
-
-  /** Every page is settled: unregister so the VM no longer depends on us (or on the network). */
-  private detachVm(vm: VmSession): void {
-    if (!vm.detach()) {
-      if (vm.fatal !== undefined) this.failVm(vm);
-      return;
-    }
-    this.populators.delete(vm);
-    vm.discardMessages();
-    if (vm.fatal !== undefined) return this.failVm(vm);
-    this.totals.detached++;
-    const s = vm.stats;
-    const seconds = (performance.now() - vm.connectedAt) / 1000;
-    this.opts.logger.info(
-      "vm.detached",
-      `vm ${vm.id} pid ${vm.pid} fully populated in ${seconds.toFixed(3)} s (${s.faults} faults, ${s.prefetchedPages} prefetched, ${s.populatedPages} populated pages); detached`,
-      { vm: vm.id, pid: vm.pid, seconds, faults: s.faults, prefetchedPages: s.prefetchedPages, populatedPages: s.populatedPages },
-    );
-  }
-
   /** Writes the first-touch order of every connected VM (SIGUSR1). */
   writeRecordings(): void {
-    for (const vm of this.vms.values()) this.writeRecording(vm);
-  }
-
-  private writeRecording(vm: VmSession): void {
-    const rec = this.recorders.get(vm);
-    const pattern = this.opts.recordPath;
-    if (!rec || pattern === undefined) return;
-    const path = pattern.replaceAll("{vm}", String(vm.id)).replaceAll("{pid}", String(vm.pid));
-    try {
-      writeWorkingSet(path, rec.order, this.backends.get(vm)!.size);
-      this.opts.logger.info("vm.recorded", `vm ${vm.id} pid ${vm.pid}: recorded ${rec.length} first touches to ${path}`, { vm: vm.id, pid: vm.pid, pages: rec.length, path });
-    } catch (e) {
-      this.opts.logger.error("vm.record_failed", `vm ${vm.id}: writing the working set to ${path} failed: ${(e as Error).message}`, {
-        vm: vm.id, pid: vm.pid, path, error: (e as Error).message, code: (e as { code?: string }).code,
-      });
-    }
-  }
-
-  private failVm(vm: VmSession): void {
-    const reason = vm.fatal ?? "unknown failure";
-    if (this.opts.onFatal === "kill") {
-      // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice). Through the
-      // pidfd taken at accept: the pid alone may have been reused by an unrelated process.
-      const r = vm.pidfd >= 0 ? sl.sl_pidfd_send_signal(vm.pidfd, SIGKILL) : vm.pidfd;
-      const fields = { vm: vm.id, pid: vm.pid, reason };
-      if (r === 0) this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; killed the VMM`, { ...fields, action: "killed" });
-      else if (r === -Errno.ESRCH) {
-        this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; the process that connected has exited (not killing pid ${vm.pid}, which may be reused); dropped`, { ...fields, action: "dropped" });
-      } else this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; cannot signal the VMM (${errnoName(-r)}); dropped`, { ...fields, action: "dropped" });
-    } else {
-      this.opts.logger.error("vm.failed", `vm ${vm.id} pid ${vm.pid}: ${reason}; dropped`, { vm: vm.id, pid: vm.pid, reason, action: "dropped" });
-    }
-    this.closeVm(vm, `failed: ${reason}`, true);
-  }
-
-  closeVm(vm: VmSession, reason: string, quiet = false): void {
-    if (vm.closed) return;
-    vm.closed = true;
-    const t = this.tokens.get(vm);
-    if (t) {
-      this.loop.remove(t.uffd, vm.uffd);
-      this.loop.remove(t.sock, vm.sock);
-      this.tokens.delete(vm);
-    }
-    sl.sl_close(vm.uffd);
-    sl.sl_close(vm.sock);
-    if (vm.pidfd >= 0) sl.sl_close(vm.pidfd);
-    vm.pidfd = -1;
-    this.vms.delete(vm.id);
-    this.populators.delete(vm);
-    this.requesters.get(vm)?.close();
-    this.requesters.delete(vm);
-    this.writeRecording(vm);
-    this.recorders.delete(vm);
-    this.backends.delete(vm);
-    this.totals.retire(vm);
-    // quiet: failVm logged the failure already.
-    if (quiet) this.totals.failed++;
-    else this.totals.served++;
-    const seconds = (performance.now() - vm.connectedAt) / 1000;
-    const s = vm.stats;
-    const exit: VmExit = { id: vm.id, pid: vm.pid, reason, stats: { ...s }, seconds };
-    this.exits.push(exit);
-    if (!quiet) {
-      this.opts.logger.info(
-        "vm.exited",
-        `vm ${vm.id} pid ${vm.pid} exited (${reason}): ${s.pagesInstalled} pages served (${s.zeroPagesInstalled} zero) in ${s.faults} faults over ${seconds.toFixed(2)} s`,
-        { vm: vm.id, pid: vm.pid, reason, pages: s.pagesInstalled, zeroPages: s.zeroPagesInstalled, faults: s.faults, seconds },
-      );
-    }
-    this.onVmExit?.(exit);
+    for (const vm of this.vms) vm.writeRecording();
   }
 
   private reject(p: Pending, e: SnaploadError): void {
@@ -459,7 +271,7 @@ export class Server {
     if (this.vms.size) {
       this.opts.logger.warn("daemon.shutdown_with_vms", `shutting down with ${this.vms.size} VM(s) connected: their next fault will block`, { vms: this.vms.size });
     }
-    for (const vm of [...this.vms.values()]) this.closeVm(vm, "snapload shut down");
+    for (const vm of [...this.vms]) vm.close({ kind: "shutdown" });
     for (const p of [...this.pending]) this.reject(p, new HandshakeError("snapload shut down"));
     for (const l of this.bound.splice(0)) {
       this.loop.remove(l.token, l.fd);

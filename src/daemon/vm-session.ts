@@ -1,24 +1,40 @@
-// One connected VM: its uffd, its handler table, and the fault path.
+// One connected VM's fault path: its uffd, its handler table, and the installs.
 // The fault path never touches guest memory and allocates nothing per fault: messages are
 // decoded from a buffer shared with C, pages go from our mapping (or a receive buffer) to the
-// guest by UFFDIO_COPY.
-import { Errno, errnoName, type NativeBuffer, sl } from "../core/ffi.ts";
-import { type HandlerTable, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRequester, type Region } from "../scheduler/handler-table.ts";
-import { AGAIN, FAILED, HOW_BACKGROUND, HOW_FAULT, HOW_FAULT_AROUND, KIND_DATA, KIND_NAMES, OK, PageInstaller, Scratch, type VmStats } from "../sinks/uffd/page-installer.ts";
+// guest by UFFDIO_COPY. What the VM's life does with the result (retry, detach, fail, close) is
+// decided by its owner, the VmSupervisor; this module only reports a failure, once.
+import type { ErrorCode } from "../core/errors.ts";
+import { Errno, errnoName, type NativeBuffer } from "../core/ffi.ts";
+import type { HandlerTable, Region } from "../scheduler/handler-table.ts";
+import { HOW_BACKGROUND, HOW_FAULT, HOW_FAULT_AROUND, KIND_DATA, KIND_NAMES, PageInstaller, Scratch, type VmStats } from "../sinks/uffd/page-installer.ts";
+import { realKernel, type UffdKernel } from "../sinks/uffd/kernel.ts";
 import { newHistogram, observe } from "../metrics/histogram.ts";
 import { IMAGE_PAGE } from "../sources/image/snapshot-image.ts";
+import { AGAIN, EXISTED, type InstallOutcome, INSTALLED, installErrno, installFailed, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRequester, type RequesterVm } from "../sources/port.ts";
 import { decodeMessages } from "../sinks/uffd/uffd-messages.ts";
 import type { TouchRecorder } from "../scheduler/working-set.ts";
 
 const ignoreRemove = () => {};
 
-export { AGAIN, FAILED, GONE, OK, Scratch, type VmStats } from "../sinks/uffd/page-installer.ts";
+export { Scratch, type VmStats } from "../sinks/uffd/page-installer.ts";
+
+/** Why a VM cannot be served any more: reported once (the first cause wins), acted on by its owner. */
+export interface VmFailure {
+  readonly kind: "failed";
+  readonly code: ErrorCode;
+  /** One line for the log ("installing page 0x... failed: EFAULT"). */
+  readonly detail: string;
+  /** The kernel's answer, when a system call failed. */
+  readonly errno?: number;
+}
 
 export interface VmOptions {
   /** 4 KiB pages installed per fault: the aligned window around it (at least the faulting page). */
   faultAround: number;
   /** Records first touches (image pages) when set. */
   recorder?: TouchRecorder;
+  /** The userfaultfd calls (default: the C core); tests pass a model of the kernel. */
+  kernel?: UffdKernel;
 }
 
 /** Bytes per background install: large enough to amortise the ioctl, small enough that a fault never waits long. */
@@ -26,7 +42,7 @@ const BACKGROUND_RUN_BYTES = 2 * 1024 * 1024;
 /** uffd reads per drain() (up to 64 messages each) before other VMs get their turn. */
 export const MAX_DRAIN_ROUNDS = 16;
 
-export class VmSession {
+export class VmSession implements RequesterVm {
   readonly stats: VmStats = {
     faults: 0,
     pagesInstalled: 0,
@@ -45,16 +61,9 @@ export class VmSession {
   private batchStart = 0;
   /** Remote backend: faulting page address -> when its fault was read (Bun.nanoseconds()), until its bytes arrive. */
   private readonly remoteWaits = new Map<number, number>();
-  readonly connectedAt = performance.now();
   /** Fault addresses that met EAGAIN (a REMOVE was pending): retried after the next drain. */
   readonly retry: number[] = [];
-  /** Set when the VM can no longer be served; the server closes it. */
-  fatal: string | undefined;
-  closed = false;
-  /** Unregistered after full population: the VM no longer needs us. */
-  detached = false;
-  /** pidfd of the process that connected (-1: none); the server owns and closes it. */
-  pidfd = -1;
+  private failed: VmFailure | undefined;
   /** Where the guest last faulted (the populator follows it). */
   lastFaultRegion: Region | undefined;
   lastFaultPage = 0;
@@ -63,17 +72,33 @@ export class VmSession {
   private readonly onRemove = (start: number, end: number) => this.remove(start, end);
   /** Asks for pages of a remote backend; undefined for local images. */
   private requester: PageRequester | undefined;
+  private readonly kernel: UffdKernel;
 
   constructor(
     readonly id: number,
-    readonly pid: number,
     readonly uffd: number,
-    readonly sock: number,
     readonly table: HandlerTable,
     private readonly scratch: Scratch,
     private readonly options: VmOptions,
   ) {
-    this.installer = new PageInstaller(uffd, scratch, this.stats);
+    this.kernel = options.kernel ?? realKernel;
+    this.installer = new PageInstaller(uffd, scratch, this.stats, this.kernel);
+  }
+
+  /** Set once the VM can no longer be served (the first cause); undefined while it can. */
+  get failure(): VmFailure | undefined {
+    return this.failed;
+  }
+
+  /** Records why the VM cannot be served; a later cause does not replace the first. */
+  fail(code: ErrorCode, detail: string, errno?: number): void {
+    if (this.failed !== undefined) return;
+    this.failed = errno === undefined ? { kind: "failed", code, detail } : { kind: "failed", code, detail, errno };
+  }
+
+  /** Wakes vCPUs blocked on region pages [lo, hi) (pages installed without a wake). */
+  wake(region: Region, lo: number, hi: number): void {
+    this.kernel.wake(this.uffd, region.base + lo * region.pageSize, (hi - lo) * region.pageSize);
   }
 
   setRequester(r: PageRequester): void {
@@ -94,13 +119,13 @@ export class VmSession {
     const buf = this.scratch.msgs;
     const max = Scratch.MAX_MSGS;
     for (let round = 1; ; round++) {
-      const n = sl.sl_uffd_read(this.uffd, buf.address, max);
+      const n = this.kernel.read(this.uffd, buf.address, max);
       if (n < 0) {
-        this.fatal = `reading the userfaultfd failed: ${errnoName(-n)}`;
+        this.fail("SYSCALL", `reading the userfaultfd failed: ${errnoName(-n)}`, -n);
         return false;
       }
       if (n > 0) this.dispatch(buf, n);
-      if (this.fatal !== undefined) return false;
+      if (this.failed !== undefined) return false;
       if (round >= MAX_DRAIN_ROUNDS) return true;
       if (this.retry.length && !this.serveRetries()) {
         // Still EAGAIN. Reading again helps only if the pending event was not read yet; with the
@@ -147,7 +172,7 @@ export class VmSession {
         span = last - first + 1;
       }
       this.fault(addr, span, j - i);
-      if (this.fatal !== undefined) return;
+      if (this.failed !== undefined) return;
       // Faults beyond the first of a coalesced group: counted, and woken by the run's wake.
       this.stats.faults += j - i - 1;
       i = j;
@@ -162,7 +187,7 @@ export class VmSession {
   fault(addr: number, span: number, waiters = 1): void {
     const region = this.table.find(addr);
     if (region === undefined) {
-      this.fatal = `fault at 0x${addr.toString(16)} outside every region the VMM announced`;
+      this.fail("UNANNOUNCED_MEMORY", `fault at 0x${addr.toString(16)} outside every region the VMM announced`);
       return;
     }
     this.stats.faults++;
@@ -196,10 +221,10 @@ export class VmSession {
       this.installMissing(region, iEnd, w1, 0, HOW_FAULT_AROUND);
     }
     // Every page of the fault span is installed (or re-tried: EEXIST then wakes it).
-    let r = OK;
+    let r: InstallOutcome = INSTALLED;
+    let existed = false;
     let k = i;
     installer.how = HOW_FAULT;
-    installer.hitEexist = false;
     while (k < iEnd) {
       const removed = state[k] === PAGE_REMOVED;
       const zero = removed || region.isZeroPage(k);
@@ -211,7 +236,8 @@ export class VmSession {
         while (b < w1 && (b < iEnd ? state[b] !== PAGE_REMOVED : state[b] === PAGE_MISSING) && this.sameKind(region, b, zero)) b++;
       }
       r = this.installer.installRun(region, a, b - a, zero, false);
-      if (r !== OK) break;
+      if (r === EXISTED) existed = true;
+      else if (r !== INSTALLED) break;
       k = b;
     }
     if (r === AGAIN) {
@@ -219,16 +245,19 @@ export class VmSession {
       // Every faulting page from k on has a vCPU asleep on it (coalesced faults), not only page k.
       for (let p = k; p < iEnd; p++) this.retry.push(region.base + p * ps);
       // Pages before k that already existed (EEXIST) still need their wake.
-      if (this.installer.hitEexist && k > i) sl.sl_uffd_wake(this.uffd, region.base + i * ps, (k - i) * ps);
+      if (existed && k > i) this.wake(region, i, k);
       return;
     }
-    if (r === FAILED) {
-      this.fatal = `installing page 0x${(region.base + k * ps).toString(16)} failed: ${errnoName(this.installer.lastErrno)}`;
-      return;
-    }
+    if (installFailed(r)) return this.failInstall(region, k, r);
+    // GONE: the range went away (the VMM unmapped it or is exiting); nobody is left to wake.
     // A faulting page already existed (raced with another install): its waiter still sleeps.
-    if (this.installer.hitEexist) sl.sl_uffd_wake(this.uffd, region.base + i * ps, (iEnd - i) * ps);
+    if (existed) this.wake(region, i, iEnd);
     observe(this.latency, (Bun.nanoseconds() - this.batchStart) / 1000, waiters);
+  }
+
+  private failInstall(region: Region, k: number, r: InstallOutcome): void {
+    const errno = installErrno(r);
+    this.fail("SYSCALL", `installing page 0x${(region.base + k * region.pageSize).toString(16)} failed: ${errnoName(errno)}`, errno);
   }
 
   private sameKind(region: Region, k: number, zero: boolean): boolean {
@@ -252,18 +281,16 @@ export class VmSession {
       if (s === PAGE_IN_FLIGHT) requester.hurry(region, k);
       // Installed meanwhile (background zero pages go in unwoken): only the wake is missing.
       // Checked before "zero" so an installed zero page is not installed again (EEXIST, no wake).
-      else if (s === PAGE_INSTALLED) sl.sl_uffd_wake(this.uffd, region.base + k * ps, ps);
+      else if (s === PAGE_INSTALLED) this.wake(region, k, k + 1);
       else if (s === PAGE_REMOVED || region.isZeroPage(k)) {
-        this.installer.hitEexist = false;
         const r = this.installer.installRun(region, k, 1, true, false);
         if (r === AGAIN) {
           this.stats.eagain++;
           this.retry.push(region.base + k * ps);
-        } else if (r === FAILED) {
-          this.fatal = `installing page 0x${(region.base + k * ps).toString(16)} failed: ${errnoName(this.installer.lastErrno)}`;
-          return;
-        } else if (this.installer.hitEexist) {
-          sl.sl_uffd_wake(this.uffd, region.base + k * ps, ps); // a removed page answered before: its waiter still sleeps
+        } else if (installFailed(r)) {
+          return this.failInstall(region, k, r);
+        } else if (r === EXISTED) {
+          this.wake(region, k, k + 1); // a removed page answered before: its waiter still sleeps
         }
       } else this.requestRun(region, k, Math.max(w1, k + 1), true);
     }
@@ -287,10 +314,11 @@ export class VmSession {
 
   /**
    * Installs (or, for a remote backend, requests) every missing page in [from, to) of a region
-   * without waking anyone. Stops after `budget` pages when budget > 0. Returns OK, AGAIN, GONE or FAILED.
+   * without waking anyone. Stops after `budget` pages when budget > 0. Returns INSTALLED (nobody
+   * to wake: pages that existed already are the fault path's to wake), AGAIN, GONE or -errno.
    * `how` (HOW_*) is what the installs count as in the metrics.
    */
-  installMissing(region: Region, from: number, to: number, budget: number, how: number = HOW_BACKGROUND): number {
+  installMissing(region: Region, from: number, to: number, budget: number, how: number = HOW_BACKGROUND): InstallOutcome {
     const state = region.state;
     this.installer.how = how;
     const remote = this.requester !== undefined;
@@ -314,15 +342,15 @@ export class VmSession {
       let e = k + 1;
       if (!region.isMixedPage(k)) while (e < limit && state[e] === PAGE_MISSING && this.sameKind(region, e, zero)) e++;
       const r = this.installer.installRun(region, k, e - k, zero, true);
-      if (r !== OK) return r;
+      if (r !== INSTALLED && r !== EXISTED) return r;
       used += e - k;
       k = e;
     }
-    return OK;
+    return INSTALLED;
   }
 
   /** Bytes for region pages [first, first+count) arrived at src (a remote backend's buffer). */
-  deliver(region: Region, first: number, count: number, src: number): number {
+  deliver(region: Region, first: number, count: number, src: number): InstallOutcome {
     const ps = region.pageSize;
     const state = region.state;
     let k = first;
@@ -344,10 +372,12 @@ export class VmSession {
         for (let p = k; p < e; p++) if (state[p] === PAGE_MISSING) this.retry.push(region.base + p * ps);
         return AGAIN;
       }
-      if (r !== OK) return r;
+      // Someone installed some of them first: the copy woke nobody for those; a vCPU may wait there.
+      if (r === EXISTED) this.wake(region, k, e);
+      else if (r !== INSTALLED) return r;
       k = e;
     }
-    return OK;
+    return INSTALLED;
   }
 
   /** Pages [k, e) arrived for faults that waited on them: their latency, and they count as fault pages. */
@@ -387,38 +417,37 @@ export class VmSession {
     const buf = this.scratch.msgs;
     const faults = this.scratch.faults;
     for (;;) {
-      const n = sl.sl_uffd_read(this.uffd, buf.address, Scratch.MAX_MSGS);
+      const n = this.kernel.read(this.uffd, buf.address, Scratch.MAX_MSGS);
       if (n <= 0) return;
       const nf = decodeMessages(buf, n, faults, ignoreRemove);
       for (let i = 0; i < nf; i++) {
         const addr = faults[i]!;
         const region = this.table.find(addr);
         if (region === undefined) {
-          if (this.fatal === undefined) this.fatal = `fault at 0x${addr.toString(16)} outside every region the VMM announced`;
+          this.fail("UNANNOUNCED_MEMORY", `fault at 0x${addr.toString(16)} outside every region the VMM announced`);
           continue;
         }
         // A fault that raced the unregister can miss its wake-up (seen on hugetlbfs and 4 KiB
         // pages: the vCPU slept forever). Wake it: the range is no longer ours, so its retry is
         // a plain fault.
         const page = region.base + Math.floor((addr - region.base) / region.pageSize) * region.pageSize;
-        sl.sl_uffd_wake(this.uffd, page, region.pageSize);
+        this.kernel.wake(this.uffd, page, region.pageSize);
       }
       // The whole batch was looked at (every FORK fd closed) before giving up on the VM.
-      if (this.fatal !== undefined) return;
+      if (this.failed !== undefined) return;
     }
   }
 
   /** Unregisters every region: the VM no longer depends on us. Only when every page is settled. */
   detach(): boolean {
-    if (this.detached || !this.table.complete) return false;
+    if (!this.table.complete) return false;
     for (const r of this.table.regions) {
-      const rc = sl.sl_uffd_unregister(this.uffd, r.base, r.size);
+      const rc = this.kernel.unregister(this.uffd, r.base, r.size);
       if (rc < 0 && -rc !== Errno.ENOENT && -rc !== Errno.EINVAL) {
-        this.fatal = `unregistering region ${r.index} failed: ${errnoName(-rc)}`;
+        this.fail("SYSCALL", `unregistering region ${r.index} failed: ${errnoName(-rc)}`, -rc);
         return false;
       }
     }
-    this.detached = true;
     return true;
   }
 }

@@ -10,7 +10,8 @@
 import { check } from "../core/check.ts";
 import type { EventLoop } from "../core/event-loop.ts";
 import { EPOLLIN, NativeBuffer, SL_UFFD_MODE_MISSING, sl } from "../core/ffi.ts";
-import { HandlerTable, type PageBackend } from "../scheduler/handler-table.ts";
+import { HandlerTable } from "../scheduler/handler-table.ts";
+import type { ImageBackend } from "../sources/port.ts";
 import { IMAGE_PAGE, ZeroMap } from "../sources/image/snapshot-image.ts";
 import { writeFaultMessage } from "../sinks/uffd/uffd-messages.ts";
 import { Scratch, VmSession } from "./vm-session.ts";
@@ -55,9 +56,9 @@ class WarmUpVm {
     const zero = new ZeroMap(PAGES);
     zero.setZeroRange(PAGES / 2, PAGES / 2);
     // Same shape as imageBackend() builds, so the optimised code fits the real backends.
-    const backend: PageBackend = { kind: "image", size: this.len, zero, base: this.source.address, zeroBytesAreZero: true, description: "warm-up" };
+    const backend: ImageBackend = { kind: "image", size: this.len, zero, base: this.source.address, zeroBytesAreZero: true, description: "warm-up" };
     this.table = new HandlerTable([{ base: this.guest.address, size: this.len, offset: 0, pageSize: IMAGE_PAGE }], backend);
-    this.vm = new VmSession(0, 0, uffd, -1, this.table, this.scratch, { faultAround: 1 });
+    this.vm = new VmSession(0, uffd, this.table, this.scratch, { faultAround: 1 });
   }
 
   static open(): WarmUpVm | undefined {
@@ -107,7 +108,7 @@ export function warmUpDispatch(rounds = 150): number {
       sl.sl_madvise(w.guest.address, w.len, MADV_DONTNEED);
       w.reset();
     }
-    return w.vm.fatal === undefined ? served : 0;
+    return w.vm.failure === undefined ? served : 0;
   } finally {
     w.close();
   }
@@ -162,7 +163,7 @@ export async function warmUpRealFaults(loop: EventLoop, rounds = 150): Promise<n
     sl.sl_close(done);
     sl.sl_close(go);
   }
-  return failed || w.vm.fatal !== undefined ? 0 : completed * PAGES;
+  return failed || w.vm.failure !== undefined ? 0 : completed * PAGES;
 }
 
 /** Both passes; what the daemon runs before it listens. */

@@ -1,6 +1,6 @@
 // What `serve --metrics` exposes. The fault path only bumps typed arrays it already owns (per VM:
 // PageInstaller.pages, VmSession.latency, VmSession.stats); totals are summed when scraped, from
-// the live VMs plus what closed VMs left in VmTotals.
+// the live VMs (their supervisors) plus what closed VMs left in VmTotals.
 import { HOW_NAMES, KIND_NAMES } from "../sinks/uffd/page-installer.ts";
 import type { VmSession } from "../daemon/vm-session.ts";
 import { Exposition } from "./exposition.ts";
@@ -9,6 +9,13 @@ import { addHistogram, histogramSumUs, newHistogram } from "./histogram.ts";
 /** Label `source`: where a VM's pages come from. */
 export const SOURCE_NAMES = ["image", "page_server"] as const;
 const sourceOf = (vm: VmSession) => (vm.remote ? 1 : 0);
+
+/** A connected VM as the endpoint sees it (its VmSupervisor). */
+export interface LiveVm {
+  readonly pid: number;
+  readonly detached: boolean;
+  readonly session: VmSession;
+}
 
 /** Lifecycle counters, and the counters of VMs that are gone. */
 export class VmTotals {
@@ -38,8 +45,9 @@ export class VmTotals {
 }
 
 /** Renders the exposition from the totals and the VMs connected now. */
-export function renderServeMetrics(totals: VmTotals, live: Iterable<VmSession>): string {
-  const vms = [...live];
+export function renderServeMetrics(totals: VmTotals, live: Iterable<LiveVm>): string {
+  const owners = [...live];
+  const vms = owners.map((o) => o.session);
   const faults = Float64Array.from(totals.faults);
   const dataBytes = Float64Array.from(totals.dataBytes);
   const latency = totals.latency.map((h) => Float64Array.from(h));
@@ -83,8 +91,9 @@ export function renderServeMetrics(totals: VmTotals, live: Iterable<VmSession>):
 
   // Per VM, only while it is connected: the label set stays as small as the live VMs.
   x.family("snapload_vm_info", "gauge", "A connected VM: its VMM's pid, its image, and whether it is served or detached.");
-  for (const vm of vms) {
-    x.sample("snapload_vm_info", { vm: vm.id, pid: vm.pid, image: vm.table.regions[0]?.backend.description ?? "", state: vm.detached ? "detached" : "serving" }, 1);
+  for (const o of owners) {
+    const vm = o.session;
+    x.sample("snapload_vm_info", { vm: vm.id, pid: o.pid, image: vm.table.regions[0]?.backend.description ?? "", state: o.detached ? "detached" : "serving" }, 1);
   }
   x.family("snapload_vm_pages", "gauge", "Pages of a connected VM's regions (of its page size).");
   for (const vm of vms) x.sample("snapload_vm_pages", { vm: vm.id }, vm.table.totalPages);

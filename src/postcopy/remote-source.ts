@@ -4,16 +4,14 @@
 // pulls every page the VM has not touched, so each VM ends detached from the network.
 import { ConfigError, SnaploadError } from "../core/errors.ts";
 import { EventLoop } from "../core/event-loop.ts";
-import type { PageBackend } from "../scheduler/handler-table.ts";
 import type { ZeroMap } from "../sources/image/snapshot-image.ts";
-import type { OpenedSource, SourceOptions } from "../sources/open-source.ts";
 import { type HostPort, parseTcpUrl, resolveHost } from "./address.ts";
 import { checkCrypto } from "./aead.ts";
 import { readTokenFile } from "./auth.ts";
 import { ClientChannel } from "./client-channel.ts";
 import { type ImageInfo, Role, zeroMapFromBytes } from "./protocol.ts";
 import { VmClient } from "./vm-client.ts";
-import type { PageSource } from "../daemon/server.ts";
+import type { OpenedSource, RemoteBackend, RemoteSource, SourceOptions } from "../sources/port.ts";
 
 const PROBE_RETRY_FIRST_MS = 100;
 const PROBE_RETRY_MAX_MS = 1000;
@@ -26,17 +24,12 @@ export async function openRemoteSource(url: string, opts: SourceOptions): Promis
 
   const addr = await resolveHost(parseTcpUrl(url), `--mem ${url}`);
   const { info, zero } = await probe(url, addr, token, opts);
-  const backend: PageBackend = {
-    kind: "remote",
-    size: info.size,
-    zero,
-    base: 0, // no local bytes: everything comes through the requester
-    zeroBytesAreZero: false,
-    description: `page server ${url}`,
-  };
+  // No local bytes: everything comes through the requester.
+  const backend: RemoteBackend = { kind: "remote", size: info.size, zero, description: `page server ${url}` };
   const sweep = opts.populate !== "none";
   const target = { url, addr, token, info, zero, deadlineMs: opts.deadlineMs, sweep };
-  const source: PageSource = {
+  const source: RemoteSource = {
+    kind: "remote",
     backend,
     openRequester: (vm, ctx) => new VmClient(vm, ctx, target),
   };

@@ -1,21 +1,19 @@
-// One VM's side of postcopy: the PageRequester a VmSession asks for pages it does not have.
+// One VM's side of postcopy: the PageRequester a VM's session asks for pages it does not have.
 // Two connections per VM, like QEMU's postcopy-preempt channel: faults go on the urgent one,
 // so they never queue behind background bytes already sitting in kernel socket buffers; the
 // background one pulls every page not installed yet (a bounded window in flight), then the
-// server detaches the VM. Payloads land in slots (C memory) and go from there to UFFDIO_COPY.
+// VM's owner detaches the VM and closes this requester. Payloads land in slots (C memory) and go from there to UFFDIO_COPY.
 //
 // If the page server goes away, requests stay outstanding (a vCPU waiting on a page keeps
 // waiting: pages are never guessed), the channels reconnect with backoff and re-send them; a VM
-// left without a page server for the deadline is failed (the server kills its VMM). A frame
+// left without a page server for the deadline is failed (its owner kills its VMM). A frame
 // that fails authentication (changed in transit) is the same to us: that connection is dropped,
 // nothing of the request it belonged to is installed, and the request goes out again.
 import type { EventLoop } from "../core/event-loop.ts";
-import { NativeBuffer } from "../core/ffi.ts";
-import { PAGE_IN_FLIGHT, type PageRequester, type Region } from "../scheduler/handler-table.ts";
+import { errnoName, NativeBuffer } from "../core/ffi.ts";
 import { IMAGE_PAGE, type ZeroMap } from "../sources/image/snapshot-image.ts";
 import { formatBytes } from "../core/log.ts";
-import type { RequesterContext } from "../daemon/server.ts";
-import { AGAIN, FAILED, GONE, type VmSession } from "../daemon/vm-session.ts";
+import { AGAIN, GONE, installErrno, installFailed, PAGE_IN_FLIGHT, type PageRegion as Region, type PageRequester, type RequesterContext, type RequesterVm } from "../sources/port.ts";
 import type { HostPort } from "./address.ts";
 import { ClientChannel, type LostKind } from "./client-channel.ts";
 import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
@@ -108,7 +106,7 @@ export class VmClient implements PageRequester {
   readonly counters = { requests: 0, bytes: 0, tampered: 0, reconnects: 0 };
 
   constructor(
-    private readonly vm: VmSession,
+    private readonly vm: RequesterVm,
     private readonly ctx: RequesterContext,
     private readonly target: RemoteTarget,
   ) {
@@ -316,7 +314,7 @@ export class VmClient implements PageRequester {
       return;
     }
     this.release(req);
-    if (r === FAILED) return this.ctx.fail(`installing pages fetched from ${this.target.url} failed`);
+    if (installFailed(r)) return this.ctx.fail("SYSCALL", `installing pages fetched from ${this.target.url} failed: ${errnoName(installErrno(r))}`);
     this.ctx.delivered();
     if (this.finishedWithVm()) return;
     if (r === GONE) return;
@@ -336,7 +334,7 @@ export class VmClient implements PageRequester {
   private requestError(id: number, message: string): void {
     const req = this.sent.get(id);
     if (req === undefined) return;
-    this.ctx.fail(`page server ${this.target.url} refused image bytes [0x${req.start.toString(16)}, +${req.bytes}): ${message}`);
+    this.ctx.fail("BAD_FRAME", `page server ${this.target.url} refused image bytes [0x${req.start.toString(16)}, +${req.bytes}): ${message}`);
   }
 
   // ---- background completion ---------------------------------------------------------------
@@ -352,7 +350,7 @@ export class VmClient implements PageRequester {
 
   /** Requests the next missing pages, in image order, while the background window has room. */
   private sweep(): void {
-    if (this.done || this.vm.closed || this.vm.detached) return;
+    if (this.done) return;
     const regions = this.vm.table.regions;
     let looked = 0;
     this.sweeping = true;
@@ -377,11 +375,11 @@ export class VmClient implements PageRequester {
         this.vm.stats.populatedPages += region.settled - before; // zero pages, installed right here
         this.requestedThisPass += this.sweepQueue.length - queued;
         if (r === AGAIN) {
-          // A REMOVE is pending; the server reads it before our next turn.
+          // A REMOVE is pending; the VM's owner reads it before our next turn.
           this.loop.after(1, () => this.scheduleSweep());
           break;
         }
-        if (r === GONE || r === FAILED) {
+        if (r === GONE || installFailed(r)) {
           this.sweepRegion++;
           this.sweepPage = 0;
           continue;
@@ -438,7 +436,7 @@ export class VmClient implements PageRequester {
     if (info.size !== want.size || info.pages !== want.pages || !sameBytes(info.id, want.id)) {
       ch.close();
       this.channels[i] = undefined;
-      return this.ctx.fail(`page server ${this.target.url} now serves a different image (${info.size} bytes, id ${hex(info.id)}; this VM was started from ${want.size} bytes, id ${hex(want.id)})`);
+      return this.ctx.fail("BAD_FRAME", `page server ${this.target.url} now serves a different image (${info.size} bytes, id ${hex(info.id)}; this VM was started from ${want.size} bytes, id ${hex(want.id)})`);
     }
     this.backoff[i] = RECONNECT_FIRST_MS;
     if (this.channels.every((c) => c?.ready)) {
@@ -515,7 +513,7 @@ export class VmClient implements PageRequester {
   private giveUp(why: string): void {
     if (this.done) return;
     const waiting = this.sent.size + this.urgentQueue.length + this.backgroundQueue.length + this.sweepQueue.length;
-    this.ctx.fail(`${why} (last: ${this.lastError}); ${waiting} requests unanswered`);
+    this.ctx.fail("PEER_GONE", `${why} (last: ${this.lastError}); ${waiting} requests unanswered`);
   }
 
   /**
@@ -557,12 +555,9 @@ export class VmClient implements PageRequester {
 
   // ---- the end --------------------------------------------------------------------------------
 
-  /** After the server detached or closed the VM, nothing more is needed from the page server. */
+  /** The VM's owner closes us once the VM is detached or gone (possibly from inside a call of ours). */
   private finishedWithVm(): boolean {
-    if (this.done) return true;
-    if (!this.vm.closed && !this.vm.detached) return false;
-    this.close();
-    return true;
+    return this.done;
   }
 
   close(): void {

@@ -1,43 +1,12 @@
 // The handler table: each region the VMM registered, mapped to the backend that supplies its
 // pages, with the per-page state that outlives one fault (installed, in flight, discarded).
 import type { RegionMapping } from "../sinks/uffd/handshake.ts";
-import type { ZeroMap } from "../sources/image/snapshot-image.ts";
 import { IMAGE_PAGE } from "../sources/image/snapshot-image.ts";
+import { PAGE_INSTALLED, PAGE_REMOVED, type PageBackend, type PageRegion, type PageTableView } from "../sources/port.ts";
 
-/** Asks a backend whose bytes are not local for pages; they arrive later through `PageSink`. */
-export interface PageRequester {
-  /**
-   * Region pages [first, first+count) are wanted: all data pages, all PAGE_MISSING (the caller
-   * marks them PAGE_IN_FLIGHT). `urgent` means a vCPU is waiting: send it before background work.
-   */
-  request(region: Region, first: number, count: number, urgent: boolean): void;
-  /** A vCPU now waits on an in-flight page: move its request ahead of background traffic. */
-  hurry(region: Region, page: number): void;
-}
+export { PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED } from "../sources/port.ts";
 
-/** Where a region's bytes come from. */
-export interface PageBackend {
-  /** `image`: every byte is mapped locally at `base`. `remote`: bytes arrive later (postcopy). */
-  readonly kind: "image" | "remote";
-  /** Bytes addressable by a region offset. */
-  readonly size: number;
-  /** 4 KiB pages the snapshot says are zero: installed as zero pages, never read or fetched. */
-  readonly zero: ZeroMap;
-  /** For `image`: address of image byte 0 in our memory. */
-  readonly base: number;
-  /** True when bytes of zero pages also read as zero through `base` (raw holes do; mapped-ram may not). */
-  readonly zeroBytesAreZero: boolean;
-  readonly description: string;
-}
-
-export const PAGE_MISSING = 0;
-export const PAGE_INSTALLED = 1;
-/** The guest discarded it (UFFD_EVENT_REMOVE): it reads as zeros from now on, never as snapshot data. */
-export const PAGE_REMOVED = 2;
-/** Requested from a remote backend; its bytes have not arrived yet. */
-export const PAGE_IN_FLIGHT = 3;
-
-export class Region {
+export class Region implements PageRegion {
   readonly base: number;
   readonly size: number;
   readonly end: number;
@@ -102,7 +71,7 @@ export class Region {
   }
 }
 
-export class HandlerTable {
+export class HandlerTable implements PageTableView {
   readonly regions: Region[];
   readonly totalPages: number;
   readonly bytes: number;

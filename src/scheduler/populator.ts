@@ -1,10 +1,10 @@
 // Installs pages nobody has faulted on yet, while faults keep priority: first the recorded
 // working set (prefetch, in recorded order), then — with `--populate background` — every page
 // left, until the VM no longer needs us. Runs only when the event loop has no fd ready.
-import { sl } from "../core/ffi.ts";
 import { PAGE_MISSING, PAGE_REMOVED, type Region } from "./handler-table.ts";
 import { HOW_PREFETCH } from "../sinks/uffd/page-installer.ts";
-import { AGAIN, FAILED, GONE, OK, type VmSession } from "../daemon/vm-session.ts";
+import { AGAIN, GONE, INSTALLED, installFailed } from "../sources/port.ts";
+import type { VmSession } from "../daemon/vm-session.ts";
 
 export type PopulateMode = "none" | "background";
 
@@ -41,7 +41,8 @@ export class Populator {
 
   /** One slice of work. Returns true while more remains. */
   step(): boolean {
-    if (this.done || this.vm.closed || this.vm.detached) return false;
+    // Its owner stops calling once the VM is detached or closed.
+    if (this.done) return false;
     const order = this.prefetch;
     if (order !== undefined && this.prefetchPos < order.length) {
       this.prefetchStep(order);
@@ -97,7 +98,7 @@ export class Populator {
         if (woke !== undefined) this.wake(woke, lo, hi);
         return;
       }
-      if (r === FAILED || r === GONE) continue;
+      if (installFailed(r) || r === GONE) continue;
       this.vm.stats.prefetchedPages += e - k;
       if (woke !== region) {
         if (woke !== undefined) this.wake(woke, lo, hi);
@@ -115,7 +116,7 @@ export class Populator {
 
   private wake(region: Region, lo: number, hi: number): void {
     // A vCPU that faulted on one of these pages while we installed it is released here.
-    sl.sl_uffd_wake(this.vm.uffd, region.base + lo * region.pageSize, (hi - lo) * region.pageSize);
+    this.vm.wake(region, lo, hi);
   }
 
   /**
@@ -149,10 +150,10 @@ export class Populator {
       const to = Math.min(region.pages, this.sweepPage + span);
       const before = region.settled;
       const r = vm.installMissing(region, this.sweepPage, to, 0);
-      if (r === OK) {
+      if (r === INSTALLED) {
         vm.stats.populatedPages += region.settled - before;
         this.sweepPage = to;
-      } else if (r === GONE || r === FAILED) {
+      } else if (r === GONE || installFailed(r)) {
         // The range went away (unmapped) or cannot be installed: faults still get served.
         this.sweepRegion++;
         this.sweepPage = 0;

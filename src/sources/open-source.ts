@@ -3,35 +3,9 @@
 import { ConfigError } from "../core/errors.ts";
 import { imageBackend } from "./image/image-backend.ts";
 import { openImage } from "./image/open-image.ts";
-import type { EventLoop } from "../core/event-loop.ts";
-import type { Logger } from "../core/log.ts";
-import type { PageSource } from "../daemon/server.ts";
+import type { OpenedSource, SourceOptions } from "./port.ts";
 
-export interface OpenedSource {
-  source: PageSource;
-  /** One line for the log: what is served, how big, data vs zero. */
-  summary: string;
-  close(): void;
-  /** A working set the source carries (a store manifest's), prefetched unless --prefetch says otherwise. */
-  prefetch?: Uint32Array;
-  /** Called once the daemon's event loop exists, before it runs (sources with background upkeep). */
-  attach?(loop: EventLoop): void;
-}
-
-export interface SourceOptions {
-  ramblock?: string;
-  tokenFile?: string;
-  /** How long VMs may wait for an unreachable page server before they are killed. */
-  deadlineMs: number;
-  /** As given on the command line; undefined = the source's default (tcp:// pulls everything). */
-  populate?: "none" | "background";
-  logger: Logger;
-  /** Object stores (src/store/): host chunk cache, its size in bytes, S3 endpoint, GETs in flight. */
-  cacheDir?: string;
-  cacheSize?: number;
-  s3Endpoint?: string;
-  storeParallel?: number;
-}
+export type { OpenedSource, SourceOptions } from "./port.ts";
 
 export async function openSource(mem: string, opts: SourceOptions): Promise<OpenedSource> {
   if (mem.startsWith("tcp://")) {
@@ -44,7 +18,7 @@ export async function openSource(mem: string, opts: SourceOptions): Promise<Open
   const image = openImage(mem, { ramblock: opts.ramblock });
   const backend = imageBackend(image);
   return {
-    source: { backend },
+    source: { kind: "image", backend },
     summary: `${backend.description}, ${image.size} bytes (${image.dataPages} data, ${image.zeroPages} zero pages)`,
     close: () => image.close(),
   };

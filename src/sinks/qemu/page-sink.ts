@@ -5,7 +5,7 @@
 import { connect, type Socket } from "node:net";
 import { toArrayBuffer, type Pointer } from "bun:ffi";
 import { SnaploadError } from "../../core/errors.ts";
-import type { PageBackend } from "../../scheduler/handler-table.ts";
+import type { ImageBackend } from "../../sources/port.ts";
 import type { Logger } from "../../core/log.ts";
 import {
   Bytes,
@@ -51,11 +51,11 @@ export function formatMigrationAddress(a: MigrationAddress): string {
 
 export interface SinkBlock extends StreamBlock {
   /** Where the page bytes come from: a page source's backend (its zero map and mapping). */
-  backend: PageBackend;
+  backend: ImageBackend;
 }
 
 /** The blocks, opened only once the device state is on its way (QEMU loads it meanwhile). */
-export type OpenBlocks = () => PageBackend[];
+export type OpenBlocks = () => ImageBackend[];
 
 export interface SinkOptions {
   sectionId: number;

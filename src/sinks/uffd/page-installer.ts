@@ -1,16 +1,12 @@
 // Installing pages into a VM: one UFFDIO_COPY / UFFDIO_ZEROPAGE per run of pages, and the
 // bookkeeping of what each ioctl did (partial copies, pages someone installed first, a pending
 // REMOVE). Page bytes go from our mapping or a receive buffer to the guest; JS never copies them.
+// Every install returns what it did as a small integer (InstallOutcome, src/sources/port.ts).
 import { toArrayBuffer, type Pointer } from "bun:ffi";
-import { COPY_DONTWAKE, Errno, NativeBuffer, sl, UFFD_MSG_SIZE } from "../../core/ffi.ts";
-import { PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type Region } from "../../scheduler/handler-table.ts";
+import { COPY_DONTWAKE, Errno, NativeBuffer, UFFD_MSG_SIZE } from "../../core/ffi.ts";
+import { AGAIN, EXISTED, GONE, type InstallOutcome, INSTALLED, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRegion } from "../../sources/port.ts";
 import { IMAGE_PAGE } from "../../sources/image/snapshot-image.ts";
-
-/** Results of an install: done; stopped by a pending event (retry after a drain); range gone; error. */
-export const OK = 0;
-export const AGAIN = 1;
-export const GONE = 2;
-export const FAILED = 3;
+import type { UffdKernel } from "./kernel.ts";
 
 /** Buffers shared by every VM of one loop (the loop is single-threaded). */
 export class Scratch {
@@ -60,10 +56,6 @@ export interface VmStats {
 }
 
 export class PageInstaller {
-  /** Set when an install met a page that existed already: its waiter must be woken by hand. */
-  hitEexist = false;
-  /** errno of the last FAILED install, for the log. */
-  lastErrno = 0;
   /** How the pages of the next installs were asked for (HOW_*), set by the caller. */
   how = HOW_BACKGROUND;
   /** With HOW_FAULT: region pages [faultLo, faultHi) faulted; the rest of a run is fault-around. */
@@ -72,18 +64,27 @@ export class PageInstaller {
   /** Pages installed, by how (HOW_*) x kind (KIND_*): [how * KIND_NAMES.length + kind]. */
   readonly pages = new Float64Array(HOW_NAMES.length * KIND_NAMES.length);
 
+  /** Within one public call: an ioctl met EEXIST (folded into the call's outcome, never read outside). */
+  private existed = false;
+  /** Within one public call: what stopped it (set by afterInstall when it returns 0). */
+  private stop: InstallOutcome = INSTALLED;
+
   constructor(
     private readonly uffd: number,
     private readonly scratch: Scratch,
     private readonly stats: VmStats,
+    private readonly kernel: UffdKernel,
   ) {}
 
   /**
    * Installs region pages [first, first+count), all of one kind (zero or data), in one ioctl when
-   * possible. EEXIST skips the existing page and goes on; EAGAIN stops (retry after a drain).
+   * possible. EEXIST skips the existing page and goes on (EXISTED); EAGAIN stops (AGAIN: retry
+   * after a drain); ENOENT/ESRCH stop (GONE); any other error stops with -errno.
    */
-  installRun(region: Region, first: number, count: number, zero: boolean, dontWake: boolean): number {
+  installRun(region: PageRegion, first: number, count: number, zero: boolean, dontWake: boolean): InstallOutcome {
     const ps = region.pageSize;
+    const kernel = this.kernel;
+    this.existed = false;
     const mode = dontWake ? COPY_DONTWAKE : 0;
     const doneBuf = this.scratch.done;
     let k = first;
@@ -95,39 +96,45 @@ export class PageInstaller {
       const isZero = zero || region.state[k] === PAGE_REMOVED;
       if (isZero) {
         if (ps === IMAGE_PAGE) {
-          r = sl.sl_uffd_zeropage(this.uffd, dst, len, mode, doneBuf.address);
+          r = kernel.zeropage(this.uffd, dst, len, mode, doneBuf.address);
         } else {
           len = ps; // hugetlbfs has no UFFDIO_ZEROPAGE: copy from our 2 MiB of zeros, one page at a time
-          r = sl.sl_uffd_copy(this.uffd, dst, this.scratch.zero2m.address, len, mode, doneBuf.address);
+          r = kernel.copy(this.uffd, dst, this.scratch.zero2m.address, len, mode, doneBuf.address);
         }
-      } else if (ps !== IMAGE_PAGE && !region.backend.zeroBytesAreZero && region.isMixedPage(k)) {
-        len = ps;
-        r = sl.sl_uffd_copy(this.uffd, dst, this.assembleMixed(region, k), len, mode, doneBuf.address);
       } else {
-        r = sl.sl_uffd_copy(this.uffd, dst, (region.backend.base + region.offset + k * ps) as Pointer, len, mode, doneBuf.address);
+        const backend = region.backend;
+        // Data pages of a source that answers later come through installFrom, never from here.
+        if (backend.kind !== "image") return -Errno.EINVAL;
+        if (ps !== IMAGE_PAGE && !backend.zeroBytesAreZero && region.isMixedPage(k)) {
+          len = ps;
+          r = kernel.copy(this.uffd, dst, this.assembleMixed(region, backend.base, k), len, mode, doneBuf.address);
+        } else {
+          r = kernel.copy(this.uffd, dst, backend.base + region.offset + k * ps, len, mode, doneBuf.address);
+        }
       }
       const step = this.afterInstall(region, k, len / ps, isZero, r);
-      if (step < 0) return -step;
+      if (step === 0) return this.stop;
       k += step;
     }
-    return OK;
+    return this.existed ? EXISTED : INSTALLED;
   }
 
   /** Like installRun for data pages whose bytes are at src (not in the image mapping). */
-  installFrom(region: Region, first: number, count: number, src: number, dontWake: boolean): number {
+  installFrom(region: PageRegion, first: number, count: number, src: number, dontWake: boolean): InstallOutcome {
     const ps = region.pageSize;
+    this.existed = false;
     let k = first;
     while (k < first + count) {
-      const r = sl.sl_uffd_copy(this.uffd, region.base + k * ps, (src + (k - first) * ps) as Pointer, (first + count - k) * ps, dontWake ? COPY_DONTWAKE : 0, this.scratch.done.address);
+      const r = this.kernel.copy(this.uffd, region.base + k * ps, src + (k - first) * ps, (first + count - k) * ps, dontWake ? COPY_DONTWAKE : 0, this.scratch.done.address);
       const step = this.afterInstall(region, k, first + count - k, false, r);
-      if (step < 0) return -step;
+      if (step === 0) return this.stop;
       k += step;
     }
-    return OK;
+    return this.existed ? EXISTED : INSTALLED;
   }
 
-  /** Books the result of one install ioctl. Returns pages to advance, or -status to stop with. */
-  private afterInstall(region: Region, k: number, pages: number, zero: boolean, r: number): number {
+  /** Books the result of one install ioctl. Returns pages to advance, or 0 to stop with `this.stop`. */
+  private afterInstall(region: PageRegion, k: number, pages: number, zero: boolean, r: number): number {
     if (r === 0) {
       this.settle(region, k, pages, zero);
       return pages;
@@ -141,19 +148,19 @@ export class PageInstaller {
     if (err === Errno.EEXIST) {
       // Someone (a racing install, or the page was never gone) got there first.
       this.stats.eexist++;
-      this.hitEexist = true;
+      this.existed = true;
       if (region.state[k + donePages] !== PAGE_REMOVED) region.setState(k + donePages, PAGE_INSTALLED);
       return donePages + 1;
     }
     if (donePages > 0) return donePages;
-    if (err === Errno.EAGAIN) return -AGAIN;
+    if (err === Errno.EAGAIN) this.stop = AGAIN;
     // ENOENT: the range is no longer registered (unmapped); ESRCH: the process is exiting.
-    if (err === Errno.ENOENT || err === Errno.ESRCH) return -GONE;
-    this.lastErrno = err;
-    return -FAILED;
+    else if (err === Errno.ENOENT || err === Errno.ESRCH) this.stop = GONE;
+    else this.stop = -err;
+    return 0;
   }
 
-  private settle(region: Region, first: number, count: number, zero: boolean): void {
+  private settle(region: PageRegion, first: number, count: number, zero: boolean): void {
     const state = region.state;
     const pages = this.pages;
     const kind = zero ? KIND_ZERO : KIND_DATA;
@@ -171,10 +178,10 @@ export class PageInstaller {
   }
 
   /** Builds a 2 MiB page whose zero 4 KiB pages must not come from the file (mapped-ram). */
-  private assembleMixed(region: Region, k: number): Pointer {
+  private assembleMixed(region: PageRegion, base: number, k: number): number {
     const st = this.scratch.staging;
     const firstImage = region.firstImagePage + k * region.imagePagesPerPage;
-    const src = new Uint8Array(toArrayBuffer((region.backend.base + region.offset + k * region.pageSize) as Pointer, 0, region.pageSize));
+    const src = new Uint8Array(toArrayBuffer((base + region.offset + k * region.pageSize) as Pointer, 0, region.pageSize));
     for (let p = 0; p < region.imagePagesPerPage; p++) {
       const off = p * IMAGE_PAGE;
       if (region.backend.zero.isZero(firstImage + p)) st.bytes.fill(0, off, off + IMAGE_PAGE);

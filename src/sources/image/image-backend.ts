@@ -1,8 +1,8 @@
 // Adapts an opened snapshot image (raw or mapped-ram) to the handler table's backend interface.
-import type { PageBackend } from "../../scheduler/handler-table.ts";
+import type { ImageBackend } from "../port.ts";
 import type { SnapshotImage } from "./snapshot-image.ts";
 
-export function imageBackend(image: SnapshotImage): PageBackend {
+export function imageBackend(image: SnapshotImage): ImageBackend {
   return {
     kind: "image",
     size: image.size,

@@ -7,13 +7,11 @@
 import { type Pointer, toArrayBuffer } from "bun:ffi";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { PAGE_IN_FLIGHT, PAGE_MISSING, type PageBackend, type PageRequester, type Region } from "../../scheduler/handler-table.ts";
 import { NativeBuffer } from "../../core/ffi.ts";
 import { IMAGE_PAGE } from "../image/snapshot-image.ts";
 import { formatBytes } from "../../core/log.ts";
-import type { OpenedSource, SourceOptions } from "../open-source.ts";
-import type { PageSource, RequesterContext } from "../../daemon/server.ts";
-import { AGAIN, FAILED, GONE, type VmSession } from "../../daemon/vm-session.ts";
+import { AGAIN, GONE, installErrno, installFailed, PAGE_IN_FLIGHT, PAGE_MISSING, type PageRegion as Region, type PageRequester, type RemoteBackend, type OpenedSource, type RemoteSource, type RequesterContext, type RequesterVm, type SourceOptions } from "../port.ts";
+import { errnoName } from "../../core/ffi.ts";
 import { ChunkCache } from "./chunk-cache.ts";
 import { ChunkFetcher } from "./chunk-fetcher.ts";
 import type { StoreError } from "./errors.ts";
@@ -53,17 +51,12 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
   }
   const b = manifest.body;
   opts.logger.debug("store.manifest", `${ref}: manifest ${manifest.hash.slice(0, 16)} in ${(performance.now() - t0).toFixed(1)} ms`, { ref, hash: manifest.hash, ms: performance.now() - t0 });
-  const backend: PageBackend = {
-    kind: "remote",
-    size: b.image.size,
-    zero: manifest.zero,
-    base: 0, // no local bytes: chunks arrive through the requester
-    zeroBytesAreZero: false,
-    description: `store ${ref}`,
-  };
+  // No local bytes: chunks arrive through the requester.
+  const backend: RemoteBackend = { kind: "remote", size: b.image.size, zero: manifest.zero, description: `store ${ref}` };
   const sweep = opts.populate === "background";
   const f = fetcher;
-  const source: PageSource = {
+  const source: RemoteSource = {
+    kind: "remote",
     backend,
     openRequester: (vm, ctx) => {
       f.attach(ctx.loop);
@@ -128,7 +121,7 @@ export class StoreRequester implements PageRequester {
   private readonly size: number;
   private readonly hashes: (string | null)[];
   private done = false;
-  /** Set while request() runs inside the fault path: deliveries then must not re-enter the server. */
+  /** Set while request() runs inside the fault path: deliveries then leave retries and detach to it. */
   private inline = 0;
   private staging: NativeBuffer | undefined;
   private sweepRegion = 0;
@@ -137,7 +130,7 @@ export class StoreRequester implements PageRequester {
   private sweepScheduled = false;
 
   constructor(
-    private readonly vm: VmSession,
+    private readonly vm: RequesterVm,
     private readonly ctx: RequesterContext,
     private readonly t: StoreTarget,
   ) {
@@ -154,7 +147,8 @@ export class StoreRequester implements PageRequester {
       const ps = region.pageSize;
       let k = first;
       const end = first + count;
-      while (k < end) {
+      // A failure met on the way may have closed us (the owner failed the VM): stop there.
+      while (k < end && !this.done) {
         const off = region.offset + k * ps;
         const c = Math.floor(off / this.chunkSize);
         if (ps <= this.chunkSize) {
@@ -199,7 +193,7 @@ export class StoreRequester implements PageRequester {
         if (err !== undefined) {
           failed = true;
           if (sweep) this.sweepOutstanding--;
-          return this.fail(err.message);
+          return this.ctx.fail(err.code, err.message);
         }
         if (--missing === 0) {
           if (sweep) this.sweepOutstanding--;
@@ -212,16 +206,9 @@ export class StoreRequester implements PageRequester {
     }
   }
 
-  private fail(message: string): void {
-    if (this.inline > 0) {
-      this.vm.fatal ??= message;
-      return;
-    }
-    this.ctx.fail(message);
-  }
-
   private deliver(region: Region, k: number, n: number, chunks: number[]): void {
-    if (this.vm.closed || this.vm.detached) return;
+    // Closed by the VM's owner (detached or gone): nothing more to install.
+    if (this.done) return;
     // Looked up now, not when each arrived: a chunk's bytes move from a buffer to the cache mapping.
     const got = chunks.map((c) => {
       const h = this.hashes[c];
@@ -230,7 +217,7 @@ export class StoreRequester implements PageRequester {
     // A chunk that arrived earlier may have been evicted since (a huge page waiting for its
     // others, a tiny cache): ask for it again; the pages stay in flight.
     if (chunks.some((c, j) => this.hashes[c] && got[j] === undefined)) return this.piece(region, k, n, chunks, true, false);
-    if (chunks.length === 1 && got[0] === undefined) return this.fail(`data pages at image offset 0x${(region.offset + k * region.pageSize).toString(16)} lie in a chunk the manifest says is all zero`);
+    if (chunks.length === 1 && got[0] === undefined) return this.ctx.fail("BAD_MANIFEST", `data pages at image offset 0x${(region.offset + k * region.pageSize).toString(16)} lie in a chunk the manifest says is all zero`);
     const ps = region.pageSize;
     const off = region.offset + k * ps;
     let src: number;
@@ -249,7 +236,7 @@ export class StoreRequester implements PageRequester {
       src = this.staging.address as number;
     }
     const r = this.vm.deliver(region, k, n, src);
-    if (r === FAILED) return this.fail(`installing pages from ${this.t.ref} failed`);
+    if (installFailed(r)) return this.ctx.fail("SYSCALL", `installing pages from ${this.t.ref} failed: ${errnoName(installErrno(r))}`);
     if (this.inline > 0) return; // the fault path that asked serves retries and detaches itself
     this.ctx.delivered();
     if (r !== GONE && r !== AGAIN && this.t.sweep) this.scheduleSweep();
@@ -268,10 +255,10 @@ export class StoreRequester implements PageRequester {
 
   /** Asks for the next missing pages in image order while the window has room. */
   private sweep(): void {
-    if (this.done || this.vm.closed || this.vm.detached) return;
+    if (this.done) return;
     const regions = this.vm.table.regions;
     const step = Math.max(1, Math.floor(this.chunkSize / IMAGE_PAGE));
-    while (this.sweepRegion < regions.length && this.sweepOutstanding < SWEEP_WINDOW_CHUNKS) {
+    while (!this.done && this.sweepRegion < regions.length && this.sweepOutstanding < SWEEP_WINDOW_CHUNKS) {
       const region = regions[this.sweepRegion]!;
       if (this.sweepPage >= region.pages || region.settled === region.pages) {
         this.sweepRegion++;
@@ -289,6 +276,7 @@ export class StoreRequester implements PageRequester {
           p = e - 1;
         }
       }
+      if (this.done) return;
       const r = this.vm.installMissing(region, this.sweepPage, to, 0);
       if (r === AGAIN) {
         this.ctx.loop.after(1, () => this.scheduleSweep());
@@ -296,8 +284,8 @@ export class StoreRequester implements PageRequester {
       }
       this.sweepPage = to;
     }
-    // Failures and retries met inside request() (inline) are acted upon here, outside the fault path.
-    if (this.vm.fatal !== undefined) return this.ctx.fail(this.vm.fatal);
+    if (this.done) return;
+    // Retries met inside request() (inline) and completion are for the VM's owner to act upon.
     if (this.vm.table.complete || this.vm.retry.length) this.ctx.delivered();
     else if (this.sweepRegion >= regions.length && this.sweepOutstanding === 0) {
       // A pass is over; pages that met a pending REMOVE went back to missing: one more pass.
