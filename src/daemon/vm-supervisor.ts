@@ -266,10 +266,11 @@ export class VmSupervisor {
     this.stopBackground();
     this.requester?.close();
     this.requester = undefined;
+    // The socket last: a VMM that sees the hang-up finds none of this VM's fds still open here.
     sl.sl_close(conn.uffd);
-    sl.sl_close(conn.sock);
     if (this.pidfd >= 0) sl.sl_close(this.pidfd);
     this.pidfd = -1;
+    sl.sl_close(conn.sock);
     this.writeRecording();
     const session = this.session;
     totals.retire(session);
