@@ -9,6 +9,7 @@ import { newHistogram, observe } from "../metrics/histogram.ts";
 import { IMAGE_PAGE } from "../sources/image/snapshot-image.ts";
 import { decodeMessages } from "../sinks/uffd/uffd-messages.ts";
 import type { TouchRecorder } from "../scheduler/working-set.ts";
+import { windowEnd, windowStart } from "../scheduler/fault-window.ts";
 
 const ignoreRemove = () => {};
 
@@ -178,12 +179,8 @@ export class VmSession {
     }
     // Fault-around counts 4 KiB pages: on 2 MiB pages the same bytes are one page, not 16 x 2 MiB.
     const fa = Math.max(1, Math.floor((this.options.faultAround * IMAGE_PAGE) / ps));
-    let w0 = i;
-    let w1 = iEnd;
-    if (fa > 1) {
-      w0 = i - (i % fa);
-      w1 = Math.min(Math.max(w0 + fa, iEnd), region.pages);
-    }
+    const w0 = windowStart(i, fa);
+    const w1 = windowEnd(w0, iEnd, fa, region.pages);
     const installer = this.installer;
     installer.faultLo = i;
     installer.faultHi = iEnd;
