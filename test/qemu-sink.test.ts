@@ -9,7 +9,7 @@ import { imageBackend } from "../src/sources/image/image-backend.ts";
 import { openMappedRamBlocks } from "../src/sources/image/mapped-ram.ts";
 import type { SnapshotImage } from "../src/sources/image/snapshot-image.ts";
 import { silentLogger } from "../src/core/log.ts";
-import { QemuPageSink, type SinkOptions } from "../src/sinks/qemu/page-sink.ts";
+import { QemuPageSink, localPages, type SinkOptions } from "../src/sinks/qemu/page-sink.ts";
 import { readDeviceState, readSnapshotStream, type SnapshotStream } from "../src/sinks/qemu/snapshot-stream.ts";
 import { generateMappedRam, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
 import { ensureBuilt, tempDir } from "./harness.ts";
@@ -45,7 +45,7 @@ async function restore(opts: Partial<SinkOptions>, standin: StandinOptions) {
     stream.ram.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })),
     () => {
       images.push(...openMappedRamBlocks(gen.path, false));
-      return images.map(imageBackend);
+      return localPages(images.map(imageBackend));
     },
     { sectionId: stream.ramSectionId, header: stream.header, deviceState: readDeviceState(stream), pageSizeSummary: 4096, preempt: true, faultAround: 1, logger: silentLogger, ...opts },
   );
@@ -106,7 +106,7 @@ describe("QEMU sink against a stand-in destination", () => {
     expect(stats.requests).toBe(wanted.length + 1);
   }, 30_000);
 
-  test("without preempt: prefetch goes first, in order; after a request the background continues right after it", async () => {
+  test("without preempt: prefetch goes first, in the shared prefetch order; after a request the background continues right after it", async () => {
     const ram = gen.blocks.find((b) => b.name === "pc.ram")!;
     const ramIndex = gen.blocks.indexOf(ram);
     const dataPages = (from: number, count: number) => {
@@ -114,11 +114,14 @@ describe("QEMU sink against a stand-in destination", () => {
       for (let p = from; p < ram.pages && out.length < count; p++) if (isData("pc.ram", p)) out.push(p);
       return out;
     };
-    const prefetch = dataPages(500, 5).reverse(); // an order the linear sweep would never take
+    // Pages the linear sweep would take late: the working set goes first (the shared prefetch
+    // order: recorded order step by step, each step sorted).
+    const prefetch = dataPages(500, 5).reverse();
+    const base = gen.blocks.slice(0, ramIndex).reduce((n, b) => n + b.pages, 0);
     const target = dataPages(ram.pages - 200, 1)[0]!;
     let asked = false;
     const { dest } = await restore(
-      { preempt: false, faultAround: 1, backgroundRate: 2 * 1024 * 1024, prefetch: prefetch.map((page) => ({ block: ramIndex, page })) },
+      { preempt: false, faultAround: 1, backgroundRate: 2 * 1024 * 1024, prefetch: Uint32Array.from(prefetch, (page) => base + page) },
       {
         onRecord: (d, r) => {
           // Once the background runs (a few records in), the guest asks for a page far ahead.
@@ -131,7 +134,7 @@ describe("QEMU sink against a stand-in destination", () => {
     );
     expect(dest.errors).toEqual([]);
     checkPages(dest.records);
-    expect(dest.records.slice(0, prefetch.length).map((r) => r.page)).toEqual(prefetch);
+    expect(dest.records.slice(0, prefetch.length).map((r) => r.page)).toEqual([...prefetch].sort((a, b) => a - b));
     const answer = dest.records.find((r) => r.block === "pc.ram" && r.page === target)!;
     expect(answer.channel).toBe("main");
     // The section after the answer's starts where the request left off.

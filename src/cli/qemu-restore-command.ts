@@ -12,7 +12,7 @@ import { openMappedRamBlocks } from "../sources/image/mapped-ram.ts";
 import type { SnapshotImage } from "../sources/image/snapshot-image.ts";
 import { TouchRecorder, readWorkingSet, writeWorkingSet } from "../scheduler/working-set.ts";
 import { checkDestination, type DestinationPlan } from "../sinks/qemu/destination.ts";
-import { MigrationError, QemuPageSink, formatMigrationAddress, parseMigrationAddress, percentile, type MigrationAddress, type SinkStats } from "../sinks/qemu/page-sink.ts";
+import { MigrationError, QemuPageSink, localPages, formatMigrationAddress, parseMigrationAddress, percentile, type MigrationAddress, type SinkStats } from "../sinks/qemu/page-sink.ts";
 import { QmpClient } from "../sinks/qemu/qmp.ts";
 import { readDeviceState, readSnapshotStream, type SnapshotStream } from "../sinks/qemu/snapshot-stream.ts";
 import { TARGET_PAGE } from "../sinks/qemu/stream.ts";
@@ -109,7 +109,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
         return imageBackend(image);
       });
       step("RAM blocks mapped");
-      return backends;
+      return localPages(backends);
     };
     const sink = new QemuPageSink(
       plan.blocks,
@@ -124,7 +124,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
         sendZeroPages: config["send-zero-pages"],
         ...(config["background-rate"] ? { backgroundRate: config["background-rate"] * 1024 * 1024 } : {}),
         logger,
-        ...(prefetch ? { prefetch: toBlockPages(prefetch, stream) } : {}),
+        ...(prefetch ? { prefetch } : {}),
         ...(recorder ? { onRequest: (bi: number, page: number) => recorder.add(blockBase[bi]! + page) } : {}),
       },
     );
@@ -295,17 +295,6 @@ function blockStarts(stream: SnapshotStream): number[] {
 
 async function loadPrefetch(path: string, stream: SnapshotStream): Promise<Uint32Array> {
   return readWorkingSet(path, stream.ram.totalRam);
-}
-
-function toBlockPages(order: Uint32Array, stream: SnapshotStream): { block: number; page: number }[] {
-  const starts = blockStarts(stream);
-  const out: { block: number; page: number }[] = [];
-  for (const g of order) {
-    let bi = starts.length - 1;
-    while (bi > 0 && starts[bi]! > g) bi--;
-    out.push({ block: bi, page: g - starts[bi]! });
-  }
-  return out;
 }
 
 function formatSummary(s: RestoreSummary): string {
