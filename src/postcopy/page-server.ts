@@ -421,7 +421,9 @@ export class PageServer {
   private onRequest(conn: Conn, h: FrameHeader): void {
     const size = h.arg;
     const start = h.offset;
-    const inBounds = requestInBounds(h.id, start, size, this.info.size);
+    // The last page may run past the end of an image that is not a whole number of pages (a
+    // file served whole): its tail reads as zero, as the mapping gives it.
+    const inBounds = requestInBounds(h.id, start, size, this.info.pages * WIRE_PAGE);
     conn.requests++;
     // Bounds: never read outside the image, whatever the client asks.
     if (!inBounds) {

@@ -51,7 +51,7 @@ export async function openRemoteSource(url: string, opts: SourceOptions): Promis
  * Fetches the image description and zero map, retrying an unreachable server until the deadline.
  * A refused token or protocol version is final: retrying cannot fix it.
  */
-async function probe(url: string, addr: HostPort, token: Buffer, opts: SourceOptions): Promise<{ info: ImageInfo; zero: ZeroMap }> {
+export async function probe(url: string, addr: HostPort, token: Buffer, opts: SourceOptions): Promise<{ info: ImageInfo; zero: ZeroMap }> {
   const loop = new EventLoop();
   const started = performance.now();
   let delay = PROBE_RETRY_FIRST_MS;

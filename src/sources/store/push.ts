@@ -36,6 +36,8 @@ export interface PushOptions extends StoreOptions {
   /** PUTs (and HEADs) in flight at once. */
   parallel?: number;
   ramblock?: string;
+  /** Push the file's bytes whole (a mapped-ram file with its device state, for qemu-restore). */
+  wholeFile?: boolean;
   /** A recorded working set (--record) stored in the manifest and prefetched first on restore. */
   workingSet?: string;
   /** Progress lines (a TTY gets a bar); undefined = quiet. */
@@ -68,7 +70,7 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
   const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
   const level = opts.level ?? DEFAULT_ZSTD_LEVEL;
   const parallel = opts.parallel ?? DEFAULT_PARALLEL;
-  const image = openImage(file, opts.ramblock === undefined ? {} : { ramblock: opts.ramblock });
+  const image = openImage(file, { ...(opts.ramblock === undefined ? {} : { ramblock: opts.ramblock }), wholeFile: opts.wholeFile === true });
   try {
     const size = image.size;
     const workingSet = opts.workingSet !== undefined ? await readWorkingSet(opts.workingSet, size) : undefined;
