@@ -427,8 +427,8 @@ export class QemuPageSink {
         this.#waiting.set(key, receivedAt);
       } else if (!this.#waiting.has(key)) this.#waiting.set(key, -1);
       if (this.#fetching[bi]![p] !== 2) {
-        if (missLo < 0) missLo = p;
-        missHi = p + 1;
+        missLo = missLo < 0 ? p : Math.min(missLo, p);
+        missHi = Math.max(missHi, p + 1);
       }
     };
     for (let p = first; p < end; p++) take(p, true);
