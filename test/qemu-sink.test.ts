@@ -11,7 +11,7 @@ import type { SnapshotImage } from "../src/sources/image/snapshot-image.ts";
 import { silentLogger } from "../src/core/log.ts";
 import { QemuPageSink, localPages, type SinkOptions } from "../src/sinks/qemu/page-sink.ts";
 import { readDeviceState, readSnapshotStream, type SnapshotStream } from "../src/sinks/qemu/snapshot-stream.ts";
-import { openRemoteFile } from "../src/sources/open-source.ts";
+import { openRemoteFile, openSource } from "../src/sources/open-source.ts";
 import type { RemoteFile } from "../src/sources/remote-file.ts";
 import { readRemoteSnapshot, remotePages } from "../src/sinks/qemu/remote-snapshot.ts";
 import { push } from "../src/sources/store/push.ts";
@@ -210,6 +210,15 @@ describe("QEMU sink from remote sources (the snapshot file served or pushed whol
       const pre = dest.records.filter((r) => r.channel === "preempt");
       for (const p of [ram.pages - 60, ...late]) expect(pre.some((r) => r.block === "pc.ram" && r.page === p), `request ${p} on preempt`).toBe(true);
       expect(stats.requests).toBe(3);
+      // The INFO flag keeps the two kinds apart: a daemon does not restore a VM from a file's bytes,
+      // and qemu-restore does not take one block's pages for the whole file.
+      await expect(openSource(`tcp://127.0.0.1:${port}`, { tokenFile, deadlineMs: 5000, logger: silentLogger })).rejects.toThrow(/serves a whole snapshot file/);
+      const plain = await startPageServer(["--mem", gen.path, "--token-file", tokenFile]);
+      try {
+        await expect(openRemoteFile(`tcp://127.0.0.1:${plain.port}`, { tokenFile, deadlineMs: 5000, logger: silentLogger })).rejects.toThrow(/start it with --whole-file/);
+      } finally {
+        await plain.daemon.stop();
+      }
     } finally {
       await ps?.daemon.stop();
     }
@@ -225,6 +234,7 @@ describe("QEMU sink from remote sources (the snapshot file served or pushed whol
     checkPages(dest.records);
     expect(dest.records.some((r) => r.channel === "preempt" && r.page === ram.pages - 9)).toBe(true);
 
+    await expect(openSource(`${store}/whole`, { deadlineMs: 5000, logger: silentLogger, cacheDir: join(tmp.path, "cache") })).rejects.toThrow(/not guest memory/);
     await push(gen.path, `${store}/block`);
     await expect(openRemoteFile(`${store}/block`, { deadlineMs: 10_000, logger: silentLogger, cacheDir: join(tmp.path, "cache") })).rejects.toThrow(/--whole-file/);
   }, 60_000);

@@ -25,6 +25,7 @@ export async function pageServerCommand(config: PageServerConfig): Promise<numbe
       port: where.port,
       image,
       imageId: imageIdentity(image),
+      wholeFile: config["whole-file"],
       token,
       logger,
       handshakeTimeoutMs: config["handshake-timeout"],

@@ -39,6 +39,8 @@ export interface PageServerOptions {
   image: ServedImage;
   /** Identity of the served file: a reconnecting client refuses a different one. */
   imageId: Uint8Array;
+  /** The image is a snapshot file served whole (for qemu-restore), said so in INFO. */
+  wholeFile?: boolean;
   token: Buffer;
   logger: Logger;
   /** A client that has not authenticated by then is dropped. */
@@ -164,7 +166,7 @@ export class PageServer {
     this.limited = new LogLimiter(opts.logger);
     const zero = opts.image.zero;
     const zeroPages = zero.countZero();
-    this.info = { size: opts.image.size, pages: zero.pages, dataPages: zero.pages - zeroPages, id: opts.imageId };
+    this.info = { size: opts.image.size, pages: zero.pages, dataPages: zero.pages - zeroPages, id: opts.imageId, ...(opts.wholeFile ? { wholeFile: true } : {}) };
     this.zeroBits = zeroMapBytes(zero);
   }
 

@@ -47,6 +47,9 @@ export async function openRangeClient(url: string, opts: SourceOptions): Promise
   checkCrypto();
   const addr = await resolveHost(parseTcpUrl(url), `--mem ${url}`);
   const { info, zero } = await probe(url, addr, token, opts);
+  if (!info.wholeFile) {
+    throw new ConfigError(`--mem ${url}: the page server serves guest memory (one image or RAM block), not the whole snapshot file qemu-restore needs; start it with --whole-file`);
+  }
   return new RangeClient(url, addr, token, info, zero, opts);
 }
 
@@ -143,7 +146,7 @@ class RangeClient implements RemoteFile {
 
   #onReady(i: number, ch: ClientChannel, info: ImageInfo): void {
     const want = this.info;
-    if (info.size !== want.size || info.pages !== want.pages || Buffer.compare(info.id, want.id) !== 0) {
+    if (info.size !== want.size || info.pages !== want.pages || Buffer.compare(info.id, want.id) !== 0 || !info.wholeFile) {
       ch.close();
       this.#channels[i] = undefined;
       return this.#fail(new SnaploadError("PEER_GONE", `page server ${this.url} now serves a different file (${info.size} bytes; the restore started from ${want.size} bytes)`));

@@ -26,6 +26,9 @@ export async function openRemoteSource(url: string, opts: SourceOptions): Promis
 
   const addr = await resolveHost(parseTcpUrl(url), `--mem ${url}`);
   const { info, zero } = await probe(url, addr, token, opts);
+  if (info.wholeFile) {
+    throw new ConfigError(`--mem ${url}: the page server serves a whole snapshot file (page-server --whole-file, for qemu-restore), not guest memory; start it without --whole-file`);
+  }
   const backend: PageBackend = {
     kind: "remote",
     size: info.size,

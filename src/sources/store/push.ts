@@ -26,6 +26,7 @@ import {
   manifestKey,
   sha256,
   STORE_FORMAT_VERSION,
+  WHOLE_FILE_FORMAT_VERSION,
   zeroMapToBase64,
 } from "./format.ts";
 import { type ObjectStore, parseStoreRef, type StoreOptions } from "./stores.ts";
@@ -136,13 +137,13 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
     const blocks = image.blocks?.map((b) => ({ name: b.name, usedLength: b.usedLength, pageSize: b.pageSize }));
     const blockPageSize = image.blocks?.find((b) => b.name === image.blockName)?.pageSize;
     const body: ManifestBody = {
-      format: STORE_FORMAT_VERSION,
+      format: opts.wholeFile ? WHOLE_FILE_FORMAT_VERSION : STORE_FORMAT_VERSION,
       name,
       created: new Date().toISOString(),
       image: {
         size,
         pageSize: IMAGE_PAGE,
-        source: image.format,
+        source: opts.wholeFile ? "qemu-file" : image.format,
         ...(image.blockName !== undefined ? { block: image.blockName, blockPageSize, blocks } : {}),
       },
       chunkSize,

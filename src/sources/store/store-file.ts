@@ -17,12 +17,9 @@ export async function openStoreFile(ref: string, opts: SourceOptions): Promise<R
   const { store, name } = parseStoreRef(ref, { s3Endpoint: opts.s3Endpoint });
   const manifest = await fetchManifest(store, name);
   const b = manifest.body;
-  if (b.image.source !== "raw") {
-    throw new StoreError(
-      "BAD_CONFIG",
-      `${ref} holds one RAM block of a mapped-ram file ("${b.image.block}"), not the whole file: qemu-restore needs the device state too; push the file with --whole-file`,
-      { ref },
-    );
+  if (b.image.source !== "qemu-file") {
+    const what = b.image.source === "mapped-ram" ? `one RAM block ("${b.image.block}") of a mapped-ram file` : "a raw memory image";
+    throw new StoreError("BAD_CONFIG", `${ref} holds ${what}, not a whole QEMU snapshot file: qemu-restore needs the device state too; push the snapshot file with --whole-file`, { ref });
   }
   const cache = new ChunkCache(opts.cacheDir ?? defaultCacheDir(), opts.cacheSize ?? DEFAULT_CACHE_SIZE, opts.logger);
   const fetcher = new ChunkFetcher(cache, { parallel: opts.storeParallel ?? DEFAULT_STORE_PARALLEL, deadlineMs: opts.deadlineMs, logger: opts.logger });

@@ -16,7 +16,7 @@ import type { PageSource, RequesterContext } from "../../daemon/server.ts";
 import { AGAIN, FAILED, GONE, type VmSession } from "../../daemon/vm-session.ts";
 import { ChunkCache } from "./chunk-cache.ts";
 import { ChunkFetcher } from "./chunk-fetcher.ts";
-import type { StoreError } from "./errors.ts";
+import { StoreError } from "./errors.ts";
 import { chunkLength, type Manifest } from "./format.ts";
 import { fetchManifest } from "./push.ts";
 import { type ObjectStore, parseStoreRef } from "./stores.ts";
@@ -52,6 +52,9 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
     fetchers.set(cacheDir, fetcher);
   }
   const b = manifest.body;
+  if (b.image.source === "qemu-file") {
+    throw new StoreError("BAD_CONFIG", `${ref} holds a whole QEMU snapshot file (push --whole-file, for qemu-restore), not guest memory; push it without --whole-file to serve it`, { ref });
+  }
   opts.logger.debug("store.manifest", `${ref}: manifest ${manifest.hash.slice(0, 16)} in ${(performance.now() - t0).toFixed(1)} ms`, { ref, hash: manifest.hash, ms: performance.now() - t0 });
   const backend: PageBackend = {
     kind: "remote",
