@@ -6,6 +6,7 @@ import { dirname, join } from "node:path";
 import type { LogRecord } from "../src/core/log.ts";
 import { BUN, ROOT, ensureBuilt, tempDir } from "./harness.ts";
 import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";
+import { cephMissing, createBucket, startRgw } from "./ceph-rgw.ts";
 import { QemuProc, buildInitramfs, debianKernel, guestArgs, killAllQemu, qemuMissing, waitMigration } from "./qemu-guest.ts";
 
 const missing = qemuMissing();
@@ -51,8 +52,8 @@ function events(stderr: string): LogRecord[] {
 }
 
 /** Runs qemu-restore with JSON events; `onEvent` sees each event as it comes. */
-function restore(args: string[], onEvent?: (e: LogRecord) => void): { proc: Bun.Subprocess; done: Promise<Run> } {
-  const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), "qemu-restore", "--log-format", "json", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+function restore(args: string[], onEvent?: (e: LogRecord) => void, env?: Record<string, string>): { proc: Bun.Subprocess; done: Promise<Run> } {
+  const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), "qemu-restore", "--log-format", "json", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe", ...(env ? { env } : {}) });
   const done = (async () => {
     let stderr = "";
     const dec = new TextDecoder();
@@ -179,10 +180,10 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
   }, 120_000);
 
   /** A paused destination restored from `mem`; its RAM must equal the dump, then the guest's checksum must hold. */
-  async function restoreAndCheck(mem: string, args: string[], onEvent?: (e: LogRecord) => void): Promise<{ summary: Record<string, unknown>; stderr: string }> {
+  async function restoreAndCheck(mem: string, args: string[], onEvent?: (e: LogRecord) => void, env?: Record<string, string>): Promise<{ summary: Record<string, unknown>; stderr: string }> {
     const dst = await destination(["-S"]);
     try {
-      const r = await restore(["--mem", mem, "--qmp", dst.qmpPath, "--json", ...args], onEvent).done;
+      const r = await restore(["--mem", mem, "--qmp", dst.qmpPath, "--json", ...args], onEvent, env).done;
       expect(r.code, r.stderr).toBe(0);
       const summary = JSON.parse(r.stdout);
       expect(summary.status).toBe("completed");
@@ -235,6 +236,22 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     expect(push.exitCode, push.stderr.toString()).toBe(0);
     const { stderr } = await restoreAndCheck(`${store}/guest`, ["--cache-dir", join(ctx.dir, "chunk-cache")]);
     expect(events(stderr).find((e) => e.event === "qemu.source")?.msg as string).toMatch(/GETs/);
+  }, 120_000);
+
+  const noCeph = cephMissing();
+  test.skipIf(noCeph !== undefined)(`--mem s3://: the snapshot pushed --whole-file to a real Ceph RGW: RAM equals the snapshot's, the guest keeps its data${noCeph ? ` (skipped: ${noCeph})` : ""}`, async () => {
+    const rgw = await startRgw();
+    try {
+      createBucket(rgw, "qemu");
+      const env = { ...(process.env as Record<string, string>), ...rgw.env };
+      const ep = ["--s3-endpoint", rgw.endpoint];
+      const push = Bun.spawnSync([BUN, join(ROOT, "src/main.ts"), "push", ctx.snapshot, "s3://qemu/guest", "--whole-file", ...ep], { stdout: "pipe", stderr: "pipe", env });
+      expect(push.exitCode, push.stderr.toString()).toBe(0);
+      const { stderr } = await restoreAndCheck("s3://qemu/guest", [...ep, "--cache-dir", join(ctx.dir, "s3-cache")], undefined, env);
+      expect(events(stderr).find((e) => e.event === "qemu.source")?.msg as string).toMatch(/[1-9]\d* GETs/);
+    } finally {
+      await rgw.stop();
+    }
   }, 120_000);
 
   test("inspect and qemu-save say the snapshots can be restored", async () => {
