@@ -199,6 +199,9 @@ export class QemuPageSink {
   readonly #sweep: SweepOrder;
   #sweepBusy = false;
   #passProgress = false;
+  /** The current pass began at the first page and the sweep has not jumped since. */
+  #passWhole = true;
+  /** A whole pass found nothing to send or fetch: every page is sent or on its way, for good. */
   #sweepIdle = false;
   readonly #prefetch: PrefetchOrder | undefined;
   #prefetchStep: Uint32Array = new Uint32Array(0);
@@ -444,7 +447,7 @@ export class QemuPageSink {
     if (requestedUnsent > 0 && waits === 0) this.stats.latenciesMs.push(performance.now() - receivedAt);
     this.#sweep.follow(bi, winEnd);
     this.#sweepBusy = false; // the rest of the current span waits for the next pass
-    this.#sweepIdle = false;
+    this.#passWhole = false;
     this.#maybeFinish();
   }
 
@@ -474,7 +477,11 @@ export class QemuPageSink {
     for (let p = first; p < first + count; p++) {
       if (f[p] === 1) this.#fetchingBackground--;
       f[p] = 0;
-      if (sent[p] || this.#pages!.bytes(bi, p) === undefined) continue;
+      if (sent[p]) {
+        this.#pages!.sent?.(bi, p); // a second copy (asked again urgently): not kept
+        continue;
+      }
+      if (this.#pages!.bytes(bi, p) === undefined) continue;
       const key = this.#key(bi, p);
       const waited = this.#waiting.get(key);
       if (waited !== undefined) {
@@ -487,7 +494,6 @@ export class QemuPageSink {
       this.stats.pagesOnRequest += this.#sendNow(bi, now);
       if (latencyFrom !== Infinity) this.stats.latenciesMs.push(at - latencyFrom);
     }
-    this.#sweepIdle = false;
     this.#pump();
   }
 
@@ -585,9 +591,11 @@ export class QemuPageSink {
         if (this.#sweepIdle) return undefined;
         if (pages.fetch !== undefined && this.#fetchingBackground >= FETCH_WINDOW_PAGES) return undefined;
         if (!sweep.next()) {
-          // End of a pass: another while the last one moved something (pages it jumped over).
-          if (!this.#passProgress) this.#sweepIdle = true;
+          // End of a pass: another while the last one moved something, or did not cover every
+          // page (the sweep jumped after a request: the pages it jumped over).
+          if (!this.#passProgress && this.#passWhole) this.#sweepIdle = true;
           this.#passProgress = false;
+          this.#passWhole = true;
           continue;
         }
         this.#sweepBusy = true;
