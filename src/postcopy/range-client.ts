@@ -66,6 +66,7 @@ class RangeClient implements RemoteFile {
   /** Since when something is owed and no working page server delivers it. */
   #stallSince: number | undefined;
   #outage = false;
+  #outageSince = 0;
   #lastError = "";
   #closed = false;
   #failure: Error | undefined;
@@ -155,7 +156,8 @@ class RangeClient implements RemoteFile {
     if (this.#outage && this.#channels.every((c) => c?.ready)) {
       this.#outage = false;
       this.#counters.reconnects++;
-      this.opts.logger.info("remote.back", `page server ${this.url} is back; outstanding requests re-sent`, { url: this.url });
+      const stalledMs = performance.now() - this.#outageSince;
+      this.opts.logger.info("remote.back", `page server ${this.url} is back after ${stalledMs.toFixed(0)} ms; outstanding requests re-sent`, { url: this.url, stalledMs });
     }
     this.#send(i);
   }
@@ -175,10 +177,11 @@ class RangeClient implements RemoteFile {
     if (kind === "tampered") {
       this.#counters.tampered++;
       this.opts.logger.error("remote.tampered", `${CHANNEL_NAMES[i]} channel to ${this.url}: ${reason}; nothing of it used, connection dropped, ${again.length} requests re-sent`, {
-        url: this.url, channel: CHANNEL_NAMES[i], reason, resend: again.length,
+        url: this.url, channel: CHANNEL_NAMES[i], reason, resend: again.length, deadlineMs: this.opts.deadlineMs,
       });
     } else if (!this.#outage) {
       this.#outage = true;
+      this.#outageSince = performance.now();
       this.opts.logger.warn("remote.lost", `lost the page server ${this.url} (${CHANNEL_NAMES[i]} channel: ${reason}); reconnecting, giving up if it is not back within ${this.opts.deadlineMs} ms`, {
         url: this.url, channel: CHANNEL_NAMES[i], reason, kind, resend: again.length, deadlineMs: this.opts.deadlineMs,
       });
