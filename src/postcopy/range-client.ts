@@ -12,7 +12,7 @@ import { ConfigError, SnaploadError } from "../core/errors.ts";
 import { EventLoop } from "../core/event-loop.ts";
 import { NativeBuffer } from "../core/ffi.ts";
 import type { ZeroMap } from "../sources/image/snapshot-image.ts";
-import type { SourceOptions } from "../sources/open-source.ts";
+import type { SourceOptions } from "../sources/port.ts";
 import type { RemoteFile } from "../sources/remote-file.ts";
 import { type HostPort, parseTcpUrl, resolveHost } from "./address.ts";
 import { checkCrypto } from "./aead.ts";

@@ -4,7 +4,7 @@
 import { type Pointer, toArrayBuffer } from "bun:ffi";
 import { formatBytes } from "../../core/log.ts";
 import type { RemoteFile } from "../remote-file.ts";
-import type { SourceOptions } from "../open-source.ts";
+import type { SourceOptions } from "../port.ts";
 import { ChunkCache } from "./chunk-cache.ts";
 import { ChunkFetcher } from "./chunk-fetcher.ts";
 import { StoreError } from "./errors.ts";
