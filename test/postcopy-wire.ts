@@ -17,8 +17,9 @@ export interface PageServerProc {
 }
 
 /** Starts `snapload page-server` and waits until it listens (port 0 = any). */
-export async function startPageServer(args: string[], port = 0): Promise<PageServerProc> {
+export async function startPageServer(args: string[], port = 0, extraEnv: Record<string, string> = {}): Promise<PageServerProc> {
   const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), "page-server", "--listen", `127.0.0.1:${port}`, ...args], {
+    env: { ...process.env, ...extraEnv },
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",

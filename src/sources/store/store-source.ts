@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { PAGE_IN_FLIGHT, PAGE_MISSING, type PageBackend, type PageRequester, type Region } from "../../scheduler/handler-table.ts";
 import { NativeBuffer } from "../../core/ffi.ts";
 import { IMAGE_PAGE } from "../image/snapshot-image.ts";
-import { formatBytes } from "../../core/log.ts";
+import { formatBytes, type Logger } from "../../core/log.ts";
 import type { OpenedSource, SourceOptions } from "../open-source.ts";
 import type { PageSource, RequesterContext } from "../../daemon/server.ts";
 import { AGAIN, FAILED, GONE, type VmSession } from "../../daemon/vm-session.ts";
@@ -40,10 +40,8 @@ const WARM_SYNC_BYTES = 256 * 1024 * 1024;
 /** One fetcher (and cache) per daemon and cache directory: every source and VM shares its GETs. */
 const fetchers = new Map<string, ChunkFetcher>();
 
-export async function openStoreSource(ref: string, opts: StoreSourceOptions): Promise<OpenedSource & { prefetch?: Uint32Array }> {
-  const { store, name } = parseStoreRef(ref, { s3Endpoint: opts.s3Endpoint });
-  const t0 = performance.now();
-  const manifest = await fetchManifest(store, name);
+/** The daemon's fetcher for the host cache directory (made on first use). */
+export function hostFetcher(opts: Pick<StoreSourceOptions, "cacheDir" | "cacheSize" | "storeParallel" | "deadlineMs" | "logger">): ChunkFetcher {
   const cacheDir = opts.cacheDir ?? defaultCacheDir();
   let fetcher = fetchers.get(cacheDir);
   if (fetcher === undefined) {
@@ -51,6 +49,14 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
     fetcher = new ChunkFetcher(cache, { parallel: opts.storeParallel ?? DEFAULT_STORE_PARALLEL, deadlineMs: opts.deadlineMs, logger: opts.logger });
     fetchers.set(cacheDir, fetcher);
   }
+  return fetcher;
+}
+
+export async function openStoreSource(ref: string, opts: StoreSourceOptions): Promise<OpenedSource & { prefetch?: Uint32Array }> {
+  const { store, name } = parseStoreRef(ref, { s3Endpoint: opts.s3Endpoint });
+  const t0 = performance.now();
+  const manifest = await fetchManifest(store, name);
+  const fetcher = hostFetcher(opts);
   const b = manifest.body;
   opts.logger.debug("store.manifest", `${ref}: manifest ${manifest.hash.slice(0, 16)} in ${(performance.now() - t0).toFixed(1)} ms`, { ref, hash: manifest.hash, ms: performance.now() - t0 });
   const backend: PageBackend = {
@@ -96,19 +102,21 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
       `store ${ref} (manifest ${manifest.hash.slice(0, 16)}), ${b.image.size} bytes (${manifest.zero.pages - zeroPages} data, ${zeroPages} zero pages), ` +
       `${dataChunks} chunks of ${formatBytes(b.chunkSize)}, ${f.cache.describe()}, ${sweep ? "background completion" : "on demand"}, deadline ${opts.deadlineMs} ms` +
       (manifest.workingSet ? `, working set of ${manifest.workingSet.length} pages` : ""),
-    close: () => {
-      // Chunks fetched but not written yet go to the cache now: the next daemon finds them there.
-      while (f.cache.persist());
-      const c = f.counters;
-      const k = f.cache.counters;
-      opts.logger.info(
-        "store.closed",
-        `store ${ref}: ${c.gets} GETs (${formatBytes(c.bytes)}), ${c.coalesced} waits joined a GET in flight, ${c.retries} retries, ${c.badFetches} corrupt, ${c.decodeMs.toFixed(1)} ms decoding; ` +
-          `cache: ${k.hits} hits, ${k.inserted} inserted, ${k.evicted} evicted, ${k.corrupt} corrupt`,
-        { ref, gets: c.gets, bytes: c.bytes, coalesced: c.coalesced, retries: c.retries, badFetches: c.badFetches, decodeMs: c.decodeMs, cacheHits: k.hits, cacheInserted: k.inserted, cacheEvicted: k.evicted, cacheCorrupt: k.corrupt },
-      );
-    },
+    close: () => closeFetcher(f, ref, opts.logger),
   };
+}
+
+/** At shutdown: chunks fetched but not written yet go to the cache (the next daemon finds them there); one line of counters. */
+export function closeFetcher(f: ChunkFetcher, ref: string, logger: Logger): void {
+  while (f.cache.persist());
+  const c = f.counters;
+  const k = f.cache.counters;
+  logger.info(
+    "store.closed",
+    `store ${ref}: ${c.gets} GETs (${formatBytes(c.bytes)}), ${c.coalesced} waits joined a GET in flight, ${c.retries} retries, ${c.badFetches} corrupt, ${c.decodeMs.toFixed(1)} ms decoding; ` +
+      `cache: ${k.hits} hits, ${k.inserted} inserted, ${k.evicted} evicted, ${k.corrupt} corrupt`,
+    { ref, gets: c.gets, bytes: c.bytes, coalesced: c.coalesced, retries: c.retries, badFetches: c.badFetches, decodeMs: c.decodeMs, cacheHits: k.hits, cacheInserted: k.inserted, cacheEvicted: k.evicted, cacheCorrupt: k.corrupt },
+  );
 }
 
 interface StoreTarget {
