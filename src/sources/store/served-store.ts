@@ -5,7 +5,6 @@
 // first, from startup, so the rack's first VM finds it here.
 import { createHash } from "node:crypto";
 import type { EventLoop } from "../../core/event-loop.ts";
-import type { Logger } from "../../core/log.ts";
 import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
 import type { ChunkFetcher } from "./chunk-fetcher.ts";
 import { StoreError } from "./errors.ts";
