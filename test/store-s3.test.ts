@@ -6,6 +6,7 @@ import { copyFileSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { chunkKey, decodeManifest, encodeChunk } from "../src/sources/store/format.ts";
+import { encodeWorkingSet } from "../src/scheduler/working-set.ts";
 import { startPageServer } from "./postcopy-wire.ts";
 import { cephMissing, createBucket, type Rgw, startRgw } from "./ceph-rgw.ts";
 import { describeRun, ensureBuilt, patchFile, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
@@ -138,6 +139,32 @@ describe("serve --mem s3://", () => {
       await d.stop();
     }
   }, T);
+});
+
+describe("multipart uploads", () => {
+  test("an object above --part-size goes up in parts (a manifest of ~6.5 MiB: a long working set), and reads back whole", async () => {
+    // 1.2 M working-set entries (pages repeat): 4.8 MB of u32s, base64 in the manifest.
+    const order = Uint32Array.from({ length: 1_200_000 }, (_, i) => (i * 7919) % (SIZE / PAGE));
+    const ws = join(dir.path, "long-ws.bin");
+    writeFileSync(ws, encodeWorkingSet(order, SIZE));
+    const p = await runSnapload(["push", image, s3("big-manifest"), ...ep(), "--working-set", ws, "--part-size", "5m"], { env });
+    expect(p.code, p.stderr).toBe(0);
+    const st = await bucket().stat("fleet/snapshots/big-manifest");
+    expect(st.size).toBeGreaterThan(5 * MIB * 1.2);
+    // A multipart object's ETag is "<md5 of the parts' md5s>-<parts>".
+    expect(st.etag).toMatch(/-2"?$/);
+    const ins = await runSnapload(["inspect", s3("big-manifest"), ...ep()], { env });
+    expect(ins.code, ins.stderr).toBe(0);
+    expect(ins.stdout).toMatch(/working set: 1200000 pages/);
+    // Below the part size: one PUT (no part count in the ETag).
+    expect((await bucket().stat("fleet/snapshots/vm1")).etag).not.toMatch(/-\d+"?$/);
+  }, T);
+
+  test("a part size below S3's minimum is refused before anything is uploaded", async () => {
+    const r = await runSnapload(["push", image, s3("tiny-parts"), ...ep(), "--part-size", "1m"], { env });
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/--part-size.*must be at least 5m/);
+  });
 });
 
 describe("page-server --mem s3:// (one page server fronts the store for a rack)", () => {

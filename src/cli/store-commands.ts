@@ -32,6 +32,7 @@ export interface PushArgs {
   ramblock?: string;
   workingSet?: string;
   s3Endpoint?: string;
+  partSize?: number;
 }
 
 export async function pushCommand(a: PushArgs): Promise<number> {
@@ -44,6 +45,7 @@ export async function pushCommand(a: PushArgs): Promise<number> {
     ramblock: a.ramblock,
     workingSet: a.workingSet,
     s3Endpoint: a.s3Endpoint,
+    partSize: a.partSize,
     progress: tty
       ? (done, total, up) => {
           const now = performance.now();

@@ -34,7 +34,16 @@ export class PermanentStoreError extends StoreError {}
 export interface StoreOptions {
   /** S3-compatible endpoint (Ceph RGW, MinIO, R2...); else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS. */
   s3Endpoint?: string;
+  /** s3://: objects larger than this go up in parts of this size, several at once (S3's minimum: 5 MiB). */
+  partSize?: number;
 }
+
+/** Multipart above this (a manifest of a large image; chunks stay below it). */
+export const DEFAULT_PART_SIZE = 8 * 1024 * 1024;
+/** Parts of one object in flight at once. */
+const PART_QUEUE = 8;
+/** S3's (and Bun's) smallest part. */
+export const MIN_PART_SIZE = 5 * 1024 * 1024;
 
 /** Splits `STORE/NAME` into the store and the snapshot name (its last path component). */
 export function parseStoreRef(ref: string, opts: StoreOptions = {}): { store: ObjectStore; name: string } {
@@ -195,6 +204,7 @@ class S3Store implements ObjectStore {
   private readonly client: Bun.S3Client;
   private readonly prefix: string;
   readonly bucket: string;
+  private readonly partSize: number;
 
   constructor(readonly url: string, opts: StoreOptions) {
     const rest = url.slice("s3://".length);
@@ -203,6 +213,8 @@ class S3Store implements ObjectStore {
     const prefix = slash < 0 ? "" : rest.slice(slash + 1).replace(/^\/+|\/+$/g, "");
     this.prefix = prefix ? `${prefix}/` : "";
     if (this.bucket.length < 3) throw new ConfigError(`${url}: bucket names have at least 3 characters`);
+    this.partSize = opts.partSize ?? DEFAULT_PART_SIZE;
+    if (this.partSize < MIN_PART_SIZE) throw new ConfigError(`${url}: part size ${this.partSize} is below S3's minimum of ${MIN_PART_SIZE} bytes (5 MiB)`);
     const c = awsCredentials();
     const endpoint = opts.s3Endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL;
     if (c.accessKeyId === undefined || c.secretAccessKey === undefined) {
@@ -266,7 +278,14 @@ class S3Store implements ObjectStore {
 
   async put(key: string, data: Uint8Array): Promise<void> {
     try {
-      await this.client.write(this.prefix + key, data);
+      if (data.length <= this.partSize) await this.client.write(this.prefix + key, data);
+      else {
+        // Multipart: parts go up several at once; the object appears only when the upload
+        // completes (so a manifest is still all or nothing), and a failed one is aborted.
+        const w = this.client.file(this.prefix + key).writer({ partSize: this.partSize, queueSize: PART_QUEUE });
+        w.write(data);
+        await w.end();
+      }
     } catch (e) {
       throw this.fail("PUT", key, e);
     }
