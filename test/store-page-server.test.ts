@@ -86,7 +86,7 @@ describe("page-server --mem file://STORE/NAME", () => {
     const ps = await pageServer(`file://${store}/withws`);
     expect(ps.daemon.log).toMatch(/working set of 256 pages fetched first/);
     // No client at all: the chunks still arrive.
-    await ps.daemon.waitForLog(/withws: working set's \d+ chunks fetched in [\d.]+ ms/);
+    await ps.daemon.waitForLog(/withws: working set's \d+ chunks here in [\d.]+ ms/);
     await ps.daemon.stop();
     const m = manifest(store, "withws");
     const wsChunks = new Set([...order].map((pg) => m.body.chunks[Math.floor((pg * PAGE) / m.body.chunkSize)]).filter((h) => h !== null));

@@ -6,12 +6,11 @@
 import { createHash } from "node:crypto";
 import type { EventLoop } from "../../core/event-loop.ts";
 import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
-import type { ChunkFetcher } from "./chunk-fetcher.ts";
 import { StoreError } from "./errors.ts";
 import { chunkLength, type Manifest } from "./format.ts";
 import { fetchManifest } from "./push.ts";
-import { closeFetcher, hostFetcher, type StoreSourceOptions } from "./store-source.ts";
-import { type ObjectStore, parseStoreRef } from "./stores.ts";
+import { closeFetcher, hostFetcher, prefetchWorkingSet, type StoreSourceOptions } from "./store-source.ts";
+import { parseStoreRef } from "./stores.ts";
 
 export interface ServedStore {
   readonly size: number;
@@ -84,35 +83,10 @@ export async function openServedStore(ref: string, opts: ServedStoreOptions): Pr
     imageId: new Uint8Array(id),
     attach(loop) {
       fetcher.attach(loop);
-      prefetchWorkingSet(store, manifest, fetcher, label, (chunks, failed, ms) =>
-        opts.logger.debug("store.working_set_fetched", `${ref}: working set's ${chunks} chunks fetched in ${ms.toFixed(1)} ms${failed ? ` (${failed} could not be had)` : ""}`, { ref, chunks, failed, ms }),
-      );
+      prefetchWorkingSet(store, manifest, fetcher, ref, opts.logger);
     },
     summary: `store ${ref} (manifest ${manifest.hash.slice(0, 16)}), ${b.chunks.filter((h) => h !== null).length} chunks of ${chunkSize / 1024} KiB, ${fetcher.cache.describe()}` +
       (manifest.workingSet ? `, working set of ${manifest.workingSet.length} pages fetched first` : ""),
     close: () => closeFetcher(fetcher, ref, opts.logger),
   };
-}
-
-/** The working set's chunks, in first-touch order, as background fetches (clients' requests go first). */
-function prefetchWorkingSet(store: ObjectStore, m: Manifest, f: ChunkFetcher, label: (c: number) => string, done: (chunks: number, failed: number, ms: number) => void): void {
-  if (m.workingSet === undefined) return;
-  const b = m.body;
-  const t0 = performance.now();
-  const wanted: number[] = [];
-  const seen = new Set<number>();
-  for (const p of m.workingSet) {
-    const c = Math.floor((p * IMAGE_PAGE) / b.chunkSize);
-    if (seen.has(c) || b.chunks[c] === null) continue;
-    seen.add(c);
-    wanted.push(c);
-  }
-  let left = wanted.length;
-  let failed = 0;
-  for (const c of wanted) {
-    f.acquire(store, b.chunks[c]!, chunkLength(b.image.size, b.chunkSize, c), label(c), false, (err) => {
-      if (err !== undefined) failed++;
-      if (--left === 0) done(wanted.length, failed, performance.now() - t0);
-    });
-  }
 }
