@@ -59,9 +59,15 @@ export async function hashImage(image: SnapshotImage, file: string, chunkSize: n
   return hashes;
 }
 
+/**
+ * The worker's module: next to this one, or, in the compiled binary (scripts/build-binary.ts
+ * embeds it as an entry point), by its path under src/.
+ */
+const WORKER = import.meta.url.includes("/$bunfs/") ? "./sources/store/hash-worker.ts" : new URL("./hash-worker.ts", import.meta.url).href;
+
 function inWorker(job: HashJob): Promise<HashedRange> {
   return new Promise((resolve, reject) => {
-    const w = new Worker(new URL("./hash-worker.ts", import.meta.url).href);
+    const w = new Worker(WORKER);
     w.onmessage = (e: MessageEvent<HashedRange | { error: string }>) => {
       w.terminate();
       if ("error" in e.data) reject(new Error(e.data.error));
