@@ -1,5 +1,5 @@
 // Before/after figures for the postcopy hardening, one run, two snapload checkouts side by side:
-//   bun bench/postcopy-compare.ts throughput --root OLD --root NEW [--mib N] [--rounds N]
+//   bun bench/postcopy-compare.ts throughput --root OLD --root NEW [--mib N] [--rounds N] [--no-raw]
 //     A whole restore through `page-server` → `serve --mem tcp://` → the VMM stand-in touching
 //     every page in order (sequential faults + background completion); MiB/s = image / touch time.
 //   bun bench/postcopy-compare.ts flood --root DIR [--conns N] [--addrs A] [--clients N]
@@ -14,6 +14,7 @@ import { createConnection } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
+import { makeRandomImage } from "./common.ts";
 import { clientProof } from "../src/postcopy/auth.ts";
 import { decodeChallenge, encodeHello, FrameType, frame, HEADER_SIZE, Role } from "../src/postcopy/protocol.ts";
 
@@ -50,32 +51,81 @@ async function waitLine(proc: Bun.Subprocess<"ignore", "pipe", "pipe">, re: RegE
   }
 }
 
-function pageServer(root: string, image: string, limited: boolean) {
-  const cmd = [BUN, join(root, "src/main.ts"), "page-server", "--listen", "127.0.0.1:0", "--mem", image, "--token-file", token];
+function pageServer(root: string, image: string, limited: boolean, cpu?: number) {
+  const cmd = [...(cpu === undefined ? [] : ["taskset", "-c", String(cpu)]), BUN, join(root, "src/main.ts"), "page-server", "--listen", "127.0.0.1:0", "--mem", image, "--token-file", token];
   const proc = Bun.spawn(limited ? ["prlimit", "--nofile=1024", "--", ...cmd] : cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   return { proc, log: { text: "" } };
 }
 
+const REMOTE_CPU = 1;
+
+/** bench/tcp-raw.ts: receiver on CPU 0, sender on CPU 1; ms from accept to the last byte. */
+async function rawTcp(image: string, bytes: number, aead: boolean): Promise<number> {
+  const script = join(import.meta.dir, "tcp-raw.ts");
+  const extra = aead ? ["--aead"] : [];
+  const recv = Bun.spawn(["taskset", "-c", "0", BUN, script, "recv", "--bytes", String(bytes), ...extra], { stdin: "ignore", stdout: "pipe", stderr: "inherit" });
+  const reader = recv.stdout.getReader();
+  let text = "";
+  while (!/^port \d+$/m.test(text)) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error(`tcp-raw recv: ${text}`);
+    text += new TextDecoder().decode(value);
+  }
+  const port = text.match(/^port (\d+)$/m)![1]!;
+  const send = Bun.spawn(["taskset", "-c", String(REMOTE_CPU), BUN, script, "send", "--port", port, "--file", image, ...extra], { stdin: "ignore", stdout: "ignore", stderr: "inherit" });
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    text += new TextDecoder().decode(value);
+  }
+  await Promise.all([recv.exited, send.exited]);
+  const line = text.trim().split("\n").pop()!;
+  return (JSON.parse(line) as { ns: number }).ns / 1e6;
+}
+
 if (mode === "throughput") {
+  // Bench d's placement and flags: daemon and guest on CPU 0, the page server (and raw senders) on
+  // CPU 1, `--populate background --fault-around 16`, the guest touching every page in order.
+  // Each round runs every root, then the raw loopback TCP ceilings (plain and AES-256-GCM sealed).
   const mib = Number(one("mib", "256"));
   const rounds = Number(one("rounds", "3"));
   const image = join(dir, "vm.mem");
-  writeDemoImage(image, mib * 1024 * 1024, 11);
+  makeRandomImage(image, mib); // as bench d: every page is data
+  const results = new Map<string, number[]>();
+  const add = (k: string, ms: number) => results.set(k, [...(results.get(k) ?? []), ms]);
   for (let r = 0; r < rounds; r++) {
     for (const root of all("root")) {
-      const ps = pageServer(root, image, false);
+      const ps = pageServer(root, image, false, REMOTE_CPU);
       const port = (await waitLine(ps.proc, /listening on 127\.0\.0\.1:(\d+)/, ps.log))[1];
       const sock = join(dir, `d${r}.sock`);
-      const d = Bun.spawn([BUN, join(root, "src/main.ts"), "serve", "--socket", sock, "--mem", `tcp://127.0.0.1:${port}`, "--token-file", token], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+      const d = Bun.spawn(
+        ["taskset", "-c", "0", BUN, join(root, "src/main.ts"), "serve", "--socket", sock, "--mem", `tcp://127.0.0.1:${port}`, "--token-file", token, "--populate", "background", "--fault-around", "16"],
+        { stdin: "ignore", stdout: "pipe", stderr: "pipe" },
+      );
       const dlog = { text: "" };
       await waitLine(d, /listening on/, dlog);
-      const vm = Bun.spawnSync([STANDIN, "--socket", sock, "--expect", image, "--order", "seq", "--verify", "none"]);
+      const vm = Bun.spawnSync(["taskset", "-c", "0", STANDIN, "--socket", sock, "--expect", image, "--order", "seq"]);
       const report = JSON.parse(vm.stdout.toString().trim().split("\n").pop()!);
       d.kill("SIGTERM");
       ps.proc.kill("SIGTERM");
       await Promise.all([d.exited, ps.proc.exited]);
-      console.log(JSON.stringify({ root, round: r, mib, mismatches: report.mismatches, touch_ms: Math.round(report.touch_ns / 1e6), mib_per_s: Math.round(mib / (report.touch_ns / 1e9)) }));
+      const tampered = /tampered|failed authentication/.test(dlog.text + ps.log.text);
+      if (report.mismatches !== 0 || tampered) throw new Error(`${root}: ${report.mismatches} wrong pages, tampered=${tampered}\n${dlog.text}\n${ps.log.text}`);
+      const ms = report.touch_ns / 1e6;
+      add(root, ms);
+      console.log(JSON.stringify({ root, round: r, mib, touch_ms: Math.round(ms), mib_per_s: Math.round(mib / (ms / 1e3)) }));
     }
+    if (!argv.includes("--no-raw")) {
+      for (const aead of [false, true]) {
+        const ms = await rawTcp(image, mib * 1024 * 1024, aead);
+        add(aead ? "raw tcp + aes-256-gcm" : "raw tcp", ms);
+        console.log(JSON.stringify({ raw: aead ? "tcp+aes-256-gcm" : "tcp", round: r, mib, ms: Math.round(ms), mib_per_s: Math.round(mib / (ms / 1e3)) }));
+      }
+    }
+  }
+  for (const [k, v] of results) {
+    const s = [...v].sort((a, b) => a - b);
+    console.log(JSON.stringify({ summary: k, median_ms: Math.round(s[Math.floor(s.length / 2)]!), min_ms: Math.round(s[0]!), max_ms: Math.round(s.at(-1)!), mib_per_s: Math.round(mib / (s[Math.floor(s.length / 2)]! / 1e3)) }));
   }
 } else if (mode === "flood") {
   const root = one("root", join(import.meta.dir, ".."));
