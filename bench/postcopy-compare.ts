@@ -113,7 +113,11 @@ if (mode === "throughput") {
       if (report.mismatches !== 0 || tampered) throw new Error(`${root}: ${report.mismatches} wrong pages, tampered=${tampered}\n${dlog.text}\n${ps.log.text}`);
       const ms = report.touch_ns / 1e6;
       add(root, ms);
-      console.log(JSON.stringify({ root, round: r, mib, touch_ms: Math.round(ms), mib_per_s: Math.round(mib / (ms / 1e3)) }));
+      // CPU time too: on a shared machine wall time swings with the neighbours, CPU time much less.
+      const cpu = (p: Bun.Subprocess) => Math.round(Number(p.resourceUsage()?.cpuTime.total ?? 0) / 1000);
+      add(`${root} daemon cpu`, cpu(d));
+      add(`${root} page-server cpu`, cpu(ps.proc));
+      console.log(JSON.stringify({ root, round: r, mib, touch_ms: Math.round(ms), mib_per_s: Math.round(mib / (ms / 1e3)), daemon_cpu_ms: cpu(d), page_server_cpu_ms: cpu(ps.proc) }));
     }
     if (!argv.includes("--no-raw")) {
       for (const aead of [false, true]) {
