@@ -9,7 +9,7 @@
 //     or 2, whichever the server speaks); reports their times, timeouts, and the log's size.
 // Prints one JSON line per measurement. ROOT is a checkout with build/ and node_modules/.
 import { createHmac, randomBytes } from "node:crypto";
-import { writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { createConnection } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -58,9 +58,17 @@ function pageServer(root: string, image: string, limited: boolean, cpu?: number)
 }
 
 const REMOTE_CPU = 1;
+const TICK_MS = 1000 / Number(Bun.spawnSync(["getconf", "CLK_TCK"]).stdout.toString().trim() || "100");
 
-/** bench/tcp-raw.ts: receiver on CPU 0, sender on CPU 1; ms from accept to the last byte. */
-async function rawTcp(image: string, bytes: number, aead: boolean): Promise<number> {
+/** A process's CPU time so far (user + system, all threads), from /proc. */
+function cpuMs(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(f[11]) + Number(f[12])) * TICK_MS; // utime, stime: fields 14 and 15
+}
+
+/** bench/tcp-raw.ts: receiver on CPU 0, sender on CPU 1; ms from accept to the last byte, and each side's CPU ms after start-up. */
+async function rawTcp(image: string, bytes: number, aead: boolean): Promise<{ ms: number; recvCpu: number; sendCpu: number }> {
   const script = join(import.meta.dir, "tcp-raw.ts");
   const extra = aead ? ["--aead"] : [];
   const recv = Bun.spawn(["taskset", "-c", "0", BUN, script, "recv", "--bytes", String(bytes), ...extra], { stdin: "ignore", stdout: "pipe", stderr: "inherit" });
@@ -72,6 +80,7 @@ async function rawTcp(image: string, bytes: number, aead: boolean): Promise<numb
     text += new TextDecoder().decode(value);
   }
   const port = text.match(/^port (\d+)$/m)![1]!;
+  const recvStart = cpuMs(recv.pid);
   const send = Bun.spawn(["taskset", "-c", String(REMOTE_CPU), BUN, script, "send", "--port", port, "--file", image, ...extra], { stdin: "ignore", stdout: "ignore", stderr: "inherit" });
   for (;;) {
     const { value, done } = await reader.read();
@@ -80,7 +89,9 @@ async function rawTcp(image: string, bytes: number, aead: boolean): Promise<numb
   }
   await Promise.all([recv.exited, send.exited]);
   const line = text.trim().split("\n").pop()!;
-  return (JSON.parse(line) as { ns: number }).ns / 1e6;
+  const total = (p: Bun.Subprocess) => Number(p.resourceUsage()?.cpuTime.total ?? 0) / 1000;
+  // The sender's start-up (reading the file, loading Bun) is in its figure: an upper bound.
+  return { ms: (JSON.parse(line) as { ns: number }).ns / 1e6, recvCpu: Math.round(total(recv) - recvStart), sendCpu: Math.round(total(send)) };
 }
 
 if (mode === "throughput") {
@@ -104,8 +115,13 @@ if (mode === "throughput") {
       );
       const dlog = { text: "" };
       await waitLine(d, /listening on/, dlog);
+      const before = [cpuMs(d.pid), cpuMs(ps.proc.pid)];
       const vm = Bun.spawnSync(["taskset", "-c", "0", STANDIN, "--socket", sock, "--expect", image, "--order", "seq"]);
       const report = JSON.parse(vm.stdout.toString().trim().split("\n").pop()!);
+      // CPU time of the restore itself (not start-up and warm-up): on a shared machine wall time
+      // swings with the neighbours, CPU time much less.
+      const daemonCpu = cpuMs(d.pid) - before[0]!;
+      const serverCpu = cpuMs(ps.proc.pid) - before[1]!;
       d.kill("SIGTERM");
       ps.proc.kill("SIGTERM");
       await Promise.all([d.exited, ps.proc.exited]);
@@ -113,17 +129,17 @@ if (mode === "throughput") {
       if (report.mismatches !== 0 || tampered) throw new Error(`${root}: ${report.mismatches} wrong pages, tampered=${tampered}\n${dlog.text}\n${ps.log.text}`);
       const ms = report.touch_ns / 1e6;
       add(root, ms);
-      // CPU time too: on a shared machine wall time swings with the neighbours, CPU time much less.
-      const cpu = (p: Bun.Subprocess) => Math.round(Number(p.resourceUsage()?.cpuTime.total ?? 0) / 1000);
-      add(`${root} daemon cpu`, cpu(d));
-      add(`${root} page-server cpu`, cpu(ps.proc));
-      console.log(JSON.stringify({ root, round: r, mib, touch_ms: Math.round(ms), mib_per_s: Math.round(mib / (ms / 1e3)), daemon_cpu_ms: cpu(d), page_server_cpu_ms: cpu(ps.proc) }));
+      add(`${root} daemon cpu`, daemonCpu);
+      add(`${root} page-server cpu`, serverCpu);
+      console.log(JSON.stringify({ root, round: r, mib, touch_ms: Math.round(ms), mib_per_s: Math.round(mib / (ms / 1e3)), daemon_cpu_ms: daemonCpu, page_server_cpu_ms: serverCpu }));
     }
     if (!argv.includes("--no-raw")) {
       for (const aead of [false, true]) {
-        const ms = await rawTcp(image, mib * 1024 * 1024, aead);
-        add(aead ? "raw tcp + aes-256-gcm" : "raw tcp", ms);
-        console.log(JSON.stringify({ raw: aead ? "tcp+aes-256-gcm" : "tcp", round: r, mib, ms: Math.round(ms), mib_per_s: Math.round(mib / (ms / 1e3)) }));
+        const { ms, recvCpu, sendCpu } = await rawTcp(image, mib * 1024 * 1024, aead);
+        const k = aead ? "raw tcp + aes-256-gcm" : "raw tcp";
+        add(k, ms);
+        add(`${k} receiver cpu`, recvCpu);
+        console.log(JSON.stringify({ raw: aead ? "tcp+aes-256-gcm" : "tcp", round: r, mib, ms: Math.round(ms), mib_per_s: Math.round(mib / (ms / 1e3)), receiver_cpu_ms: recvCpu, sender_cpu_ms: sendCpu }));
       }
     }
   }
