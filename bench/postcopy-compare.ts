@@ -9,7 +9,7 @@
 //     or 2, whichever the server speaks); reports their times, timeouts, and the log's size.
 // Prints one JSON line per measurement. ROOT is a checkout with build/ and node_modules/.
 import { createHmac, randomBytes } from "node:crypto";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -147,6 +147,7 @@ if (mode === "throughput") {
     const s = [...v].sort((a, b) => a - b);
     console.log(JSON.stringify({ summary: k, median_ms: Math.round(s[Math.floor(s.length / 2)]!), min_ms: Math.round(s[0]!), max_ms: Math.round(s.at(-1)!), mib_per_s: Math.round(mib / (s[Math.floor(s.length / 2)]! / 1e3)) }));
   }
+  rmSync(dir, { recursive: true, force: true }); // the image is as big as --mib
 } else if (mode === "flood") {
   const root = one("root", join(import.meta.dir, ".."));
   const conns = one("conns", "3000");
