@@ -1,5 +1,5 @@
 // Before/after figures for the postcopy hardening, one run, two snapload checkouts side by side:
-//   bun bench/postcopy-compare.ts throughput --root OLD --root NEW [--mib N] [--rounds N]
+//   bun bench/postcopy-compare.ts throughput --root OLD --root NEW [--mib N] [--rounds N] [--no-raw]
 //     A whole restore through `page-server` → `serve --mem tcp://` → the VMM stand-in touching
 //     every page in order (sequential faults + background completion); MiB/s = image / touch time.
 //   bun bench/postcopy-compare.ts flood --root DIR [--conns N] [--addrs A] [--clients N]
@@ -9,11 +9,12 @@
 //     or 2, whichever the server speaks); reports their times, timeouts, and the log's size.
 // Prints one JSON line per measurement. ROOT is a checkout with build/ and node_modules/.
 import { createHmac, randomBytes } from "node:crypto";
-import { writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
+import { makeRandomImage } from "./common.ts";
 import { clientProof } from "../src/postcopy/auth.ts";
 import { decodeChallenge, encodeHello, FrameType, frame, HEADER_SIZE, Role } from "../src/postcopy/protocol.ts";
 
@@ -50,33 +51,103 @@ async function waitLine(proc: Bun.Subprocess<"ignore", "pipe", "pipe">, re: RegE
   }
 }
 
-function pageServer(root: string, image: string, limited: boolean) {
-  const cmd = [BUN, join(root, "src/main.ts"), "page-server", "--listen", "127.0.0.1:0", "--mem", image, "--token-file", token];
+function pageServer(root: string, image: string, limited: boolean, cpu?: number) {
+  const cmd = [...(cpu === undefined ? [] : ["taskset", "-c", String(cpu)]), BUN, join(root, "src/main.ts"), "page-server", "--listen", "127.0.0.1:0", "--mem", image, "--token-file", token];
   const proc = Bun.spawn(limited ? ["prlimit", "--nofile=1024", "--", ...cmd] : cmd, { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   return { proc, log: { text: "" } };
 }
 
+const REMOTE_CPU = 1;
+const TICK_MS = 1000 / Number(Bun.spawnSync(["getconf", "CLK_TCK"]).stdout.toString().trim() || "100");
+
+/** A process's CPU time so far (user + system, all threads), from /proc. */
+function cpuMs(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(f[11]) + Number(f[12])) * TICK_MS; // utime, stime: fields 14 and 15
+}
+
+/** bench/tcp-raw.ts: receiver on CPU 0, sender on CPU 1; ms from accept to the last byte, and each side's CPU ms after start-up. */
+async function rawTcp(image: string, bytes: number, aead: boolean): Promise<{ ms: number; recvCpu: number; sendCpu: number }> {
+  const script = join(import.meta.dir, "tcp-raw.ts");
+  const extra = aead ? ["--aead"] : [];
+  const recv = Bun.spawn(["taskset", "-c", "0", BUN, script, "recv", "--bytes", String(bytes), ...extra], { stdin: "ignore", stdout: "pipe", stderr: "inherit" });
+  const reader = recv.stdout.getReader();
+  let text = "";
+  while (!/^port \d+$/m.test(text)) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error(`tcp-raw recv: ${text}`);
+    text += new TextDecoder().decode(value);
+  }
+  const port = text.match(/^port (\d+)$/m)![1]!;
+  const recvStart = cpuMs(recv.pid);
+  const send = Bun.spawn(["taskset", "-c", String(REMOTE_CPU), BUN, script, "send", "--port", port, "--file", image, ...extra], { stdin: "ignore", stdout: "ignore", stderr: "inherit" });
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    text += new TextDecoder().decode(value);
+  }
+  await Promise.all([recv.exited, send.exited]);
+  const line = text.trim().split("\n").pop()!;
+  const total = (p: Bun.Subprocess) => Number(p.resourceUsage()?.cpuTime.total ?? 0) / 1000;
+  // The sender's start-up (reading the file, loading Bun) is in its figure: an upper bound.
+  return { ms: (JSON.parse(line) as { ns: number }).ns / 1e6, recvCpu: Math.round(total(recv) - recvStart), sendCpu: Math.round(total(send)) };
+}
+
 if (mode === "throughput") {
+  // Bench d's placement and flags: daemon and guest on CPU 0, the page server (and raw senders) on
+  // CPU 1, `--populate background --fault-around 16`, the guest touching every page in order.
+  // Each round runs every root, then the raw loopback TCP ceilings (plain and AES-256-GCM sealed).
   const mib = Number(one("mib", "256"));
   const rounds = Number(one("rounds", "3"));
   const image = join(dir, "vm.mem");
-  writeDemoImage(image, mib * 1024 * 1024, 11);
+  makeRandomImage(image, mib); // as bench d: every page is data
+  const results = new Map<string, number[]>();
+  const add = (k: string, ms: number) => results.set(k, [...(results.get(k) ?? []), ms]);
   for (let r = 0; r < rounds; r++) {
     for (const root of all("root")) {
-      const ps = pageServer(root, image, false);
+      const ps = pageServer(root, image, false, REMOTE_CPU);
       const port = (await waitLine(ps.proc, /listening on 127\.0\.0\.1:(\d+)/, ps.log))[1];
       const sock = join(dir, `d${r}.sock`);
-      const d = Bun.spawn([BUN, join(root, "src/main.ts"), "serve", "--socket", sock, "--mem", `tcp://127.0.0.1:${port}`, "--token-file", token], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+      const d = Bun.spawn(
+        ["taskset", "-c", "0", BUN, join(root, "src/main.ts"), "serve", "--socket", sock, "--mem", `tcp://127.0.0.1:${port}`, "--token-file", token, "--populate", "background", "--fault-around", "16"],
+        { stdin: "ignore", stdout: "pipe", stderr: "pipe" },
+      );
       const dlog = { text: "" };
       await waitLine(d, /listening on/, dlog);
-      const vm = Bun.spawnSync([STANDIN, "--socket", sock, "--expect", image, "--order", "seq", "--verify", "none"]);
+      const before = [cpuMs(d.pid), cpuMs(ps.proc.pid)];
+      const vm = Bun.spawnSync(["taskset", "-c", "0", STANDIN, "--socket", sock, "--expect", image, "--order", "seq"]);
       const report = JSON.parse(vm.stdout.toString().trim().split("\n").pop()!);
+      // CPU time of the restore itself (not start-up and warm-up): on a shared machine wall time
+      // swings with the neighbours, CPU time much less.
+      const daemonCpu = cpuMs(d.pid) - before[0]!;
+      const serverCpu = cpuMs(ps.proc.pid) - before[1]!;
       d.kill("SIGTERM");
       ps.proc.kill("SIGTERM");
       await Promise.all([d.exited, ps.proc.exited]);
-      console.log(JSON.stringify({ root, round: r, mib, mismatches: report.mismatches, touch_ms: Math.round(report.touch_ns / 1e6), mib_per_s: Math.round(mib / (report.touch_ns / 1e9)) }));
+      const tampered = /tampered|failed authentication/.test(dlog.text + ps.log.text);
+      if (report.mismatches !== 0 || tampered) throw new Error(`${root}: ${report.mismatches} wrong pages, tampered=${tampered}\n${dlog.text}\n${ps.log.text}`);
+      const ms = report.touch_ns / 1e6;
+      add(root, ms);
+      add(`${root} daemon cpu`, daemonCpu);
+      add(`${root} page-server cpu`, serverCpu);
+      console.log(JSON.stringify({ root, round: r, mib, touch_ms: Math.round(ms), mib_per_s: Math.round(mib / (ms / 1e3)), daemon_cpu_ms: daemonCpu, page_server_cpu_ms: serverCpu }));
+    }
+    if (!argv.includes("--no-raw")) {
+      for (const aead of [false, true]) {
+        const { ms, recvCpu, sendCpu } = await rawTcp(image, mib * 1024 * 1024, aead);
+        const k = aead ? "raw tcp + aes-256-gcm" : "raw tcp";
+        add(k, ms);
+        add(`${k} receiver cpu`, recvCpu);
+        console.log(JSON.stringify({ raw: aead ? "tcp+aes-256-gcm" : "tcp", round: r, mib, ms: Math.round(ms), mib_per_s: Math.round(mib / (ms / 1e3)), receiver_cpu_ms: recvCpu, sender_cpu_ms: sendCpu }));
+      }
     }
   }
+  for (const [k, v] of results) {
+    const s = [...v].sort((a, b) => a - b);
+    console.log(JSON.stringify({ summary: k, median_ms: Math.round(s[Math.floor(s.length / 2)]!), min_ms: Math.round(s[0]!), max_ms: Math.round(s.at(-1)!), mib_per_s: Math.round(mib / (s[Math.floor(s.length / 2)]! / 1e3)) }));
+  }
+  rmSync(dir, { recursive: true, force: true }); // the image is as big as --mib
 } else if (mode === "flood") {
   const root = one("root", join(import.meta.dir, ".."));
   const conns = one("conns", "3000");

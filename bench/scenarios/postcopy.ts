@@ -1,7 +1,8 @@
 // d. Postcopy: pages fetched over TCP from `snapload page-server` instead of a local file.
 // Fault latency p50/p99 (one page per fault, random order over a quarter of the image) vs the
 // same from the local file; background completion throughput (`--populate background`, the guest
-// touching every page in order; bytes / touch_ns) vs a raw loopback TCP transfer of the same bytes.
+// touching every page in order; bytes / touch_ns) vs a raw loopback TCP transfer of the same bytes,
+// plain and sealed with AES-256-GCM in 128 KiB records (the crypto ceiling: postcopy frames are sealed).
 // Placement: daemon and guest on CPU 0; the page server (the "remote host") and the raw sender on CPU 1.
 import { chmodSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
@@ -37,13 +38,14 @@ async function withPageServer<T>(img: string, token: string, fn: (url: string) =
   }
 }
 
-async function rawTcp(img: string, bytes: number): Promise<number> {
+async function rawTcp(img: string, bytes: number, aead = false): Promise<number> {
   const script = join(import.meta.dir, "..", "tcp-raw.ts");
-  const recv = new Proc("tcp-raw recv", pinned(SAME_CPU.handler, [BUN, script, "recv", "--bytes", String(bytes)]));
+  const extra = aead ? ["--aead"] : [];
+  const recv = new Proc("tcp-raw recv", pinned(SAME_CPU.handler, [BUN, script, "recv", "--bytes", String(bytes), ...extra]));
   let send: Proc | undefined;
   try {
     const port = (await recv.waitFor(/^port (\d+)$/m, "stdout"))[1]!;
-    send = new Proc("tcp-raw send", pinned(REMOTE_CPU, [BUN, script, "send", "--port", port, "--file", img]));
+    send = new Proc("tcp-raw send", pinned(REMOTE_CPU, [BUN, script, "send", "--port", port, "--file", img, ...extra]));
     const code = await recv.wait(60_000);
     const line = recv.stdout.trim().split("\n").pop() ?? "";
     if (code !== 0 || !line.startsWith("{")) throw new BenchError(`raw TCP transfer failed\n${recv.tail()}\n${send.tail()}`);
@@ -75,6 +77,7 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
   const local = { p50: [] as number[], p99: [] as number[] };
   const bg: number[] = [];
   const raw: number[] = [];
+  const rawAead: number[] = [];
   const token = tokenFile(ctx);
   const tcpArgs = ["--token-file", token];
   // --populate none: no background pull, so every touched page is a real fault round trip over TCP.
@@ -87,6 +90,7 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
     { label: "local", run: runLocal },
     ...(ctx.features.populate ? [{ label: "background", run: runBg }] : []),
     { label: "raw tcp", run: () => rawTcp(img, bytes) },
+    { label: "raw tcp + aes-256-gcm", run: () => rawTcp(img, bytes, true) },
   ]);
   for (let r = 0; r < ctx.opts.runs; r++) {
     const t = await runTcp();
@@ -97,9 +101,10 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
     local.p99.push(l.report.lat_p99_ns);
     if (ctx.features.populate) bg.push((await runBg()).report.touch_ns);
     raw.push(await rawTcp(img, bytes));
+    rawAead.push(await rawTcp(img, bytes, true));
     ctx.log(
       `d run ${r + 1}: tcp p50/p99 ${fmtTime(tcp.p50.at(-1)!)}/${fmtTime(tcp.p99.at(-1)!)}, local ${fmtTime(local.p50.at(-1)!)}/${fmtTime(local.p99.at(-1)!)}` +
-        `${bg.length ? `, background ${fmtTime(bg.at(-1)!)}` : ""}, raw tcp ${fmtTime(raw.at(-1)!)}`,
+        `${bg.length ? `, background ${fmtTime(bg.at(-1)!)}` : ""}, raw tcp ${fmtTime(raw.at(-1)!)}, raw tcp + aes-256-gcm ${fmtTime(rawAead.at(-1)!)}`,
     );
   }
   const s = {
@@ -109,6 +114,7 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
     localP99: summarize(local.p99),
     backgroundNs: bg.length ? summarize(bg) : undefined,
     rawTcpNs: summarize(raw),
+    rawTcpAeadNs: summarize(rawAead),
   };
   const rows: Row[] = [
     {
@@ -122,18 +128,25 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
     { what: "fault latency p99, local file", median: fmtTime(s.localP99.median), best: fmtTime(s.localP99.min) },
   ];
   const rawRate = bytes / (s.rawTcpNs.median / 1e9);
+  const aeadRate = bytes / (s.rawTcpAeadNs.median / 1e9);
   if (s.backgroundNs) {
     const rate = bytes / (s.backgroundNs.median / 1e9);
     rows.push({
       what: `background completion over tcp:// (--populate background --fault-around 16), ${mib} MiB`,
       median: fmtTime(s.backgroundNs.median),
       best: fmtTime(s.backgroundNs.min),
-      result: `${fmtRate(rate)} = **${((rate / rawRate) * 100).toFixed(0)}%** of raw TCP`,
+      result: `${fmtRate(rate)} = **${((rate / rawRate) * 100).toFixed(0)}%** of raw TCP, ${((rate / aeadRate) * 100).toFixed(0)}% of raw TCP + AES-256-GCM`,
     });
   } else {
     rows.push({ what: "background completion over tcp://", result: "skipped: flag missing (`--populate`)" });
   }
   rows.push({ what: `raw loopback TCP, same ${mib} MiB (Bun sender → Bun receiver)`, median: fmtTime(s.rawTcpNs.median), best: fmtTime(s.rawTcpNs.min), result: fmtRate(rawRate) });
+  rows.push({
+    what: `raw loopback TCP + AES-256-GCM, same ${mib} MiB (sealed in 128 KiB records, opened in place: the crypto ceiling)`,
+    median: fmtTime(s.rawTcpAeadNs.median),
+    best: fmtTime(s.rawTcpAeadNs.min),
+    result: `${fmtRate(aeadRate)} = ${((aeadRate / rawRate) * 100).toFixed(0)}% of raw TCP`,
+  });
   const notes: string[] = [];
   if (s.tcpP50.median < s.localP50.median) {
     notes.push(
