@@ -173,7 +173,11 @@ export class StoreRequester implements PageRequester {
   /** Set while request() runs inside the fault path: deliveries then leave retries and detach to it. */
   private inline = 0;
   private staging: NativeBuffer | undefined;
-  /** The background sweep's order (the one the populator and the postcopy client use). */
+  /**
+   * The background sweep's order (the one the populator and the postcopy client use). It does
+   * not jump after the guest's faults as the populator's does: measured, that made background
+   * completion slower here (docs/architecture.md, scheduling policies).
+   */
   private readonly sweepOrder: SweepOrder;
   private readonly regionDone: (unit: number) => boolean;
   /** The order finished a pass; the next begins once the pass's chunks are all here. */
