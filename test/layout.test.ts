@@ -1,6 +1,7 @@
 // The layout rules of src/ (docs/architecture.md): no import cycles; src/core/ (the bottom
 // layer: errors, logging, FFI, the event loop) imports nothing from the other src/ directories;
-// the source port imports nothing above it.
+// the source port imports nothing above it; the parts the daemon and the CLI are made of
+// (scheduler/, sources/, sinks/, postcopy/) never import from daemon/ or cli/.
 // Type-only imports count: a cycle of types is still two modules that cannot be read apart.
 import { describe, expect, test } from "bun:test";
 import { readdirSync, readFileSync } from "node:fs";
@@ -121,6 +122,21 @@ describe("src/ layout", () => {
     expect(deps.length).toBeGreaterThan(0);
     const upward = deps.filter((d) => !d.startsWith("core/") && !d.startsWith("sources/image/"));
     expect(upward, `sources/port.ts imports upward: ${upward.join(", ")}`).toEqual([]);
+  });
+
+  test("scheduler/, sources/, sinks/ and postcopy/ never import from daemon/ or cli/", () => {
+    const parts = ["scheduler/", "sources/", "sinks/", "postcopy/"];
+    let checked = 0;
+    const upward: string[] = [];
+    for (const [file, deps] of g) {
+      if (!parts.some((p) => file.startsWith(p))) continue;
+      checked++;
+      for (const d of deps) if (d.startsWith("daemon/") || d.startsWith("cli/")) upward.push(`${file} -> ${d}`);
+    }
+    // The directories exist and hold modules (a renamed directory would make this rule vacuous).
+    for (const p of parts) expect([...g.keys()].some((f) => f.startsWith(p)), `no module under src/${p}`).toBe(true);
+    expect(checked).toBeGreaterThan(4);
+    expect(upward, `imports from daemon/ or cli/:\n  ${upward.join("\n  ")}`).toEqual([]);
   });
 
   test("the checker sees the import forms the code uses, and finds a cycle it is given", () => {

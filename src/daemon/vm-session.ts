@@ -13,6 +13,7 @@ import { IMAGE_PAGE } from "../sources/image/snapshot-image.ts";
 import { AGAIN, EXISTED, type InstallOutcome, INSTALLED, installErrno, installFailed, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRequester, type RequesterVm } from "../sources/port.ts";
 import { decodeMessages } from "../sinks/uffd/uffd-messages.ts";
 import type { TouchRecorder } from "../scheduler/working-set.ts";
+import type { PopulatorVm } from "../scheduler/populator-vm.ts";
 import { windowEnd, windowStart } from "../scheduler/fault-window.ts";
 
 const ignoreRemove = () => {};
@@ -43,7 +44,7 @@ const BACKGROUND_RUN_BYTES = 2 * 1024 * 1024;
 /** uffd reads per drain() (up to 64 messages each) before other VMs get their turn. */
 export const MAX_DRAIN_ROUNDS = 16;
 
-export class VmSession implements RequesterVm {
+export class VmSession implements RequesterVm, PopulatorVm {
   readonly stats: VmStats = {
     faults: 0,
     pagesInstalled: 0,

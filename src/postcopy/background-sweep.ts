@@ -4,7 +4,9 @@
 // installed on the spot (by `installMissing`); data pages go on the sweep's queue, sent after
 // fault-around and prefetch requests. One pass is not always enough: pages that met a pending
 // REMOVE went back to missing, so when a pass is over and nothing is in flight, another starts,
-// as long as the last one asked for something.
+// as long as the last one asked for something. Unlike the populator's, this sweep does not jump
+// after the guest's faults (`SweepOrder.follow`): measured, that made background completion
+// slower (docs/architecture.md, scheduling policies).
 import type { EventLoop } from "../core/event-loop.ts";
 import { SweepOrder } from "../scheduler/sweep-order.ts";
 import { AGAIN, GONE, installFailed, type PageRegion, type RequesterVm } from "../sources/port.ts";

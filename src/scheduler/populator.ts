@@ -4,7 +4,7 @@
 import { PAGE_MISSING, PAGE_REMOVED, type Region } from "./handler-table.ts";
 import { HOW_PREFETCH } from "../sinks/uffd/page-installer.ts";
 import { AGAIN, GONE, installFailed } from "../sources/port.ts";
-import type { VmSession } from "../daemon/vm-session.ts";
+import type { PopulatorVm } from "./populator-vm.ts";
 import { PrefetchOrder } from "./prefetch-order.ts";
 import { SweepOrder } from "./sweep-order.ts";
 
@@ -24,7 +24,7 @@ export class Populator {
   finishedAt = 0;
 
   constructor(
-    private readonly vm: VmSession,
+    private readonly vm: PopulatorVm,
     private readonly prefetch: Uint32Array | undefined,
     private readonly mode: PopulateMode,
   ) {

@@ -12,6 +12,7 @@ import { IMAGE_PAGE } from "../image/snapshot-image.ts";
 import { formatBytes, type Logger } from "../../core/log.ts";
 import { AGAIN, GONE, installErrno, installFailed, PAGE_IN_FLIGHT, PAGE_MISSING, type PageRegion as Region, type PageRequester, type RemoteBackend, type OpenedSource, type RemoteSource, type RequesterContext, type RequesterVm, type SourceOptions } from "../port.ts";
 import { errnoName } from "../../core/ffi.ts";
+import { SweepOrder } from "../../scheduler/sweep-order.ts";
 import { ChunkCache } from "./chunk-cache.ts";
 import { ChunkFetcher } from "./chunk-fetcher.ts";
 import { StoreError } from "./errors.ts";
@@ -172,8 +173,15 @@ export class StoreRequester implements PageRequester {
   /** Set while request() runs inside the fault path: deliveries then leave retries and detach to it. */
   private inline = 0;
   private staging: NativeBuffer | undefined;
-  private sweepRegion = 0;
-  private sweepPage = 0;
+  /**
+   * The background sweep's order (the one the populator and the postcopy client use). It does
+   * not jump after the guest's faults as the populator's does: measured, that made background
+   * completion slower here (docs/architecture.md, scheduling policies).
+   */
+  private readonly sweepOrder: SweepOrder;
+  private readonly regionDone: (unit: number) => boolean;
+  /** The order finished a pass; the next begins once the pass's chunks are all here. */
+  private passOver = false;
   private sweepOutstanding = 0;
   private sweepScheduled = false;
 
@@ -185,6 +193,10 @@ export class StoreRequester implements PageRequester {
     this.chunkSize = t.manifest.body.chunkSize;
     this.size = t.manifest.body.image.size;
     this.hashes = t.manifest.body.chunks;
+    const regions = vm.table.regions;
+    // One chunk's worth of region pages per span (at least one page: a huge page spans chunks).
+    this.sweepOrder = new SweepOrder(regions.length, (u) => regions[u]!.pages, (u) => Math.floor(this.chunkSize / regions[u]!.pageSize));
+    this.regionDone = (u) => regions[u]!.settled === regions[u]!.pages;
     if (t.sweep) this.scheduleSweep();
   }
 
@@ -301,21 +313,21 @@ export class StoreRequester implements PageRequester {
     });
   }
 
-  /** Asks for the next missing pages in image order while the window has room. */
+  /** Asks for the next missing pages in sweep order while the window has room. */
   private sweep(): void {
     if (this.done) return;
     const regions = this.vm.table.regions;
-    const step = Math.max(1, Math.floor(this.chunkSize / IMAGE_PAGE));
-    while (!this.done && this.sweepRegion < regions.length && this.sweepOutstanding < SWEEP_WINDOW_CHUNKS) {
-      const region = regions[this.sweepRegion]!;
-      if (this.sweepPage >= region.pages || region.settled === region.pages) {
-        this.sweepRegion++;
-        this.sweepPage = 0;
-        continue;
+    const order = this.sweepOrder;
+    while (!this.done && !this.passOver && this.sweepOutstanding < SWEEP_WINDOW_CHUNKS) {
+      if (!order.next(this.regionDone)) {
+        this.passOver = true;
+        break;
       }
-      const to = Math.min(region.pages, this.sweepPage + Math.max(1, Math.floor((step * IMAGE_PAGE) / region.pageSize)));
+      const region = regions[order.unit]!;
+      const from = order.from;
+      const to = order.to;
       // Zero pages go in here; missing data pages are requested (as background) through request().
-      for (let p = this.sweepPage; p < to; p++) {
+      for (let p = from; p < to; p++) {
         if (region.state[p] === PAGE_MISSING && !region.isZeroPage(p)) {
           let e = p + 1;
           while (e < to && region.state[e] === PAGE_MISSING && !region.isZeroPage(e)) e++;
@@ -325,20 +337,20 @@ export class StoreRequester implements PageRequester {
         }
       }
       if (this.done) return;
-      const r = this.vm.installMissing(region, this.sweepPage, to, 0);
+      const r = this.vm.installMissing(region, from, to, 0);
       if (r === AGAIN) {
+        // A REMOVE is pending; the VM's owner reads it before our next turn, then this span again.
+        order.again();
         this.ctx.loop.after(1, () => this.scheduleSweep());
         return;
       }
-      this.sweepPage = to;
     }
     if (this.done) return;
     // Retries met inside request() (inline) and completion are for the VM's owner to act upon.
     if (this.vm.table.complete || this.vm.retry.length) this.ctx.delivered();
-    else if (this.sweepRegion >= regions.length && this.sweepOutstanding === 0) {
+    else if (this.passOver && this.sweepOutstanding === 0) {
       // A pass is over; pages that met a pending REMOVE went back to missing: one more pass.
-      this.sweepRegion = 0;
-      this.sweepPage = 0;
+      this.passOver = false;
       if (this.vm.table.settledPages < this.vm.table.totalPages) this.ctx.loop.after(1, () => this.scheduleSweep());
     }
   }
