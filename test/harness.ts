@@ -120,8 +120,15 @@ export async function startDaemon(args: string[], socket: string, extraEnv: Reco
     env: { ...process.env, ...extraEnv },
   });
   const d = new Daemon(proc, socket);
-  await d.waitForLog(/listening on/);
+  if (logsJson(args)) await d.waitForEvent("daemon.listening");
+  else await d.waitForLog(/listening on/);
   return d;
+}
+
+/** Whether a daemon's arguments ask for JSON events (`--log-format json`). */
+export function logsJson(args: string[]): boolean {
+  const i = args.lastIndexOf("--log-format");
+  return i >= 0 && args[i + 1] === "json";
 }
 
 /** The one JSON line the VMM stand-in prints on success. */

@@ -417,7 +417,7 @@ export class PageServer {
         conn.writer.push(frame(FrameType.ZERO_MAP, this.zeroBits.subarray(at, Math.min(this.zeroBits.length, at + MAX_ZERO_MAP_CHUNK)), 0, at));
       }
     }
-    this.opts.logger.info("page_server.client_authenticated", `${conn.name} from ${conn.peer} authenticated`, { client: conn.name, peer: conn.peer });
+    this.opts.logger.info("page_server.client_authenticated", `${conn.name} from ${conn.peer} authenticated`, { client: conn.name, peer: conn.peer, role: ROLE_NAMES[conn.role] });
     this.flush(conn);
   }
 

@@ -477,7 +477,7 @@ export class VmClient implements PageRequester {
         "remote.lost",
         `vm ${this.vm.id}: ${this.everConnected ? "lost the" : "cannot reach the"} page server ${this.target.url} (${CHANNEL_NAMES[i]} channel: ${reason}); ` +
           `${again.length} requests to re-send; reconnecting, the VM is killed if it is not back within ${this.target.deadlineMs} ms`,
-        { vm: this.vm.id, url: this.target.url, channel: CHANNEL_NAMES[i], reason, kind, resend: again.length, deadlineMs: this.target.deadlineMs },
+        { vm: this.vm.id, url: this.target.url, channel: CHANNEL_NAMES[i], reason, kind, resend: again.length, deadlineMs: this.target.deadlineMs, connected: this.everConnected },
       );
     } else {
       this.ctx.logger.debug("remote.channel_lost", `vm ${this.vm.id}: ${CHANNEL_NAMES[i]} channel: ${reason}`, { vm: this.vm.id, channel: CHANNEL_NAMES[i], reason, kind });
