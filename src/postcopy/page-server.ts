@@ -325,7 +325,7 @@ export class PageServer {
       if (e instanceof SealError) {
         // Nothing of it is used; a relay that changes one byte ends the connection, nothing more.
         this.counters.tampered++;
-        return this.closeConn(conn, `sent a frame that failed authentication: ${e.message}; connection dropped`, "warn");
+        return this.closeConn(conn, `sent a frame that failed authentication: ${e.message}; connection dropped`, "warn", true);
       }
       if (e instanceof ProtocolError) return this.refuse(conn, e.wireCode, e.message);
       throw e;
@@ -565,7 +565,7 @@ export class PageServer {
     this.closeConn(conn, "refused", "debug");
   }
 
-  private closeConn(conn: Conn, reason: string, level: LogLevel): void {
+  private closeConn(conn: Conn, reason: string, level: LogLevel, tampered = false): void {
     if (conn.state === "closed") return;
     conn.state = "closed";
     conn.cancelTimer();
@@ -583,7 +583,7 @@ export class PageServer {
     this.totals.requests += conn.requests;
     this.totals.bytes += conn.bytesSent;
     const line = wasPreauth ? `${conn.name} ${reason}` : `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`;
-    this.log(conn, wasPreauth, level, "page_server.client_closed", line, { client: conn.name, peer: conn.peer, reason, requests: conn.requests, bytes: conn.bytesSent });
+    this.log(conn, wasPreauth, level, "page_server.client_closed", line, { client: conn.name, peer: conn.peer, reason, tampered, requests: conn.requests, bytes: conn.bytesSent });
   }
 
   /** Lines about connections that have not authenticated are rate-limited: anyone can cause them. */
