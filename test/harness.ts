@@ -26,6 +26,13 @@ export function tempDir(prefix = "snapload-test-"): { path: string; cleanup: () 
   return { path, cleanup: () => rmSync(path, { recursive: true, force: true }) };
 }
 
+/** The JSON events (--log-format json) in a process's stderr; other lines (a final `snapload: ...` error) are skipped. */
+export function parseEvents(stderr: string): LogRecord[] {
+  const out: LogRecord[] = [];
+  for (const line of stderr.split("\n")) if (line.startsWith("{")) out.push(JSON.parse(line) as LogRecord);
+  return out;
+}
+
 export class Daemon {
   private stderrText = "";
   private readonly done: Promise<number>;
@@ -67,9 +74,7 @@ export class Daemon {
 
   /** The daemon's events so far (it must run with --log-format json; other lines are skipped). */
   events(): LogRecord[] {
-    const out: LogRecord[] = [];
-    for (const line of this.stderrText.split("\n")) if (line.startsWith("{")) out.push(JSON.parse(line) as LogRecord);
-    return out;
+    return parseEvents(this.stderrText);
   }
 
   /** Resolves with the first event named `name` that satisfies `match` (the daemon must log JSON). */
