@@ -157,7 +157,7 @@ describe("2 MiB pages (hugetlbfs guests)", () => {
   const huge = reserveHugePages(12, "postcopy.test.ts");
   afterAll(() => huge.restore());
 
-  test.skipIf(huge.skipReason !== "")("a mapped-ram block whose 2 MiB pages mix data and zero 4 KiB pages: the zero ones are filled in, never fetched", async () => {
+  test.skipIf(huge.skipReason !== "")("a mapped-ram block whose 2 MiB pages mix data and zero 4 KiB pages: the zero ones are filled in, never fetched (needs 12 free 2 MiB huge pages)", async () => {
     const mr = await pageServer(["--ramblock", "pc.ram"], 0, mapped.path, ["--corrupt-every", "97"]);
     const md = await serve(url(mr));
     const r = await runStandin(["--socket", md.socket, "--expect", mapped.ram.expectFile!, "--hugepages", "--order", "random", "--threads", "2", "--balloon-after", "4m:2m", "--verify", "all"]);
