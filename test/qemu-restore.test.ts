@@ -1,10 +1,12 @@
 // qemu-restore against a real, unmodified QEMU (TCG) and a real Linux guest: the guest's memory
 // after a lazy restore equals its memory before the snapshot, page for page.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, readFileSync, statSync, truncateSync } from "node:fs";
+import { existsSync, readFileSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import type { LogRecord } from "../src/core/log.ts";
 import { BUN, ROOT, ensureBuilt, tempDir } from "./harness.ts";
+import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";
+import { cephMissing, createBucket, startRgw } from "./ceph-rgw.ts";
 import { QemuProc, buildInitramfs, debianKernel, guestArgs, killAllQemu, qemuMissing, waitMigration } from "./qemu-guest.ts";
 
 const missing = qemuMissing();
@@ -50,8 +52,8 @@ function events(stderr: string): LogRecord[] {
 }
 
 /** Runs qemu-restore with JSON events; `onEvent` sees each event as it comes. */
-function restore(args: string[], onEvent?: (e: LogRecord) => void): { proc: Bun.Subprocess; done: Promise<Run> } {
-  const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), "qemu-restore", "--log-format", "json", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+function restore(args: string[], onEvent?: (e: LogRecord) => void, env?: Record<string, string>): { proc: Bun.Subprocess; done: Promise<Run> } {
+  const proc = Bun.spawn([BUN, join(ROOT, "src/main.ts"), "qemu-restore", "--log-format", "json", ...args], { stdin: "ignore", stdout: "pipe", stderr: "pipe", ...(env ? { env } : {}) });
   const done = (async () => {
     let stderr = "";
     const dec = new TextDecoder();
@@ -174,6 +176,81 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       q.close();
     } finally {
       await dst.kill();
+    }
+  }, 120_000);
+
+  /** A paused destination restored from `mem`; its RAM must equal the dump, then the guest's checksum must hold. */
+  async function restoreAndCheck(mem: string, args: string[], onEvent?: (e: LogRecord) => void, env?: Record<string, string>): Promise<{ summary: Record<string, unknown>; stderr: string }> {
+    const dst = await destination(["-S"]);
+    try {
+      const r = await restore(["--mem", mem, "--qmp", dst.qmpPath, "--json", ...args], onEvent, env).done;
+      expect(r.code, r.stderr).toBe(0);
+      const summary = JSON.parse(r.stdout);
+      expect(summary.status).toBe("completed");
+      const q = await dst.qmp();
+      expect(differingPages(ctx.dump, await pmemsave(q, join(ctx.dir, `after-${n++}.pmem`)))).toEqual([]);
+      await q.execute("cont");
+      const hb = await dst.waitSerial(/HB \d+ ([0-9a-f]{32})/, 60_000);
+      expect(hb[1]).toBe(ctx.sum);
+      q.close();
+      return { summary, stderr: r.stderr };
+    } finally {
+      await dst.kill();
+    }
+  }
+
+  test("--mem tcp://: the snapshot served by page-server --whole-file, killed and restarted mid-restore: RAM equals the snapshot's, the guest keeps its data", async () => {
+    const tokenFile = join(ctx.dir, "token");
+    writeFileSync(tokenFile, "qemu-restore-remote-test-token-3a7c\n", { mode: 0o600 });
+    const serve = (port = 0) => startPageServer(["--mem", ctx.snapshot, "--whole-file", "--token-file", tokenFile], port);
+    let ps: PageServerProc | undefined = await serve();
+    const port = ps.port;
+    let outage: Promise<void> | undefined;
+    try {
+      const { summary, stderr } = await restoreAndCheck(`tcp://127.0.0.1:${port}`, ["--token-file", tokenFile, "--background-rate", "8"], (e) => {
+        // Once the device state is in (the guest loaded, paused), the page server dies for a while.
+        if (outage || e.event !== "qemu.running") return;
+        const dying = ps!;
+        ps = undefined;
+        outage = (async () => {
+          dying.daemon.proc.kill("SIGKILL");
+          await dying.daemon.proc.exited;
+          await Bun.sleep(500);
+          ps = await serve(port);
+        })();
+      });
+      expect(outage, "the page server was killed mid-restore").toBeDefined();
+      await outage;
+      expect(summary.pagesBackground as number).toBeGreaterThan(0);
+      const ev = events(stderr);
+      expect(ev.some((e) => e.event === "remote.lost")).toBe(true);
+      expect(ev.some((e) => e.event === "remote.back")).toBe(true);
+    } finally {
+      await ps?.daemon.stop();
+    }
+  }, 120_000);
+
+  test("--mem file://DIR/NAME: the snapshot pushed --whole-file to a store: RAM equals the snapshot's, the guest keeps its data", async () => {
+    const store = `file://${join(ctx.dir, "store")}`;
+    const push = Bun.spawnSync([BUN, join(ROOT, "src/main.ts"), "push", ctx.snapshot, `${store}/guest`, "--whole-file"], { stdout: "pipe", stderr: "pipe" });
+    expect(push.exitCode, push.stderr.toString()).toBe(0);
+    const { stderr } = await restoreAndCheck(`${store}/guest`, ["--cache-dir", join(ctx.dir, "chunk-cache")]);
+    expect(events(stderr).find((e) => e.event === "qemu.source")?.msg as string).toMatch(/GETs/);
+  }, 120_000);
+
+  const noCeph = cephMissing();
+  test.skipIf(noCeph !== undefined)(`--mem s3://: the snapshot pushed --whole-file to a real Ceph RGW: RAM equals the snapshot's, the guest keeps its data${noCeph ? ` (skipped: ${noCeph})` : ""}`, async () => {
+    const rgw = await startRgw();
+    try {
+      createBucket(rgw, "qemu");
+      const env = { ...(process.env as Record<string, string>), ...rgw.env };
+      const ep = ["--s3-endpoint", rgw.endpoint];
+      const push = Bun.spawnSync([BUN, join(ROOT, "src/main.ts"), "push", ctx.snapshot, "s3://qemu/guest", "--whole-file", ...ep], { stdout: "pipe", stderr: "pipe", env });
+      expect(push.exitCode, push.stderr.toString()).toBe(0);
+      const { stderr } = await restoreAndCheck("s3://qemu/guest", [...ep, "--cache-dir", join(ctx.dir, "s3-cache")], undefined, env);
+      expect(events(stderr).find((e) => e.event === "qemu.source")?.msg as string).toMatch(/[1-9]\d* GETs/);
+    } finally {
+      await rgw.stop();
     }
   }, 120_000);
 

@@ -3,16 +3,21 @@
 // request, requests answered on the preempt channel with data-only fault-around, prefetch first,
 // and a background that continues after the guest's last request.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { readFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { imageBackend } from "../src/sources/image/image-backend.ts";
 import { openMappedRamBlocks } from "../src/sources/image/mapped-ram.ts";
 import type { SnapshotImage } from "../src/sources/image/snapshot-image.ts";
 import { silentLogger } from "../src/core/log.ts";
-import { QemuPageSink, type SinkOptions } from "../src/sinks/qemu/page-sink.ts";
+import { QemuPageSink, localPages, type SinkOptions } from "../src/sinks/qemu/page-sink.ts";
 import { readDeviceState, readSnapshotStream, type SnapshotStream } from "../src/sinks/qemu/snapshot-stream.ts";
+import { openRemoteFile, openSource } from "../src/sources/open-source.ts";
+import type { RemoteFile } from "../src/sources/remote-file.ts";
+import { readRemoteSnapshot, remotePages } from "../src/sinks/qemu/remote-snapshot.ts";
+import { push } from "../src/sources/store/push.ts";
 import { generateMappedRam, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
 import { ensureBuilt, tempDir } from "./harness.ts";
+import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";
 import { DEVICE, type Received, StandinDestination, type StandinOptions, withQemuTail } from "./qemu-standin.ts";
 
 let tmp: ReturnType<typeof tempDir>;
@@ -45,7 +50,7 @@ async function restore(opts: Partial<SinkOptions>, standin: StandinOptions) {
     stream.ram.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })),
     () => {
       images.push(...openMappedRamBlocks(gen.path, false));
-      return images.map(imageBackend);
+      return localPages(images.map(imageBackend));
     },
     { sectionId: stream.ramSectionId, header: stream.header, deviceState: readDeviceState(stream), pageSizeSummary: 4096, preempt: true, faultAround: 1, logger: silentLogger, ...opts },
   );
@@ -106,7 +111,7 @@ describe("QEMU sink against a stand-in destination", () => {
     expect(stats.requests).toBe(wanted.length + 1);
   }, 30_000);
 
-  test("without preempt: prefetch goes first, in order; after a request the background continues right after it", async () => {
+  test("without preempt: prefetch goes first, in the shared prefetch order; after a request the background continues right after it", async () => {
     const ram = gen.blocks.find((b) => b.name === "pc.ram")!;
     const ramIndex = gen.blocks.indexOf(ram);
     const dataPages = (from: number, count: number) => {
@@ -114,11 +119,14 @@ describe("QEMU sink against a stand-in destination", () => {
       for (let p = from; p < ram.pages && out.length < count; p++) if (isData("pc.ram", p)) out.push(p);
       return out;
     };
-    const prefetch = dataPages(500, 5).reverse(); // an order the linear sweep would never take
+    // Pages the linear sweep would take late: the working set goes first (the shared prefetch
+    // order: recorded order step by step, each step sorted).
+    const prefetch = dataPages(500, 5).reverse();
+    const base = gen.blocks.slice(0, ramIndex).reduce((n, b) => n + b.pages, 0);
     const target = dataPages(ram.pages - 200, 1)[0]!;
     let asked = false;
     const { dest } = await restore(
-      { preempt: false, faultAround: 1, backgroundRate: 2 * 1024 * 1024, prefetch: prefetch.map((page) => ({ block: ramIndex, page })) },
+      { preempt: false, faultAround: 1, backgroundRate: 2 * 1024 * 1024, prefetch: Uint32Array.from(prefetch, (page) => base + page) },
       {
         onRecord: (d, r) => {
           // Once the background runs (a few records in), the guest asks for a page far ahead.
@@ -131,7 +139,7 @@ describe("QEMU sink against a stand-in destination", () => {
     );
     expect(dest.errors).toEqual([]);
     checkPages(dest.records);
-    expect(dest.records.slice(0, prefetch.length).map((r) => r.page)).toEqual(prefetch);
+    expect(dest.records.slice(0, prefetch.length).map((r) => r.page)).toEqual([...prefetch].sort((a, b) => a - b));
     const answer = dest.records.find((r) => r.block === "pc.ram" && r.page === target)!;
     expect(answer.channel).toBe("main");
     // The section after the answer's starts where the request left off.
@@ -139,4 +147,95 @@ describe("QEMU sink against a stand-in destination", () => {
     expect(next.block).toBe("pc.ram");
     expect(next.page).toBe(dataPages(target + 1, 1)[0]!);
   }, 30_000);
+});
+
+describe("QEMU sink from remote sources (the snapshot file served or pushed whole)", () => {
+  let tokenFile: string;
+  beforeAll(() => {
+    tokenFile = join(tmp.path, "token");
+    writeFileSync(tokenFile, "qemu-sink-remote-test-token-5e1f\n", { mode: 0o600 });
+  });
+
+  /** Restores from `file`; the stand-in checks every page; `onRecord` may disturb the source. */
+  async function restoreRemote(file: RemoteFile, standin: StandinOptions, opts: Partial<SinkOptions> = {}) {
+    const snap = await readRemoteSnapshot(file);
+    expect(snap.stream.refusals).toEqual([]);
+    expect(Buffer.from(snap.deviceState).equals(Buffer.from(readDeviceState(stream)))).toBe(true);
+    const path = join(tmp.path, `dst-${n++}.sock`);
+    const dest = new StandinDestination(path, standin);
+    await dest.listen();
+    const sink = new QemuPageSink(
+      snap.stream.ram.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })),
+      (arrivals) => remotePages(file, snap.stream.ram.blocks, snap.zero, arrivals),
+      { sectionId: snap.stream.ramSectionId, header: snap.stream.header, deviceState: snap.deviceState, pageSizeSummary: 4096, preempt: true, faultAround: 8, logger: silentLogger, ...opts },
+    );
+    try {
+      const stats = await sink.run({ kind: "unix", path });
+      await dest.done;
+      return { dest, stats };
+    } finally {
+      dest.close();
+      file.close();
+    }
+  }
+
+  test("tcp://: page-server --whole-file, killed and restarted mid-restore; requests forwarded urgently; every page once, as in the file", async () => {
+    let ps: PageServerProc | undefined = await startPageServer(["--mem", gen.path, "--whole-file", "--token-file", tokenFile]);
+    const port = ps.port;
+    const file = await openRemoteFile(`tcp://127.0.0.1:${port}`, { tokenFile, deadlineMs: 20_000, logger: silentLogger });
+    const ram = gen.blocks.find((b) => b.name === "pc.ram")!;
+    const late = [ram.pages - 5, ram.pages - 150];
+    let restarted: Promise<void> | undefined;
+    try {
+      const { dest, stats } = await restoreRemote(file, {
+        onPackage: (d) => d.request("pc.ram", ram.pages - 60),
+        onRecord: (d, r) => {
+          if (r.seq !== 40 || restarted) return;
+          // Mid-restore: the page server dies; the guest asks for pages while it is away.
+          const dying = ps!;
+          ps = undefined;
+          restarted = (async () => {
+            dying.daemon.proc.kill("SIGKILL");
+            await dying.daemon.proc.exited;
+            for (const p of late) d.request("pc.ram", p);
+            await Bun.sleep(300); // the outage: what the restore asks meanwhile stays owed
+            ps = await startPageServer(["--mem", gen.path, "--whole-file", "--token-file", tokenFile], port);
+          })();
+        },
+      }, { backgroundRate: 1024 * 1024 });
+      expect(restarted, "the page server was killed mid-restore").toBeDefined();
+      await restarted;
+      expect(dest.errors).toEqual([]);
+      checkPages(dest.records);
+      const pre = dest.records.filter((r) => r.channel === "preempt");
+      for (const p of [ram.pages - 60, ...late]) expect(pre.some((r) => r.block === "pc.ram" && r.page === p), `request ${p} on preempt`).toBe(true);
+      expect(stats.requests).toBe(3);
+      // The INFO flag keeps the two kinds apart: a daemon does not restore a VM from a file's bytes,
+      // and qemu-restore does not take one block's pages for the whole file.
+      await expect(openSource(`tcp://127.0.0.1:${port}`, { tokenFile, deadlineMs: 5000, logger: silentLogger })).rejects.toThrow(/serves a whole snapshot file/);
+      const plain = await startPageServer(["--mem", gen.path, "--token-file", tokenFile]);
+      try {
+        await expect(openRemoteFile(`tcp://127.0.0.1:${plain.port}`, { tokenFile, deadlineMs: 5000, logger: silentLogger })).rejects.toThrow(/start it with --whole-file/);
+      } finally {
+        await plain.daemon.stop();
+      }
+    } finally {
+      await ps?.daemon.stop();
+    }
+  }, 60_000);
+
+  test("file://: push --whole-file, then every page once, as in the file (chunks hash-verified); a one-block push is refused clearly", async () => {
+    const store = `file://${join(tmp.path, "store")}`;
+    await push(gen.path, `${store}/whole`, { wholeFile: true });
+    const file = await openRemoteFile(`${store}/whole`, { deadlineMs: 10_000, logger: silentLogger, cacheDir: join(tmp.path, "cache") });
+    const ram = gen.blocks.find((b) => b.name === "pc.ram")!;
+    const { dest } = await restoreRemote(file, { onPackage: (d) => d.request("pc.ram", ram.pages - 9) });
+    expect(dest.errors).toEqual([]);
+    checkPages(dest.records);
+    expect(dest.records.some((r) => r.channel === "preempt" && r.page === ram.pages - 9)).toBe(true);
+
+    await expect(openSource(`${store}/whole`, { deadlineMs: 5000, logger: silentLogger, cacheDir: join(tmp.path, "cache") })).rejects.toThrow(/not guest memory/);
+    await push(gen.path, `${store}/block`);
+    await expect(openRemoteFile(`${store}/block`, { deadlineMs: 10_000, logger: silentLogger, cacheDir: join(tmp.path, "cache") })).rejects.toThrow(/--whole-file/);
+  }, 60_000);
 });

@@ -112,8 +112,8 @@ describe("file:// store through the CLI", () => {
 
   test("manifest of a future format version is refused with the version", () => {
     const body = decodeManifest(readFileSync(join(store, manifestKey("one"))), "t").body;
-    const enc = new TextDecoder().decode(encodeManifest(body)).replace("snapload-manifest 1 ", "snapload-manifest 2 ");
-    expect(() => decodeManifest(new TextEncoder().encode(enc), "t")).toThrow(/format version 2 is not supported/);
+    const enc = new TextDecoder().decode(encodeManifest(body)).replace("snapload-manifest 1 ", "snapload-manifest 3 ");
+    expect(() => decodeManifest(new TextEncoder().encode(enc), "t")).toThrow(/format version 3 is not supported/);
   });
 });
 

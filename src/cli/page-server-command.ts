@@ -21,7 +21,7 @@ export async function runPageServer(config: PageServerConfig, faults?: PageServe
   const logger = new Logger(config["log-level"], { format: config["log-format"] });
   const token = readTokenFile(config["token-file"], logger);
   const where = await resolveHost(parseHostPort(config.listen, "--listen", true), "--listen");
-  const image = openImage(config.mem, { ramblock: config.ramblock });
+  const image = openImage(config.mem, { ramblock: config.ramblock, wholeFile: config["whole-file"] });
   let metrics: MetricsEndpoint | undefined;
   try {
     const server = new PageServer({
@@ -29,6 +29,7 @@ export async function runPageServer(config: PageServerConfig, faults?: PageServe
       port: where.port,
       image,
       imageId: imageIdentity(image),
+      wholeFile: config["whole-file"],
       token,
       logger,
       handshakeTimeoutMs: config["handshake-timeout"],
@@ -39,7 +40,7 @@ export async function runPageServer(config: PageServerConfig, faults?: PageServe
     });
     if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderPageServerMetrics(server), logger);
     const port = server.listen();
-    const what = image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
+    const what = config["whole-file"] ? `whole file ${image.path}` : image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
     logger.info(
       "page_server.listening",
       `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated and encrypted (AES-256-GCM)`,

@@ -1,5 +1,5 @@
 // `snapload page-server`: its options (parser, schema and usage from one table).
-import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, requiredString } from "./command.ts";
+import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, requiredString, switchValue } from "./command.ts";
 
 const options = {
   listen: { type: "string", schema: requiredString("HOST:PORT to listen on"), arg: "HOST:PORT", help: "address to listen on" },
@@ -10,6 +10,7 @@ const options = {
     arg: "FILE", help: "shared secret clients must prove they hold",
   },
   ramblock: { type: "string", schema: optionalString(), arg: "NAME", help: "mapped-ram block to serve (as for serve)" },
+  "whole-file": { type: "boolean", schema: switchValue(), help: "serve every byte of the file (a mapped-ram file whole, for\nqemu-restore --mem tcp://)" },
   // Short: an unauthenticated connection holds an fd, and anyone can open one.
   "handshake-timeout": {
     type: "string", schema: intValue(10, 600_000).default(2000), arg: "MS",

@@ -1,7 +1,7 @@
 // `snapload push` and `snapload pull`: their options (parser, schema and usage from one table).
 import { z } from "zod";
 import { chunkSizeValue, endpointValue } from "./store-commands.ts";
-import { type ConfigOf, defineCommand, intValue, optionalString } from "./command.ts";
+import { type ConfigOf, defineCommand, intValue, optionalString, switchValue } from "./command.ts";
 
 const positional = (what: string, arg: string, help: string) =>
   ({ type: "string", positional: true, schema: z.string({ error: `needs ${what}` }).min(1, `needs ${what}`), arg, help }) as const;
@@ -19,6 +19,7 @@ const pushOptions = {
   parallel: parallel("uploads"),
   ramblock: { type: "string", schema: optionalString(), arg: "NAME", help: "mapped-ram block to push (default: the largest)" },
   "working-set": { type: "string", schema: optionalString(), arg: "FILE", help: "a recorded working set (serve --record), prefetched first on restore" },
+  "whole-file": { type: "boolean", schema: switchValue(), help: "push every byte of the file (a mapped-ram file whole, device state\nincluded: what qemu-restore --mem STORE/NAME needs)" },
   "s3-endpoint": s3Endpoint,
 } as const;
 
@@ -32,7 +33,7 @@ export const pushCmd = defineCommand({
   run: async (c) =>
     (await import("./store-commands.ts")).pushCommand({
       file: c.file, target: c.target, chunkSize: c["chunk-size"], level: c.level, parallel: c.parallel,
-      ramblock: c.ramblock, workingSet: c["working-set"], s3Endpoint: c["s3-endpoint"],
+      ramblock: c.ramblock, wholeFile: c["whole-file"], workingSet: c["working-set"], s3Endpoint: c["s3-endpoint"],
     }),
 });
 export type PushConfig = ConfigOf<typeof pushOptions>;

@@ -12,7 +12,9 @@ import { openMappedRamBlocks } from "../sources/image/mapped-ram.ts";
 import type { SnapshotImage } from "../sources/image/snapshot-image.ts";
 import { TouchRecorder, readWorkingSet, writeWorkingSet } from "../scheduler/working-set.ts";
 import { checkDestination, type DestinationPlan } from "../sinks/qemu/destination.ts";
-import { MigrationError, QemuPageSink, formatMigrationAddress, parseMigrationAddress, percentile, type MigrationAddress, type SinkStats } from "../sinks/qemu/page-sink.ts";
+import { isRemote, openRemoteFile } from "../sources/open-source.ts";
+import { readRemoteSnapshot, remotePages, type RemoteSnapshot } from "../sinks/qemu/remote-snapshot.ts";
+import { MigrationError, QemuPageSink, localPages, type OpenBlocks, formatMigrationAddress, parseMigrationAddress, percentile, type MigrationAddress, type SinkStats } from "../sinks/qemu/page-sink.ts";
 import { QmpClient } from "../sinks/qemu/qmp.ts";
 import { readDeviceState, readSnapshotStream, type SnapshotStream } from "../sinks/qemu/snapshot-stream.ts";
 import { TARGET_PAGE } from "../sinks/qemu/stream.ts";
@@ -47,12 +49,30 @@ const PROGRESS_MS = 2000;
 export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: string) => void = (s) => process.stdout.write(s)): Promise<number> {
   const logger = new Logger(config["log-level"], { format: config["log-format"] });
   const t0 = performance.now();
-  if (config.mem.startsWith("tcp://")) throw new ConfigError("qemu-restore reads a local mapped-ram file; --mem tcp:// is not supported yet");
-  const stream = readSnapshotStream(config.mem);
+  // A remote snapshot (page server, store) is read by range: its non-page parts now, its pages
+  // as the guest asks and the background sweeps, each sent once present and verified.
+  const remote = isRemote(config.mem)
+    ? await openRemoteFile(config.mem, {
+        logger,
+        deadlineMs: config["page-server-deadline"],
+        ...(config["token-file"] !== undefined ? { tokenFile: config["token-file"] } : {}),
+        ...(config["cache-dir"] !== undefined ? { cacheDir: config["cache-dir"] } : {}),
+        ...(config["s3-endpoint"] !== undefined ? { s3Endpoint: config["s3-endpoint"] } : {}),
+      })
+    : undefined;
+  let snapshot: RemoteSnapshot | undefined;
+  try {
+    snapshot = remote ? await readRemoteSnapshot(remote) : undefined;
+  } catch (e) {
+    remote?.close();
+    throw e;
+  }
+  const stream = snapshot?.stream ?? readSnapshotStream(config.mem);
   if (stream.refusals.length > 0) {
+    remote?.close();
     throw new SnaploadError("BAD_IMAGE", `${config.mem} cannot be restored by qemu-restore:\n  ${stream.refusals.join("\n  ")}`);
   }
-  const deviceState = readDeviceState(stream);
+  const deviceState = snapshot?.deviceState ?? readDeviceState(stream);
   const step = (what: string) => {
     const ms = round(performance.now() - t0);
     logger.debug("qemu.step", `${what} at ${ms.toFixed(1)} ms`, { step: what, ms });
@@ -102,14 +122,15 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
 
     // Every RAM block as the image backend `serve` uses for a local file (page-source.ts), from
     // one parse, opened by the sink once the device state is on its way.
-    const openBlocks = () => {
+    const openBlocks: OpenBlocks = (arrivals) => {
+      if (remote) return remotePages(remote, stream.ram.blocks, snapshot!.zero, arrivals);
       images.push(...openMappedRamBlocks(config.mem, false));
       const backends = images.map((image, i) => {
         if (image.blockName !== stream.ram.blocks[i]!.name) throw new MigrationError(`${config.mem} changed while restoring`);
         return imageBackend(image);
       });
       step("RAM blocks mapped");
-      return backends;
+      return localPages(backends);
     };
     const sink = new QemuPageSink(
       plan.blocks,
@@ -124,7 +145,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
         sendZeroPages: config["send-zero-pages"],
         ...(config["background-rate"] ? { backgroundRate: config["background-rate"] * 1024 * 1024 } : {}),
         logger,
-        ...(prefetch ? { prefetch: toBlockPages(prefetch, stream) } : {}),
+        ...(prefetch ? { prefetch } : {}),
         ...(recorder ? { onRequest: (bi: number, page: number) => recorder.add(blockBase[bi]! + page) } : {}),
       },
     );
@@ -239,6 +260,11 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     out(config.json ? `${JSON.stringify(summary)}\n` : formatSummary(summary));
     return 0;
   } finally {
+    if (remote) {
+      const line = remote.report?.();
+      if (line) logger.info("qemu.source", line, { mem: config.mem });
+      remote.close();
+    }
     qmp?.close();
     for (const i of images) i.close();
     if (dir) rmSync(dir, { recursive: true, force: true });
@@ -295,17 +321,6 @@ function blockStarts(stream: SnapshotStream): number[] {
 
 async function loadPrefetch(path: string, stream: SnapshotStream): Promise<Uint32Array> {
   return readWorkingSet(path, stream.ram.totalRam);
-}
-
-function toBlockPages(order: Uint32Array, stream: SnapshotStream): { block: number; page: number }[] {
-  const starts = blockStarts(stream);
-  const out: { block: number; page: number }[] = [];
-  for (const g of order) {
-    let bi = starts.length - 1;
-    while (bi > 0 && starts[bi]! > g) bi--;
-    out.push({ block: bi, page: g - starts[bi]! });
-  }
-  return out;
 }
 
 function formatSummary(s: RestoreSummary): string {

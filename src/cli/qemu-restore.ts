@@ -1,9 +1,21 @@
 // `snapload qemu-restore`: its options (parser, schema and usage from one table).
 import { z } from "zod";
+import { endpointValue } from "./store-commands.ts";
 import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, optionalString, requiredString, switchValue } from "./command.ts";
 
 const options = {
-  mem: { type: "string", schema: requiredString("the mapped-ram snapshot file"), arg: "SNAPSHOT", help: "the mapped-ram snapshot (from qemu-save, or migrate file: with mapped-ram)" },
+  mem: {
+    type: "string", schema: requiredString("the mapped-ram snapshot file"), arg: "SNAPSHOT",
+    help: "the mapped-ram snapshot (from qemu-save, or migrate file: with mapped-ram);\n" +
+      "tcp://HOST:PORT: a page-server --whole-file serving it; STORE/NAME\n(file://, s3://, http(s)://): a store it was pushed to with --whole-file",
+  },
+  "token-file": { type: "string", schema: optionalString(), arg: "FILE", help: "the page server's shared secret (required with tcp://)" },
+  "page-server-deadline": {
+    type: "string", schema: intValue(100, 86_400_000).default(30_000), arg: "MS",
+    help: "give up when the page server (or a store) delivers nothing this long\n(default 30000)",
+  },
+  "cache-dir": { type: "string", schema: optionalString(), arg: "DIR", help: "host chunk cache for stores (as for serve)" },
+  "s3-endpoint": { type: "string", schema: endpointValue(), arg: "URL", help: "S3-compatible endpoint for s3:// (Ceph RGW, MinIO, ...), path-style" },
   qmp: { type: "string", schema: optionalString(), arg: "SOCKET", help: "the destination QEMU's QMP socket (-qmp unix:SOCKET,server=on,wait=off)" },
   to: {
     type: "string",

@@ -30,6 +30,7 @@ export interface PushArgs {
   level?: number;
   parallel?: number;
   ramblock?: string;
+  wholeFile?: boolean;
   workingSet?: string;
   s3Endpoint?: string;
 }
@@ -42,6 +43,7 @@ export async function pushCommand(a: PushArgs): Promise<number> {
     level: a.level,
     parallel: a.parallel,
     ramblock: a.ramblock,
+    wholeFile: a.wholeFile,
     workingSet: a.workingSet,
     s3Endpoint: a.s3Endpoint,
     progress: tty

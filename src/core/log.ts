@@ -61,6 +61,7 @@ export const EVENT_NAMES = [
   "qemu.recorded",
   "qemu.interrupted",
   "qemu.return_path_ignored",
+  "qemu.source",
   // any daemon: lines a peer can cause at will are rate-limited; this says how many were not printed
   "log.suppressed",
   // configuration advice

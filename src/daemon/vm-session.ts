@@ -13,6 +13,7 @@ import { IMAGE_PAGE } from "../sources/image/snapshot-image.ts";
 import { AGAIN, EXISTED, type InstallOutcome, INSTALLED, installErrno, installFailed, PAGE_IN_FLIGHT, PAGE_INSTALLED, PAGE_MISSING, PAGE_REMOVED, type PageRequester, type RequesterVm } from "../sources/port.ts";
 import { decodeMessages } from "../sinks/uffd/uffd-messages.ts";
 import type { TouchRecorder } from "../scheduler/working-set.ts";
+import { windowEnd, windowStart } from "../scheduler/fault-window.ts";
 
 const ignoreRemove = () => {};
 
@@ -203,12 +204,8 @@ export class VmSession implements RequesterVm {
     }
     // Fault-around counts 4 KiB pages: on 2 MiB pages the same bytes are one page, not 16 x 2 MiB.
     const fa = Math.max(1, Math.floor((this.options.faultAround * IMAGE_PAGE) / ps));
-    let w0 = i;
-    let w1 = iEnd;
-    if (fa > 1) {
-      w0 = i - (i % fa);
-      w1 = Math.min(Math.max(w0 + fa, iEnd), region.pages);
-    }
+    const w0 = windowStart(i, fa);
+    const w1 = windowEnd(w0, iEnd, fa, region.pages);
     const installer = this.installer;
     installer.faultLo = i;
     installer.faultHi = iEnd;

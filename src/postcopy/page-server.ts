@@ -39,6 +39,8 @@ export interface PageServerOptions {
   image: ServedImage;
   /** Identity of the served file: a reconnecting client refuses a different one. */
   imageId: Uint8Array;
+  /** The image is a snapshot file served whole (for qemu-restore), said so in INFO. */
+  wholeFile?: boolean;
   token: Buffer;
   logger: Logger;
   /** A client that has not authenticated by then is dropped. */
@@ -168,7 +170,7 @@ export class PageServer {
     this.limited = new LogLimiter(opts.logger);
     const zero = opts.image.zero;
     const zeroPages = zero.countZero();
-    this.info = { size: opts.image.size, pages: zero.pages, dataPages: zero.pages - zeroPages, id: opts.imageId };
+    this.info = { size: opts.image.size, pages: zero.pages, dataPages: zero.pages - zeroPages, id: opts.imageId, ...(opts.wholeFile ? { wholeFile: true } : {}) };
     this.zeroBits = zeroMapBytes(zero);
   }
 
@@ -427,7 +429,9 @@ export class PageServer {
   private onRequest(conn: Conn, h: FrameHeader): void {
     const size = h.arg;
     const start = h.offset;
-    const inBounds = requestInBounds(h.id, start, size, this.info.size);
+    // The last page may run past the end of an image that is not a whole number of pages (a
+    // file served whole): its tail reads as zero, as the mapping gives it.
+    const inBounds = requestInBounds(h.id, start, size, this.info.pages * WIRE_PAGE);
     conn.requests++;
     // Bounds: never read outside the image, whatever the client asks.
     if (!inBounds) {

@@ -217,7 +217,15 @@ export interface ImageInfo {
   dataPages: number;
   /** Changes when the served file changes: a reconnecting client refuses a different image. */
   id: Uint8Array;
+  /**
+   * The bytes are a snapshot FILE served whole (page-server --whole-file, for qemu-restore), not
+   * guest memory: a daemon restoring a VM from them must refuse. INFO flags bit 0.
+   */
+  wholeFile?: boolean;
 }
+
+/** INFO flags (the u32 at offset 12, reserved before and sent as 0 by older servers). */
+export const INFO_WHOLE_FILE = 1;
 
 /** WELCOME: the server's proof, in clear (the last handshake frame; everything after it is sealed). */
 export function encodeWelcome(proof: Uint8Array): Uint8Array {
@@ -235,6 +243,7 @@ export function encodeInfo(info: ImageInfo): Uint8Array {
   const v = new DataView(p.buffer);
   setU64(v, 0, info.size);
   v.setUint32(8, WIRE_PAGE, true);
+  v.setUint32(12, info.wholeFile ? INFO_WHOLE_FILE : 0, true);
   setU64(v, 16, info.pages);
   setU64(v, 24, info.dataPages);
   p.set(info.id.subarray(0, 16), 32);
@@ -255,7 +264,8 @@ export function decodeInfo(p: Uint8Array): { info: ImageInfo; maxRequest: number
   if (pages !== Math.ceil(size / WIRE_PAGE) || dataPages > pages) throw new ProtocolError(`INFO with ${pages} pages (${dataPages} data) for ${size} bytes`);
   const maxRequest = v.getUint32(52, true);
   if (maxRequest < 2 * 1024 * 1024) throw new ProtocolError(`INFO allowing requests of only ${maxRequest} bytes (a 2 MiB page must fit)`);
-  return { info: { size, pages, dataPages, id: p.slice(32, 48) }, maxRequest };
+  const wholeFile = (v.getUint32(12, true) & INFO_WHOLE_FILE) !== 0;
+  return { info: { size, pages, dataPages, id: p.slice(32, 48), ...(wholeFile ? { wholeFile } : {}) }, maxRequest };
 }
 
 // ---- requests and replies -------------------------------------------------------------------

@@ -24,6 +24,9 @@ export async function openRemoteSource(url: string, opts: SourceOptions): Promis
 
   const addr = await resolveHost(parseTcpUrl(url), `--mem ${url}`);
   const { info, zero } = await probe(url, addr, token, opts);
+  if (info.wholeFile) {
+    throw new ConfigError(`--mem ${url}: the page server serves a whole snapshot file (page-server --whole-file, for qemu-restore), not guest memory; start it without --whole-file`);
+  }
   // No local bytes: everything comes through the requester.
   const backend: RemoteBackend = { kind: "remote", size: info.size, zero, description: `page server ${url}` };
   const sweep = opts.populate !== "none";
@@ -45,7 +48,7 @@ export async function openRemoteSource(url: string, opts: SourceOptions): Promis
  * Fetches the image description and zero map, retrying an unreachable server until the deadline.
  * A refused token or protocol version is final: retrying cannot fix it.
  */
-async function probe(url: string, addr: HostPort, token: Buffer, opts: SourceOptions): Promise<{ info: ImageInfo; zero: ZeroMap }> {
+export async function probe(url: string, addr: HostPort, token: Buffer, opts: SourceOptions): Promise<{ info: ImageInfo; zero: ZeroMap }> {
   const loop = new EventLoop();
   const started = performance.now();
   let delay = PROBE_RETRY_FIRST_MS;

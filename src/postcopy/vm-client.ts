@@ -16,6 +16,7 @@ import { formatBytes } from "../core/log.ts";
 import { AGAIN, GONE, installErrno, installFailed, PAGE_IN_FLIGHT, type PageRegion as Region, type PageRequester, type RequesterContext, type RequesterVm } from "../sources/port.ts";
 import type { HostPort } from "./address.ts";
 import { ClientChannel, type LostKind } from "./client-channel.ts";
+import { SweepOrder } from "../scheduler/sweep-order.ts";
 import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role } from "./protocol.ts";
 
 export interface RemoteTarget {
@@ -84,8 +85,11 @@ export class VmClient implements PageRequester {
   private readonly redeliveries: Req[] = [];
   private sweeping = false;
   private sweepScheduled = false;
-  private sweepRegion = 0;
-  private sweepPage = 0;
+  /** The sweep's order (shared with the populator and the QEMU sink): regions in slot-sized spans, pass after pass. */
+  private readonly sweepOrder: SweepOrder;
+  private readonly regionSettled: (u: number) => boolean;
+  /** The current pass is over; another starts only if the last one asked for something. */
+  private passOver = false;
   private requestedThisPass = 0;
   private readonly backoff = [RECONNECT_FIRST_MS, RECONNECT_FIRST_MS];
   private readonly cancelReconnect: ((() => void) | undefined)[] = [undefined, undefined];
@@ -117,6 +121,9 @@ export class VmClient implements PageRequester {
       biggestPage = Math.max(biggestPage, r.pageSize);
     }
     this.slotSize = Math.max(MIN_SLOT, biggestPage);
+    const regions = vm.table.regions;
+    this.sweepOrder = new SweepOrder(regions.length, (u) => regions[u]!.pages, (u) => Math.floor(this.slotSize / regions[u]!.pageSize));
+    this.regionSettled = (u) => regions[u]!.settled === regions[u]!.pages;
     // Until the page server delivers, the VM is "without a page server": the deadline runs.
     this.stallSince = performance.now();
     this.deadAfterMs = Math.max(DEAD_AFTER_MIN_MS, Math.min(DEAD_AFTER_MAX_MS, target.deadlineMs / 2));
@@ -340,7 +347,7 @@ export class VmClient implements PageRequester {
   // ---- background completion ---------------------------------------------------------------
 
   private scheduleSweep(): void {
-    if (!this.target.sweep || this.sweepScheduled || this.done || this.sweepRegion >= this.vm.table.regions.length) return;
+    if (!this.target.sweep || this.sweepScheduled || this.done || this.passOver) return;
     this.sweepScheduled = true;
     this.loop.after(0, () => {
       this.sweepScheduled = false;
@@ -355,37 +362,35 @@ export class VmClient implements PageRequester {
     let looked = 0;
     this.sweeping = true;
     try {
-      while (this.sweepRegion < regions.length) {
+      const order = this.sweepOrder;
+      while (!this.passOver) {
         if (this.backgroundInFlight + this.sweepQueuedBytes >= BACKGROUND_WINDOW) break;
         if (looked >= SWEEP_PAGES_PER_TURN) {
           this.sweeping = false;
           this.scheduleSweep();
           break;
         }
-        const region = regions[this.sweepRegion]!;
-        if (this.sweepPage >= region.pages || region.settled === region.pages) {
-          this.sweepRegion++;
-          this.sweepPage = 0;
-          continue;
+        if (!order.next(this.regionSettled)) {
+          this.passOver = true;
+          break;
         }
-        const to = Math.min(region.pages, this.sweepPage + Math.max(1, Math.floor(this.slotSize / region.pageSize)));
+        const region = regions[order.unit]!;
         const before = region.settled;
         const queued = this.sweepQueue.length;
-        const r = this.vm.installMissing(region, this.sweepPage, to, 0);
+        const r = this.vm.installMissing(region, order.from, order.to, 0);
         this.vm.stats.populatedPages += region.settled - before; // zero pages, installed right here
         this.requestedThisPass += this.sweepQueue.length - queued;
         if (r === AGAIN) {
-          // A REMOVE is pending; the VM's owner reads it before our next turn.
+          // A REMOVE is pending; the VM's owner reads it before our next turn, then this span again.
+          order.again();
           this.loop.after(1, () => this.scheduleSweep());
           break;
         }
         if (r === GONE || installFailed(r)) {
-          this.sweepRegion++;
-          this.sweepPage = 0;
+          order.skipUnit();
           continue;
         }
-        looked += to - this.sweepPage;
-        this.sweepPage = to;
+        looked += order.to - order.from;
       }
     } finally {
       this.sweeping = false;
@@ -401,12 +406,11 @@ export class VmClient implements PageRequester {
    * pass is over and nothing is in flight, start another, as long as the last one asked for something.
    */
   private maybeRestartSweep(): void {
-    if (this.sweepRegion < this.vm.table.regions.length || this.vm.table.complete) return;
+    if (!this.passOver || this.vm.table.complete) return;
     if (this.sent.size || this.urgentQueue.length || this.backgroundQueue.length || this.sweepQueue.length || this.redeliveries.length) return;
     if (this.requestedThisPass === 0) return;
     this.requestedThisPass = 0;
-    this.sweepRegion = 0;
-    this.sweepPage = 0;
+    this.passOver = false; // the order starts its next pass from the first region
     this.scheduleSweep();
   }
 

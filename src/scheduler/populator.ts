@@ -3,24 +3,20 @@
 // left, until the VM no longer needs us. Runs only when the event loop has no fd ready.
 import { PAGE_MISSING, PAGE_REMOVED, type Region } from "./handler-table.ts";
 import { HOW_PREFETCH } from "../sinks/uffd/page-installer.ts";
-import { AGAIN, GONE, INSTALLED, installFailed } from "../sources/port.ts";
+import { AGAIN, GONE, installFailed } from "../sources/port.ts";
 import type { VmSession } from "../daemon/vm-session.ts";
+import { PrefetchOrder } from "./prefetch-order.ts";
+import { SweepOrder } from "./sweep-order.ts";
 
 export type PopulateMode = "none" | "background";
 
-/**
- * Recorded pages per prefetch step. A step sorts its pages so neighbours in the image become one
- * ioctl (a guest touching a cluster in random order records it shuffled), while the recorded
- * order still holds from one step to the next.
- */
-const PREFETCH_STEP_PAGES = 128;
 /** Bytes per background step. */
 const SWEEP_STEP_BYTES = 2 * 1024 * 1024;
 
 export class Populator {
-  private prefetchPos = 0;
-  private sweepRegion = 0;
-  private sweepPage = 0;
+  private readonly prefetchOrder: PrefetchOrder | undefined;
+  private readonly sweep: SweepOrder;
+  private readonly regionDone: (u: number) => boolean;
   private seenFaults = 0;
   private settledAtPassStart = -1;
   private done = false;
@@ -33,6 +29,10 @@ export class Populator {
     private readonly mode: PopulateMode,
   ) {
     if (!prefetch?.length && mode === "none") this.done = true;
+    if (prefetch?.length) this.prefetchOrder = new PrefetchOrder(prefetch);
+    const regions = vm.table.regions;
+    this.sweep = new SweepOrder(regions.length, (u) => regions[u]!.pages, (u) => Math.floor(SWEEP_STEP_BYTES / regions[u]!.pageSize));
+    this.regionDone = (u) => regions[u]!.settled === regions[u]!.pages;
   }
 
   get idle(): boolean {
@@ -43,8 +43,8 @@ export class Populator {
   step(): boolean {
     // Its owner stops calling once the VM is detached or closed.
     if (this.done) return false;
-    const order = this.prefetch;
-    if (order !== undefined && this.prefetchPos < order.length) {
+    const order = this.prefetchOrder;
+    if (order !== undefined && !order.done) {
       this.prefetchStep(order);
       return true;
     }
@@ -54,15 +54,10 @@ export class Populator {
     return false;
   }
 
-  private readonly batch = new Uint32Array(PREFETCH_STEP_PAGES);
-
-  private prefetchStep(recorded: Uint32Array): void {
+  private prefetchStep(prefetch: PrefetchOrder): void {
     const regions = this.vm.table.regions;
-    const take = Math.min(PREFETCH_STEP_PAGES, recorded.length - this.prefetchPos);
-    const order = this.batch.subarray(0, take);
-    order.set(recorded.subarray(this.prefetchPos, this.prefetchPos + take));
-    order.sort();
-    const end = take;
+    const order = prefetch.step();
+    const end = order.length;
     // Per region, the span installed in this step, woken once at the end.
     let woke: Region | undefined;
     let lo = 0;
@@ -96,6 +91,7 @@ export class Populator {
       if (r === AGAIN) {
         // A REMOVE is pending: this batch again next step (pages already in are skipped then).
         if (woke !== undefined) this.wake(woke, lo, hi);
+        prefetch.retry(end);
         return;
       }
       if (installFailed(r) || r === GONE) continue;
@@ -111,7 +107,6 @@ export class Populator {
       }
     }
     if (woke !== undefined) this.wake(woke, lo, hi);
-    this.prefetchPos += take;
   }
 
   private wake(region: Region, lo: number, hi: number): void {
@@ -127,38 +122,27 @@ export class Populator {
   private sweepStep(): boolean {
     const vm = this.vm;
     const regions = vm.table.regions;
+    const sweep = this.sweep;
     if (vm.lastFaultRegion !== undefined && vm.stats.faults !== this.seenFaults) {
       this.seenFaults = vm.stats.faults;
-      this.sweepRegion = regions.indexOf(vm.lastFaultRegion);
-      this.sweepPage = vm.lastFaultPage;
+      sweep.follow(regions.indexOf(vm.lastFaultRegion), vm.lastFaultPage);
     }
     for (;;) {
-      if (this.sweepRegion >= regions.length) {
+      if (vm.table.complete) return false;
+      if (!sweep.next(this.regionDone)) {
         // End of a pass: another one while the previous pass still made progress.
-        if (vm.table.complete || this.settledAtPassStart === vm.table.settledPages) return false;
+        if (this.settledAtPassStart === vm.table.settledPages) return false;
         this.settledAtPassStart = vm.table.settledPages;
-        this.sweepRegion = 0;
-        this.sweepPage = 0;
-      }
-      const region = regions[this.sweepRegion]!;
-      if (this.sweepPage >= region.pages || region.settled === region.pages) {
-        this.sweepRegion++;
-        this.sweepPage = 0;
         continue;
       }
-      const span = Math.max(1, Math.floor(SWEEP_STEP_BYTES / region.pageSize));
-      const to = Math.min(region.pages, this.sweepPage + span);
+      const region = regions[sweep.unit]!;
       const before = region.settled;
-      const r = vm.installMissing(region, this.sweepPage, to, 0);
-      if (r === INSTALLED) {
-        vm.stats.populatedPages += region.settled - before;
-        this.sweepPage = to;
-      } else if (r === GONE || installFailed(r)) {
-        // The range went away (unmapped) or cannot be installed: faults still get served.
-        this.sweepRegion++;
-        this.sweepPage = 0;
-      }
-      // AGAIN: a REMOVE is pending; the loop reads it before our next step.
+      const r = vm.installMissing(region, sweep.from, sweep.to, 0);
+      // AGAIN: a REMOVE is pending; the loop reads it before our next step, then this span again.
+      if (r === AGAIN) sweep.again();
+      // The range went away (unmapped) or cannot be installed: faults still get served.
+      else if (r === GONE || installFailed(r)) sweep.skipUnit();
+      else vm.stats.populatedPages += region.settled - before;
       return true;
     }
   }

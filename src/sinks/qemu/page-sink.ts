@@ -7,6 +7,10 @@ import { toArrayBuffer, type Pointer } from "bun:ffi";
 import { SnaploadError } from "../../core/errors.ts";
 import type { ImageBackend } from "../../sources/port.ts";
 import type { Logger } from "../../core/log.ts";
+import type { ZeroMap } from "../../sources/image/snapshot-image.ts";
+import { windowEnd, windowStart } from "../../scheduler/fault-window.ts";
+import { PrefetchOrder } from "../../scheduler/prefetch-order.ts";
+import { SweepOrder } from "../../scheduler/sweep-order.ts";
 import {
   Bytes,
   Cmd,
@@ -49,13 +53,42 @@ export function formatMigrationAddress(a: MigrationAddress): string {
   return a.kind === "unix" ? `unix:${a.path}` : `tcp:${a.host}:${a.port}`;
 }
 
-export interface SinkBlock extends StreamBlock {
-  /** Where the page bytes come from: a page source's backend (its zero map and mapping). */
-  backend: ImageBackend;
+/**
+ * The page bytes of every block, wherever they come from: a local file's mapping (every page at
+ * hand), or a remote snapshot (a page server, an object store) whose pages are present only once
+ * fetched and verified. The sink sends a page only when `bytes` has it.
+ */
+export interface BlockPages {
+  /** Per block: the 4 KiB pages the snapshot says are zero (never read, never fetched). */
+  readonly zero: ZeroMap[];
+  /** Page `page` of block `bi`, present and verified; undefined while it is not here. */
+  bytes(bi: number, page: number): Uint8Array | undefined;
+  /** Remote only: fetch data pages [first, first+count) of block bi; `arrived` follows. `urgent`: the guest waits. */
+  fetch?(bi: number, first: number, count: number, urgent: boolean): void;
+  /** The page was sent: its bytes may go. */
+  sent?(bi: number, page: number): void;
+}
+
+/** What a remote BlockPages tells the sink. */
+export interface PageArrivals {
+  /** Pages [first, first+count) of block bi are present now. */
+  arrived(bi: number, first: number, count: number): void;
+  /** They cannot be had (the source gave up): the restore fails. */
+  fail(e: Error): void;
 }
 
 /** The blocks, opened only once the device state is on its way (QEMU loads it meanwhile). */
-export type OpenBlocks = () => ImageBackend[];
+export type OpenBlocks = (arrivals: PageArrivals) => BlockPages;
+
+/** BlockPages over local page backends (the mapped-ram file's blocks, as `serve` opens them). */
+export function localPages(backends: ImageBackend[]): BlockPages {
+  // One view over each block's mapping; only pages the zero map calls data are ever read.
+  const views = backends.map((b) => (b.base === 0 ? undefined : new Uint8Array(toArrayBuffer(b.base as Pointer, 0, b.size))));
+  return {
+    zero: backends.map((b) => b.zero),
+    bytes: (bi, page) => views[bi]?.subarray(page * TARGET_PAGE, (page + 1) * TARGET_PAGE),
+  };
+}
 
 export interface SinkOptions {
   sectionId: number;
@@ -66,8 +99,8 @@ export interface SinkOptions {
   /** Neighbouring 4 KiB pages sent with each request (aligned window; 1 = the page alone). */
   faultAround: number;
   logger: Logger;
-  /** Pages to send first, in order, right after the device state (a recorded working set). */
-  prefetch?: { block: number; page: number }[];
+  /** Pages to send first, in order, right after the device state (a recorded working set, in whole-snapshot pages). */
+  prefetch?: Uint32Array;
   /**
    * Send ZERO records for zero pages in the background too, as QEMU's own source does. By default
    * they are sent only when requested: pages never sent read as zero once the destination
@@ -101,7 +134,8 @@ const HIGH_WATER = 512 * 1024; // bytes queued in our socket buffer before the b
 // Background chunks are reused once written: a fresh 256 KiB buffer per chunk costs its page
 // faults and the GC, which made the stream 30x slower than the copies themselves.
 const POOL_CHUNKS = 8;
-const HINT_WINDOW = 256; // pages the background follows after a request before the linear sweep
+/** Background data pages fetched from a remote source and not yet arrived (8 MiB). */
+const FETCH_WINDOW_PAGES = 2048;
 const PONG_TIMEOUT_MS = 10_000;
 
 function connectTo(addr: MigrationAddress, channel = "main"): Promise<Socket> {
@@ -139,12 +173,21 @@ export class QemuPageSink {
     eofSentMs: 0,
     shutMs: 0,
   };
-  #blocks: SinkBlock[] = [];
+  #pages: BlockPages | undefined;
   readonly #streamBlocks: StreamBlock[];
   readonly #open: OpenBlocks;
   readonly #byName: Map<string, number>;
   readonly #sent: Uint8Array[];
-  #views: (Uint8Array | undefined)[] = [];
+  /** Remote sources: pages asked for (1 in the background, 2 urgently), not yet arrived. */
+  readonly #fetching: Uint8Array[];
+  #fetchingBackground = 0;
+  /** Remote sources: requested pages waiting for their bytes -> when the request came (-1: a neighbour). */
+  readonly #waiting = new Map<number, number>();
+  /** Remote sources: pages that arrived for the background, to send in arrival order. */
+  #arrived: number[] = [];
+  #arrivedAt = 0;
+  /** First whole-snapshot page of each block (working-set page numbers). */
+  readonly #blockStart: number[] = [];
   readonly #totalPages: number;
   /** Pages the stream must carry before it can end: data pages (plus zero pages with sendZeroPages). */
   #mustSend = 0;
@@ -153,10 +196,15 @@ export class QemuPageSink {
   #main: Socket | undefined;
   #pre: Socket | undefined;
   #preLastBlock = -1;
-  #cursorBlock = 0;
-  #cursorPage = 0;
-  #hint: { block: number; page: number; left: number } | undefined;
-  #prefetch: { block: number; page: number }[] = [];
+  readonly #sweep: SweepOrder;
+  #sweepBusy = false;
+  #passProgress = false;
+  /** The current pass began at the first page and the sweep has not jumped since. */
+  #passWhole = true;
+  /** A whole pass found nothing to send or fetch: every page is sent or on its way, for good. */
+  #sweepIdle = false;
+  readonly #prefetch: PrefetchOrder | undefined;
+  #prefetchStep: Uint32Array = new Uint32Array(0);
   #prefetchAt = 0;
   #eofSent = false;
   #finished = false;
@@ -178,21 +226,28 @@ export class QemuPageSink {
     this.#open = open;
     this.#byName = new Map(blocks.map((b, i) => [b.name, i]));
     this.#sent = blocks.map((b) => new Uint8Array(b.usedLength / TARGET_PAGE));
-    this.#totalPages = blocks.reduce((n, b) => n + b.usedLength / TARGET_PAGE, 0);
-    if (opts.prefetch) this.#prefetch = opts.prefetch;
+    this.#fetching = blocks.map((b) => new Uint8Array(b.usedLength / TARGET_PAGE));
+    let n = 0;
+    for (const b of blocks) {
+      this.#blockStart.push(n);
+      n += b.usedLength / TARGET_PAGE;
+    }
+    this.#totalPages = n;
+    this.#sweep = new SweepOrder(blocks.length, (u) => this.#sent[u]!.length, () => CHUNK_PAGES);
+    if (opts.prefetch?.length) this.#prefetch = new PrefetchOrder(opts.prefetch);
   }
 
   #openBlocks(): void {
-    const backends = this.#open();
-    this.#blocks = this.#streamBlocks.map((b, i) => {
-      const backend = backends[i]!;
-      if (backend.size !== b.usedLength) throw new MigrationError(`RAM block "${b.name}": the page source has ${backend.size} bytes, the stream ${b.usedLength}`);
-      return { ...b, backend };
+    const pages = this.#open({
+      arrived: (bi, first, count) => this.#onArrived(bi, first, count),
+      fail: (e) => this.abort(e),
     });
-    const blocks = this.#blocks;
-    this.#mustSend = this.opts.sendZeroPages ? this.#totalPages : blocks.reduce((n, b) => n + b.backend.zero.pages - b.backend.zero.countZero(), 0);
-    // One view over each block's mapping; only pages the zero map calls data are ever read.
-    this.#views = blocks.map((b) => (b.backend.base === 0 ? undefined : new Uint8Array(toArrayBuffer(b.backend.base as Pointer, 0, b.usedLength))));
+    pages.zero.forEach((z, i) => {
+      const b = this.#streamBlocks[i]!;
+      if (z.pages * TARGET_PAGE !== b.usedLength) throw new MigrationError(`RAM block "${b.name}": the page source has ${z.pages * TARGET_PAGE} bytes, the stream ${b.usedLength}`);
+    });
+    this.#pages = pages;
+    this.#mustSend = this.opts.sendZeroPages ? this.#totalPages : pages.zero.reduce((n, z) => n + z.pages - z.countZero(), 0);
   }
 
   get totalPages(): number {
@@ -337,10 +392,11 @@ export class QemuPageSink {
   #serveRequest(name: string | undefined, start: number, length: number, receivedAt: number): void {
     // Requests can only follow LISTEN, which travels in the package, after which the blocks
     // are open; a destination that asks earlier is not following the protocol.
-    if (this.#blocks.length === 0) return this.abort(new MigrationError("the destination requested a page before the device state was sent"));
+    const pages = this.#pages;
+    if (pages === undefined) return this.abort(new MigrationError("the destination requested a page before the device state was sent"));
     const bi = name === undefined ? undefined : this.#byName.get(name);
     if (bi === undefined) return this.abort(new MigrationError(`the destination requested a page of unknown RAM block "${name}"`));
-    const block = this.#blocks[bi]!;
+    const block = this.#streamBlocks[bi]!;
     if (start % TARGET_PAGE !== 0 || length <= 0 || length % TARGET_PAGE !== 0 || start + length > block.usedLength) {
       return this.abort(new MigrationError(`the destination requested a bad range ${start}+${length} of RAM block "${block.name}"`));
     }
@@ -350,27 +406,95 @@ export class QemuPageSink {
     if (this.#eofSent && !this.#pre) return;
     const first = start / TARGET_PAGE;
     const count = length / TARGET_PAGE;
-    for (let p = first; p < first + count; p++) this.opts.onRequest?.(bi, p);
-    // Fault-around: the aligned window holding the request, requested pages first.
+    const end = first + count;
+    for (let p = first; p < end; p++) this.opts.onRequest?.(bi, p);
+    // Fault-around (the policy the uffd sink uses): the aligned window holding the request.
     const fa = this.opts.faultAround;
-    const winStart = Math.floor(first / fa) * fa;
-    const winEnd = Math.min(this.#sent[bi]!.length, Math.max(first + count, winStart + fa));
-    const pages: number[] = [];
-    for (let p = first; p < first + count; p++) pages.push(p);
-    // Neighbours only when they hold data: a zero neighbour costs the destination an ioctl for
-    // a page the guest may never touch.
-    const zero = block.backend.zero;
-    for (let p = winStart; p < winEnd; p++) if ((p < first || p >= first + count) && !zero.isZero(p)) pages.push(p);
+    const sent = this.#sent[bi]!;
+    const winStart = windowStart(first, fa);
+    const winEnd = windowEnd(winStart, end, fa, sent.length);
+    const zero = pages.zero[bi]!;
+    // Requested pages first; neighbours only when they hold data: a zero neighbour costs the
+    // destination an ioctl for a page the guest may never touch.
+    const now: number[] = [];
+    let missLo = -1;
+    let missHi = -1;
+    let waits = 0;
+    const take = (p: number, requested: boolean) => {
+      if (sent[p]) return;
+      if (zero.isZero(p) || pages.bytes(bi, p) !== undefined) return void now.push(p);
+      // Not here yet (remote source): sent when it arrives, on the preempt channel.
+      const key = this.#key(bi, p);
+      if (requested) {
+        waits++;
+        this.#waiting.set(key, receivedAt);
+      } else if (!this.#waiting.has(key)) this.#waiting.set(key, -1);
+      if (this.#fetching[bi]![p] !== 2) {
+        missLo = missLo < 0 ? p : Math.min(missLo, p);
+        missHi = Math.max(missHi, p + 1);
+      }
+    };
+    for (let p = first; p < end; p++) take(p, true);
+    for (let p = winStart; p < winEnd; p++) if ((p < first || p >= end) && !zero.isZero(p)) take(p, false);
     const requestedUnsent = this.#countUnsent(bi, first, count);
     if (requestedUnsent === 0) {
       // Already sent in the background; the destination gets it from the main channel.
       this.stats.requestsInFlight++;
     }
-    const n = this.#sendNow(bi, pages);
+    if (missLo >= 0) this.#fetch(bi, missLo, missHi, true);
+    const n = this.#sendNow(bi, now);
     this.stats.pagesOnRequest += n;
-    if (requestedUnsent > 0) this.stats.latenciesMs.push(performance.now() - receivedAt);
-    this.#hint = { block: bi, page: winEnd, left: HINT_WINDOW };
+    if (requestedUnsent > 0 && waits === 0) this.stats.latenciesMs.push(performance.now() - receivedAt);
+    this.#sweep.follow(bi, winEnd);
+    this.#sweepBusy = false; // the rest of the current span waits for the next pass
+    this.#passWhole = false;
     this.#maybeFinish();
+  }
+
+  #key(bi: number, page: number): number {
+    return this.#blockStart[bi]! + page;
+  }
+
+  /** Asks a remote source for the data pages of [from, to) of block bi not asked for yet (urgently: again). */
+  #fetch(bi: number, from: number, to: number, urgent: boolean): void {
+    const f = this.#fetching[bi]!;
+    const mark = urgent ? 2 : 1;
+    for (let p = from; p < to; p++) {
+      if (f[p] === 0 && !urgent) this.#fetchingBackground++;
+      if (f[p]! < mark) f[p] = mark;
+    }
+    this.#pages!.fetch!(bi, from, to - from, urgent);
+  }
+
+  /** A remote source delivered pages: requested ones go out now, the rest join the background. */
+  #onArrived(bi: number, first: number, count: number): void {
+    if (this.#finished) return;
+    const sent = this.#sent[bi]!;
+    const f = this.#fetching[bi]!;
+    const now: number[] = [];
+    const at = performance.now();
+    let latencyFrom = Infinity;
+    for (let p = first; p < first + count; p++) {
+      if (f[p] === 1) this.#fetchingBackground--;
+      f[p] = 0;
+      if (sent[p]) {
+        this.#pages!.sent?.(bi, p); // a second copy (asked again urgently): not kept
+        continue;
+      }
+      if (this.#pages!.bytes(bi, p) === undefined) continue;
+      const key = this.#key(bi, p);
+      const waited = this.#waiting.get(key);
+      if (waited !== undefined) {
+        this.#waiting.delete(key);
+        if (waited >= 0) latencyFrom = Math.min(latencyFrom, waited);
+        now.push(p);
+      } else this.#arrived.push(key);
+    }
+    if (now.length) {
+      this.stats.pagesOnRequest += this.#sendNow(bi, now);
+      if (latencyFrom !== Infinity) this.stats.latenciesMs.push(at - latencyFrom);
+    }
+    this.#pump();
   }
 
   #countUnsent(bi: number, first: number, count: number): number {
@@ -379,7 +503,7 @@ export class QemuPageSink {
     return n;
   }
 
-  /** Sends the unsent pages among `pages` (one block) right away; returns how many were sent. */
+  /** Sends the unsent pages among `pages` (one block, all present) right away; returns how many were sent. */
   #sendNow(bi: number, pages: number[]): number {
     const sent = this.#sent[bi]!;
     const todo = pages.filter((p) => !sent[p]);
@@ -403,74 +527,131 @@ export class QemuPageSink {
 
   /** Appends one page record and marks the page sent (the only place that does). */
   #record(b: Bytes, bi: number, page: number, withName: boolean): void {
-    const block = this.#blocks[bi]!;
+    const block = this.#streamBlocks[bi]!;
     const sent = this.#sent[bi]!;
+    const pages = this.#pages!;
     if (sent[page]) throw new MigrationError(`internal error: page ${page} of ${block.name} about to be sent twice (the destination would fail)`);
+    const zero = pages.zero[bi]!.isZero(page);
+    const data = zero ? undefined : pages.bytes(bi, page);
+    // Callers send only pages whose bytes are here (a local mapping holds every data page).
+    if (!zero && data === undefined) throw new MigrationError(`internal error: data page ${page} of ${block.name} sent before its bytes arrived`);
     sent[page] = 1;
     this.#sentPages++;
-    const zero = block.backend.zero.isZero(page);
     if (!zero || this.opts.sendZeroPages) this.#mustSent++;
-    const view = this.#views[bi];
-    // The parser checked that every data page lies inside the file, hence inside the mapping.
-    if (!zero && !view) throw new MigrationError(`internal error: data page ${page} of ${block.name} has no mapping`);
-    const data = zero ? undefined : view!.subarray(page * TARGET_PAGE, (page + 1) * TARGET_PAGE);
     pageRecord(b, page * TARGET_PAGE, withName ? block.name : undefined, data);
+    if (!zero) pages.sent?.(bi, page);
   }
 
   /** Whether the background still has to send this page. */
   #wanted(bi: number, page: number): boolean {
-    return !this.#sent[bi]![page] && (this.opts.sendZeroPages === true || !this.#blocks[bi]!.backend.zero.isZero(page));
+    return !this.#sent[bi]![page] && (this.opts.sendZeroPages === true || !this.#pages!.zero[bi]!.isZero(page));
   }
 
-  /** The next unsent page for the background: prefetch list, then after recent requests, then in order. */
-  #nextBackground(): { block: number; page: number; prefetch: boolean } | undefined {
-    while (this.#prefetchAt < this.#prefetch.length) {
-      const p = this.#prefetch[this.#prefetchAt++]!;
-      if (!this.#sent[p.block]![p.page]) return { ...p, prefetch: true };
+  /** Whole-snapshot page -> block index and page (for the prefetch list). */
+  #locate(g: number): number {
+    let bi = this.#blockStart.length - 1;
+    while (bi > 0 && this.#blockStart[bi]! > g) bi--;
+    return bi;
+  }
+
+  /**
+   * The next page for the background, present and unsent, as a whole-snapshot page number; -1
+   * when none is ready now. Order: pages a remote source just delivered, the working set
+   * (PrefetchOrder), then the sweep (SweepOrder, following the guest's requests). Pages not here
+   * yet are fetched on the way and come back through the first queue.
+   */
+  #nextBackground(): { key: number; prefetch: boolean } | undefined {
+    const pages = this.#pages!;
+    while (this.#arrivedAt < this.#arrived.length) {
+      const key = this.#arrived[this.#arrivedAt++]!;
+      const bi = this.#locate(key);
+      if (!this.#sent[bi]![key - this.#blockStart[bi]!]) return { key, prefetch: false };
     }
-    const h = this.#hint;
-    if (h) {
-      const sent = this.#sent[h.block]!;
-      while (h.left > 0 && h.page < sent.length) {
-        h.left--;
-        const p = h.page++;
-        if (this.#wanted(h.block, p)) return { block: h.block, page: p, prefetch: false };
+    if (this.#arrivedAt > 0) {
+      this.#arrived = [];
+      this.#arrivedAt = 0;
+    }
+    const pf = this.#prefetch;
+    while (pf !== undefined && (this.#prefetchAt < this.#prefetchStep.length || !pf.done)) {
+      if (this.#prefetchAt >= this.#prefetchStep.length) {
+        this.#prefetchStep = pf.step();
+        this.#prefetchAt = 0;
       }
-      this.#hint = undefined;
+      const g = this.#prefetchStep[this.#prefetchAt++]!;
+      if (g >= this.#totalPages) continue;
+      const bi = this.#locate(g);
+      const p = g - this.#blockStart[bi]!;
+      if (this.#sent[bi]![p]) continue;
+      if (pages.zero[bi]!.isZero(p) || pages.bytes(bi, p) !== undefined) return { key: g, prefetch: true };
+      if (this.#fetching[bi]![p] === 0) this.#fetch(bi, p, p + 1, false);
     }
-    while (this.#cursorBlock < this.#blocks.length) {
-      const sent = this.#sent[this.#cursorBlock]!;
-      const zero = this.#blocks[this.#cursorBlock]!.backend.zero;
-      while (this.#cursorPage < sent.length) {
+    const sweep = this.#sweep;
+    for (;;) {
+      if (!this.#sweepBusy) {
+        if (this.#sweepIdle) return undefined;
+        if (pages.fetch !== undefined && this.#fetchingBackground >= FETCH_WINDOW_PAGES) return undefined;
+        if (!sweep.next()) {
+          // End of a pass: another while the last one moved something, or did not cover every
+          // page (the sweep jumped after a request: the pages it jumped over).
+          if (!this.#passProgress && this.#passWhole) this.#sweepIdle = true;
+          this.#passProgress = false;
+          this.#passWhole = true;
+          continue;
+        }
+        this.#sweepBusy = true;
+        if (pages.fetch !== undefined) this.#fetchSpan(sweep.unit, sweep.from, sweep.to);
+      }
+      const bi = sweep.unit;
+      const zero = pages.zero[bi]!;
+      while (sweep.from < sweep.to) {
         // Skip runs of zero pages a word at a time.
-        if (!this.opts.sendZeroPages) this.#cursorPage = zero.nextData(this.#cursorPage);
-        if (this.#cursorPage >= sent.length) break;
-        const p = this.#cursorPage++;
-        if (!sent[p]) return { block: this.#cursorBlock, page: p, prefetch: false };
+        if (!this.opts.sendZeroPages) sweep.from = zero.nextData(sweep.from, sweep.to);
+        if (sweep.from >= sweep.to) break;
+        const p = sweep.from++;
+        if (!this.#sent[bi]![p] && pages.bytes(bi, p) !== undefined) {
+          this.#passProgress = true;
+          return { key: this.#blockStart[bi]! + p, prefetch: false };
+        }
       }
-      this.#cursorBlock++;
-      this.#cursorPage = 0;
+      this.#sweepBusy = false;
     }
-    return undefined;
+  }
+
+  /** Fetches the wanted data pages of a sweep span that are neither here nor asked for. */
+  #fetchSpan(bi: number, from: number, to: number): void {
+    const pages = this.#pages!;
+    const f = this.#fetching[bi]!;
+    let lo = -1;
+    for (let p = from; p <= to; p++) {
+      const want = p < to && f[p] === 0 && this.#wanted(bi, p) && !pages.zero[bi]!.isZero(p) && pages.bytes(bi, p) === undefined;
+      if (want && lo < 0) lo = p;
+      else if (!want && lo >= 0) {
+        this.#fetch(bi, lo, p, false);
+        this.#passProgress = true;
+        lo = -1;
+      }
+    }
   }
 
   /** Streams background pages while our socket buffer has room; ends the stream when all are sent. */
   #pump(): void {
     const main = this.#main;
-    if (!main || this.#finished || this.#eofSent) return;
+    if (!main || this.#finished || this.#eofSent || this.#pages === undefined) return;
     while (main.writableLength < HIGH_WATER && this.#mustSent < this.#mustSend && this.#pool.length > 0) {
       if (this.#rateLimited()) return;
+      let next = this.#nextBackground();
+      if (next === undefined) break;
       const chunk = this.#pool.pop()!;
       const b = new Bytes(CHUNK_BYTES, chunk);
       partHeader(b, this.opts.sectionId);
       let last = -1;
-      for (let n = 0; n < CHUNK_PAGES; n++) {
-        const next = this.#nextBackground();
-        if (!next) break;
-        this.#record(b, next.block, next.page, next.block !== last);
-        last = next.block;
+      for (let n = 0; n < CHUNK_PAGES && next !== undefined; n++) {
+        const bi = this.#locate(next.key);
+        this.#record(b, bi, next.key - this.#blockStart[bi]!, bi !== last);
+        last = bi;
         if (next.prefetch) this.stats.pagesPrefetched++;
         else this.stats.pagesBackground++;
+        if (n + 1 < CHUNK_PAGES) next = this.#nextBackground();
       }
       sectionTail(b, this.opts.sectionId);
       this.#rateBytes += b.len;

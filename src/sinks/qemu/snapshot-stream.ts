@@ -4,7 +4,7 @@
 // The RAM block records and bitmaps come from the existing parser (parseMappedRam).
 import { ImageError } from "../../core/errors.ts";
 import { sl } from "../../core/ffi.ts";
-import { parseMappedRam, type MappedRamFile } from "../../sources/image/mapped-ram.ts";
+import { parseMappedRam, parseMappedRamFrom, type MappedRamFile, type Pread } from "../../sources/image/mapped-ram.ts";
 import { openRegularFile, preadAt } from "../../sources/image/snapshot-image.ts";
 
 const QEMU_VM_EOF = 0x00;
@@ -40,7 +40,7 @@ export interface SnapshotStream {
 
 class FileBytes {
   constructor(
-    readonly fd: number,
+    readonly fd: number | Pread,
     readonly path: string,
     readonly size: number,
   ) {}
@@ -57,7 +57,7 @@ class FileBytes {
     let done = 0;
     while (done < len) {
       const n = Math.min(len - done, 1 << 24);
-      const got = preadAt(this.fd, out.subarray(done), n, off + done, this.path);
+      const got = typeof this.fd === "number" ? preadAt(this.fd, out.subarray(done), n, off + done, this.path) : this.fd(out.subarray(done), n, off + done);
       if (got <= 0) throw new ImageError(`${this.path}: short read at 0x${(off + done).toString(16)}`, { path: this.path });
       done += got;
     }
@@ -91,6 +91,16 @@ export function readSnapshotStream(path: string): SnapshotStream {
   } finally {
     sl.sl_close(fd);
   }
+}
+
+/** readSnapshotStream over any reader (a snapshot that is not a local file); `path` names it in messages. */
+export function readSnapshotStreamFrom(read: Pread, size: number, path: string): SnapshotStream {
+  return walk(new FileBytes(read, path, size), parseMappedRamFrom(read, size, path));
+}
+
+/** readDeviceState over any reader. */
+export function readDeviceStateFrom(read: Pread, size: number, s: SnapshotStream): Uint8Array {
+  return new FileBytes(read, s.ram.path, size).read(s.deviceStart, s.deviceEnd - s.deviceStart, "device state");
 }
 
 function walk(f: FileBytes, ram: MappedRamFile): SnapshotStream {

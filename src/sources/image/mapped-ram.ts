@@ -119,7 +119,7 @@ class HeaderReader {
   #len = 0;
 
   constructor(
-    readonly fd: number,
+    readonly fd: number | Pread,
     readonly path: string,
     readonly fileSize: number,
   ) {}
@@ -135,7 +135,7 @@ class HeaderReader {
     }
     if (off < this.#start || off + len > this.#start + this.#len) {
       const want = Math.min(WINDOW, this.fileSize - off);
-      const got = preadAt(this.fd, this.#buf.bytes, want, off, this.path);
+      const got = typeof this.fd === "number" ? preadAt(this.fd, this.#buf.bytes, want, off, this.path) : this.fd(this.#buf.bytes, want, off);
       if (got < len) {
         throw new ImageError(`${this.path}: short read at ${hex(off)} (file changed while reading?)`, {
           path: this.path,
@@ -176,7 +176,23 @@ class HeaderReader {
   }
 }
 
-function parseOpen(fd: number, fileSize: number, path: string): MappedRamFile {
+/**
+ * Reads `len` bytes at `off` into `into`; returns how many (fewer only past the end). Lets the
+ * parsers read a snapshot that is not a local file (qemu-restore from a page server or a store).
+ */
+export type Pread = (into: Uint8Array, len: number, off: number) => number;
+
+/** parseMappedRam over any reader: `path` names the snapshot in messages. */
+export function parseMappedRamFrom(read: Pread, fileSize: number, path: string): MappedRamFile {
+  return parseOpen(read, fileSize, path);
+}
+
+/** One block's zero map (from its bitmap) over any reader. */
+export function blockZeroMapFrom(read: Pread, fileSize: number, path: string, block: MappedRamBlockInfo): ZeroMap {
+  return readZeroMap(read, fileSize, path, block);
+}
+
+function parseOpen(fd: number | Pread, fileSize: number, path: string): MappedRamFile {
   const r = new HeaderReader(fd, path, fileSize);
   try {
     return parseWith(r);
@@ -410,7 +426,7 @@ function scanBitmap(r: HeaderReader, bitmapOffset: number, pages: number, ctx: R
 }
 
 /** Expands the block's bitmap into 4 KiB zero pages (bit 0 = a zero page of `pageSize` bytes). */
-function readZeroMap(fd: number, fileSize: number, path: string, block: MappedRamBlockInfo): ZeroMap {
+function readZeroMap(fd: number | Pread, fileSize: number, path: string, block: MappedRamBlockInfo): ZeroMap {
   const zero = new ZeroMap(block.usedLength / IMAGE_PAGE);
   const ratio = block.pageSize / IMAGE_PAGE;
   const r = new HeaderReader(fd, path, fileSize);

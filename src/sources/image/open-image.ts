@@ -8,6 +8,8 @@ import { openRegularFile, preadAt, type ImageFormat, type SnapshotImage } from "
 export interface OpenImageOptions {
   /** mapped-ram only: the RAMBlock to serve (default: the largest). */
   ramblock?: string;
+  /** Every byte of the file as it is, whatever its format (a mapped-ram file for qemu-restore). */
+  wholeFile?: boolean;
 }
 
 export function detectFormat(path: string): ImageFormat {
@@ -22,6 +24,10 @@ export function detectFormat(path: string): ImageFormat {
 }
 
 export function openImage(path: string, opts: OpenImageOptions = {}): SnapshotImage {
+  if (opts.wholeFile) {
+    if (opts.ramblock !== undefined) throw new ConfigError("--ramblock and --whole-file exclude each other", { path, ramblock: opts.ramblock });
+    return openRawImage(path);
+  }
   const format = detectFormat(path);
   if (format === "mapped-ram") return openMappedRamImage(path, opts.ramblock);
   if (opts.ramblock !== undefined) {

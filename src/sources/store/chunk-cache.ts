@@ -34,7 +34,9 @@ class BufferPool {
   take(length: number): NativeBuffer {
     const i = this.free.findIndex((b) => b.length >= length);
     if (i >= 0) return this.free.splice(i, 1)[0]!;
-    return new NativeBuffer(length);
+    // Rounded up to whole words: the last chunk of an image that is not a whole number of pages
+    // (a file pushed --whole-file) has any length, and a NativeBuffer is also viewed as u32s.
+    return new NativeBuffer(Math.ceil(length / 8) * 8);
   }
   give(b: NativeBuffer): void {
     if (this.free.length < 64) this.free.push(b);

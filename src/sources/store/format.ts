@@ -9,6 +9,13 @@ import { zstdDecompressInto } from "./zstd.ts";
 
 export const STORE_FORMAT_VERSION = 1;
 /**
+ * Manifests of a QEMU snapshot file pushed whole (`push --whole-file`, source "qemu-file": pages
+ * AND device state, for qemu-restore). Version 1 manifests stay as they were; a reader that
+ * knows only version 1 refuses these by their version, instead of serving a file's bytes as RAM.
+ */
+export const WHOLE_FILE_FORMAT_VERSION = 2;
+const READABLE_VERSIONS = [STORE_FORMAT_VERSION, WHOLE_FILE_FORMAT_VERSION];
+/**
  * Chosen by bench/store-chunks.ts (README, "Snapshot stores"): the same stored bytes as larger
  * chunks, but a second snapshot uploads 2-3x less and a cold restore fetches ~half the bytes.
  */
@@ -107,14 +114,14 @@ export function decodeChunk(object: Uint8Array, hash: string, length: number, wh
 const blockSchema = z.object({ name: z.string(), usedLength: z.number().int().nonnegative(), pageSize: z.number().int().positive() });
 
 const manifestSchema = z.object({
-  format: z.literal(STORE_FORMAT_VERSION),
+  format: z.union([z.literal(STORE_FORMAT_VERSION), z.literal(WHOLE_FILE_FORMAT_VERSION)]),
   name: z.string().regex(NAME_RE),
   created: z.string(),
   image: z.object({
     /** Bytes a region offset can address: the raw file, or the pushed mapped-ram block. */
     size: z.number().int().positive().max(Number.MAX_SAFE_INTEGER),
     pageSize: z.literal(IMAGE_PAGE),
-    source: z.enum(["raw", "mapped-ram"]),
+    source: z.enum(["raw", "mapped-ram", "qemu-file"]),
     /** mapped-ram: the block pushed, its page size, and every block of the file (geometry). */
     block: z.string().optional(),
     blockPageSize: z.number().int().positive().optional(),
@@ -165,7 +172,7 @@ function zeroMapFromBytes(bytes: Uint8Array, pages: number): ZeroMap {
 
 export function encodeManifest(body: ManifestBody): Uint8Array {
   const json = new TextEncoder().encode(JSON.stringify(body));
-  const head = new TextEncoder().encode(`${MANIFEST_MAGIC} ${STORE_FORMAT_VERSION} sha256:${sha256(json)}\n`);
+  const head = new TextEncoder().encode(`${MANIFEST_MAGIC} ${body.format} sha256:${sha256(json)}\n`);
   const out = new Uint8Array(head.length + json.length);
   out.set(head);
   out.set(json, head.length);
@@ -179,7 +186,7 @@ export function decodeManifest(bytes: Uint8Array, where: string): Manifest {
   if (nl < 0 || nl > 200) throw bad("not a snapload manifest (no header line)");
   const head = new TextDecoder().decode(bytes.subarray(0, nl)).split(" ");
   if (head[0] !== MANIFEST_MAGIC) throw bad("not a snapload manifest (bad header)");
-  if (head[1] !== String(STORE_FORMAT_VERSION)) throw bad(`format version ${head[1]} is not supported (this snapload reads version ${STORE_FORMAT_VERSION})`);
+  if (!READABLE_VERSIONS.map(String).includes(head[1] ?? "")) throw bad(`format version ${head[1]} is not supported (this snapload reads versions ${READABLE_VERSIONS.join(" and ")})`);
   const json = bytes.subarray(nl + 1);
   const hash = sha256(json);
   if (head[2] !== `sha256:${hash}`) throw bad(`body hashes to ${hash.slice(0, 16)}…, the header says ${head[2]?.slice(7, 23)}…: corrupt or truncated`);
@@ -195,6 +202,10 @@ export function decodeManifest(bytes: Uint8Array, where: string): Manifest {
     throw bad(`${issue.path.join(".") || "body"}: ${issue.message}`);
   }
   const body = r.data;
+  if (String(body.format) !== head[1]) throw bad(`body says format ${body.format}, the header ${head[1]}`);
+  if ((body.image.source === "qemu-file") !== (body.format === WHOLE_FILE_FORMAT_VERSION)) {
+    throw bad(`a "${body.image.source}" image in a format ${body.format} manifest (whole QEMU files are format ${WHOLE_FILE_FORMAT_VERSION}, images format ${STORE_FORMAT_VERSION})`);
+  }
   const pages = Math.ceil(body.image.size / IMAGE_PAGE);
   const n = chunkCount(body.image.size, body.chunkSize);
   if (body.chunks.length !== n || body.stored.length !== n) throw bad(`${body.chunks.length} chunks listed, an image of ${body.image.size} bytes in ${body.chunkSize}-byte chunks has ${n}`);

@@ -26,6 +26,7 @@ import {
   manifestKey,
   sha256,
   STORE_FORMAT_VERSION,
+  WHOLE_FILE_FORMAT_VERSION,
   zeroMapToBase64,
 } from "./format.ts";
 import { type ObjectStore, parseStoreRef, type StoreOptions } from "./stores.ts";
@@ -36,6 +37,8 @@ export interface PushOptions extends StoreOptions {
   /** PUTs (and HEADs) in flight at once. */
   parallel?: number;
   ramblock?: string;
+  /** Push the file's bytes whole (a mapped-ram file with its device state, for qemu-restore). */
+  wholeFile?: boolean;
   /** A recorded working set (--record) stored in the manifest and prefetched first on restore. */
   workingSet?: string;
   /** Progress lines (a TTY gets a bar); undefined = quiet. */
@@ -68,7 +71,7 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
   const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
   const level = opts.level ?? DEFAULT_ZSTD_LEVEL;
   const parallel = opts.parallel ?? DEFAULT_PARALLEL;
-  const image = openImage(file, opts.ramblock === undefined ? {} : { ramblock: opts.ramblock });
+  const image = openImage(file, { ...(opts.ramblock === undefined ? {} : { ramblock: opts.ramblock }), wholeFile: opts.wholeFile === true });
   try {
     const size = image.size;
     const workingSet = opts.workingSet !== undefined ? await readWorkingSet(opts.workingSet, size) : undefined;
@@ -134,13 +137,13 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
     const blocks = image.blocks?.map((b) => ({ name: b.name, usedLength: b.usedLength, pageSize: b.pageSize }));
     const blockPageSize = image.blocks?.find((b) => b.name === image.blockName)?.pageSize;
     const body: ManifestBody = {
-      format: STORE_FORMAT_VERSION,
+      format: opts.wholeFile ? WHOLE_FILE_FORMAT_VERSION : STORE_FORMAT_VERSION,
       name,
       created: new Date().toISOString(),
       image: {
         size,
         pageSize: IMAGE_PAGE,
-        source: image.format,
+        source: opts.wholeFile ? "qemu-file" : image.format,
         ...(image.blockName !== undefined ? { block: image.blockName, blockPageSize, blocks } : {}),
       },
       chunkSize,

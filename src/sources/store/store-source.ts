@@ -14,7 +14,7 @@ import { AGAIN, GONE, installErrno, installFailed, PAGE_IN_FLIGHT, PAGE_MISSING,
 import { errnoName } from "../../core/ffi.ts";
 import { ChunkCache } from "./chunk-cache.ts";
 import { ChunkFetcher } from "./chunk-fetcher.ts";
-import type { StoreError } from "./errors.ts";
+import { StoreError } from "./errors.ts";
 import { chunkLength, type Manifest } from "./format.ts";
 import { fetchManifest } from "./push.ts";
 import { type ObjectStore, parseStoreRef } from "./stores.ts";
@@ -50,6 +50,9 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
     fetchers.set(cacheDir, fetcher);
   }
   const b = manifest.body;
+  if (b.image.source === "qemu-file") {
+    throw new StoreError("BAD_CONFIG", `${ref} holds a whole QEMU snapshot file (push --whole-file, for qemu-restore), not guest memory; push it without --whole-file to serve it`, { ref });
+  }
   opts.logger.debug("store.manifest", `${ref}: manifest ${manifest.hash.slice(0, 16)} in ${(performance.now() - t0).toFixed(1)} ms`, { ref, hash: manifest.hash, ms: performance.now() - t0 });
   // No local bytes: chunks arrive through the requester.
   const backend: RemoteBackend = { kind: "remote", size: b.image.size, zero: manifest.zero, description: `store ${ref}` };
