@@ -57,7 +57,10 @@ export class Daemon {
     return this.stderrText;
   }
 
-  /** Resolves when the log matches, or rejects after timeoutMs with the log so far. */
+  /**
+   * Resolves when the log matches, or rejects after timeoutMs with the log so far. For daemons that
+   * log text; new tests start theirs with --log-format json and use waitForEvent (docs/events.md).
+   */
   async waitForLog(pattern: RegExp, timeoutMs = 10_000): Promise<RegExpMatchArray> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
