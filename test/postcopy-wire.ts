@@ -21,9 +21,10 @@ export interface PageServerProc {
  * `snapload page-server --listen 127.0.0.1:PORT ARGS...`; with `faults` (e.g. `["--corrupt-every", "50"]`)
  * the same server built by test/fixtures/faulty-page-server.ts, which injects them.
  */
-export async function startPageServer(args: string[], port = 0, faults: string[] = []): Promise<PageServerProc> {
+export async function startPageServer(args: string[], port = 0, faults: string[] = [], extraEnv: Record<string, string> = {}): Promise<PageServerProc> {
   const program = faults.length ? [join(ROOT, "test/fixtures/faulty-page-server.ts"), ...faults, "--"] : [join(ROOT, "src/main.ts"), "page-server"];
   const proc = Bun.spawn([BUN, ...program, "--listen", `127.0.0.1:${port}`, ...args], {
+    env: { ...process.env, ...extraEnv },
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",

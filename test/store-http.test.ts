@@ -1,10 +1,12 @@
 // http:// stores: a file:// store published by a real nginx on loopback, read-only: inspect,
-// pull, a lazy restore verified page by page; push is refused.
+// pull, a lazy restore verified page by page (directly, and through a page server fronting the
+// store); push is refused.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { describeRun, ensureBuilt, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { startPageServer } from "./postcopy-wire.ts";
 
 const MIB = 1024 * 1024;
 const SIZE = 16 * MIB;
@@ -80,6 +82,26 @@ describe("http:// store behind nginx", () => {
       await d.stop();
     }
     expect(d.log).toMatch(/store http:\/\/127\.0\.0\.1:\d+\/vm: 64 GETs/);
+  }, 60_000);
+
+  test("page-server --mem http://: a rack's page server fronts the published store; a client's restore is verified page by page", async () => {
+    const token = join(dir.path, "token");
+    writeFileSync(token, "http-page-server-token-71c2\n", { mode: 0o600 });
+    const ps = await startPageServer(["--mem", `${base}/vm`, "--token-file", token, "--cache-dir", join(dir.path, "ps-cache")]);
+    try {
+      const d = await startDaemon(["--mem", `tcp://127.0.0.1:${ps.port}`, "--token-file", token], join(dir.path, "ph.sock"));
+      try {
+        const r = await runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--verify", "all"]);
+        expect(r.code, describeRun(r)).toBe(0);
+        expect(r.report!.mismatches).toBe(0);
+        expect(r.report!.verified).toBe(SIZE / 4096);
+      } finally {
+        await d.stop();
+      }
+    } finally {
+      await ps.daemon.stop();
+    }
+    expect(ps.daemon.log).toMatch(/store http:\/\/127\.0\.0\.1:\d+\/vm: 64 GETs/);
   }, 60_000);
 
   test("push to an http:// store is refused: it is read-only", async () => {

@@ -2,9 +2,12 @@
 // dedup, pull, inspect, lazy restores verified page by page, wrong credentials, and the gateway
 // going down mid-restore (and coming back, or not).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { copyFileSync, readFileSync } from "node:fs";
+import { copyFileSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
+import { chunkKey, decodeManifest, encodeChunk } from "../src/sources/store/format.ts";
+import { encodeWorkingSet } from "../src/scheduler/working-set.ts";
+import { startPageServer } from "./postcopy-wire.ts";
 import { cephMissing, createBucket, type Rgw, startRgw } from "./ceph-rgw.ts";
 import { describeRun, ensureBuilt, patchFile, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
 
@@ -137,3 +140,77 @@ describe("serve --mem s3://", () => {
     }
   }, T);
 });
+
+describe("multipart uploads", () => {
+  test("an object above --part-size goes up in parts (a manifest of ~6.5 MiB: a long working set), and reads back whole", async () => {
+    // 1.2 M working-set entries (pages repeat): 4.8 MB of u32s, base64 in the manifest.
+    const order = Uint32Array.from({ length: 1_200_000 }, (_, i) => (i * 7919) % (SIZE / PAGE));
+    const ws = join(dir.path, "long-ws.bin");
+    writeFileSync(ws, encodeWorkingSet(order, SIZE));
+    const p = await runSnapload(["push", image, s3("big-manifest"), ...ep(), "--working-set", ws, "--part-size", "5m"], { env });
+    expect(p.code, p.stderr).toBe(0);
+    const st = await bucket().stat("fleet/snapshots/big-manifest");
+    expect(st.size).toBeGreaterThan(5 * MIB * 1.2);
+    // A multipart object's ETag is "<md5 of the parts' md5s>-<parts>".
+    expect(st.etag).toMatch(/-2"?$/);
+    const ins = await runSnapload(["inspect", s3("big-manifest"), ...ep()], { env });
+    expect(ins.code, ins.stderr).toBe(0);
+    expect(ins.stdout).toMatch(/working set: 1200000 pages/);
+    // Below the part size: one PUT (no part count in the ETag).
+    expect((await bucket().stat("fleet/snapshots/vm1")).etag).not.toMatch(/-\d+"?$/);
+  }, T);
+
+  test("a part size below S3's minimum is refused before anything is uploaded", async () => {
+    const r = await runSnapload(["push", image, s3("tiny-parts"), ...ep(), "--part-size", "1m"], { env });
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/--part-size.*must be at least 5m/);
+  });
+});
+
+describe("page-server --mem s3:// (one page server fronts the store for a rack)", () => {
+  test("clients restore with every page verified; a chunk tampered with in the bucket never reaches a client", async () => {
+    // Its own image: the tampered chunk must not be one other tests' snapshots share.
+    const own = join(dir.path, "ps.mem");
+    writeDemoImage(own, SIZE, 77);
+    const p = await runSnapload(["push", own, s3("psvm"), ...ep(), "--chunk-size", "256k"], { env });
+    expect(p.code, p.stderr).toBe(0);
+    const token = join(dir.path, "ps-token");
+    writeFileSync(token, "rack-page-server-token-0a9f3\n", { mode: 0o600 });
+    const ps = await startPageServer(["--mem", s3("psvm"), ...ep(), "--token-file", token, "--cache-dir", join(dir.path, "ps-cache"), "--store-deadline", "3000"], 0, [], rgw.env);
+    const d = await startDaemon(["--mem", `tcp://127.0.0.1:${ps.port}`, "--token-file", token, "--page-server-deadline", "8000"], join(dir.path, `s${++sockets}.sock`));
+    try {
+      expect(ps.daemon.log).toMatch(/page server listening on .*: store s3:\/\/snaps\/fleet\/psvm \(manifest [0-9a-f]{16}\)/);
+      // Chunk 9 is replaced in the bucket (before anyone fetched it) by a well-formed chunk of other bytes.
+      const manifestBytes = await bucket().file("fleet/snapshots/psvm").bytes();
+      const victim = decodeManifest(manifestBytes, "test").body.chunks[9]!;
+      await bucket().write(`fleet/${chunkKey(victim)}`, encodeChunk(new Uint8Array(256 * 1024).fill(0x77), 3).object);
+      const doomed = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", own, "--region", `256k@${9 * 256}k`, "--order", "seq"], { stdout: "pipe", stderr: "pipe" });
+      await doomed.exited;
+      expect(doomed.signalCode).toBe("SIGKILL");
+      await ps.daemon.waitForLog(/request \d+: image bytes at 0x[0-9a-f]+ cannot be had/);
+      expect(ps.daemon.log).toMatch(/cannot be had: chunk 9 of "psvm": chunk [0-9a-f]{16}… from s3:\/\/snaps\/fleet\/chunks\/.*content hashes to [0-9a-f]{16}…: corrupt, not installed \(3 fetches in a row\); request refused/);
+      await d.waitForLog(/killed the VMM/);
+      expect(d.log).toMatch(/refused image bytes .*: unavailable: .*chunk 9 of "psvm".*corrupt, not installed/);
+      // Two VMs of the rack, every page but chunk 9's, verified.
+      const around = ["--region", `${9 * 256}k@0`, "--region", `${SIZE / 1024 - 10 * 256}k@${10 * 256}k`];
+      const [a, b] = await Promise.all([
+        runStandin(["--socket", d.socket, "--expect", own, ...around, "--order", "random", "--seed", "7", "--verify", "all"]),
+        runStandin(["--socket", d.socket, "--expect", own, ...around, "--order", "seq", "--threads", "2", "--verify", "all"]),
+      ]);
+      expectClean(a, SIZE / PAGE - 64);
+      expectClean(b, SIZE / PAGE - 64);
+    } finally {
+      await d.stop();
+      await ps.daemon.stop();
+    }
+    // One GET per good chunk however many clients asked (chunk 9's fetches all came back corrupt).
+    const distinct = new Set(decodeManifest(await bucket().file("fleet/snapshots/psvm").bytes(), "test").body.chunks.filter((h) => h !== null)).size;
+    const c = ps.daemon.log.match(/store s3:\/\/snaps\/fleet\/psvm: (\d+) GETs .* (\d+) corrupt,/)!;
+    expect(Number(c[1]) - Number(c[2])).toBe(distinct - 1);
+    expect(Number(c[2])).toBeGreaterThanOrEqual(3);
+  }, T);
+});
+
+function bucket(): Bun.S3Client {
+  return new Bun.S3Client({ bucket: "snaps", endpoint: rgw.endpoint, accessKeyId: rgw.accessKeyId, secretAccessKey: rgw.secretAccessKey, region: "us-east-1" });
+}

@@ -3,6 +3,8 @@ import { createHash } from "node:crypto";
 import { statSync } from "node:fs";
 import type { PageServerConfig } from "./page-server.ts";
 import { openImage } from "../sources/image/open-image.ts";
+import { openServedStore, type ServedStore } from "../sources/store/served-store.ts";
+import { isStoreUrl } from "../sources/store/stores.ts";
 import type { SnapshotImage } from "../sources/image/snapshot-image.ts";
 import { formatBytes, Logger } from "../core/log.ts";
 import { type MetricsEndpoint, startMetricsEndpoint } from "../metrics/endpoint.ts";
@@ -21,6 +23,7 @@ export async function runPageServer(config: PageServerConfig, faults?: PageServe
   const logger = new Logger(config["log-level"], { format: config["log-format"] });
   const token = readTokenFile(config["token-file"], logger);
   const where = await resolveHost(parseHostPort(config.listen, "--listen", true), "--listen");
+  if (isStoreUrl(config.mem)) return serveStore(config, logger, token, where);
   const image = openImage(config.mem, { ramblock: config.ramblock, wholeFile: config["whole-file"] });
   let metrics: MetricsEndpoint | undefined;
   try {
@@ -48,6 +51,54 @@ export async function runPageServer(config: PageServerConfig, faults?: PageServe
         address: formatHostPort({ host: where.host, port }), port, format: image.format, path: image.path, block: image.blockName,
         size: image.size, dataPages: image.dataPages, zeroPages: image.zeroPages,
       },
+    );
+    const shutdown = (signal: string) => {
+      logger.info("daemon.signal", `${signal}: shutting down`, { signal });
+      server.close();
+    };
+    process.on("SIGINT", () => shutdown("SIGINT"));
+    process.on("SIGTERM", () => shutdown("SIGTERM"));
+    await server.run();
+    server.close();
+    return 0;
+  } finally {
+    metrics?.stop();
+    image.close();
+  }
+}
+
+/** `--mem STORE/NAME`: the page server answers from verified chunks of the store, through the host cache. */
+async function serveStore(config: PageServerConfig, logger: Logger, token: Buffer, where: { host: string; port: number }): Promise<number> {
+  const image: ServedStore = await openServedStore(config.mem, {
+    cacheDir: config["cache-dir"],
+    cacheSize: config["cache-size"],
+    s3Endpoint: config["s3-endpoint"],
+    storeParallel: config["store-parallel"],
+    deadlineMs: config["store-deadline"],
+    logger,
+  });
+  let metrics: MetricsEndpoint | undefined;
+  try {
+    const server = new PageServer({
+      host: where.host,
+      port: where.port,
+      image,
+      imageId: image.imageId,
+      token,
+      logger,
+      handshakeTimeoutMs: config["handshake-timeout"],
+      maxPreauth: config["max-preauth"],
+      maxPreauthPerAddress: config["max-preauth-per-address"],
+      maxClients: config["max-clients"],
+    });
+    image.attach(server.loop);
+    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderPageServerMetrics(server), logger);
+    const port = server.listen();
+    const zeroPages = image.zero.countZero();
+    logger.info(
+      "page_server.listening",
+      `page server listening on ${formatHostPort({ host: where.host, port })}: ${image.summary}, ${formatBytes(image.size)} (${image.zero.pages - zeroPages} data, ${zeroPages} zero pages); channel authenticated and encrypted (AES-256-GCM)`,
+      { address: formatHostPort({ host: where.host, port }), port, format: "store", path: config.mem, size: image.size, dataPages: image.zero.pages - zeroPages, zeroPages },
     );
     const shutdown = (signal: string) => {
       logger.info("daemon.signal", `${signal}: shutting down`, { signal });

@@ -1,9 +1,16 @@
 // `snapload page-server`: its options (parser, schema and usage from one table).
+import { z } from "zod";
+import { endpointValue } from "./store-commands.ts";
 import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, requiredString, switchValue } from "./command.ts";
 
 const options = {
   listen: { type: "string", schema: requiredString("HOST:PORT to listen on"), arg: "HOST:PORT", help: "address to listen on" },
-  mem: { type: "string", schema: requiredString("the image to serve"), arg: "FILE", help: "raw or mapped-ram image to serve" },
+  mem: {
+    type: "string", schema: requiredString("the image to serve"), arg: "FILE",
+    help: "raw or mapped-ram image to serve, or STORE/NAME: a snapshot in a store\n" +
+      "(file://DIR, s3://BUCKET[/PREFIX], http(s)://URL) fronted for a rack: chunks\n" +
+      "fetched once through the host cache, verified before any page is sent",
+  },
   "token-file": {
     type: "string",
     schema: requiredString("the page server serves only clients that prove they hold this shared secret"),
@@ -27,6 +34,22 @@ const options = {
   "max-clients": {
     type: "string", schema: intValue(1, 1_000_000).default(1024), arg: "N",
     help: "authenticated connections at once (default 1024)",
+  },
+  // with --mem STORE/NAME (as for serve)
+  "cache-dir": { type: "string", schema: optionalString(), arg: "DIR", help: "host chunk cache (as for serve)" },
+  "cache-size": {
+    type: "string", arg: "N", help: "cache size in bytes, or with k/m/g/t (default 10g)",
+    schema: z
+      .string()
+      .regex(/^\d+[kmgt]?$/i, "must be bytes, or a number with k/m/g/t")
+      .transform((s) => Number.parseInt(s, 10) * 1024 ** " kmgt".indexOf((s.match(/[kmgt]$/i)?.[0] ?? " ").toLowerCase()))
+      .optional(),
+  },
+  "s3-endpoint": { type: "string", schema: endpointValue(), arg: "URL", help: "S3-compatible endpoint for s3:// (as for serve)" },
+  "store-parallel": { type: "string", schema: intValue(1, 256).optional(), arg: "N", help: "chunk GETs in flight (default 8)" },
+  "store-deadline": {
+    type: "string", schema: intValue(100, 86_400_000).default(30_000), arg: "MS",
+    help: "a chunk not obtainable this long fails the requests that need it\n(default 30000)",
   },
   "log-level": logLevelOption,
   "log-format": logFormatOption,

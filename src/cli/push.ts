@@ -21,6 +21,15 @@ const pushOptions = {
   "working-set": { type: "string", schema: optionalString(), arg: "FILE", help: "a recorded working set (serve --record), prefetched first on restore" },
   "whole-file": { type: "boolean", schema: switchValue(), help: "push every byte of the file (a mapped-ram file whole, device state\nincluded: what qemu-restore --mem STORE/NAME needs)" },
   "s3-endpoint": s3Endpoint,
+  "part-size": {
+    type: "string", arg: "N", help: "s3://: objects above this go up in parts of this size,\n8 at once (default 8m; at least 5m)",
+    schema: z
+      .string()
+      .regex(/^\d+[km]?$/i, "must be bytes, or a number with k/m")
+      .transform((s) => Number.parseInt(s, 10) * 1024 ** " km".indexOf((s.match(/[km]$/i)?.[0] ?? " ").toLowerCase()))
+      .refine((n) => n >= 5 * 1024 * 1024, "must be at least 5m (S3's smallest part)")
+      .optional(),
+  },
 } as const;
 
 export const pushCmd = defineCommand({
@@ -33,7 +42,7 @@ export const pushCmd = defineCommand({
   run: async (c) =>
     (await import("./store-commands.ts")).pushCommand({
       file: c.file, target: c.target, chunkSize: c["chunk-size"], level: c.level, parallel: c.parallel,
-      ramblock: c.ramblock, wholeFile: c["whole-file"], workingSet: c["working-set"], s3Endpoint: c["s3-endpoint"],
+      ramblock: c.ramblock, wholeFile: c["whole-file"], workingSet: c["working-set"], s3Endpoint: c["s3-endpoint"], partSize: c["part-size"],
     }),
 });
 export type PushConfig = ConfigOf<typeof pushOptions>;

@@ -33,6 +33,7 @@ export interface PushArgs {
   wholeFile?: boolean;
   workingSet?: string;
   s3Endpoint?: string;
+  partSize?: number;
 }
 
 export async function pushCommand(a: PushArgs): Promise<number> {
@@ -46,6 +47,7 @@ export async function pushCommand(a: PushArgs): Promise<number> {
     wholeFile: a.wholeFile,
     workingSet: a.workingSet,
     s3Endpoint: a.s3Endpoint,
+    partSize: a.partSize,
     progress: tty
       ? (done, total, up) => {
           const now = performance.now();

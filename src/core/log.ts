@@ -41,6 +41,7 @@ export const EVENT_NAMES = [
   "store.cache_write_failed",
   "store.get_retrying",
   "store.bad_chunk",
+  "store.working_set_fetched",
   "store.closed",
   // page-server
   "page_server.listening",
@@ -51,6 +52,7 @@ export const EVENT_NAMES = [
   "page_server.client_refused",
   "page_server.client_closed",
   "page_server.defer_accept_refused",
+  "page_server.bytes_unavailable",
   "page_server.closed",
   // qemu-restore
   "qemu.step",

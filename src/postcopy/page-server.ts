@@ -29,8 +29,23 @@ import { FrameReader, type FrameSink, READ_AGAIN, READ_EOF, READ_MORE, SEND_BLOC
 export interface ServedImage {
   readonly size: number;
   readonly zero: ZeroMap;
-  /** Address of image byte 0 (read-only mapping). Zero pages there are never read. */
+  /** Address of image byte 0 (read-only mapping). Zero pages there are never read. Unused with `lazy`. */
   readonly base: number;
+  /** Bytes that arrive later (a snapshot store): absent when every byte is at `base`. */
+  readonly lazy?: LazyBytes;
+}
+
+/**
+ * Image bytes that are not all in memory yet (chunks of a store). Only verified bytes are ever
+ * located: a reply waits for its bytes, or is refused, never sent from anything else.
+ */
+export interface LazyBytes {
+  /** A client asked for bytes [start, end): start getting them (urgent: a VM is waiting). */
+  want(start: number, end: number, urgent: boolean): void;
+  /** Address of the bytes at `at` and how many of the `len` that follow are there too (valid until the loop turns); undefined when they are not here yet. */
+  locate(at: number, len: number): { addr: number; len: number } | undefined;
+  /** Calls back once the bytes at `at` are here (or with why they cannot be had); may call back at once. */
+  whenReady(at: number, cb: (err: Error | undefined) => void): void;
 }
 
 export interface PageServerOptions {
@@ -117,6 +132,8 @@ class Conn {
   /** Waiting for EPOLLOUT: the kernel's send buffer is full. */
   blocked = false;
   queuedForBackground = false;
+  /** Its oldest request waits for lazy bytes: nothing is sent until they are here. */
+  waiting = false;
   requests = 0;
   bytesSent = 0;
 
@@ -445,6 +462,7 @@ export class PageServer {
     }
     if (conn.outstanding >= MAX_OUTSTANDING) throw new ProtocolError(`more than ${MAX_OUTSTANDING} requests outstanding`, ErrorCode.OVERLOADED);
     conn.jobs.push({ id: h.id, start, end: start + size, pos: start });
+    this.opts.image.lazy?.want(start, start + size, conn.role !== Role.BACKGROUND);
   }
 
   /** A client that keeps asking for replies but does not read them. Throws ProtocolError. */
@@ -458,7 +476,9 @@ export class PageServer {
    */
   private pump(conn: Conn, budget: number): boolean {
     const zero = this.opts.image.zero;
+    const lazy = this.opts.image.lazy;
     while (budget > 0) {
+      if (conn.waiting) return false;
       if (!conn.writer.empty && !this.flush(conn)) return false;
       if (conn.jobHead >= conn.jobs.length) {
         conn.jobs.length = 0;
@@ -474,16 +494,62 @@ export class PageServer {
         continue;
       }
       const last = zero.nextZero(first, Math.min(endPage, first + MAX_CHUNK / WIRE_PAGE));
-      const len = (last - first) * WIRE_PAGE;
+      let len = (last - first) * WIRE_PAGE;
       const at = first * WIRE_PAGE;
-      job.pos = last * WIRE_PAGE;
-      this.sendChunk(conn, job, at, len);
+      let src = this.opts.image.base + at;
+      if (lazy !== undefined) {
+        const here = lazy.locate(at, len);
+        if (here === undefined) {
+          if (this.wait(conn, job, lazy, at)) continue;
+          return false;
+        }
+        src = here.addr;
+        len = here.len;
+      }
+      job.pos = at + len;
+      this.sendChunk(conn, job, at, len, src);
       budget -= len;
     }
     return this.flush(conn) && conn.outstanding > 0;
   }
 
-  private sendChunk(conn: Conn, job: Job, at: number, len: number): void {
+  /**
+   * The connection's oldest request needs bytes that are not here: it waits (later requests
+   * behind it) and is resumed when they come. Returns true when they came at once.
+   */
+  private wait(conn: Conn, job: Job, lazy: LazyBytes, at: number): boolean {
+    let inline = true;
+    let failure: Error | undefined;
+    let came = false;
+    conn.waiting = true;
+    lazy.whenReady(at, (err) => {
+      conn.waiting = false;
+      if (inline) {
+        came = true;
+        failure = err;
+        return;
+      }
+      if (conn.state !== "ready") return;
+      if (err !== undefined) this.unavailable(conn, job, at, err);
+      if (conn.role === Role.BACKGROUND) this.queueBackground(conn);
+      else this.pump(conn, Number.POSITIVE_INFINITY);
+    });
+    inline = false;
+    if (came && failure !== undefined) this.unavailable(conn, job, at, failure);
+    return came;
+  }
+
+  /** The bytes of a request cannot be had (a chunk missing or corrupt in the store, the store down): the request is refused, the connection goes on. */
+  private unavailable(conn: Conn, job: Job, at: number, err: Error): void {
+    if (conn.jobs[conn.jobHead] === job) conn.jobHead++;
+    this.errors[ErrorCode.UNAVAILABLE]!++;
+    this.opts.logger.warn("page_server.bytes_unavailable", `${conn.name}: request ${job.id}: image bytes at 0x${at.toString(16)} cannot be had: ${err.message}; request refused`, {
+      client: conn.name, request: job.id, at, reason: err.message,
+    });
+    conn.writer.push(errorFrame(ErrorCode.UNAVAILABLE, `image bytes at 0x${at.toString(16)}: ${err.message}`, job.id));
+  }
+
+  private sendChunk(conn: Conn, job: Job, at: number, len: number, src: number): void {
     const header = this.dataHeader;
     encodeHeader(new DataView(header.buffer), 0, FrameType.DATA, len, job.id, at - job.start, 0);
     // Encrypted straight from the image mapping into the connection's send buffer, which pump()
@@ -491,7 +557,7 @@ export class PageServer {
     // listener's TCP_NODELAY (inherited by accepted sockets) keeps the payload from waiting for
     // the header's ACK (~40 ms of delayed ACK).
     const buf = conn.sendBuf!;
-    conn.writer.pushSealed(header, this.opts.image.base + at, buf.address, len);
+    conn.writer.pushSealed(header, src, buf.address, len);
     this.opts.faults?.sealed?.(conn.n, buf.bytes, len);
     conn.bytesSent += len + SEALED_HEADER_SIZE;
   }

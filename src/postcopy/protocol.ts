@@ -87,10 +87,11 @@ export const ErrorCode = {
   OVERLOADED: 5,
   TIMEOUT: 6,
   SHUTTING_DOWN: 7,
+  UNAVAILABLE: 8,
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 export const ERROR_NAMES: Record<number, string> = {
-  1: "bad frame", 2: "authentication failed", 3: "unsupported version", 4: "out of bounds", 5: "overloaded", 6: "timeout", 7: "shutting down",
+  1: "bad frame", 2: "authentication failed", 3: "unsupported version", 4: "out of bounds", 5: "overloaded", 6: "timeout", 7: "shutting down", 8: "unavailable",
 };
 
 /** A frame that breaks the protocol: the connection it came on is closed, nothing else is affected. */

@@ -56,7 +56,12 @@ export class ChunkFetcher {
   private readonly backgroundQueue: Pending[] = [];
   private inFlight = 0;
   private loop: EventLoop | undefined;
-  readonly counters = { gets: 0, bytes: 0, retries: 0, badFetches: 0, coalesced: 0, decodeMs: 0 };
+  readonly counters = { gets: 0, bytes: 0, retries: 0, badFetches: 0, coalesced: 0, decodeMs: 0, maxInFlight: 0 };
+  /** Each successful GET's latency (request to last byte), ms: the store's share of a restore. */
+  readonly getMs: number[] = [];
+  /** When the first GET went out and the last chunk was ready (performance.now()). */
+  firstGetAt = 0;
+  lastReadyAt = 0;
 
   constructor(
     readonly cache: ChunkCache,
@@ -169,6 +174,8 @@ export class ChunkFetcher {
 
   private start(p: Pending): void {
     this.inFlight++;
+    if (this.inFlight > this.counters.maxInFlight) this.counters.maxInFlight = this.inFlight;
+    if (this.firstGetAt === 0) this.firstGetAt = performance.now();
     p.attempts++;
     this.counters.gets++;
     const key = chunkKey(p.hash);
@@ -208,6 +215,7 @@ export class ChunkFetcher {
           return this.finish(p, new StoreError("NOT_FOUND", `${p.label} is missing from ${p.store.url} (no object ${key})`, { key }));
         }
         this.counters.bytes += object.length;
+        this.getMs.push(performance.now() - attemptAt);
         let bytes: Uint8Array;
         const buffer = this.cache.pool.take(p.length);
         const t0 = performance.now();
@@ -228,6 +236,7 @@ export class ChunkFetcher {
         // Raw chunks are used from the GET's own bytes; the buffer goes back.
         const used = bytes.buffer === buffer.bytes.buffer;
         if (!used) this.cache.pool.give(buffer);
+        this.lastReadyAt = performance.now();
         this.finish(p, undefined, this.cache.insert(p.hash, bytes, used ? buffer : undefined));
         if (this.cache.persistBacklog > MAX_UNWRITTEN) this.startBackground();
       },

@@ -1,11 +1,11 @@
 // `snapload push FILE STORE/NAME`, `pull STORE/NAME FILE` and `inspect STORE/NAME`.
-// Push cuts the image into chunks, skips all-zero ones, names each by its SHA-256, uploads only
-// what the store does not hold yet (several PUTs at once) and writes the manifest LAST: an
+// Push cuts the image into chunks, skips all-zero ones, names each by its SHA-256 (every core
+// hashing), lists what the store holds, compresses and uploads only the rest (several PUTs at
+// once) and writes the manifest LAST: an
 // interrupted push leaves orphan chunks (reused by the next push), never a visible snapshot.
-import { toArrayBuffer, type Pointer } from "bun:ffi";
 import { closeSync, ftruncateSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
 import { openImage } from "../image/open-image.ts";
-import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
+import { IMAGE_PAGE } from "../image/snapshot-image.ts";
 import { formatBytes } from "../../core/log.ts";
 import { readWorkingSet } from "../../scheduler/working-set.ts";
 import { StoreError } from "./errors.ts";
@@ -20,7 +20,6 @@ import {
   encodeChunk,
   encodeManifest,
   encodeWorkingSetField,
-  isAllZero,
   type Manifest,
   type ManifestBody,
   manifestKey,
@@ -29,7 +28,11 @@ import {
   WHOLE_FILE_FORMAT_VERSION,
   zeroMapToBase64,
 } from "./format.ts";
-import { type ObjectStore, parseStoreRef, type StoreOptions } from "./stores.ts";
+import { hashImage, readChunk } from "./chunk-hasher.ts";
+import { LIST_PAGE, type ObjectStore, parseStoreRef, type StoreOptions } from "./stores.ts";
+
+/** A push lists at least this many pages of the store's chunks before it asks for the rest one by one. */
+const MIN_LIST_PAGES = 8;
 
 export interface PushOptions extends StoreOptions {
   chunkSize?: number;
@@ -60,6 +63,8 @@ export interface PushReport {
   /** Stored bytes of every distinct chunk this snapshot references. */
   storedBytes: number;
   seconds: number;
+  /** Where the time went, ms: hashing every chunk, listing the store (at the same time), uploading what was missing. */
+  phases: { hashMs: number; listMs: number; uploadMs: number };
 }
 
 export const DEFAULT_PARALLEL = 8;
@@ -75,65 +80,59 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
   try {
     const size = image.size;
     const workingSet = opts.workingSet !== undefined ? await readWorkingSet(opts.workingSet, size) : undefined;
-    const zero = image.zero; // refined below: data pages that hold only zeros become zero pages
+    const zero = image.zero; // refined by hashImage: data pages that hold only zeros become zero pages
     const n = chunkCount(size, chunkSize);
-    const hashes: (string | null)[] = new Array(n).fill(null);
     const stored: number[] = new Array(n).fill(0);
-    const seen = new Map<string, Promise<number>>(); // hash -> its object's size, once known
     const report = { zeroChunks: 0, duplicateChunks: 0, existingChunks: 0, uploadedChunks: 0, uploadedBytes: 0 };
-    const buf = new Uint8Array(chunkSize);
-    const again = new Uint8Array(chunkSize);
-    const inFlight = new Set<Promise<unknown>>();
-    let done = 0;
-    let failure: unknown;
+    // Hash every chunk first (on every core) while the store lists the chunks it holds: what it
+    // holds is neither compressed nor sent again, and costs no request of its own.
+    const tHash = performance.now();
+    const phases = { hashMs: 0, listMs: 0, uploadMs: 0 };
+    // The listing first: hashing in this thread (a small image) would hold its requests back.
+    const listing = listChunks(store, Math.max(MIN_LIST_PAGES, Math.ceil(n / LIST_PAGE) * 4)).then((l) => {
+      phases.listMs = performance.now() - tHash;
+      return l;
+    });
+    const hashes = await hashImage(image, file, chunkSize);
+    phases.hashMs = performance.now() - tHash;
+    const listed = await listing;
+    const tUpload = performance.now();
+    const first = new Map<string, number>(); // distinct hash -> first chunk holding it
     for (let i = 0; i < n; i++) {
-      if (failure !== undefined) break;
-      const len = chunkLength(size, chunkSize, i);
-      const bytes = readChunk(image.base, zero, i * chunkSize, len, buf);
-      if (bytes === undefined) {
-        report.zeroChunks++;
-        done++;
-        continue;
-      }
-      const hash = sha256(bytes);
-      hashes[i] = hash;
-      if (seen.has(hash)) {
-        report.duplicateChunks++;
-        done++;
-        continue;
-      }
-      const key = chunkKey(hash);
-      const at = i * chunkSize;
-      // The store is asked first: a chunk it holds is neither compressed nor sent again.
-      const task = (async () => {
-        let objectSize = await store.size(key);
+      const h = hashes[i]!;
+      if (h === null) report.zeroChunks++;
+      else if (first.has(h)) report.duplicateChunks++;
+      else first.set(h, i);
+    }
+    const sizes = new Map<string, number>(); // hash -> its object's size
+    let done = report.zeroChunks + report.duplicateChunks;
+    const buf = new Uint8Array(chunkSize);
+    const todo = [...first];
+    let next = 0;
+    const worker = async () => {
+      while (next < todo.length) {
+        const [hash, i] = todo[next++]!;
+        const key = chunkKey(hash);
+        // Not in a complete listing: not in the store. Past a listing cut short: asked (HEAD).
+        let objectSize = listed?.objects.get(key);
+        if (objectSize === undefined && listed?.complete !== true) objectSize = await store.size(key);
         if (objectSize !== undefined) report.existingChunks++;
         else {
-          // Read again (the loop has moved on): from the image mapping, page cache warm.
-          const { object } = encodeChunk(readChunk(image.base, zero, at, len, again)!, level);
-          await store.put(key, object);
+          // Compressed one at a time in this thread; the PUT goes while the next is compressed.
+          const { object } = encodeChunk(readChunk(image, i * chunkSize, chunkLength(size, chunkSize, i), buf), level);
           objectSize = object.length;
+          await store.put(key, object);
           report.uploadedChunks++;
           report.uploadedBytes += object.length;
         }
+        sizes.set(hash, objectSize);
         done++;
         opts.progress?.(done, n, report.uploadedBytes);
-        return objectSize;
-      })();
-      seen.set(hash, task);
-      const tracked = task.then(
-        () => {},
-        (e) => {
-          failure ??= e;
-        },
-      );
-      inFlight.add(tracked);
-      tracked.finally(() => inFlight.delete(tracked));
-      if (inFlight.size >= parallel) await Promise.race(inFlight);
-    }
-    await Promise.all(inFlight);
-    if (failure !== undefined) throw failure;
-    for (let i = 0; i < n; i++) if (hashes[i] !== null) stored[i] = await seen.get(hashes[i]!)!;
+      }
+    };
+    await Promise.all(Array.from({ length: parallel }, worker));
+    phases.uploadMs = performance.now() - tUpload;
+    for (let i = 0; i < n; i++) if (hashes[i] !== null) stored[i] = sizes.get(hashes[i]!)!;
     const blocks = image.blocks?.map((b) => ({ name: b.name, usedLength: b.usedLength, pageSize: b.pageSize }));
     const blockPageSize = image.blocks?.find((b) => b.name === image.blockName)?.pageSize;
     const body: ManifestBody = {
@@ -157,7 +156,7 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
     // Last: only now does NAME point at a complete snapshot.
     await store.put(manifestKey(name), manifest);
     let storedBytes = 0;
-    for (const size of seen.values()) storedBytes += await size;
+    for (const size of sizes.values()) storedBytes += size;
     return {
       name,
       manifestHash: sha256(manifest.subarray(manifest.indexOf(0x0a) + 1)),
@@ -166,6 +165,7 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
       ...report,
       storedBytes,
       seconds: (performance.now() - t0) / 1000,
+      phases,
     };
   } finally {
     image.close();
@@ -173,28 +173,18 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
 }
 
 /**
- * Chunk bytes [off, off+len) of the image into buf: data pages copied from the mapping, zero pages
- * (file holes, mapped-ram bitmap 0 — never read, they may lie past EOF) left zero. Pages that turn
- * out to hold only zeros are marked zero in `zero`. Undefined when every page is zero.
+ * The chunks a store holds, with their sizes: one listing per first hex digit of the hash, all at
+ * once (a listing is paged, a page a round trip), within `pages` pages in all. Undefined when the
+ * store cannot list; `complete` false when the budget ran out (the rest are asked one by one).
  */
-function readChunk(base: number, zero: ZeroMap, off: number, len: number, buf: Uint8Array): Uint8Array | undefined {
-  const out = buf.subarray(0, len);
-  out.fill(0);
-  const first = off / IMAGE_PAGE;
-  const pages = Math.ceil(len / IMAGE_PAGE);
-  let any = false;
-  for (const run of zero.runs(first, pages)) {
-    if (run.zero) continue;
-    const a = run.first * IMAGE_PAGE;
-    const b = Math.min(off + len, (run.first + run.count) * IMAGE_PAGE);
-    out.set(new Uint8Array(toArrayBuffer((base + a) as Pointer, 0, b - a)), a - off);
-    for (let p = run.first; p < run.first + run.count; p++) {
-      const s = (p - first) * IMAGE_PAGE;
-      if (isAllZero(out.subarray(s, Math.min(len, s + IMAGE_PAGE)))) zero.setZero(p);
-      else any = true;
-    }
-  }
-  return any ? out : undefined;
+async function listChunks(store: ObjectStore, pages: number): Promise<{ objects: Map<string, number>; complete: boolean } | undefined> {
+  if (store.list === undefined) return undefined;
+  const digits = "0123456789abcdef";
+  const per = Math.max(1, Math.floor(pages / digits.length));
+  const parts = await Promise.all([...digits].map((d) => store.list!(`chunks/${d}`, per)));
+  const objects = new Map<string, number>();
+  for (const p of parts) for (const [k, v] of p.objects) objects.set(k, v);
+  return { objects, complete: parts.every((p) => p.complete) };
 }
 
 // ---- reading a snapshot ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { NativeBuffer } from "../../core/ffi.ts";
 import { IMAGE_PAGE } from "../image/snapshot-image.ts";
-import { formatBytes } from "../../core/log.ts";
+import { formatBytes, type Logger } from "../../core/log.ts";
 import { AGAIN, GONE, installErrno, installFailed, PAGE_IN_FLIGHT, PAGE_MISSING, type PageRegion as Region, type PageRequester, type RemoteBackend, type OpenedSource, type RemoteSource, type RequesterContext, type RequesterVm, type SourceOptions } from "../port.ts";
 import { errnoName } from "../../core/ffi.ts";
 import { ChunkCache } from "./chunk-cache.ts";
@@ -38,10 +38,8 @@ const WARM_SYNC_BYTES = 256 * 1024 * 1024;
 /** One fetcher (and cache) per daemon and cache directory: every source and VM shares its GETs. */
 const fetchers = new Map<string, ChunkFetcher>();
 
-export async function openStoreSource(ref: string, opts: StoreSourceOptions): Promise<OpenedSource & { prefetch?: Uint32Array }> {
-  const { store, name } = parseStoreRef(ref, { s3Endpoint: opts.s3Endpoint });
-  const t0 = performance.now();
-  const manifest = await fetchManifest(store, name);
+/** The daemon's fetcher for the host cache directory (made on first use). */
+export function hostFetcher(opts: Pick<StoreSourceOptions, "cacheDir" | "cacheSize" | "storeParallel" | "deadlineMs" | "logger">): ChunkFetcher {
   const cacheDir = opts.cacheDir ?? defaultCacheDir();
   let fetcher = fetchers.get(cacheDir);
   if (fetcher === undefined) {
@@ -49,6 +47,14 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
     fetcher = new ChunkFetcher(cache, { parallel: opts.storeParallel ?? DEFAULT_STORE_PARALLEL, deadlineMs: opts.deadlineMs, logger: opts.logger });
     fetchers.set(cacheDir, fetcher);
   }
+  return fetcher;
+}
+
+export async function openStoreSource(ref: string, opts: StoreSourceOptions): Promise<OpenedSource & { prefetch?: Uint32Array }> {
+  const { store, name } = parseStoreRef(ref, { s3Endpoint: opts.s3Endpoint });
+  const t0 = performance.now();
+  const manifest = await fetchManifest(store, name);
+  const fetcher = hostFetcher(opts);
   const b = manifest.body;
   if (b.image.source === "qemu-file") {
     throw new StoreError("BAD_CONFIG", `${ref} holds a whole QEMU snapshot file (push --whole-file, for qemu-restore), not guest memory; push it without --whole-file to serve it`, { ref });
@@ -86,25 +92,64 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
       const t = performance.now();
       const bytes = f.warm(order.map((c) => ({ hash: b.chunks[c]!, length: chunkLength(b.image.size, b.chunkSize, c) })), WARM_SYNC_BYTES);
       if (bytes) opts.logger.debug("store.cache_warm", `${ref}: ${formatBytes(bytes)} of chunks mapped and verified from the host cache in ${(performance.now() - t).toFixed(1)} ms`, { ref, bytes, ms: performance.now() - t });
+      prefetchWorkingSet(store, manifest, f, ref, opts.logger);
     },
     ...(manifest.workingSet !== undefined ? { prefetch: manifest.workingSet } : {}),
     summary:
       `store ${ref} (manifest ${manifest.hash.slice(0, 16)}), ${b.image.size} bytes (${manifest.zero.pages - zeroPages} data, ${zeroPages} zero pages), ` +
       `${dataChunks} chunks of ${formatBytes(b.chunkSize)}, ${f.cache.describe()}, ${sweep ? "background completion" : "on demand"}, deadline ${opts.deadlineMs} ms` +
       (manifest.workingSet ? `, working set of ${manifest.workingSet.length} pages` : ""),
-    close: () => {
-      // Chunks fetched but not written yet go to the cache now: the next daemon finds them there.
-      while (f.cache.persist());
-      const c = f.counters;
-      const k = f.cache.counters;
-      opts.logger.info(
-        "store.closed",
-        `store ${ref}: ${c.gets} GETs (${formatBytes(c.bytes)}), ${c.coalesced} waits joined a GET in flight, ${c.retries} retries, ${c.badFetches} corrupt, ${c.decodeMs.toFixed(1)} ms decoding; ` +
-          `cache: ${k.hits} hits, ${k.inserted} inserted, ${k.evicted} evicted, ${k.corrupt} corrupt`,
-        { ref, gets: c.gets, bytes: c.bytes, coalesced: c.coalesced, retries: c.retries, badFetches: c.badFetches, decodeMs: c.decodeMs, cacheHits: k.hits, cacheInserted: k.inserted, cacheEvicted: k.evicted, cacheCorrupt: k.corrupt },
-      );
-    },
+    close: () => closeFetcher(f, ref, opts.logger),
   };
+}
+
+/** At shutdown: chunks fetched but not written yet go to the cache (the next daemon finds them there); one line of counters. */
+export function closeFetcher(f: ChunkFetcher, ref: string, logger: Logger): void {
+  while (f.cache.persist());
+  const c = f.counters;
+  const k = f.cache.counters;
+  const lat = [...f.getMs].sort((a, b) => a - b);
+  const q = (x: number) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(x * lat.length))]! : 0);
+  const spanMs = f.firstGetAt && f.lastReadyAt ? f.lastReadyAt - f.firstGetAt : 0;
+  logger.info(
+    "store.closed",
+    `store ${ref}: ${c.gets} GETs (${formatBytes(c.bytes)}), ${c.coalesced} waits joined a GET in flight, ${c.retries} retries, ${c.badFetches} corrupt, ${c.decodeMs.toFixed(1)} ms decoding; ` +
+      `GET latency p50 ${q(0.5).toFixed(1)} ms, p90 ${q(0.9).toFixed(1)} ms, max ${q(1).toFixed(1)} ms, up to ${c.maxInFlight} in flight, first GET to last chunk ${spanMs.toFixed(0)} ms; ` +
+      `cache: ${k.hits} hits, ${k.inserted} inserted, ${k.evicted} evicted, ${k.corrupt} corrupt`,
+    {
+      ref, gets: c.gets, bytes: c.bytes, coalesced: c.coalesced, retries: c.retries, badFetches: c.badFetches, decodeMs: c.decodeMs,
+      getP50Ms: q(0.5), getP90Ms: q(0.9), getMaxMs: q(1), maxInFlight: c.maxInFlight, spanMs,
+      cacheHits: k.hits, cacheInserted: k.inserted, cacheEvicted: k.evicted, cacheCorrupt: k.corrupt,
+    },
+  );
+}
+
+/**
+ * From startup, before any VM asks: the manifest's working set's chunks, in first-touch order,
+ * as background fetches (faults go first; a VM's prefetch joins the GETs in flight).
+ */
+export function prefetchWorkingSet(store: ObjectStore, m: Manifest, f: ChunkFetcher, ref: string, logger: Logger): void {
+  if (m.workingSet === undefined) return;
+  const b = m.body;
+  const t0 = performance.now();
+  const wanted: number[] = [];
+  const seen = new Set<number>();
+  for (const p of m.workingSet) {
+    const c = Math.floor((p * IMAGE_PAGE) / b.chunkSize);
+    if (seen.has(c) || b.chunks[c] === null) continue;
+    seen.add(c);
+    wanted.push(c);
+  }
+  let left = wanted.length;
+  let failed = 0;
+  for (const c of wanted) {
+    f.acquire(store, b.chunks[c]!, chunkLength(b.image.size, b.chunkSize, c), `chunk ${c} of "${b.name}"`, false, (err) => {
+      if (err !== undefined) failed++;
+      if (--left > 0) return;
+      const ms = performance.now() - t0;
+      logger.debug("store.working_set_fetched", `${ref}: working set's ${wanted.length} chunks here in ${ms.toFixed(1)} ms${failed ? ` (${failed} could not be had)` : ""}`, { ref, chunks: wanted.length, failed, ms });
+    });
+  }
 }
 
 interface StoreTarget {

@@ -2,7 +2,7 @@
 // S3-compatible endpoint, path-style) and `http(s)://BASE` (read-only, any web server or CDN).
 // The same key layout everywhere (docs/store-format.md), so a file:// store copied to a bucket or
 // published by a web server is the same store.
-import { mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
+import { type Dirent, mkdirSync, readdirSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { basename, dirname, join, resolve } from "node:path";
 import { ConfigError } from "../../core/errors.ts";
@@ -18,7 +18,15 @@ export interface ObjectStore {
   /** The object's size (a HEAD), or undefined when there is no such object. */
   size(key: string): Promise<number | undefined>;
   put(key: string, data: Uint8Array): Promise<void>;
+  /**
+   * Objects under `prefix` with their sizes, at most `pages` requests' worth (1000 keys each);
+   * `complete` says whether that was all of them. Absent: the store cannot list (HEAD instead).
+   */
+  list?(prefix: string, pages: number): Promise<{ objects: Map<string, number>; complete: boolean }>;
 }
+
+/** Keys per page of a listing (S3's maximum). */
+export const LIST_PAGE = 1000;
 
 /** A failure that retrying cannot fix (refused credentials, a read-only store): fail at once. */
 export class PermanentStoreError extends StoreError {}
@@ -26,7 +34,16 @@ export class PermanentStoreError extends StoreError {}
 export interface StoreOptions {
   /** S3-compatible endpoint (Ceph RGW, MinIO, R2...); else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS. */
   s3Endpoint?: string;
+  /** s3://: objects larger than this go up in parts of this size, several at once (S3's minimum: 5 MiB). */
+  partSize?: number;
 }
+
+/** Multipart above this (a manifest of a large image; chunks stay below it). */
+export const DEFAULT_PART_SIZE = 8 * 1024 * 1024;
+/** Parts of one object in flight at once. */
+const PART_QUEUE = 8;
+/** S3's (and Bun's) smallest part. */
+export const MIN_PART_SIZE = 5 * 1024 * 1024;
 
 /** Splits `STORE/NAME` into the store and the snapshot name (its last path component). */
 export function parseStoreRef(ref: string, opts: StoreOptions = {}): { store: ObjectStore; name: string } {
@@ -78,6 +95,37 @@ class FileStore implements ObjectStore {
       if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
       throw new StoreError("STORE_UNAVAILABLE", `${this.url}: stat ${key}: ${(e as Error).message}`, { key }, { cause: e });
     }
+  }
+
+  async list(prefix: string, pages: number): Promise<{ objects: Map<string, number>; complete: boolean }> {
+    const objects = new Map<string, number>();
+    // Keys are paths: the prefix's directory, its entries that start with the rest, all below those.
+    const cut = prefix.lastIndexOf("/") + 1;
+    const walk = (rel: string, deep: boolean, start: string): boolean => {
+      let entries: Dirent[];
+      try {
+        entries = readdirSync(join(this.root, rel), { withFileTypes: true });
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === "ENOENT") return true;
+        throw new StoreError("STORE_UNAVAILABLE", `${this.url}: listing ${prefix}: ${(e as Error).message}`, { prefix }, { cause: e });
+      }
+      for (const e of entries) {
+        // Temp files of a write in progress start with ".".
+        if (e.name.startsWith(".") || (!deep && !e.name.startsWith(start))) continue;
+        const key = `${rel}${e.name}`;
+        if (e.isDirectory()) {
+          if (!walk(`${key}/`, true, "")) return false;
+        } else if (e.isFile()) {
+          if (objects.size >= pages * LIST_PAGE) return false;
+          try {
+            objects.set(key, statSync(join(this.root, key)).size);
+          } catch {}
+        }
+      }
+      return true;
+    };
+    const complete = walk(prefix.slice(0, cut), false, prefix.slice(cut));
+    return { objects, complete };
   }
 
   async put(key: string, data: Uint8Array): Promise<void> {
@@ -156,6 +204,7 @@ class S3Store implements ObjectStore {
   private readonly client: Bun.S3Client;
   private readonly prefix: string;
   readonly bucket: string;
+  private readonly partSize: number;
 
   constructor(readonly url: string, opts: StoreOptions) {
     const rest = url.slice("s3://".length);
@@ -164,6 +213,8 @@ class S3Store implements ObjectStore {
     const prefix = slash < 0 ? "" : rest.slice(slash + 1).replace(/^\/+|\/+$/g, "");
     this.prefix = prefix ? `${prefix}/` : "";
     if (this.bucket.length < 3) throw new ConfigError(`${url}: bucket names have at least 3 characters`);
+    this.partSize = opts.partSize ?? DEFAULT_PART_SIZE;
+    if (this.partSize < MIN_PART_SIZE) throw new ConfigError(`${url}: part size ${this.partSize} is below S3's minimum of ${MIN_PART_SIZE} bytes (5 MiB)`);
     const c = awsCredentials();
     const endpoint = opts.s3Endpoint ?? process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL;
     if (c.accessKeyId === undefined || c.secretAccessKey === undefined) {
@@ -208,9 +259,33 @@ class S3Store implements ObjectStore {
     }
   }
 
+  async list(prefix: string, pages: number): Promise<{ objects: Map<string, number>; complete: boolean }> {
+    const objects = new Map<string, number>();
+    let token: string | undefined;
+    for (let page = 0; page < pages; page++) {
+      let r: Awaited<ReturnType<Bun.S3Client["list"]>>;
+      try {
+        r = await this.client.list({ prefix: this.prefix + prefix, maxKeys: LIST_PAGE, ...(token !== undefined ? { continuationToken: token } : {}) });
+      } catch (e) {
+        throw this.fail("LIST", prefix, e);
+      }
+      for (const o of r.contents ?? []) objects.set(o.key.slice(this.prefix.length), o.size ?? 0);
+      if (!r.isTruncated || r.nextContinuationToken === undefined) return { objects, complete: true };
+      token = r.nextContinuationToken;
+    }
+    return { objects, complete: false };
+  }
+
   async put(key: string, data: Uint8Array): Promise<void> {
     try {
-      await this.client.write(this.prefix + key, data);
+      if (data.length <= this.partSize) await this.client.write(this.prefix + key, data);
+      else {
+        // Multipart: parts go up several at once; the object appears only when the upload
+        // completes (so a manifest is still all or nothing), and a failed one is aborted.
+        const w = this.client.file(this.prefix + key).writer({ partSize: this.partSize, queueSize: PART_QUEUE });
+        w.write(data);
+        await w.end();
+      }
     } catch (e) {
       throw this.fail("PUT", key, e);
     }

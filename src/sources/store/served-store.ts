@@ -1,0 +1,92 @@
+// `page-server --mem STORE/NAME`: one page server fronts a store for a rack. The bytes a client
+// asks for are got chunk by chunk through the host chunk cache and its ChunkFetcher (one GET per
+// chunk however many clients ask; every chunk verified after decompression before anything is
+// located in it), then sent from the verified chunk. The manifest's working set is fetched
+// first, from startup, so the rack's first VM finds it here.
+import { createHash } from "node:crypto";
+import type { EventLoop } from "../../core/event-loop.ts";
+import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
+import { StoreError } from "./errors.ts";
+import { chunkLength, type Manifest } from "./format.ts";
+import { fetchManifest } from "./push.ts";
+import { closeFetcher, hostFetcher, prefetchWorkingSet, type StoreSourceOptions } from "./store-source.ts";
+import { parseStoreRef } from "./stores.ts";
+
+export interface ServedStore {
+  readonly size: number;
+  readonly zero: ZeroMap;
+  readonly base: number;
+  readonly lazy: {
+    want(start: number, end: number, urgent: boolean): void;
+    locate(at: number, len: number): { addr: number; len: number } | undefined;
+    whenReady(at: number, cb: (err: Error | undefined) => void): void;
+  };
+  readonly manifest: Manifest;
+  /** Names the served bytes: the manifest's hash (a restarted page server on the same snapshot gives the same). */
+  readonly imageId: Uint8Array;
+  /** Joins the page server's loop and starts fetching the working set. */
+  attach(loop: EventLoop): void;
+  readonly summary: string;
+  close(): void;
+}
+
+export type ServedStoreOptions = Pick<StoreSourceOptions, "cacheDir" | "cacheSize" | "s3Endpoint" | "storeParallel" | "deadlineMs" | "logger">;
+
+const ignore = () => {};
+
+export async function openServedStore(ref: string, opts: ServedStoreOptions): Promise<ServedStore> {
+  const { store, name } = parseStoreRef(ref, { s3Endpoint: opts.s3Endpoint });
+  const manifest = await fetchManifest(store, name);
+  const fetcher = hostFetcher(opts);
+  const b = manifest.body;
+  const size = b.image.size;
+  const chunkSize = b.chunkSize;
+  const label = (c: number) => `chunk ${c} of "${name}"`;
+  const chunkOf = (at: number) => Math.floor(at / chunkSize);
+  const get = (c: number, urgent: boolean, cb: (err: StoreError | undefined) => void): void => {
+    const hash = b.chunks[c];
+    // decodeManifest checked that a null chunk has no data page, and only data pages are asked for.
+    if (hash === null || hash === undefined) return cb(new StoreError("BAD_MANIFEST", `${label(c)} is all zero in the manifest, yet data pages were asked of it`));
+    fetcher.acquire(store, hash, chunkLength(size, chunkSize, c), label(c), urgent, cb);
+  };
+  const lazy: ServedStore["lazy"] = {
+    want(start, end, urgent) {
+      for (let c = chunkOf(start); c * chunkSize < end; c++) {
+        const first = (c * chunkSize) / IMAGE_PAGE;
+        const from = Math.max(first, Math.floor(start / IMAGE_PAGE));
+        const to = Math.min(first + chunkSize / IMAGE_PAGE, Math.ceil(end / IMAGE_PAGE), manifest.zero.pages);
+        // Only chunks holding data pages of the request; waiting for them is whenReady's job.
+        if (b.chunks[c] !== null && manifest.zero.nextData(from, to) < to) get(c, urgent, ignore);
+      }
+    },
+    locate(at, len) {
+      const c = chunkOf(at);
+      const hash = b.chunks[c];
+      if (hash === null || hash === undefined) return undefined;
+      // Looked up now: a chunk's bytes move from a fetch buffer to its cache mapping between turns.
+      const chunk = fetcher.cache.peek(hash) ?? fetcher.cache.lookup(hash, chunkLength(size, chunkSize, c));
+      if (chunk === undefined) return undefined;
+      const into = at - c * chunkSize;
+      return { addr: chunk.addr + into, len: Math.min(len, chunk.length - into) };
+    },
+    whenReady(at, cb) {
+      get(chunkOf(at), true, cb);
+    },
+  };
+  const id = createHash("sha256").update(`snapload-store\0${manifest.hash}`).digest().subarray(0, 16);
+  return {
+    size,
+    zero: manifest.zero,
+    base: 0,
+    lazy,
+    manifest,
+    imageId: new Uint8Array(id),
+    attach(loop) {
+      fetcher.attach(loop);
+      prefetchWorkingSet(store, manifest, fetcher, ref, opts.logger);
+    },
+    summary: `store ${ref} (manifest ${manifest.hash.slice(0, 16)}), ${b.chunks.filter((h) => h !== null).length} chunks of ${chunkSize / 1024} KiB, ${fetcher.cache.describe()}` +
+      (manifest.workingSet ? `, working set of ${manifest.workingSet.length} pages fetched first` : ""),
+    close: () => closeFetcher(fetcher, ref, opts.logger),
+  };
+}
