@@ -6,6 +6,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { generateMappedRam, type GeneratedBlock } from "./gen-mapped-ram.ts";
+import { parseExposition } from "../src/metrics/exposition.ts";
 import { ErrorCode } from "../src/postcopy/protocol.ts";
 import {
   type Daemon, describeRun, ensureBuilt, reserveHugePages, runSnapload, REFUSED, runHostilePeer, runStandin, STANDIN, startDaemon, type StandinResult, tempDir,
@@ -68,6 +69,13 @@ function expectClean(r: StandinResult, verified = PAGES): void {
   expect(r.code, describeRun(r)).toBe(0);
   expect(r.report!.mismatches).toBe(0);
   expect(r.report!.verified).toBe(verified);
+}
+
+/** Polls `check` every 10 ms until it holds (a condition no event announces). */
+async function until(what: string, check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+  for (const deadline = Date.now() + timeoutMs; !(await check()); await Bun.sleep(10)) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+  }
 }
 
 /** The daemon's most recently connected VM (its number). */
@@ -168,13 +176,17 @@ describe("2 MiB pages (hugetlbfs guests)", () => {
 
 describe("when the page server goes away", () => {
   test("killed and restarted on the same port mid-restore: the restore completes, no wrong page", async () => {
-    let ps = await pageServer([]);
+    let ps = await pageServer(["--metrics", "127.0.0.1:0"]);
     const port = ps.port;
+    const metrics = String((await ps.daemon.waitForEvent("metrics.listening")).url);
     const d = await serve(url(ps), ["--page-server-deadline", "15000"]);
     const run = runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--threads", "2", "--verify", "all"]);
     await d.waitForEvent("vm.connected", (e) => e.vm === 1);
-    // Both of the VM's channels are in: the transfer is under way, requests are outstanding.
-    for (const role of ["urgent", "background"]) await ps.daemon.waitForEvent("page_server.client_authenticated", (e) => e.role === role);
+    // Into the transfer: the VM's requests reach the page server (its metrics count them).
+    await until("the page server counts the VM's first request", async () => {
+      const s = parseExposition(await (await fetch(metrics)).text());
+      return (s.find((x) => x.name === "snapload_page_server_requests_total")?.value ?? 0) > 0;
+    });
     ps.daemon.proc.kill("SIGKILL");
     await ps.daemon.proc.exited;
     // vCPUs wait; the client retries with backoff. Two channel losses after the first means both
