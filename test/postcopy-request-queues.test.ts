@@ -4,7 +4,7 @@
 // sockets to a real page server, is tested in postcopy*.test.ts.
 import { describe, expect, test } from "bun:test";
 import { InFlight } from "../src/postcopy/in-flight.ts";
-import { RequestQueues } from "../src/postcopy/request-queues.ts";
+import { type PageRequest, RequestQueues } from "../src/postcopy/request-queues.ts";
 import { HandlerTable } from "../src/scheduler/handler-table.ts";
 import { IMAGE_PAGE, ZeroMap } from "../src/sources/image/snapshot-image.ts";
 import type { RemoteBackend } from "../src/sources/port.ts";
@@ -92,7 +92,7 @@ describe("request queues", () => {
 
   test("what a lost connection owed goes back first, in the order it was asked for; drain empties every queue", () => {
     const { region, queues } = setup();
-    const inFlight = new InFlight();
+    const inFlight = new InFlight<PageRequest>();
     queues.add(region, 0, 48, false, false); // ids 1..3
     queues.add(region, 100, 1, true, false); // id 4
     queues.add(region, 120, 16, false, true); // id 5, the sweep's

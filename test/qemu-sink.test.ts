@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { imageBackend } from "../src/sources/image/image-backend.ts";
 import { openMappedRamBlocks } from "../src/sources/image/mapped-ram.ts";
 import type { SnapshotImage } from "../src/sources/image/snapshot-image.ts";
-import { silentLogger } from "../src/core/log.ts";
+import { Logger, silentLogger } from "../src/core/log.ts";
 import { QemuPageSink, localPages, type SinkOptions } from "../src/sinks/qemu/page-sink.ts";
 import { readDeviceState, readSnapshotStream, type SnapshotStream } from "../src/sinks/qemu/snapshot-stream.ts";
 import { openRemoteFile, openSource } from "../src/sources/open-source.ts";
@@ -64,8 +64,11 @@ async function restore(opts: Partial<SinkOptions>, standin: StandinOptions) {
   }
 }
 
-/** Each data page exactly once with the snapshot's bytes; nothing twice; ZERO only for zero pages. */
-function checkPages(records: Received[]): void {
+/**
+ * Each data page exactly once with the snapshot's bytes; nothing twice; ZERO only for zero pages.
+ * `complete` false: a restore that failed; what it sent must still be right.
+ */
+function checkPages(records: Received[], complete = true): void {
   const seen = new Set<string>();
   for (const r of records) {
     const key = `${r.block}#${r.page}`;
@@ -74,6 +77,7 @@ function checkPages(records: Received[]): void {
     expect(r.zero, `${key}: ZERO record for a data page, or data for a zero page`).toBe(!isData(r.block, r.page));
     if (r.data) expect(r.data.equals(expected.get(r.block)!.subarray(r.page * 4096, (r.page + 1) * 4096)), `${key} bytes`).toBe(true);
   }
+  if (!complete) return;
   for (const b of gen.blocks) {
     for (let p = 0; p < b.pages; p++) if (isData(b.name, p)) expect(seen.has(`${b.name}#${p}`), `${b.name}#${p} never sent`).toBe(true);
   }
@@ -156,9 +160,10 @@ describe("QEMU sink from remote sources (the snapshot file served or pushed whol
     writeFileSync(tokenFile, "qemu-sink-remote-test-token-5e1f\n", { mode: 0o600 });
   });
 
-  /** Restores from `file`; the stand-in checks every page; `onRecord` may disturb the source. */
-  async function restoreRemote(file: RemoteFile, standin: StandinOptions, opts: Partial<SinkOptions> = {}) {
+  /** Restores from `file`; the stand-in checks every page; `onRecord` (or `beforeRun`, once the file's structure is read) may disturb the source. */
+  async function restoreRemote(file: RemoteFile, standin: StandinOptions, opts: Partial<SinkOptions> = {}, beforeRun?: () => void) {
     const snap = await readRemoteSnapshot(file);
+    beforeRun?.();
     expect(snap.stream.refusals).toEqual([]);
     expect(Buffer.from(snap.deviceState).equals(Buffer.from(readDeviceState(stream)))).toBe(true);
     const path = join(tmp.path, `dst-${n++}.sock`);
@@ -221,6 +226,100 @@ describe("QEMU sink from remote sources (the snapshot file served or pushed whol
       }
     } finally {
       await ps?.daemon.stop();
+    }
+  }, 60_000);
+
+  /** A logger that keeps every event, and resolves a wait when one matches. */
+  function eventLog() {
+    const events: Record<string, unknown>[] = [];
+    const waits: { match: (e: Record<string, unknown>) => boolean; resolve: (e: Record<string, unknown>) => void }[] = [];
+    const logger = new Logger("debug", {
+      format: "json",
+      sink: (line) => {
+        const e = JSON.parse(line) as Record<string, unknown>;
+        events.push(e);
+        for (const w of [...waits]) if (w.match(e)) waits.splice(waits.indexOf(w), 1) && w.resolve(e);
+      },
+    });
+    const next = (match: (e: Record<string, unknown>) => boolean) =>
+      new Promise<Record<string, unknown>>((resolve) => {
+        const seen = events.find(match);
+        if (seen) resolve(seen);
+        else waits.push({ match, resolve });
+      });
+    return { logger, events, next };
+  }
+
+  test("tcp://: page server frozen (SIGSTOP) while it owes the restore: its silence is noticed (pinged, no reply, connections dropped) well before the deadline, and once it continues the restore completes, every page once, as in the file", async () => {
+    const ps = await startPageServer(["--mem", gen.path, "--whole-file", "--token-file", tokenFile]);
+    const log = eventLog();
+    // Silence is given up after half the deadline (pinged at a quarter), well before the deadline.
+    const file = await openRemoteFile(`tcp://127.0.0.1:${ps.port}`, { tokenFile, deadlineMs: 8000, logger: log.logger });
+    const ram = gen.blocks.find((b) => b.name === "pc.ram")!;
+    let resumed: Promise<void> | undefined;
+    try {
+      const { dest, stats } = await restoreRemote(file, {
+        // The guest asks while the page server is frozen: the request stays owed.
+        onPackage: (d) => d.request("pc.ram", ram.pages - 60),
+      }, {}, () => {
+        // Frozen, not killed: its sockets stay open, the kernel still accepts connections, nothing answers.
+        ps.daemon.proc.kill("SIGSTOP");
+        resumed = (async () => {
+          const lost = await log.next((e) => e.event === "remote.lost");
+          ps.daemon.proc.kill("SIGCONT");
+          expect(lost.kind).toBe("timeout");
+          expect(String(lost.reason)).toMatch(/^no reply for \d+\.\d s$/);
+        })();
+      });
+      await resumed;
+      expect(dest.errors).toEqual([]);
+      checkPages(dest.records);
+      expect(dest.records.some((r) => r.channel === "preempt" && r.block === "pc.ram" && r.page === ram.pages - 60)).toBe(true);
+      expect(stats.requests).toBe(1);
+      const back = log.events.find((e) => e.event === "remote.back");
+      expect(back, "remote.back after the freeze").toBeDefined();
+      expect(back!.vm).toBeUndefined();
+      expect(Number(back!.stalledMs)).toBeLessThan(8000);
+      expect(file.report!()).toMatch(/, 1 reconnects,/);
+    } finally {
+      ps.daemon.proc.kill("SIGCONT");
+      await ps.daemon.stop();
+    }
+  }, 60_000);
+
+  test("tcp://: page server frozen for good: the restore fails at the deadline with a clear error, and nothing wrong was sent before", async () => {
+    const ps = await startPageServer(["--mem", gen.path, "--whole-file", "--token-file", tokenFile]);
+    const log = eventLog();
+    const deadlineMs = 3000;
+    const file = await openRemoteFile(`tcp://127.0.0.1:${ps.port}`, { tokenFile, deadlineMs, logger: log.logger });
+    const ram = gen.blocks.find((b) => b.name === "pc.ram")!;
+    let dest: StandinDestination | undefined;
+    let frozenAt = 0;
+    try {
+      const run = restoreRemote(file, {
+        onPackage: (d) => {
+          dest = d;
+          d.request("pc.ram", ram.pages - 60);
+        },
+      }, {}, () => {
+        ps.daemon.proc.kill("SIGSTOP");
+        frozenAt = performance.now();
+      });
+      await expect(run).rejects.toThrow(/page server tcp:\/\/127\.0\.0\.1:\d+ (for|delivered nothing for) 3000 ms \(last: .*\); \d+ requests unanswered|no page server at tcp:\/\/127\.0\.0\.1:\d+ for 3000 ms \(last: .*\); \d+ requests unanswered/);
+      const failedAfter = performance.now() - frozenAt;
+      expect(failedAfter).toBeGreaterThanOrEqual(deadlineMs - 250);
+      expect(failedAfter).toBeLessThan(deadlineMs + 5000); // not a hang (the margin is for a loaded machine)
+      // It noticed the silence (pings unanswered) before the deadline, and said so.
+      const lost = log.events.find((e) => e.event === "remote.lost");
+      expect(lost?.kind).toBe("timeout");
+      expect(String(lost?.reason)).toMatch(/^no reply for /);
+      expect(dest, "the destination got the device state").toBeDefined();
+      expect(dest!.errors).toEqual([]);
+      checkPages(dest!.records, false);
+      expect(dest!.records.some((r) => !r.zero), "no data page without the page server").toBe(false);
+    } finally {
+      ps.daemon.proc.kill("SIGKILL");
+      await ps.daemon.proc.exited;
     }
   }, 60_000);
 

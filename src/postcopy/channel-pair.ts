@@ -3,8 +3,10 @@
 // sitting in kernel socket buffers. This module keeps them up: it reconnects with backoff, pings
 // a connection that owes replies and went quiet, gives up one silent for too long, checks that a
 // page server it reconnects to serves the same image, and fails the VM once it has been without a
-// page server that delivers for the deadline (its owner kills its VMM). What a lost connection
-// owed goes out again (the client's `takeBack`): pages are never guessed.
+// page server that delivers for the deadline (its owner kills its VMM, or qemu-restore fails).
+// What a lost connection owed goes out again (the client's `takeBack`): pages are never guessed.
+// Two clients use it: the daemon's VmClient (a VM's pages) and qemu-restore's range client (byte
+// ranges of a snapshot file; no VM id).
 import type { RequesterContext } from "../sources/port.ts";
 import type { ClientChannel, LostKind } from "./client-channel.ts";
 import type { ImageInfo } from "./protocol.ts";
@@ -20,6 +22,9 @@ const DEAD_AFTER_MAX_MS = 5000;
 const DEAD_AFTER_MIN_MS = 500;
 /** How often connection health and the deadline are looked at. */
 const TICK_MAX_MS = 250;
+
+/** What the pair needs of its owner: a loop, a logger, and whom to tell it gave up. */
+export type PairContext = Pick<RequesterContext, "loop" | "logger" | "fail">;
 
 export interface PairTarget {
   url: string;
@@ -63,9 +68,14 @@ export class ChannelPair {
   private cancelTick: () => void = () => {};
   private closed = false;
 
+  /** "vm N: " before messages (none for qemu-restore), and what the deadline means. */
+  private readonly who: string;
+  private readonly fate: string;
+
   constructor(
-    private readonly vmId: number,
-    private readonly ctx: RequesterContext,
+    /** The daemon's VM, or undefined for qemu-restore's snapshot file. */
+    private readonly vmId: number | undefined,
+    private readonly ctx: PairContext,
     private readonly target: PairTarget,
     private readonly counters: { tampered: number; reconnects: number },
     private readonly client: PairClient,
@@ -73,6 +83,8 @@ export class ChannelPair {
     // Until the page server delivers, the VM is "without a page server": the deadline runs.
     this.stallSince = performance.now();
     this.deadAfterMs = Math.max(DEAD_AFTER_MIN_MS, Math.min(DEAD_AFTER_MAX_MS, target.deadlineMs / 2));
+    this.who = vmId === undefined ? "" : `vm ${vmId}: `;
+    this.fate = vmId === undefined ? "the restore fails" : "the VM is killed";
   }
 
   /** Opens both connections and starts watching them. */
@@ -102,10 +114,10 @@ export class ChannelPair {
 
   onReady(i: number, ch: ClientChannel, info: ImageInfo): void {
     const want = this.target.info;
-    if (info.size !== want.size || info.pages !== want.pages || !sameBytes(info.id, want.id)) {
+    if (info.size !== want.size || info.pages !== want.pages || !sameBytes(info.id, want.id) || !info.wholeFile !== !want.wholeFile) {
       ch.close();
       this.channels[i] = undefined;
-      return this.ctx.fail("BAD_FRAME", `page server ${this.target.url} now serves a different image (${info.size} bytes, id ${hex(info.id)}; this VM was started from ${want.size} bytes, id ${hex(want.id)})`);
+      return this.ctx.fail("BAD_FRAME", `page server ${this.target.url} now serves a different image (${info.size} bytes, id ${hex(info.id)}; we started from ${want.size} bytes, id ${hex(want.id)})`);
     }
     this.backoff[i] = RECONNECT_FIRST_MS;
     if (this.channels.every((c) => c?.ready)) {
@@ -131,8 +143,8 @@ export class ChannelPair {
       this.counters.tampered++;
       this.ctx.logger.error(
         "remote.tampered",
-        `vm ${vm}: ${CHANNEL_NAMES[i]} channel to ${url}: ${reason}; nothing of it installed, connection dropped, ` +
-          `${resend} requests to re-send (the VM is killed if the page server does not deliver within ${deadlineMs} ms)`,
+        `${this.who}${CHANNEL_NAMES[i]} channel to ${url}: ${reason}; nothing of it installed, connection dropped, ` +
+          `${resend} requests to re-send (${this.fate} if the page server does not deliver within ${deadlineMs} ms)`,
         { vm, url, channel: CHANNEL_NAMES[i], reason, resend, deadlineMs },
       );
     } else if (!this.outageLogged) {
@@ -141,12 +153,12 @@ export class ChannelPair {
       this.ctx.logger.log(
         level,
         "remote.lost",
-        `vm ${vm}: ${this.everConnected ? "lost the" : "cannot reach the"} page server ${url} (${CHANNEL_NAMES[i]} channel: ${reason}); ` +
-          `${resend} requests to re-send; reconnecting, the VM is killed if it is not back within ${deadlineMs} ms`,
+        `${this.who}${this.everConnected ? "lost the" : "cannot reach the"} page server ${url} (${CHANNEL_NAMES[i]} channel: ${reason}); ` +
+          `${resend} requests to re-send; reconnecting, ${this.fate} if it is not back within ${deadlineMs} ms`,
         { vm, url, channel: CHANNEL_NAMES[i], reason, kind, resend, deadlineMs, connected: this.everConnected },
       );
     } else {
-      this.ctx.logger.debug("remote.channel_lost", `vm ${vm}: ${CHANNEL_NAMES[i]} channel: ${reason}`, { vm, channel: CHANNEL_NAMES[i], reason, kind });
+      this.ctx.logger.debug("remote.channel_lost", `${this.who}${CHANNEL_NAMES[i]} channel: ${reason}`, { vm, channel: CHANNEL_NAMES[i], reason, kind });
     }
     const delay = this.backoff[i]!;
     this.backoff[i] = Math.min(RECONNECT_MAX_MS, delay * 2);
@@ -165,11 +177,11 @@ export class ChannelPair {
     this.stallSince = undefined;
     if (this.outageLogged) {
       this.counters.reconnects++;
-      this.ctx.logger.info("remote.back", `vm ${this.vmId}: page server ${this.target.url} is back after ${stalled.toFixed(0)} ms; outstanding requests re-sent`, {
+      this.ctx.logger.info("remote.back", `${this.who}page server ${this.target.url} is back after ${stalled.toFixed(0)} ms; outstanding requests re-sent`, {
         vm: this.vmId, url: this.target.url, stalledMs: stalled,
       });
     } else {
-      this.ctx.logger.debug("remote.delivering", `vm ${this.vmId}: page server ${this.target.url} delivering after ${stalled.toFixed(1)} ms`, {
+      this.ctx.logger.debug("remote.delivering", `${this.who}page server ${this.target.url} delivering after ${stalled.toFixed(1)} ms`, {
         vm: this.vmId, url: this.target.url, stalledMs: stalled,
       });
     }

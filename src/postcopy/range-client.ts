@@ -1,40 +1,39 @@
 // `qemu-restore --mem tcp://HOST:PORT`: a snapshot file served whole by `snapload page-server
-// --whole-file`, read by byte range over the page-server protocol (the same handshake, sealed
-// frames and probe as the daemon's client). Two connections, like the daemon's: ranges a guest
-// waits for go on the urgent one, background ranges on the other. If the page server goes away,
-// what was asked and not received stays owed: the connections reconnect with backoff and ask
-// again, and only past the deadline does a read fail (never a zero or a guess). A frame that
-// fails authentication drops its connection; nothing of it is used.
+// --whole-file`, read by byte range over the page-server protocol. Only what is specific to byte
+// ranges of a file is here (cutting reads into requests, assembling replies, handing them to the
+// QEMU sink); the rest is the daemon's client's own parts: the two connections, their reconnects,
+// pings, silence timeout, same-image check and deadline (channel-pair.ts), what each connection
+// owes and gives back when lost (in-flight.ts), and the receive buffers (slot-pool.ts). So a page
+// server that dies or freezes is handled as for a Firecracker VM: what was asked stays owed and
+// is asked again once it is back; only past the deadline does a read fail (never a zero or a
+// guess). A frame that fails authentication drops its connection; nothing of it is used.
 //
 // The QEMU sink runs on Bun's own loop (node:net); the channels live in an EventLoop that hands
 // the thread back to Bun every turn (asyncPending), so both make progress in one thread.
-import { ConfigError, SnaploadError } from "../core/errors.ts";
+import { ConfigError, type ErrorCode, SnaploadError } from "../core/errors.ts";
 import { EventLoop } from "../core/event-loop.ts";
-import { NativeBuffer } from "../core/ffi.ts";
+import type { NativeBuffer } from "../core/ffi.ts";
 import type { ZeroMap } from "../sources/image/snapshot-image.ts";
 import type { SourceOptions } from "../sources/port.ts";
 import type { RemoteFile } from "../sources/remote-file.ts";
 import { type HostPort, parseTcpUrl, resolveHost } from "./address.ts";
 import { checkCrypto } from "./aead.ts";
 import { readTokenFile } from "./auth.ts";
-import { ClientChannel, type LostKind } from "./client-channel.ts";
-import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, MAX_REQUEST, ProtocolError, Role, WIRE_PAGE } from "./protocol.ts";
+import { BACKGROUND, ChannelPair, type PairContext, URGENT } from "./channel-pair.ts";
+import { ClientChannel } from "./client-channel.ts";
+import { InFlight, type InFlightRequest } from "./in-flight.ts";
+import { checkDataChunk, frame, type FrameHeader, FrameType, type ImageInfo, ProtocolError, Role, WIRE_PAGE } from "./protocol.ts";
 import { probe } from "./remote-source.ts";
+import { SlotPool } from "./slot-pool.ts";
 
-const RECONNECT_FIRST_MS = 50;
-const RECONNECT_MAX_MS = 1000;
 const HANDSHAKE_TIMEOUT_MS = 5000;
-const TICK_MS = 100;
-const URGENT = 0;
-const BACKGROUND = 1;
-const CHANNEL_NAMES = ["urgent", "background"];
+/** Reads are cut into requests of at most this many bytes, each received into one slot. */
+const SLOT = 512 * 1024;
 
-interface Req {
-  id: number;
+/** One request: file bytes [start, start+bytes), a slot's worth at most. */
+interface RangeRequest extends InFlightRequest {
   start: number;
-  bytes: number;
-  urgent: boolean;
-  buf: NativeBuffer;
+  slot: NativeBuffer | undefined;
   /** Next byte (within the request) a DATA frame may start at: chunks come in order. */
   cursor: number;
   resolve: (b: Uint8Array) => void;
@@ -58,16 +57,12 @@ class RangeClient implements RemoteFile {
   readonly description: string;
   readonly #loop = new EventLoop();
   readonly #running: Promise<void>;
-  readonly #channels: (ClientChannel | undefined)[] = [undefined, undefined];
-  readonly #queues: Req[][] = [[], []];
-  readonly #sent = new Map<number, Req>();
-  readonly #backoff = [RECONNECT_FIRST_MS, RECONNECT_FIRST_MS];
+  readonly #slots = new SlotPool(SLOT);
+  readonly #inFlight = new InFlight<RangeRequest>();
+  /** Waiting to be sent, per connection (URGENT, BACKGROUND). */
+  readonly #queues: RangeRequest[][] = [[], []];
+  readonly #link: ChannelPair;
   #nextId = 1;
-  /** Since when something is owed and no working page server delivers it. */
-  #stallSince: number | undefined;
-  #outage = false;
-  #outageSince = 0;
-  #lastError = "";
   #closed = false;
   #failure: Error | undefined;
   readonly #counters = { requests: 0, bytes: 0, reconnects: 0, tampered: 0 };
@@ -83,9 +78,22 @@ class RangeClient implements RemoteFile {
     this.size = info.size;
     this.description = url;
     this.#loop.asyncPending = 1; // every turn hands the thread to Bun (the sink's sockets)
-    this.#connect(URGENT);
-    this.#connect(BACKGROUND);
-    this.#tick();
+    const ctx: PairContext = { loop: this.#loop, logger: opts.logger, fail: (code: ErrorCode, detail: string) => this.#fail(new SnaploadError(code, detail)) };
+    const owed = () => this.#inFlight.size + this.#queues[URGENT]!.length + this.#queues[BACKGROUND]!.length;
+    this.#link = new ChannelPair(undefined, ctx, { url, info, deadlineMs: opts.deadlineMs }, this.#counters, {
+      open: (i) => this.#connect(i),
+      outstanding: owed,
+      unanswered: owed,
+      owes: (i) => this.#inFlight.owes(i === URGENT),
+      takeBack: (i) => {
+        // What was asked on that connection is asked again, first, in the order it was asked.
+        const again = this.#inFlight.takeBack(i === URGENT);
+        this.#queues[i]!.unshift(...again);
+        return again.length;
+      },
+      resume: (i) => this.#send(i),
+    });
+    this.#link.start();
     this.#running = this.#loop.run();
   }
 
@@ -95,11 +103,11 @@ class RangeClient implements RemoteFile {
       return Promise.reject(new SnaploadError("BAD_CONFIG", `${this.url}: read of [${off}, +${len}) is not whole pages of the ${this.size}-byte file`));
     }
     const parts: Promise<Uint8Array>[] = [];
-    for (let at = off; at < off + len; at += MAX_REQUEST) parts.push(this.#request(at, Math.min(MAX_REQUEST, off + len - at), urgent));
+    for (let at = off; at < off + len; at += SLOT) parts.push(this.#request(at, Math.min(SLOT, off + len - at), urgent));
     if (parts.length === 1) return parts[0]!;
     return Promise.all(parts).then((bufs) => {
       const out = new Uint8Array(len);
-      bufs.forEach((b, i) => out.set(b, i * MAX_REQUEST));
+      bufs.forEach((b, i) => out.set(b, i * SLOT));
       return out;
     });
   }
@@ -107,104 +115,62 @@ class RangeClient implements RemoteFile {
   #request(start: number, bytes: number, urgent: boolean): Promise<Uint8Array> {
     return new Promise((resolve, reject) => {
       if (this.zero.isRangeZero(start / WIRE_PAGE, bytes / WIRE_PAGE)) return resolve(new Uint8Array(bytes));
-      const buf = new NativeBuffer(bytes);
-      buf.bytes.fill(0); // zero pages never cross the wire
-      const req: Req = { id: this.#nextId++, start, bytes, urgent, buf, cursor: 0, resolve, reject };
-      this.#queues[urgent ? URGENT : BACKGROUND]!.push(req);
-      this.#stallSince ??= performance.now();
-      this.#send(urgent ? URGENT : BACKGROUND);
+      const req: RangeRequest = { id: this.#nextId++, start, bytes, urgent, sent: false, slot: undefined, cursor: 0, resolve, reject };
+      const i = urgent ? URGENT : BACKGROUND;
+      this.#queues[i]!.push(req);
+      this.#send(i);
     });
   }
 
   #send(i: number): void {
-    const ch = this.#channels[i];
-    if (!ch?.ready) return;
+    const ch = this.#link.ready(i);
+    if (ch === undefined) return;
     const q = this.#queues[i]!;
     while (q.length) {
       const req = q.shift()!;
+      req.slot ??= this.#slots.take();
       req.cursor = 0; // a reply cut short by a lost connection starts over
-      this.#sent.set(req.id, req);
+      // The silence and progress clocks of a connection start when it starts owing us something.
+      if (!this.#inFlight.owes(req.urgent)) this.#link.startOwing(i, ch);
+      this.#inFlight.add(req);
       this.#counters.requests++;
       ch.send(frame(FrameType.REQUEST, null, req.id, req.start, req.bytes), false);
     }
     ch.flush();
   }
 
-  #connect(i: number): void {
-    if (this.#closed) return;
+  #connect(i: number): ClientChannel {
     const ch: ClientChannel = new ClientChannel(this.#loop, this.addr, this.token, i === URGENT ? Role.URGENT : Role.BACKGROUND, false, {
-      ready: (info) => this.#onReady(i, ch, info),
+      ready: (info) => this.#link.onReady(i, ch, info),
       dataTarget: (h) => this.#dataTarget(h),
-      data: (h) => this.#onData(h),
+      data: (h) => {
+        // Only bytes we still wait for are progress (not a replay of stale ids).
+        if (this.#inFlight.byId.has(h.id)) this.#link.progress(i);
+        this.#onData(h);
+      },
       requestError: (id, message) => {
-        const req = this.#sent.get(id);
+        const req = this.#inFlight.byId.get(id);
         if (req) this.#fail(new SnaploadError("PEER_GONE", `page server ${this.url} refused bytes [0x${req.start.toString(16)}, +${req.bytes}): ${message}`));
       },
-      lost: (reason, kind) => this.#onLost(i, reason, kind),
+      lost: (reason, kind) => this.#link.onLost(i, reason, kind),
     }, Math.min(HANDSHAKE_TIMEOUT_MS, this.opts.deadlineMs));
-    this.#channels[i] = ch;
-  }
-
-  #onReady(i: number, ch: ClientChannel, info: ImageInfo): void {
-    const want = this.info;
-    if (info.size !== want.size || info.pages !== want.pages || Buffer.compare(info.id, want.id) !== 0 || !info.wholeFile) {
-      ch.close();
-      this.#channels[i] = undefined;
-      return this.#fail(new SnaploadError("PEER_GONE", `page server ${this.url} now serves a different file (${info.size} bytes; the restore started from ${want.size} bytes)`));
-    }
-    this.#backoff[i] = RECONNECT_FIRST_MS;
-    if (this.#outage && this.#channels.every((c) => c?.ready)) {
-      this.#outage = false;
-      this.#counters.reconnects++;
-      const stalledMs = performance.now() - this.#outageSince;
-      this.opts.logger.info("remote.back", `page server ${this.url} is back after ${stalledMs.toFixed(0)} ms; outstanding requests re-sent`, { url: this.url, stalledMs });
-    }
-    this.#send(i);
-  }
-
-  #onLost(i: number, reason: string, kind: LostKind): void {
-    this.#channels[i] = undefined;
-    if (this.#closed) return;
-    this.#lastError = reason;
-    // What was asked on that connection is asked again, first, in the order it was asked.
-    const again = [...this.#sent.values()].filter((r) => (r.urgent ? URGENT : BACKGROUND) === i).sort((a, b) => a.id - b.id);
-    for (const r of again) this.#sent.delete(r.id);
-    this.#queues[i]!.unshift(...again);
-    if (again.length || this.#queues[i]!.length) this.#stallSince ??= performance.now();
-    if (kind === "auth" || kind === "version" || kind === "refused") {
-      return this.#fail(new SnaploadError(kind === "auth" ? "AUTH_FAILED" : "PEER_GONE", `page server ${this.url}: ${reason}`));
-    }
-    if (kind === "tampered") {
-      this.#counters.tampered++;
-      this.opts.logger.error("remote.tampered", `${CHANNEL_NAMES[i]} channel to ${this.url}: ${reason}; nothing of it used, connection dropped, ${again.length} requests re-sent`, {
-        url: this.url, channel: CHANNEL_NAMES[i], reason, resend: again.length, deadlineMs: this.opts.deadlineMs,
-      });
-    } else if (!this.#outage) {
-      this.#outage = true;
-      this.#outageSince = performance.now();
-      this.opts.logger.warn("remote.lost", `lost the page server ${this.url} (${CHANNEL_NAMES[i]} channel: ${reason}); reconnecting, giving up if it is not back within ${this.opts.deadlineMs} ms`, {
-        url: this.url, channel: CHANNEL_NAMES[i], reason, kind, resend: again.length, deadlineMs: this.opts.deadlineMs,
-      });
-    }
-    const delay = this.#backoff[i]!;
-    this.#backoff[i] = Math.min(RECONNECT_MAX_MS, delay * 2);
-    this.#loop.after(delay, () => this.#connect(i));
+    return ch;
   }
 
   #dataTarget(h: FrameHeader): number {
-    const req = this.#sent.get(h.id);
+    const req = this.#inFlight.byId.get(h.id);
     if (req === undefined) {
-      // A request asked again after its connection was lost: late chunks of the old one are dropped.
+      // A request given up (the read failed): its late chunks are dropped.
       if (h.id > 0 && h.id < this.#nextId) return -1;
       throw new ProtocolError(`DATA for request ${h.id}, which was never made`);
     }
     // Zero pages never cross the wire: the chunk holds data pages only, and what it skipped is zero.
     checkDataChunk(h.id, h.offset, h.length, req.cursor, req.start, req.bytes, this.zero);
-    return req.buf.address + h.offset;
+    return req.slot!.address + h.offset;
   }
 
   #onData(h: FrameHeader): void {
-    const req = this.#sent.get(h.id);
+    const req = this.#inFlight.byId.get(h.id);
     if (req === undefined) return;
     // Authenticated and decrypted in place by the channel before we hear of it.
     this.#counters.bytes += h.length;
@@ -212,35 +178,30 @@ class RangeClient implements RemoteFile {
     const restFirst = (req.start + req.cursor) / WIRE_PAGE;
     const restCount = (req.bytes - req.cursor) / WIRE_PAGE;
     if (restCount !== 0 && !this.zero.isRangeZero(restFirst, restCount)) return;
-    this.#sent.delete(req.id);
-    const out = req.buf.bytes.slice(0, req.bytes);
-    req.buf.free();
-    if (this.#sent.size + this.#queues[0]!.length + this.#queues[1]!.length === 0) this.#stallSince = undefined;
-    else this.#stallSince = performance.now(); // progress: the clock restarts
+    this.#inFlight.remove(req);
+    const slot = req.slot!;
+    req.slot = undefined;
+    // The zero pages never came (and the slot may hold an earlier request's bytes): write them.
+    for (const run of this.zero.runs(req.start / WIRE_PAGE, req.bytes / WIRE_PAGE)) {
+      if (run.zero) slot.bytes.fill(0, run.first * WIRE_PAGE - req.start, (run.first + run.count) * WIRE_PAGE - req.start);
+    }
+    const out = slot.bytes.slice(0, req.bytes);
+    this.#slots.give(slot);
     req.resolve(out);
   }
 
-  /** Past the deadline without a page server delivering: every read fails. */
-  #tick(): void {
-    this.#loop.after(TICK_MS, () => {
-      if (this.#closed) return;
-      const since = this.#stallSince;
-      if (since !== undefined && performance.now() - since > this.opts.deadlineMs) {
-        return this.#fail(new SnaploadError("PEER_GONE", `page server ${this.url} did not deliver within ${this.opts.deadlineMs} ms (--page-server-deadline; last: ${this.#lastError || "no answer"})`));
-      }
-      this.#tick();
-    });
-  }
-
+  /** The page server is gone past the deadline, refused, or we are closed: every read fails from now on. */
   #fail(e: Error): void {
     if (this.#failure) return;
     this.#failure = e;
-    const all = [...this.#sent.values(), ...this.#queues[0]!, ...this.#queues[1]!];
-    this.#sent.clear();
-    this.#queues[0]!.length = 0;
-    this.#queues[1]!.length = 0;
+    this.#link.close();
+    const all = [...this.#inFlight.byId.values(), ...this.#queues[URGENT]!, ...this.#queues[BACKGROUND]!];
+    for (const r of all) this.#inFlight.remove(r);
+    this.#queues[URGENT]!.length = 0;
+    this.#queues[BACKGROUND]!.length = 0;
     for (const r of all) {
-      r.buf.free();
+      if (r.slot !== undefined) this.#slots.give(r.slot);
+      r.slot = undefined;
       r.reject(e);
     }
   }
@@ -254,7 +215,7 @@ class RangeClient implements RemoteFile {
     if (this.#closed) return;
     this.#closed = true;
     this.#fail(new SnaploadError("PEER_GONE", "closed"));
-    for (const ch of this.#channels) ch?.close();
+    this.#slots.close();
     this.#loop.stop();
     void this.#running.then(() => this.#loop.close());
   }

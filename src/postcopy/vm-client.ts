@@ -48,7 +48,7 @@ export class VmClient implements PageRequester {
   private readonly loop: EventLoop;
   private readonly slots: SlotPool;
   private readonly queues: RequestQueues;
-  private readonly inFlight = new InFlight();
+  private readonly inFlight = new InFlight<Req>();
   /** Requests sent and not answered yet, by id (the in-flight table's). */
   private readonly sent = this.inFlight.byId;
   private readonly link: ChannelPair;
