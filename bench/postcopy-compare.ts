@@ -8,6 +8,7 @@
 //     legitimate clients one after another (HELLO→CHALLENGE→AUTH→WELCOME, 5 s each, protocol 1
 //     or 2, whichever the server speaks); reports their times, timeouts, and the log's size.
 // Prints one JSON line per measurement. ROOT is a checkout with build/ and node_modules/.
+// It reads the daemons' text logs on purpose: the OLD checkouts it compares predate --log-format json.
 import { createHmac, randomBytes } from "node:crypto";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createConnection } from "node:net";

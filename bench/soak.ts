@@ -27,10 +27,10 @@ const remote = join(dir, "remote.sock");
 
 let pageServer: Proc | undefined;
 const startPageServer = () => {
-  pageServer = new Proc("page-server", [BUN, MAIN, "page-server", "--listen", `127.0.0.1:${port}`, "--mem", img, "--token-file", token]);
+  pageServer = new Proc("page-server", [BUN, MAIN, "page-server", "--listen", `127.0.0.1:${port}`, "--mem", img, "--token-file", token, "--log-format", "json"]);
 };
 startPageServer();
-await pageServer!.waitFor(/listening/, "stderr", 30_000);
+await pageServer!.waitFor(/"event":"page_server\.listening"/, "stderr", 30_000);
 const daemon = await startSnapload(local, ["--socket", remote, "--mem", img, "--mem", `tcp://127.0.0.1:${port}`, "--token-file", token, "--page-server-deadline", "60000"], undefined);
 
 const stats = { good: 0, goodFailed: 0, wrongPages: 0, hostile: 0, hostileServed: 0, pageServerKills: 0 };
@@ -95,7 +95,14 @@ while (Date.now() < until) {
   }
 }
 await Promise.all(running);
-await Bun.sleep(500); // let the daemon close the last VMs' fds
+// Every VM that connected has exited or failed: the daemon logs that once it closed the VM's fds.
+const count = (names: string[]) => daemon.stderr.split("\n").filter((l) => l.startsWith("{") && names.includes((JSON.parse(l) as { event: string }).event)).length;
+for (const deadline = Date.now() + 10_000; count(["vm.exited", "vm.failed"]) < count(["vm.connected"]); await Bun.sleep(25)) {
+  if (Date.now() > deadline) {
+    failures.push(`${count(["vm.connected"]) - count(["vm.exited", "vm.failed"])} VM(s) still connected 10 s after the last stand-in ended`);
+    break;
+  }
+}
 sample();
 daemon.kill("SIGTERM");
 await daemon.exited;

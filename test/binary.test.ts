@@ -32,10 +32,10 @@ async function run(args: string[], timeoutMs = 30_000): Promise<{ code: number; 
 }
 
 async function serve(args: string[], socket: string): Promise<Daemon> {
-  const proc = Bun.spawn(["./snapload", "serve", "--socket", socket, ...args], { cwd: home, env: cleanEnv(), stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+  const proc = Bun.spawn(["./snapload", "serve", "--socket", socket, "--log-format", "json", ...args], { cwd: home, env: cleanEnv(), stdin: "ignore", stdout: "pipe", stderr: "pipe" });
   const d = new Daemon(proc, socket);
   daemons.push(d);
-  await d.waitForLog(/listening on/);
+  await d.waitForEvent("daemon.listening");
   return d;
 }
 

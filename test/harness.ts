@@ -26,6 +26,13 @@ export function tempDir(prefix = "snapload-test-"): { path: string; cleanup: () 
   return { path, cleanup: () => rmSync(path, { recursive: true, force: true }) };
 }
 
+/** The JSON events (--log-format json) in a process's stderr; other lines (a final `snapload: ...` error) are skipped. */
+export function parseEvents(stderr: string): LogRecord[] {
+  const out: LogRecord[] = [];
+  for (const line of stderr.split("\n")) if (line.startsWith("{")) out.push(JSON.parse(line) as LogRecord);
+  return out;
+}
+
 export class Daemon {
   private stderrText = "";
   private readonly done: Promise<number>;
@@ -50,7 +57,10 @@ export class Daemon {
     return this.stderrText;
   }
 
-  /** Resolves when the log matches, or rejects after timeoutMs with the log so far. */
+  /**
+   * Resolves when the log matches, or rejects after timeoutMs with the log so far. For daemons that
+   * log text; new tests start theirs with --log-format json and use waitForEvent (docs/events.md).
+   */
   async waitForLog(pattern: RegExp, timeoutMs = 10_000): Promise<RegExpMatchArray> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
@@ -67,9 +77,7 @@ export class Daemon {
 
   /** The daemon's events so far (it must run with --log-format json; other lines are skipped). */
   events(): LogRecord[] {
-    const out: LogRecord[] = [];
-    for (const line of this.stderrText.split("\n")) if (line.startsWith("{")) out.push(JSON.parse(line) as LogRecord);
-    return out;
+    return parseEvents(this.stderrText);
   }
 
   /** Resolves with the first event named `name` that satisfies `match` (the daemon must log JSON). */
@@ -120,8 +128,15 @@ export async function startDaemon(args: string[], socket: string, extraEnv: Reco
     env: { ...process.env, ...extraEnv },
   });
   const d = new Daemon(proc, socket);
-  await d.waitForLog(/listening on/);
+  if (logsJson(args)) await d.waitForEvent("daemon.listening");
+  else await d.waitForLog(/listening on/);
   return d;
+}
+
+/** Whether a daemon's arguments ask for JSON events (`--log-format json`). */
+export function logsJson(args: string[]): boolean {
+  const i = args.lastIndexOf("--log-format");
+  return i >= 0 && args[i + 1] === "json";
 }
 
 /** The one JSON line the VMM stand-in prints on success. */

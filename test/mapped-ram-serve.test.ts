@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { closeSync, copyFileSync, existsSync, openSync, readSync, truncateSync } from "node:fs";
 import { join } from "node:path";
 import { generateMappedRam, PAGES_ALIGN, type GeneratedBlock, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
-import { type Daemon, describeRun, ensureBuilt, patchFile, runSnapload, REFUSED, runHostilePeer, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, parseEvents as events, patchFile, runSnapload, REFUSED, runHostilePeer, runStandin, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const PAGE = 4096;
@@ -33,7 +33,7 @@ afterAll(async () => {
 }, 15_000);
 
 async function serve(args: string[], name: string): Promise<Daemon> {
-  const d = await startDaemon(["--mem", gen.path, "--handshake-timeout", "2000", ...args], join(dir.path, `${name}.sock`));
+  const d = await startDaemon(["--mem", gen.path, "--handshake-timeout", "2000", "--log-format", "json", ...args], join(dir.path, `${name}.sock`));
   daemons.push(d);
   return d;
 }
@@ -80,7 +80,7 @@ describe("serve a mapped-ram file", () => {
   let defaultDaemon: Daemon;
   test("default block (pc.ram): random order, 2 threads, every page verified", async () => {
     const d = (defaultDaemon = await serve([], "default"));
-    expect(d.log).toMatch(/mapped-ram image .* block pc\.ram/);
+    expect(await d.waitForEvent("daemon.listening")).toMatchObject({ format: "mapped-ram", block: "pc.ram", size: ram.usedLength, dataPages: ram.dataPages });
     const r = await runStandin(["--timeout", "5000", "--socket", d.socket, "--expect", ram.expectFile!, "--order", "random", "--seed", "5", "--threads", "2", "--verify", "all"]);
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.report!.mismatches).toBe(0);
@@ -124,7 +124,7 @@ describe("serve a mapped-ram file", () => {
   let vgaDaemon: Daemon;
   test("--ramblock names a smaller block (vga.vram): served with its own contents", async () => {
     vgaDaemon = await serve(["--ramblock", VGA], "vga");
-    expect(vgaDaemon.log).toContain(`block ${VGA}`);
+    expect(await vgaDaemon.waitForEvent("daemon.listening")).toMatchObject({ format: "mapped-ram", block: VGA, size: vga.usedLength, dataPages: vga.dataPages });
     const r = await runStandin(["--timeout", "5000", "--socket", vgaDaemon.socket, "--expect", vga.expectFile!, "--order", "random", "--threads", "2", "--verify", "all"]);
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.report!.mismatches).toBe(0);
@@ -136,8 +136,8 @@ describe("serve a mapped-ram file", () => {
     // vga.vram is 2 MiB: a region [1 MiB, +2 MiB) ends 1 MiB past it (pc.ram would have room).
     const r = await runHostilePeer(["--socket", vgaDaemon.socket, "--region", `${2 * MIB}@${MIB}`]);
     expect(r.code, describeRun(r)).toBe(REFUSED);
-    const line = await vgaDaemon.waitForLog(/rejected:.*past the end of the image.*/);
-    expect(line[0]).toContain(`(${vga.usedLength} bytes)`);
+    const e = await vgaDaemon.waitForEvent("peer.rejected");
+    expect(e).toMatchObject({ code: "REGION_OUT_OF_IMAGE", region: 0, offset: MIB, size: 2 * MIB, imageSize: vga.usedLength });
     // The same daemon still serves a good VM afterwards.
     const ok = await runStandin(["--timeout", "5000", "--socket", vgaDaemon.socket, "--expect", vga.expectFile!, "--verify", "all"]);
     expect(ok.code, describeRun(ok)).toBe(0);
@@ -149,8 +149,8 @@ describe("serve a mapped-ram file", () => {
     expect(d).toBeDefined();
     const r = await runHostilePeer(["--socket", d.socket, "--region", `${4 * MIB}@${ram.usedLength - 2 * MIB}`]);
     expect(r.code, describeRun(r)).toBe(REFUSED);
-    const line = await d.waitForLog(/rejected:.*past the end of the image.*/);
-    expect(line[0]).toContain(`(${ram.usedLength} bytes)`);
+    const e = await d.waitForEvent("peer.rejected");
+    expect(e).toMatchObject({ code: "REGION_OUT_OF_IMAGE", region: 0, offset: ram.usedLength - 2 * MIB, size: 4 * MIB, imageSize: ram.usedLength });
   }, T);
 });
 
@@ -167,9 +167,9 @@ describe("a block with 2 MiB pages (postcopy-ram records the page size)", () => 
     const main = arm.blocks[0]!;
     expect(main.kinds).toContain("stale");
     expect(main.kinds.some((k) => k !== "zero" && k !== "stale")).toBe(true);
-    const d = await startDaemon(["--mem", arm.path, "--fault-around", "16"], join(dir.path, "arm.sock"));
+    const d = await startDaemon(["--mem", arm.path, "--fault-around", "16", "--log-format", "json"], join(dir.path, "arm.sock"));
     daemons.push(d);
-    expect(d.log).toContain("block mach-virt.ram");
+    expect(await d.waitForEvent("daemon.listening")).toMatchObject({ format: "mapped-ram", block: "mach-virt.ram", size: main.usedLength });
     const r = await runStandin(["--timeout", "5000", "--socket", d.socket, "--expect", main.expectFile!, "--order", "random", "--threads", "2", "--verify", "all"]);
     expect(r.code, describeRun(r)).toBe(0);
     expect(r.report!.mismatches).toBe(0);
@@ -180,11 +180,11 @@ describe("a block with 2 MiB pages (postcopy-ram records the page size)", () => 
 describe("serve refuses to start", () => {
   test("unknown --ramblock: non-zero exit, names every block, no socket left behind", async () => {
     const sock = join(dir.path, "unknown.sock");
-    const r = await runSnapload(["serve", "--socket", sock, "--mem", gen.path, "--ramblock", "pc.rom"]);
+    const r = await runSnapload(["serve", "--socket", sock, "--mem", gen.path, "--ramblock", "pc.rom", "--log-format", "json"]);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toContain('no RAM block named "pc.rom"');
     for (const b of gen.blocks) expect(r.stderr).toContain(`"${b.name}"`);
-    expect(r.stdout + r.stderr).not.toMatch(/listening on/);
+    expect(events(r.stderr).map((e) => e.event)).not.toContain("daemon.listening");
     expect(existsSync(sock)).toBe(false);
   }, T);
 
@@ -212,11 +212,11 @@ describe("serve refuses to start", () => {
       copyFileSync(gen.path, bad);
       breakIt(bad);
       const sock = join(dir.path, "bad.sock");
-      const r = await runSnapload(["serve", "--socket", sock, "--mem", bad]);
+      const r = await runSnapload(["serve", "--socket", sock, "--mem", bad, "--log-format", "json"]);
       expect(r.code, r.stderr).not.toBe(0);
       expect(r.stderr).toMatch(pattern);
       expect(r.stderr).toContain(bad);
-      expect(r.stdout + r.stderr).not.toMatch(/listening on/);
+      expect(events(r.stderr).map((e) => e.event)).not.toContain("daemon.listening");
       expect(existsSync(sock)).toBe(false);
     }, T);
   }

@@ -11,6 +11,7 @@ import { AeadKey } from "../src/postcopy/aead.ts";
 import { readTokenFile } from "../src/postcopy/auth.ts";
 import { decodeInfo, ErrorCode, FrameType, frame, HEADER_SIZE, MAX_CHUNK, Role } from "../src/postcopy/protocol.ts";
 import { ReceiveSeal, SEALED_HEADER_SIZE, SealError, SendSeal } from "../src/postcopy/seal.ts";
+import type { LogRecord } from "../src/core/log.ts";
 import { BUN, Daemon, describeRun, ensureBuilt, ROOT, runSnapload, runStandin, STANDIN, startDaemon, tempDir } from "./harness.ts";
 import { fakeServer, type PageServerProc, RawClient, startPageServer } from "./postcopy-wire.ts";
 import { findImageRun, Relay } from "./relay.ts";
@@ -20,6 +21,7 @@ const PAGE = 4096;
 const IMAGE_MIB = 16;
 /** The handshake in clear, each way: HELLO + AUTH from the client, CHALLENGE + WELCOME from the server. */
 const CLEAR_BYTES = HEADER_SIZE + 48 + HEADER_SIZE + 32;
+const JSON_LOG = ["--log-format", "json"];
 
 let dir: ReturnType<typeof tempDir>;
 let image: string;
@@ -38,7 +40,7 @@ beforeAll(async () => {
   tokenFile = join(dir.path, "token");
   writeFileSync(tokenFile, "b5a1e0c4-postcopy-security-token\n", { mode: 0o600 });
   token = readTokenFile(tokenFile);
-  ps = await startPageServer(["--mem", image, "--token-file", tokenFile]);
+  ps = await startPageServer(["--mem", image, "--token-file", tokenFile, ...JSON_LOG]);
   cleanup.push(() => ps.daemon.stop());
 }, 30_000);
 
@@ -49,7 +51,7 @@ afterAll(async () => {
 
 let sockets = 0;
 async function serveVia(port: number, args: string[] = []): Promise<Daemon> {
-  const d = await startDaemon(["--mem", `tcp://127.0.0.1:${port}`, "--token-file", tokenFile, ...args], join(dir.path, `d${++sockets}.sock`));
+  const d = await startDaemon(["--mem", `tcp://127.0.0.1:${port}`, "--token-file", tokenFile, ...JSON_LOG, ...args], join(dir.path, `d${++sockets}.sock`));
   cleanup.push(() => d.stop());
   return d;
 }
@@ -150,10 +152,11 @@ describe("a man in the middle", () => {
     await restoreVerified(d);
     expect(flips.s2c).toBeGreaterThanOrEqual(1);
     expect(flips.c2s).toBeGreaterThanOrEqual(1);
-    // Each change the client saw was refused with one clear line; what the server saw, likewise.
-    const clientLines = d.log.match(/error: vm \d+: (urgent|background) channel to tcp:\/\/127\.0\.0\.1:\d+: a frame from the page server failed authentication/g) ?? [];
-    expect(clientLines.length).toBeGreaterThanOrEqual(1);
-    await ps.daemon.waitForLog(/client #\d+ \((urgent|background)\) sent a frame that failed authentication: .*; connection dropped/);
+    // Each change the client saw was refused with one event; what the server saw, likewise.
+    const clientLines = d.events().filter((e) => e.event === "remote.tampered");
+    expect(clientLines.length, d.log).toBeGreaterThanOrEqual(1);
+    for (const e of clientLines) expect(["urgent", "background"]).toContain(String(e.channel));
+    await ps.daemon.waitForEvent("page_server.client_closed", (e) => e.cause === "tampered");
     console.log(`relay changed 8 bytes ${flips.s2c}x server→client, ${flips.c2s}x client→server; the client logged ${clientLines.length} refused frames; 0 wrong pages`);
   }, 60_000);
 
@@ -175,11 +178,10 @@ describe("a man in the middle", () => {
     expect(vm.signalCode).toBe("SIGKILL");
     expect(Date.now() - t0).toBeGreaterThanOrEqual(1400);
     expect(flips).toBeGreaterThanOrEqual(2);
-    const line = await d.waitForLog(/error: vm 1 pid \d+: (.*); killed the VMM/);
-    // Reconnecting or connected, the page server never delivered: the deadline, with why.
-    expect(line[1]).toMatch(/(no page server at|delivered nothing) .*for 1500 ms \(last: .*\); \d+ requests unanswered/);
-    expect(d.log).toMatch(/a frame from the page server failed authentication/);
-    expect(d.log).not.toMatch(/fully populated/);
+    // Reconnecting or connected, the page server never delivered: the deadline.
+    expect(await d.waitForEvent("vm.failed")).toMatchObject({ vm: 1, pid: vm.pid, code: "PEER_GONE", action: "killed" });
+    expect(d.events().filter((e) => e.event === "remote.tampered").length, d.log).toBeGreaterThanOrEqual(1);
+    expect(d.events().filter((e) => e.event === "vm.detached")).toEqual([]);
   }, 30_000);
 
   test("records everything the page server sends: no 64-byte run of image data in it", async () => {
@@ -187,7 +189,7 @@ describe("a man in the middle", () => {
     cleanup.push(() => relay.close());
     const d = await serveVia(relay.port);
     await restoreVerified(d);
-    await d.waitForLog(/fully populated .*detached/);
+    await d.waitForEvent("vm.detached", (e) => e.vm === 1);
     const capture = relay.capture("s2c");
     // The whole image went through (data pages only), so there was plenty to leak...
     expect(capture.length).toBeGreaterThan(imageBytes.length / 4);
@@ -202,7 +204,9 @@ describe("a man in the middle", () => {
     cleanup.push(() => relay.close());
     const d = await serveVia(relay.port);
     await restoreVerified(d);
-    await d.waitForLog(/fully populated .*detached/);
+    await d.waitForEvent("vm.detached", (e) => e.vm === 1);
+    const authFailed = (e: LogRecord) => e.code === ErrorCode.AUTH_FAILED && e.peer === "127.0.0.1";
+    const refusedBefore = ps.daemon.events().filter((e) => e.event === "page_server.client_refused" && authFailed(e)).length;
     // The busiest recorded client→server stream: a whole authenticated session of requests.
     const recorded = relay.conns.reduce((a, b) => (Buffer.concat(b.c2s).length > Buffer.concat(a.c2s).length ? b : a));
     const c2s = Buffer.concat(recorded.c2s);
@@ -214,7 +218,7 @@ describe("a man in the middle", () => {
     expect(await c.waitClosed()).toBe(true);
     // It got a fresh challenge, then nothing but the refusal: no image information, no page.
     expect(c.frames.filter((f) => f.type !== FrameType.CHALLENGE)).toEqual([]);
-    await ps.daemon.waitForLog(/client #\d+ from 127\.0\.0\.1: authentication failed: the client's proof does not match our token/);
+    await ps.daemon.waitForEvents("page_server.client_refused", refusedBefore + 1, authFailed);
 
     // The other way: a fake server plays back what the page server once said to a probe.
     const probeS2c = Buffer.concat(relay.conns[0]!.s2c);
@@ -234,7 +238,7 @@ describe("a man in the middle", () => {
 
 describe("the page server's own resources", () => {
   test("a flood of idle unauthenticated connections under nofile=1024: a legitimate client still authenticates within 1 s; the log stays short", async () => {
-    const flood = await startPageServerLimited(["--mem", image, "--token-file", tokenFile]);
+    const flood = await startPageServerLimited(["--mem", image, "--token-file", tokenFile, ...JSON_LOG]);
     // From 10 addresses: the per-address cap binds each, and together they overrun the global one.
     const flooder = Bun.spawn([BUN, join(ROOT, "test/flood.ts"), String(flood.port), "3000", "10"], { stdout: "pipe", stderr: "inherit" });
     cleanup.push(() => flooder.kill());
@@ -247,7 +251,7 @@ describe("the page server's own resources", () => {
         if (done) throw new Error(`flooder ended: ${text}`);
         text += new TextDecoder().decode(value);
       }
-      await flood.daemon.waitForLog(/evicted: unauthenticated connections at their limit/);
+      await flood.daemon.waitForEvent("page_server.client_closed", (e) => e.cause === "evicted");
       const logBefore = flood.daemon.log.split("\n").length;
       const times: number[] = [];
       for (let i = 0; i < 6; i++) {
@@ -270,38 +274,42 @@ describe("the page server's own resources", () => {
       await flood.daemon.stop();
     }
     // What was held back is counted, once, and the totals say what the flood did.
-    expect(flood.daemon.log).toMatch(/\d+ more unauthenticated-connection lines suppressed in the last [\d.]+ s/);
-    const totals = flood.daemon.log.match(/page server: (\d+) connections accepted, 6 authenticated, (\d+) evicted unauthenticated/);
-    expect(totals).not.toBeNull();
-    expect(Number(totals![2])).toBeGreaterThan(0);
-    expect(flood.daemon.log).not.toMatch(/EMFILE/);
-    console.log(`page server totals: ${totals![0]}; ${flood.daemon.log.split("\n").length} log lines in all`);
+    const events = flood.daemon.events();
+    const suppressed = events.filter((e) => e.event === "log.suppressed" && e.category === "unauthenticated-connection");
+    expect(suppressed.length, flood.daemon.log).toBeGreaterThanOrEqual(1);
+    for (const e of suppressed) expect(e.suppressed).toBeGreaterThan(0);
+    const totals = events.find((e) => e.event === "page_server.closed");
+    expect(totals, flood.daemon.log).toMatchObject({ authenticated: 6 });
+    expect(totals!.evicted).toBeGreaterThan(0);
+    expect(events.filter((e) => e.event === "page_server.accept_failed" && e.errno === "EMFILE")).toEqual([]);
+    console.log(`page server totals: ${totals!.msg}; ${flood.daemon.log.split("\n").length} log lines in all`);
   }, 60_000);
 
   test("unauthenticated connections per source address are capped: a silent one is evicted, not an older one that spoke, and other addresses are untouched", async () => {
-    const p = await startPageServer(["--mem", image, "--token-file", tokenFile, "--max-preauth-per-address", "3", "--handshake-timeout", "3000", "--log-level", "debug"]);
+    const p = await startPageServer(["--mem", image, "--token-file", tokenFile, "--max-preauth-per-address", "3", "--handshake-timeout", "3000", "--log-level", "debug", ...JSON_LOG]);
     cleanup.push(() => p.daemon.stop());
     // From 127.0.0.3: the first sends half a HELLO (it spoke), then two stay silent; from 127.0.0.4, one silent.
     const talker = await RawClient.connect(p.port, "127.0.0.3");
     talker.sendRaw(frame(FrameType.HELLO, new Uint8Array(48)).subarray(0, 40));
-    await p.daemon.waitForLog(/client #1 from 127\.0\.0\.3 connected/);
+    await p.daemon.waitForEvent("page_server.client_connected", (e) => e.peer === "127.0.0.3");
     const silent = [await RawClient.connect(p.port, "127.0.0.3"), await RawClient.connect(p.port, "127.0.0.3")];
     const other = await RawClient.connect(p.port, "127.0.0.4");
     // Silent ones are handed over by the kernel only after TCP_DEFER_ACCEPT (3 s here).
-    await p.daemon.waitForLog(/(client #\d+ from 127\.0\.0\.[34] connected[\s\S]*){3}/, 10_000);
+    await p.daemon.waitForEvents("page_server.client_connected", 4, (e) => e.peer === "127.0.0.3" || e.peer === "127.0.0.4", 10_000);
     // A fourth from 127.0.0.3, which speaks at once: it gets in, at the cost of the oldest silent one, not the talker.
     const newcomer = await RawClient.connect(p.port, "127.0.0.3");
     expect((await newcomer.authenticate(token, Role.URGENT)).type).toBe(FrameType.WELCOME);
     const evicted = await Promise.all(silent.map(async (c) => (await c.waitClosed(3000)) && c.frames.some((f) => /evicted/.test(f.payload.toString()))));
     expect(evicted.filter(Boolean).length, p.daemon.log).toBe(1);
-    await p.daemon.waitForLog(/client #\d+ from 127\.0\.0\.3 evicted: unauthenticated connections at their limit \(3 from 127\.0\.0\.3\)/);
+    const evictions = await p.daemon.waitForEvents("page_server.client_closed", 1, (e) => e.cause === "evicted");
+    expect(evictions.map(({ peer, limit, limitAddress }) => ({ peer, limit, limitAddress }))).toEqual([{ peer: "127.0.0.3", limit: 3, limitAddress: "127.0.0.3" }]);
     // The talker (oldest, but it spoke) and the other address's silent one were left alone: they meet the handshake timeout.
     for (const c of [talker, other]) expect((await c.next((f) => f.type === FrameType.ERROR, 5000)).payload.toString()).toMatch(/no authentication within 3000 ms/);
     for (const c of [talker, ...silent, other, newcomer]) c.close();
   }, 30_000);
 
   test("a failure while setting up a connection drops that connection, never the server", async () => {
-    const p = await startPageServer(["--mem", image, "--token-file", tokenFile], 0, ["--fail-accept-every", "2"]);
+    const p = await startPageServer(["--mem", image, "--token-file", tokenFile, ...JSON_LOG], 0, ["--fail-accept-every", "2"]);
     cleanup.push(() => p.daemon.stop());
     let ok = 0;
     let dropped = 0;
@@ -313,7 +321,9 @@ describe("the page server's own resources", () => {
       c.close();
     }
     expect([ok, dropped]).toEqual([3, 3]);
-    await p.daemon.waitForLog(/error: setting up an accepted connection failed: injected failure setting up client #\d+; connection dropped/);
+    // Three setups failed, each one event (an error thrown while admitting, not a failed accept(2)).
+    const failed = await p.daemon.waitForEvents("page_server.accept_failed", 3, (e) => e.level === "error" && e.errno === undefined);
+    for (const e of failed) expect(typeof e.reason).toBe("string");
     expect(p.daemon.proc.exitCode).toBeNull();
   }, 30_000);
 
@@ -354,6 +364,5 @@ async function startPageServerLimited(args: string[]): Promise<PageServerProc> {
     stderr: "pipe",
   });
   const daemon = new Daemon(proc, "");
-  const m = await daemon.waitForLog(/page server listening on 127\.0\.0\.1:(\d+)/);
-  return { daemon, port: Number(m[1]) };
+  return { daemon, port: Number((await daemon.waitForEvent("page_server.listening")).port) };
 }

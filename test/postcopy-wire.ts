@@ -9,7 +9,7 @@ import {
   PROTOCOL_VERSION, type Role, WANT_ZERO_MAP,
 } from "../src/postcopy/protocol.ts";
 import { ReceiveSeal, SEALED_HEADER_SIZE, SendSeal } from "../src/postcopy/seal.ts";
-import { BUN, Daemon, ROOT } from "./harness.ts";
+import { BUN, Daemon, logsJson, ROOT } from "./harness.ts";
 
 export interface PageServerProc {
   daemon: Daemon;
@@ -30,6 +30,7 @@ export async function startPageServer(args: string[], port = 0, faults: string[]
     stderr: "pipe",
   });
   const daemon = new Daemon(proc, "");
+  if (logsJson(args)) return { daemon, port: Number((await daemon.waitForEvent("page_server.listening")).port) };
   const m = await daemon.waitForLog(/page server listening on 127\.0\.0\.1:(\d+)/);
   return { daemon, port: Number(m[1]) };
 }

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readdirSync, readlinkSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
-import { BUN, Daemon, describeRun, ensureBuilt, REFUSED, ROOT, runHostilePeer, runStandin, tempDir } from "./harness.ts";
+import { BUN, Daemon, describeRun, ensureBuilt, parseEvents, REFUSED, ROOT, runHostilePeer, runStandin, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 let dir: ReturnType<typeof tempDir>;
@@ -28,7 +28,7 @@ describe("--on-fatal kill", () => {
   test.skipIf(!isRoot || !hasUnshare)("a VMM's reused pid is not killed: the signal goes through the pidfd taken at connect (needs root and unshare)", async () => {
     const socket = join(dir.path, "reuse.sock");
     const proc = Bun.spawn(
-      ["unshare", "--pid", "--fork", "--mount-proc", join(ROOT, "build", "pid-reuse"), socket, "--", BUN, join(ROOT, "src/main.ts"), "serve", "--socket", socket, "--mem", image, "--on-fatal", "kill"],
+      ["unshare", "--pid", "--fork", "--mount-proc", join(ROOT, "build", "pid-reuse"), socket, "--", BUN, join(ROOT, "src/main.ts"), "serve", "--socket", socket, "--mem", image, "--on-fatal", "kill", "--log-format", "json"],
       { stdin: "ignore", stdout: "pipe", stderr: "pipe" },
     );
     const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
@@ -39,7 +39,9 @@ describe("--on-fatal kill", () => {
     expect(r.reused, out).toBe(1);
     expect(r.daemon_closed, err).toBe(1);
     expect(r.victim_killed, err).toBe(0);
-    expect(err).toMatch(/outside every region the VMM announced; the process that connected has exited \(not killing pid \d+, which may be reused\); dropped/);
+    // The fault outside the announced regions failed the VM; the pidfd said its process was gone, so nothing was signalled.
+    const failed = parseEvents(err).filter((e) => e.event === "vm.failed");
+    expect(failed.map(({ code, action, signalErrno }) => ({ code, action, signalErrno })), err).toEqual([{ code: "UNANNOUNCED_MEMORY", action: "dropped", signalErrno: "ESRCH" }]);
   }, 60_000);
 });
 
@@ -53,7 +55,7 @@ describe("a failure after the handshake was accepted", () => {
     });
     const daemon = new Daemon(proc, socket);
     try {
-      await daemon.waitForLog(/listening on/);
+      await daemon.waitForEvent("daemon.listening");
       const fds = () => readdirSync(`/proc/${proc.pid}/fd`).length;
       // The daemon closes a VM's uffd, socket, then pidfd in one go; the peer sees the socket
       // close, so the pidfd's close may trail it by a reschedule. Wait for it, up to 5 s.
@@ -76,7 +78,8 @@ describe("a failure after the handshake was accepted", () => {
         const r = await runHostilePeer(["--socket", socket, "--reject-timeout", "5000"]);
         expect(r.code, describeRun(r)).toBe(REFUSED); // the daemon closed the connection
       }
-      expect((daemon.log.match(/setting up the VM failed: cannot allocate 4194304 bytes: ENOMEM; dropped/g) ?? []).length).toBe(6);
+      // Each setup failure is one event (the fixture's requester cannot be allocated).
+      expect(daemon.events().filter((e) => e.event === "vm.setup_failed" && e.code === "SYSCALL").length, daemon.log).toBe(6);
       await released();
       expect(fds()).toBe(before);
     } finally {

@@ -20,6 +20,7 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
   try {
     const listeners: Listener[] = [];
     const summaries: string[] = [];
+    const facts: OpenedSource["fields"][] = [];
     for (let i = 0; i < config.socket.length; i++) {
       const mem = config.mem[config.mem.length === 1 ? 0 : i]!;
       // Sockets that share one --mem share one opened image.
@@ -37,6 +38,7 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
       if (!opened.includes(src)) opened.push(src);
       const prefetch = config.prefetch !== undefined ? await readWorkingSet(config.prefetch, src.source.backend.size) : src.prefetch;
       listeners.push({ socketPath: config.socket[i]!, socketMode: config["socket-mode"], source: src.source, prefetch });
+      facts.push(src.fields);
       summaries.push(`${src.summary}, fault-around ${faultAround}, populate ${config.populate ?? "none"}${prefetch ? `, prefetching ${prefetch.length} pages` : ""}`);
     }
     const server = new Server({
@@ -72,7 +74,7 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
     listeners.forEach((l, i) =>
       logger.info("daemon.listening", `listening on ${l.socketPath}: ${summaries[i]}`, {
         socket: l.socketPath, mem: config.mem[config.mem.length === 1 ? 0 : i], size: l.source.backend.size, faultAround,
-        populate: config.populate ?? "none", prefetchPages: l.prefetch?.length,
+        populate: config.populate ?? "none", prefetchPages: l.prefetch?.length, ...facts[i],
       }),
     );
     await server.run();

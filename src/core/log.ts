@@ -121,6 +121,16 @@ export class Logger {
   debug(event: EventName, message: string, fields?: Fields): void { this.log("debug", event, message, fields); }
 }
 
+/** An error's context as event fields: its plain values (strings, numbers, booleans, lists of them). */
+export function contextFields(context: Record<string, unknown>): Fields {
+  const out: Fields = {};
+  for (const [k, v] of Object.entries(context)) {
+    const plain = (x: unknown) => typeof x === "string" || typeof x === "number" || typeof x === "boolean";
+    if (plain(v) || v === null || (Array.isArray(v) && v.every((x) => typeof x === "string" || typeof x === "number"))) out[k] = v as FieldValue;
+  }
+  return out;
+}
+
 export const silentLogger = new Logger("error", { sink: () => {} });
 
 export function formatBytes(n: number): string {

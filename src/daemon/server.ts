@@ -7,7 +7,7 @@ import { EventLoop } from "../core/event-loop.ts";
 import { cstr, EPOLLIN, EPOLLRDHUP, Errno, errnoName, NativeBuffer, sl } from "../core/ffi.ts";
 import { checkRegionsFitImage, JsonScanner, MAX_HANDSHAKE_BYTES, MAX_HANDSHAKE_MESSAGES, parseHandshake } from "../sinks/uffd/handshake.ts";
 import type { UffdKernel } from "../sinks/uffd/kernel.ts";
-import type { Logger } from "../core/log.ts";
+import { contextFields, type Logger } from "../core/log.ts";
 import { VmTotals } from "../metrics/serve-metrics.ts";
 import type { PopulateMode } from "../scheduler/populator.ts";
 import type { PageSource } from "../sources/port.ts";
@@ -185,7 +185,7 @@ export class Server {
     const scan = p.scanner.feed(p.bytes, p.length);
     if (scan.state === "incomplete") {
       if (++p.messages >= MAX_HANDSHAKE_MESSAGES) {
-        return this.reject(p, new HandshakeError(`handshake still incomplete after ${MAX_HANDSHAKE_MESSAGES} reads (${p.length} bytes)`));
+        return this.reject(p, new HandshakeError(`handshake still incomplete after ${MAX_HANDSHAKE_MESSAGES} reads (${p.length} bytes)`, { reads: MAX_HANDSHAKE_MESSAGES, bytes: p.length }));
       }
       return;
     }
@@ -250,7 +250,9 @@ export class Server {
   private reject(p: Pending, e: SnaploadError): void {
     if (!this.pending.has(p)) return;
     this.totals.rejected++;
-    this.opts.logger.warn("peer.rejected", `connection from pid ${p.pid} rejected: ${e.message}`, { pid: p.pid, socket: p.listener.socketPath, code: e.code, reason: e.message });
+    this.opts.logger.warn("peer.rejected", `connection from pid ${p.pid} rejected: ${e.message}`, {
+      ...contextFields(e.context), pid: p.pid, socket: p.listener.socketPath, code: e.code, reason: e.message,
+    });
     for (const fd of p.fds) sl.sl_close(fd);
     if (p.pidfd >= 0) sl.sl_close(p.pidfd);
     this.forgetPending(p);

@@ -244,8 +244,8 @@ export class VmSupervisor {
       const r = this.pidfd >= 0 ? sl.sl_pidfd_send_signal(this.pidfd, SIGKILL) : this.pidfd;
       if (r === 0) logger.error("vm.failed", `${what}; killed the VMM`, { ...fields, action: "killed" });
       else if (r === -Errno.ESRCH) {
-        logger.error("vm.failed", `${what}; the process that connected has exited (not killing pid ${this.pid}, which may be reused); dropped`, { ...fields, action: "dropped" });
-      } else logger.error("vm.failed", `${what}; cannot signal the VMM (${errnoName(-r)}); dropped`, { ...fields, action: "dropped" });
+        logger.error("vm.failed", `${what}; the process that connected has exited (not killing pid ${this.pid}, which may be reused); dropped`, { ...fields, action: "dropped", signalErrno: "ESRCH" });
+      } else logger.error("vm.failed", `${what}; cannot signal the VMM (${errnoName(-r)}); dropped`, { ...fields, action: "dropped", signalErrno: errnoName(-r) });
     } else {
       logger.error("vm.failed", `${what}; dropped`, { ...fields, action: "dropped" });
     }

@@ -155,7 +155,7 @@ export class ChannelPair {
         "remote.lost",
         `${this.who}${this.everConnected ? "lost the" : "cannot reach the"} page server ${url} (${CHANNEL_NAMES[i]} channel: ${reason}); ` +
           `${resend} requests to re-send; reconnecting, ${this.fate} if it is not back within ${deadlineMs} ms`,
-        { vm, url, channel: CHANNEL_NAMES[i], reason, kind, resend, deadlineMs },
+        { vm, url, channel: CHANNEL_NAMES[i], reason, kind, resend, deadlineMs, connected: this.everConnected },
       );
     } else {
       this.ctx.logger.debug("remote.channel_lost", `${this.who}${CHANNEL_NAMES[i]} channel: ${reason}`, { vm, channel: CHANNEL_NAMES[i], reason, kind });

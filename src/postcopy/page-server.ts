@@ -283,11 +283,12 @@ export class PageServer {
   /** Keeps the unauthenticated budget: evicts the oldest idle connection (else the oldest) where it is full. */
   private makeRoom(peer: string): void {
     const mine = this.preauthByPeer.get(peer);
-    if (mine !== undefined && mine.size >= this.opts.maxPreauthPerAddress) this.evict(mine, `${this.opts.maxPreauthPerAddress} from ${peer}`);
-    if (this.preauth.size >= this.opts.maxPreauth) this.evict(this.preauth, `${this.opts.maxPreauth}`);
+    if (mine !== undefined && mine.size >= this.opts.maxPreauthPerAddress) this.evict(mine, this.opts.maxPreauthPerAddress, peer);
+    if (this.preauth.size >= this.opts.maxPreauth) this.evict(this.preauth, this.opts.maxPreauth);
   }
 
-  private evict(from: Set<Conn>, limit: string): void {
+  /** `from` is at `limit`: the connections from `address`, or (without one) all unauthenticated ones. */
+  private evict(from: Set<Conn>, limit: number, address?: string): void {
     const size = from.size;
     let victim: Conn | undefined;
     let pokes = 0;
@@ -308,7 +309,9 @@ export class PageServer {
     this.counters.evicted++;
     // One best-effort frame, no linger: the point is to free the fd now.
     sl.sl_send(victim.fd, EVICTED_FRAME, EVICTED_FRAME.length);
-    this.closeConn(victim, `evicted: unauthenticated connections at their limit (${limit})`, "warn");
+    this.closeConn(victim, `evicted: unauthenticated connections at their limit (${limit}${address !== undefined ? ` from ${address}` : ""})`, "warn", {
+      cause: "evicted", limit, limitAddress: address,
+    });
   }
 
   private forgetPreauth(conn: Conn): void {
@@ -344,7 +347,7 @@ export class PageServer {
       if (e instanceof SealError) {
         // Nothing of it is used; a relay that changes one byte ends the connection, nothing more.
         this.counters.tampered++;
-        return this.closeConn(conn, `sent a frame that failed authentication: ${e.message}; connection dropped`, "warn");
+        return this.closeConn(conn, `sent a frame that failed authentication: ${e.message}; connection dropped`, "warn", { cause: "tampered" });
       }
       if (e instanceof ProtocolError) return this.refuse(conn, e.wireCode, e.message);
       throw e;
@@ -436,7 +439,7 @@ export class PageServer {
         conn.writer.push(frame(FrameType.ZERO_MAP, this.zeroBits.subarray(at, Math.min(this.zeroBits.length, at + MAX_ZERO_MAP_CHUNK)), 0, at));
       }
     }
-    this.opts.logger.info("page_server.client_authenticated", `${conn.name} from ${conn.peer} authenticated`, { client: conn.name, peer: conn.peer });
+    this.opts.logger.info("page_server.client_authenticated", `${conn.name} from ${conn.peer} authenticated`, { client: conn.name, peer: conn.peer, role: ROLE_NAMES[conn.role] });
     this.flush(conn);
   }
 
@@ -635,7 +638,7 @@ export class PageServer {
     this.closeConn(conn, "refused", "debug");
   }
 
-  private closeConn(conn: Conn, reason: string, level: LogLevel): void {
+  private closeConn(conn: Conn, reason: string, level: LogLevel, extra: Fields = {}): void {
     if (conn.state === "closed") return;
     conn.state = "closed";
     conn.cancelTimer();
@@ -653,7 +656,7 @@ export class PageServer {
     this.totals.requests += conn.requests;
     this.totals.bytes += conn.bytesSent;
     const line = wasPreauth ? `${conn.name} ${reason}` : `${conn.name} ${reason} (${conn.requests} requests, ${formatBytes(conn.bytesSent)} sent)`;
-    this.log(conn, wasPreauth, level, "page_server.client_closed", line, { client: conn.name, peer: conn.peer, reason, requests: conn.requests, bytes: conn.bytesSent });
+    this.log(conn, wasPreauth, level, "page_server.client_closed", line, { client: conn.name, peer: conn.peer, reason, ...extra, requests: conn.requests, bytes: conn.bytesSent });
   }
 
   /** Lines about connections that have not authenticated are rate-limited: anyone can cause them. */

@@ -39,6 +39,7 @@ export async function openRemoteSource(url: string, opts: SourceOptions): Promis
   return {
     source,
     summary: `page server ${url}, ${info.size} bytes (${info.dataPages} data, ${info.pages - info.dataPages} zero pages), ${sweep ? "background completion" : "on demand only (--populate none)"}, deadline ${opts.deadlineMs} ms`,
+    fields: { format: "page-server", url, dataPages: info.dataPages, zeroPages: info.pages - info.dataPages, background: sweep, deadlineMs: opts.deadlineMs },
     close: () => {},
   };
 }

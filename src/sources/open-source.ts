@@ -22,6 +22,7 @@ export async function openSource(mem: string, opts: SourceOptions): Promise<Open
   return {
     source: { kind: "image", backend },
     summary: `${backend.description}, ${image.size} bytes (${image.dataPages} data, ${image.zeroPages} zero pages)`,
+    fields: { format: image.format, block: image.blockName, dataPages: image.dataPages, zeroPages: image.zeroPages },
     close: () => image.close(),
   };
 }

@@ -4,7 +4,7 @@
 // and it depends on none of them.
 import type { EventLoop } from "../core/event-loop.ts";
 import type { ErrorCode } from "../core/errors.ts";
-import type { Logger } from "../core/log.ts";
+import type { Fields, Logger } from "../core/log.ts";
 import type { ZeroMap } from "./image/snapshot-image.ts";
 
 // ---- page states (one byte per region page) --------------------------------------------------
@@ -150,6 +150,8 @@ export interface OpenedSource {
   source: PageSource;
   /** One line for the log: what is served, how big, data vs zero. */
   summary: string;
+  /** The summary's facts as fields of the daemon.listening event (docs/events.md). */
+  fields?: Fields;
   close(): void;
   /** A working set the source carries (a store manifest's), prefetched unless --prefetch says otherwise. */
   prefetch?: Uint32Array;
