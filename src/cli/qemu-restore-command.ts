@@ -47,6 +47,7 @@ export interface RestoreSummary {
 const POLL_MS = 100;
 const RUNNING_POLL_MS = 2;
 const PROGRESS_MS = 2000;
+const HOLD_MAX_MS = 2000;
 
 export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: string) => void = (s) => process.stdout.write(s)): Promise<number> {
   const logger = new Logger(config["log-level"], { format: config["log-format"] });
@@ -146,6 +147,11 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       step("RAM blocks mapped");
       return localPages(backends);
     };
+    // With QMP, the background stream starts once the guest is seen running (or paused, with -S),
+    // or after HOLD_MAX_MS should the status never say so.
+    let seenRunning = () => {};
+    const running = new Promise<void>((r) => (seenRunning = r));
+    const holdTimer = setTimeout(seenRunning, HOLD_MAX_MS);
     const sink = new QemuPageSink(
       plan.blocks,
       openBlocks,
@@ -160,6 +166,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
         ...(config["background-rate"] ? { backgroundRate: config["background-rate"] * 1024 * 1024 } : {}),
         logger,
         ...(prefetch ? { prefetch } : {}),
+        ...(qmp ? { backgroundAfter: running } : {}),
         ...(recorder ? { onRequest: (bi: number, page: number) => recorder.add(blockBase[bi]! + page) } : {}),
       },
     );
@@ -192,6 +199,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
               const st = await q.execute<{ status: string }>("query-status");
               if (st.status === "running" || st.status === "paused") {
                 runningMs = performance.now() - t0;
+                seenRunning();
                 logger.info("qemu.running", `guest ${st.status === "running" ? "running" : "loaded (paused: -S)"} after ${runningMs.toFixed(1)} ms`, { ms: round(runningMs), paused: st.status === "paused" });
               }
             }
@@ -235,6 +243,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       throw e;
     } finally {
       clearTimeout(timer);
+      clearTimeout(holdTimer);
       clearInterval(progress);
       process.off("SIGINT", onSignal);
       process.off("SIGTERM", onSignal);
