@@ -153,6 +153,34 @@ describe("QEMU sink against a stand-in destination", () => {
   }, 30_000);
 });
 
+describe("QEMU sink: the background waits for the guest to run", () => {
+  test("backgroundAfter: requests are answered at once, no background page goes before it resolves; then every data page once", async () => {
+    const ram = gen.blocks.find((b) => b.name === "pc.ram")!;
+    const target = ram.pages - 3;
+    let release!: () => void;
+    const running = new Promise<void>((r) => (release = r));
+    let released = false;
+    let mainBefore = 0;
+    const { dest, stats } = await restore({ backgroundAfter: running }, {
+      onPackage: (d) => d.request("pc.ram", target),
+      onRecord: (_d, r) => {
+        if (released) return;
+        if (r.channel === "main") mainBefore++;
+        // The request's answer arrived while the background was held: the guest "runs" now.
+        if (r.channel === "preempt" && r.block === "pc.ram" && r.page === target) {
+          released = true;
+          release();
+        }
+      },
+    });
+    expect(dest.errors).toEqual([]);
+    expect(released).toBe(true);
+    expect(mainBefore).toBe(0);
+    expect(stats.pagesBackground).toBeGreaterThan(0);
+    checkPages(dest.records);
+  }, 30_000);
+});
+
 describe("QEMU sink from remote sources (the snapshot file served or pushed whole)", () => {
   let tokenFile: string;
   beforeAll(() => {

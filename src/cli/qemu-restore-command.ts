@@ -26,6 +26,8 @@ export interface RestoreSummary {
   pages: number;
   deviceStateBytes: number;
   timeToPackageMs: number;
+  /** Where the time to running goes, on snapload's clock (ms since the command started; null without --qmp). */
+  steps: { parsedMs: number; qmpConnectedMs: number | null; checkedMs: number | null; incomingMs: number | null };
   timeToRunningMs: number | null;
   timeToCompletionMs: number;
   requests: number;
@@ -45,10 +47,16 @@ export interface RestoreSummary {
 const POLL_MS = 100;
 const RUNNING_POLL_MS = 2;
 const PROGRESS_MS = 2000;
+const HOLD_MAX_MS = 2000;
 
 export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: string) => void = (s) => process.stdout.write(s)): Promise<number> {
   const logger = new Logger(config["log-level"], { format: config["log-format"] });
   const t0 = performance.now();
+  // QMP connects (greeting, capabilities negotiation) while the snapshot is parsed; nothing is
+  // asked of QEMU until both are done and the checks pass.
+  const qmpP = config.qmp === undefined ? undefined : QmpClient.connect(config.qmp);
+  qmpP?.catch(() => {});
+  const steps: RestoreSummary["steps"] = { parsedMs: 0, qmpConnectedMs: null, checkedMs: null, incomingMs: null };
   // A remote snapshot (page server, store) is read by range: its non-page parts now, its pages
   // as the guest asks and the background sweeps, each sent once present and verified.
   const remote = isRemote(config.mem)
@@ -61,15 +69,18 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       })
     : undefined;
   let snapshot: RemoteSnapshot | undefined;
+  let stream: SnapshotStream;
   try {
     snapshot = remote ? await readRemoteSnapshot(remote) : undefined;
+    stream = snapshot?.stream ?? readSnapshotStream(config.mem);
   } catch (e) {
     remote?.close();
+    void qmpP?.then((q) => q.close(), () => {});
     throw e;
   }
-  const stream = snapshot?.stream ?? readSnapshotStream(config.mem);
   if (stream.refusals.length > 0) {
     remote?.close();
+    void qmpP?.then((q) => q.close(), () => {});
     throw new SnaploadError("BAD_IMAGE", `${config.mem} cannot be restored by qemu-restore:\n  ${stream.refusals.join("\n  ")}`);
   }
   const deviceState = snapshot?.deviceState ?? readDeviceState(stream);
@@ -78,6 +89,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     logger.debug("qemu.step", `${what} at ${ms.toFixed(1)} ms`, { step: what, ms });
   };
   step("snapshot parsed");
+  steps.parsedMs = round(performance.now() - t0);
   const images: SnapshotImage[] = [];
   let qmp: QmpClient | undefined;
   let dir: string | undefined;
@@ -92,10 +104,12 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     let addr: MigrationAddress;
     const preempt = config.preempt;
     if (config.qmp !== undefined) {
-      qmp = await QmpClient.connect(config.qmp);
+      qmp = await qmpP!;
       step("QMP connected");
+      steps.qmpConnectedMs = round(performance.now() - t0);
       plan = await checkDestination(qmp, stream);
       step("destination checked");
+      steps.checkedMs = round(performance.now() - t0);
       if (plan.extra.length > 0) logger.warn("qemu.extra_blocks", `destination RAM blocks not in the snapshot stay zero: ${plan.extra.join(", ")}`, { blocks: plan.extra });
       const caps = [{ capability: "postcopy-ram", state: true }];
       if (preempt) caps.push({ capability: "postcopy-preempt", state: true });
@@ -113,6 +127,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
         throw e;
       }
       step("migrate-incoming issued");
+      steps.incomingMs = round(performance.now() - t0);
     } else {
       // Without QMP the user has set the capabilities and called migrate-incoming; page sizes
       // are assumed to be the target page (no hugetlbfs).
@@ -132,6 +147,11 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       step("RAM blocks mapped");
       return localPages(backends);
     };
+    // With QMP, the background stream starts once the guest is seen running (or paused, with -S),
+    // or after HOLD_MAX_MS should the status never say so.
+    let seenRunning = () => {};
+    const running = new Promise<void>((r) => (seenRunning = r));
+    const holdTimer = setTimeout(seenRunning, HOLD_MAX_MS);
     const sink = new QemuPageSink(
       plan.blocks,
       openBlocks,
@@ -146,6 +166,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
         ...(config["background-rate"] ? { backgroundRate: config["background-rate"] * 1024 * 1024 } : {}),
         logger,
         ...(prefetch ? { prefetch } : {}),
+        ...(qmp ? { backgroundAfter: running } : {}),
         ...(recorder ? { onRequest: (bi: number, page: number) => recorder.add(blockBase[bi]! + page) } : {}),
       },
     );
@@ -178,6 +199,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
               const st = await q.execute<{ status: string }>("query-status");
               if (st.status === "running" || st.status === "paused") {
                 runningMs = performance.now() - t0;
+                seenRunning();
                 logger.info("qemu.running", `guest ${st.status === "running" ? "running" : "loaded (paused: -S)"} after ${runningMs.toFixed(1)} ms`, { ms: round(runningMs), paused: st.status === "paused" });
               }
             }
@@ -221,6 +243,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       throw e;
     } finally {
       clearTimeout(timer);
+      clearTimeout(holdTimer);
       clearInterval(progress);
       process.off("SIGINT", onSignal);
       process.off("SIGTERM", onSignal);
@@ -243,6 +266,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       pages: sink.totalPages,
       deviceStateBytes: deviceState.length,
       timeToPackageMs: round(sinkStartMs + stats.packageSentMs),
+      steps,
       timeToRunningMs: runningMs === null ? null : round(runningMs),
       timeToCompletionMs: round(doneMs),
       requests: stats.requests,
@@ -265,7 +289,8 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       if (r) logger.info("qemu.source", r.text, { ...r.fields, mem: config.mem });
       remote.close();
     }
-    qmp?.close();
+    if (qmp) qmp.close();
+    else void qmpP?.then((q) => q.close(), () => {}); // failed before it was needed
     for (const i of images) i.close();
     if (dir) rmSync(dir, { recursive: true, force: true });
   }

@@ -109,6 +109,11 @@ export interface SinkOptions {
   sendZeroPages?: boolean;
   /** Caps the background stream (bytes/s), like QEMU's max-postcopy-bandwidth; requests are not capped. */
   backgroundRate?: number;
+  /**
+   * The background stream waits for this (the guest seen running): until then the CPU goes to
+   * QEMU loading the device state, not to pages it cannot read yet. Requests are served meanwhile.
+   */
+  backgroundAfter?: Promise<unknown>;
   /** Called for every page the guest requests (block index, 4 KiB page), in request order. */
   onRequest?: (block: number, page: number) => void;
 }
@@ -207,6 +212,8 @@ export class QemuPageSink {
   #prefetchStep: Uint32Array = new Uint32Array(0);
   #prefetchAt = 0;
   #eofSent = false;
+  /** The background waits for backgroundAfter. */
+  #held: boolean;
   #finished = false;
   #t0 = 0;
   #pong1: (() => void) | undefined;
@@ -224,6 +231,7 @@ export class QemuPageSink {
   ) {
     this.#streamBlocks = blocks;
     this.#open = open;
+    this.#held = opts.backgroundAfter !== undefined;
     this.#byName = new Map(blocks.map((b, i) => [b.name, i]));
     this.#sent = blocks.map((b) => new Uint8Array(b.usedLength / TARGET_PAGE));
     this.#fetching = blocks.map((b) => new Uint8Array(b.usedLength / TARGET_PAGE));
@@ -325,6 +333,10 @@ export class QemuPageSink {
       // No request can be read before this returns, so mapping the blocks now costs nothing the
       // guest waits for: QEMU is loading the device state meanwhile.
       this.#openBlocks();
+      if (this.opts.backgroundAfter) {
+        await Promise.race([this.opts.backgroundAfter.catch(() => {}), done]);
+        this.#held = false;
+      }
       this.#pump();
       await done;
       return this.stats;
@@ -636,7 +648,7 @@ export class QemuPageSink {
   /** Streams background pages while our socket buffer has room; ends the stream when all are sent. */
   #pump(): void {
     const main = this.#main;
-    if (!main || this.#finished || this.#eofSent || this.#pages === undefined) return;
+    if (!main || this.#finished || this.#eofSent || this.#pages === undefined || this.#held) return;
     while (main.writableLength < HIGH_WATER && this.#mustSent < this.#mustSend && this.#pool.length > 0) {
       if (this.#rateLimited()) return;
       let next = this.#nextBackground();

@@ -63,9 +63,11 @@ export class Bytes {
     return this;
   }
 
+  /** v is a safe integer (offsets and lengths): two 32-bit halves, no BigInt per page record. */
   be64(v: number): this {
     this.#room(8);
-    this.buf.writeBigUInt64BE(BigInt(v), this.len);
+    this.buf.writeUInt32BE(Math.floor(v / 0x1_0000_0000), this.len);
+    this.buf.writeUInt32BE(v >>> 0, this.len + 4);
     this.len += 8;
     return this;
   }
