@@ -125,7 +125,7 @@ describe("page-server --mem file://STORE/NAME", () => {
     // client's urgent connection refused (its background connection may ask for chunk 5 too).
     const role = (client: unknown) => ps.daemon.events().find((e) => e.event === "page_server.client_authenticated" && e.client === client)?.role;
     const refused = await ps.daemon.waitForEvent("page_server.bytes_unavailable", (e) => role(e.client) === "urgent");
-    expect(refused).toMatchObject({ code: "BAD_CHUNK", ref: `file://${bad}/vm`, chunk: 5, hash: victim, key: chunkKey(victim), fetches: 3 });
+    expect(refused).toMatchObject({ code: "BAD_CHUNK", ref: `file://${bad}/vm`, chunkIndex: 5, hash: victim, key: chunkKey(victim), fetches: 3 });
     expect(refused.contentHash).toMatch(/^[0-9a-f]{64}$/);
     expect(refused.contentHash).not.toBe(victim);
     expect(inChunk5(refused.at), `at ${refused.at}`).toBe(true);

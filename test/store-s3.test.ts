@@ -203,7 +203,7 @@ describe("page-server --mem s3:// (one page server fronts the store for a rack)"
       const inChunk9 = (at: unknown) => typeof at === "number" && at >= 9 * 256 * 1024 && at < 10 * 256 * 1024;
       // The page server: chunk 9 decoded but hashed to other bytes, 3 fetches in a row; the request refused.
       const refused = await ps.daemon.waitForEvent("page_server.bytes_unavailable");
-      expect(refused).toMatchObject({ code: "BAD_CHUNK", ref: s3("psvm"), chunk: 9, hash: victim, key: chunkKey(victim), url: "s3://snaps/fleet", fetches: 3 });
+      expect(refused).toMatchObject({ code: "BAD_CHUNK", ref: s3("psvm"), chunkIndex: 9, hash: victim, key: chunkKey(victim), url: "s3://snaps/fleet", fetches: 3 });
       expect(refused.contentHash).toMatch(/^[0-9a-f]{64}$/);
       expect(refused.contentHash).not.toBe(victim);
       expect(inChunk9(refused.at), `at ${refused.at}`).toBe(true);

@@ -208,7 +208,7 @@ describe("never a wrong page", () => {
       expect(doomed.signalCode).toBe("SIGKILL");
       const failed = await d.waitForEvent("vm.failed");
       // The chunk decoded, but its bytes hash to something else, on each of 3 fetches in a row.
-      expect(failed).toMatchObject({ code: "BAD_CHUNK", action: "killed", ref: `file://${bad}/vm`, chunk: 5, hash: victim, key: chunkKey(victim), url: `file://${bad}`, fetches: 3 });
+      expect(failed).toMatchObject({ code: "BAD_CHUNK", action: "killed", ref: `file://${bad}/vm`, chunkIndex: 5, hash: victim, key: chunkKey(victim), url: `file://${bad}`, fetches: 3 });
       expect(failed.contentHash).toMatch(/^[0-9a-f]{64}$/);
       expect(failed.contentHash).not.toBe(victim);
       // Another VM on the same daemon, touching other chunks, restores fine.
@@ -229,7 +229,7 @@ describe("never a wrong page", () => {
       expect(doomed.signalCode).toBe("SIGKILL");
       const failed = await d.waitForEvent("vm.failed");
       const h = manifestOf("vm").body.chunks[2]!;
-      expect(failed).toMatchObject({ code: "NOT_FOUND", action: "killed", ref: `file://${bad}/vm`, chunk: 2, hash: h, key: chunkKey(h), url: `file://${bad}` });
+      expect(failed).toMatchObject({ code: "NOT_FOUND", action: "killed", ref: `file://${bad}/vm`, chunkIndex: 2, hash: h, key: chunkKey(h), url: `file://${bad}` });
     } finally {
       await d.stop();
     }

@@ -51,7 +51,7 @@ export async function openServedStore(ref: string, opts: ServedStoreOptions): Pr
     // decodeManifest checked that a null chunk has no data page, and only data pages are asked for.
     if (hash === null || hash === undefined) return cb(new StoreError("BAD_MANIFEST", `${label(c)} is all zero in the manifest, yet data pages were asked of it`));
     // The chunk's number joins the error's context (one fetch may serve equal chunks at several numbers).
-    fetcher.acquire(store, hash, chunkLength(size, chunkSize, c), label(c), urgent, (err) => cb(err && new StoreError(err.code as StoreErrorCode, err.message, { ...err.context, ref, chunk: c }, { cause: err })));
+    fetcher.acquire(store, hash, chunkLength(size, chunkSize, c), label(c), urgent, (err) => cb(err && new StoreError(err.code as StoreErrorCode, err.message, { ...err.context, ref, chunkIndex: c }, { cause: err })));
   };
   const lazy: ServedStore["lazy"] = {
     want(start, end, urgent) {

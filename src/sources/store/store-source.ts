@@ -257,7 +257,7 @@ export class StoreRequester implements PageRequester {
         if (err !== undefined) {
           failed = true;
           if (sweep) this.sweepOutstanding--;
-          return this.ctx.fail(err.code, err.message, { ...contextFields(err.context), ref: this.t.ref, chunk: c });
+          return this.ctx.fail(err.code, err.message, { ...contextFields(err.context), ref: this.t.ref, chunkIndex: c });
         }
         if (--missing === 0) {
           if (sweep) this.sweepOutstanding--;
