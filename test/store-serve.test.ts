@@ -145,7 +145,7 @@ describe("the host chunk cache", () => {
   }, T);
 
   const isRoot = process.getuid?.() === 0;
-  test.skipIf(!isRoot)("a full cache disk (a 256 KiB tmpfs): chunks stay in memory, the restore is correct, one warning", async () => {
+  test.skipIf(!isRoot)(`a full cache disk (a 256 KiB tmpfs): chunks stay in memory, the restore is correct, one warning${isRoot ? "" : " (skipped: mounting a tmpfs needs root)"}`, async () => {
     const mnt = join(dir.path, "tiny");
     mkdirSync(mnt);
     const m = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt]);
