@@ -180,6 +180,7 @@ export async function waitMigration(q: QmpClient, timeoutMs = 60_000): Promise<{
     const m = await q.execute<{ status: string; "error-desc"?: string }>("query-migrate");
     if (m.status === "completed" || m.status === "failed") return m;
     if (Date.now() > deadline) throw new Error(`migration still ${m.status} after ${timeoutMs} ms`);
+    // Polling QEMU's state: QmpClient drops QEMU's asynchronous events (MIGRATION), so there is no event to wait on.
     await Bun.sleep(20);
   }
 }

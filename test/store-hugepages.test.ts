@@ -37,7 +37,7 @@ afterAll(() => {
 describe("2 MiB pages from a store", () => {
   for (const c of ["256k", "4m"]) {
     test.skipIf(skip)(`${c} chunks: every page verified`, async () => {
-      const d = await startDaemon(["--mem", `file://${dir.path}/store/c${c}`, "--cache-dir", join(dir.path, `cache-${c}`)], join(dir.path, `h${c}.sock`));
+      const d = await startDaemon(["--mem", `file://${dir.path}/store/c${c}`, "--cache-dir", join(dir.path, `cache-${c}`), "--log-format", "json"], join(dir.path, `h${c}.sock`));
       try {
         const r = await runStandin(["--socket", d.socket, "--expect", image, "--hugepages", "--order", "random", "--threads", "2", "--verify", "all", "--timeout", "15000"]);
         expect(r.code, describeRun(r)).toBe(0);

@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { chunkKey, decodeManifest, encodeChunk, manifestKey } from "../src/sources/store/format.ts";
 import { encodeWorkingSet } from "../src/scheduler/working-set.ts";
+import { ErrorCode } from "../src/postcopy/protocol.ts";
 import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
 import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";
 
@@ -41,13 +42,13 @@ afterAll(async () => {
 }, 15_000);
 
 async function pageServer(mem: string, args: string[] = []): Promise<PageServerProc> {
-  const p = await startPageServer(["--mem", mem, "--token-file", tokenFile, "--cache-dir", join(dir.path, `ps-cache-${++n}`), "--log-level", "debug", ...args]);
+  const p = await startPageServer(["--mem", mem, "--token-file", tokenFile, "--cache-dir", join(dir.path, `ps-cache-${++n}`), "--log-level", "debug", "--log-format", "json", ...args]);
   cleanup.push(() => p.daemon.stop());
   return p;
 }
 
 async function serve(ps: PageServerProc, args: string[] = []): Promise<Daemon> {
-  const d = await startDaemon(["--mem", `tcp://127.0.0.1:${ps.port}`, "--token-file", tokenFile, ...args], join(dir.path, `d${++n}.sock`));
+  const d = await startDaemon(["--mem", `tcp://127.0.0.1:${ps.port}`, "--token-file", tokenFile, "--log-format", "json", ...args], join(dir.path, `d${++n}.sock`));
   cleanup.push(() => d.stop());
   return d;
 }
@@ -60,10 +61,19 @@ function expectClean(r: StandinResult, verified = SIZE / PAGE): void {
 
 const manifest = (root: string, name: string) => decodeManifest(readFileSync(join(root, manifestKey(name))), "test");
 
+/** The page server's store counters, logged once when the (stopped) page server closed it. */
+function storeClosed(d: Daemon) {
+  const all = d.events().filter((e) => e.event === "store.closed");
+  expect(all.length, d.log).toBe(1);
+  return all[0]!;
+}
+
 describe("page-server --mem file://STORE/NAME", () => {
   test("two daemons restore from one page server, every page verified; one GET per chunk for both", async () => {
     const ps = await pageServer(`file://${store}/vm`);
-    expect(ps.daemon.log).toMatch(/page server listening on 127\.0\.0\.1:\d+: store file:\/\/.*\/vm \(manifest [0-9a-f]{16}\), \d+ chunks of 256 KiB/);
+    expect(ps.daemon.events().find((e) => e.event === "page_server.listening")).toMatchObject({
+      address: `127.0.0.1:${ps.port}`, format: "store", path: `file://${store}/vm`, manifest: manifest(store, "vm").hash, chunkSize: 256 * 1024,
+    });
     const [d1, d2] = await Promise.all([serve(ps), serve(ps)]);
     const [a, b] = await Promise.all([
       runStandin(["--socket", d1.socket, "--expect", image, "--order", "random", "--seed", "3", "--verify", "all"]),
@@ -74,7 +84,7 @@ describe("page-server --mem file://STORE/NAME", () => {
     await Promise.all([d1.stop(), d2.stop()]);
     await ps.daemon.stop();
     const distinct = new Set(manifest(store, "vm").body.chunks.filter((h) => h !== null)).size;
-    expect(Number(ps.daemon.log.match(/store file:.*: (\d+) GETs/)![1])).toBe(distinct);
+    expect(storeClosed(ps.daemon).gets).toBe(distinct);
   }, T);
 
   test("the manifest's working set is fetched from startup, before any client asks", async () => {
@@ -84,13 +94,15 @@ describe("page-server --mem file://STORE/NAME", () => {
     const p = await runSnapload(["push", image, `file://${store}/withws`, "--chunk-size", "256k", "--working-set", ws]);
     expect(p.code, p.stderr).toBe(0);
     const ps = await pageServer(`file://${store}/withws`);
-    expect(ps.daemon.log).toMatch(/working set of 256 pages fetched first/);
+    expect(ps.daemon.events().find((e) => e.event === "page_server.listening")!.workingSetPages).toBe(256);
     // No client at all: the chunks still arrive.
-    await ps.daemon.waitForLog(/withws: working set's \d+ chunks here in [\d.]+ ms/);
+    const fetched = await ps.daemon.waitForEvent("store.working_set_fetched");
+    expect(fetched).toMatchObject({ ref: `file://${store}/withws`, failed: 0 });
     await ps.daemon.stop();
     const m = manifest(store, "withws");
     const wsChunks = new Set([...order].map((pg) => m.body.chunks[Math.floor((pg * PAGE) / m.body.chunkSize)]).filter((h) => h !== null));
-    expect(Number(ps.daemon.log.match(/store file:.*: (\d+) GETs/)![1])).toBe(wsChunks.size);
+    expect(fetched.chunks).toBe(wsChunks.size);
+    expect(storeClosed(ps.daemon).gets).toBe(wsChunks.size);
   }, T);
 
   test("a chunk tampered with in the store: no client gets a page of it; that VM is killed with the reason, others restore", async () => {
@@ -104,10 +116,19 @@ describe("page-server --mem file://STORE/NAME", () => {
     const doomed = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", image, "--region", `256k@${5 * 256}k`, "--order", "seq"], { stdout: "pipe", stderr: "pipe" });
     await doomed.exited;
     expect(doomed.signalCode).toBe("SIGKILL");
-    await d.waitForLog(/killed the VMM/);
-    await ps.daemon.waitForLog(/request \d+: image bytes at 0x[0-9a-f]+ cannot be had/);
-    expect(ps.daemon.log).toMatch(/warn: client #\d+ \(urgent\): request \d+: image bytes at 0x1[4-7][0-9a-f]{4} cannot be had: chunk 5 of "vm": chunk [0-9a-f]{16}… from file:\/\/.*: content hashes to [0-9a-f]{16}…: corrupt, not installed \(3 fetches in a row\); request refused/);
-    expect(d.log).toMatch(/refused image bytes \[0x[0-9a-f]+, \+\d+\): unavailable: image bytes at 0x1[4-7][0-9a-f]{4}: chunk 5 of "vm": .*content hashes to .*corrupt, not installed.*killed the VMM/);
+    const inChunk5 = (at: unknown) => typeof at === "number" && at >= 5 * 256 * 1024 && at < 6 * 256 * 1024;
+    // The daemon: its request for chunk 5's bytes was refused as unavailable; the VM killed.
+    const failed = await d.waitForEvent("vm.failed");
+    expect(failed).toMatchObject({ code: "BAD_FRAME", action: "killed", url: `tcp://127.0.0.1:${ps.port}`, wireCode: ErrorCode.UNAVAILABLE });
+    expect(inChunk5(failed.start), `start ${failed.start}`).toBe(true);
+    // The page server: chunk 5 decoded but hashed to other bytes, 3 fetches in a row; a request on the
+    // client's urgent connection refused (its background connection may ask for chunk 5 too).
+    const role = (client: unknown) => ps.daemon.events().find((e) => e.event === "page_server.client_authenticated" && e.client === client)?.role;
+    const refused = await ps.daemon.waitForEvent("page_server.bytes_unavailable", (e) => role(e.client) === "urgent");
+    expect(refused).toMatchObject({ code: "BAD_CHUNK", ref: `file://${bad}/vm`, chunkIndex: 5, hash: victim, key: chunkKey(victim), fetches: 3 });
+    expect(refused.contentHash).toMatch(/^[0-9a-f]{64}$/);
+    expect(refused.contentHash).not.toBe(victim);
+    expect(inChunk5(refused.at), `at ${refused.at}`).toBe(true);
     // Another VM of the same daemon, and a VM of another daemon, touching other chunks: unaffected.
     expectClean(await runStandin(["--socket", d.socket, "--expect", image, "--region", "1m@0", "--region", "8m@16m", "--verify", "all"]), (9 * MIB) / PAGE);
     const d2 = await serve(ps);

@@ -9,7 +9,8 @@ import { chunkKey, decodeManifest, encodeChunk } from "../src/sources/store/form
 import { encodeWorkingSet } from "../src/scheduler/working-set.ts";
 import { startPageServer } from "./postcopy-wire.ts";
 import { cephMissing, createBucket, type Rgw, startRgw } from "./ceph-rgw.ts";
-import { describeRun, ensureBuilt, patchFile, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
+import { ErrorCode } from "../src/postcopy/protocol.ts";
+import { type Daemon, describeRun, ensureBuilt, patchFile, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const PAGE = 4096;
@@ -42,6 +43,13 @@ afterAll(async () => {
 const s3 = (name: string) => `s3://snaps/fleet/${name}`;
 const ep = () => ["--s3-endpoint", rgw.endpoint];
 
+/** The store's counters, logged once when the (stopped) daemon or page server closed it. */
+function storeClosed(d: Daemon) {
+  const all = d.events().filter((e) => e.event === "store.closed");
+  expect(all.length, d.log).toBe(1);
+  return all[0]!;
+}
+
 function expectClean(r: StandinResult, verified = SIZE / PAGE): void {
   expect(r.code, describeRun(r)).toBe(0);
   expect(r.report!.mismatches).toBe(0);
@@ -49,7 +57,7 @@ function expectClean(r: StandinResult, verified = SIZE / PAGE): void {
 }
 
 async function serve(name: string, cache: string, extra: string[] = []) {
-  return startDaemon(["--mem", s3(name), ...ep(), "--cache-dir", cache, "--log-level", "debug", ...extra], join(dir.path, `s${++sockets}.sock`), rgw.env);
+  return startDaemon(["--mem", s3(name), ...ep(), "--cache-dir", cache, "--log-level", "debug", "--log-format", "json", ...extra], join(dir.path, `s${++sockets}.sock`), rgw.env);
 }
 
 describe("push, pull, inspect against Ceph RGW", () => {
@@ -92,7 +100,7 @@ describe("serve --mem s3://", () => {
     } finally {
       await d.stop();
     }
-    expect(d.log).toMatch(/store s3:\/\/snaps\/fleet\/vm1: 128 GETs/);
+    expect(storeClosed(d)).toMatchObject({ ref: s3("vm1"), gets: 128 });
   }, T);
 
   test("the gateway goes down mid-restore and comes back: the restore completes, no wrong page", async () => {
@@ -100,10 +108,10 @@ describe("serve --mem s3://", () => {
     try {
       await rgw.stopGateway();
       const run = runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--verify", "all"]);
-      await d.waitForLog(/warn: chunk \d+ of "vm1": .*; retrying for up to 30000 ms/);
+      await d.waitForEvent("store.get_retrying", (e) => e.deadlineMs === 30_000);
       await rgw.startGateway();
       expectClean(await run);
-      expect(d.log).not.toMatch(/killed the VMM/);
+      expect(d.events().filter((e) => e.event === "vm.failed")).toEqual([]);
     } finally {
       await rgw.startGateway();
       await d.stop();
@@ -117,8 +125,11 @@ describe("serve --mem s3://", () => {
       const doomed = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", image, "--order", "random", "--timeout", "20000"], { stdout: "pipe", stderr: "pipe" });
       await doomed.exited;
       expect(doomed.signalCode).toBe("SIGKILL");
-      await d.waitForLog(/killed the VMM/);
-      expect(d.log).toMatch(/error: vm \d+ pid \d+: chunk \d+ of "vm1": not obtainable within 1500 ms after \d+ attempts \(last: s3:\/\/snaps\/fleet: GET chunks\/[0-9a-f]{2}\/[0-9a-f]{64}: no answer within \d+ ms\); killed the VMM/);
+      // Not obtainable within the deadline, and GETs went unanswered (abandoned, not failed fast).
+      const failed = await d.waitForEvent("vm.failed");
+      expect(failed).toMatchObject({ code: "STORE_UNAVAILABLE", action: "killed", ref: s3("vm1"), url: "s3://snaps/fleet", deadlineMs: 1500 });
+      expect(failed.key).toMatch(/^chunks\/[0-9a-f]{2}\/[0-9a-f]{64}$/);
+      expect(failed.timeouts).toBeGreaterThanOrEqual(1);
     } finally {
       rgw.freezeGateway(false);
       await d.stop();
@@ -132,8 +143,9 @@ describe("serve --mem s3://", () => {
       const doomed = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", image, "--order", "random", "--timeout", "20000"], { stdout: "pipe", stderr: "pipe" });
       await doomed.exited;
       expect(doomed.signalCode).toBe("SIGKILL");
-      await d.waitForLog(/killed the VMM/);
-      expect(d.log).toMatch(/error: vm \d+ pid \d+: chunk \d+ of "vm1": not obtainable within 1500 ms after \d+ attempts \(last: .*\); killed the VMM/);
+      const failed = await d.waitForEvent("vm.failed");
+      expect(failed).toMatchObject({ code: "STORE_UNAVAILABLE", action: "killed", ref: s3("vm1"), url: "s3://snaps/fleet", deadlineMs: 1500 });
+      expect(failed.attempts).toBeGreaterThanOrEqual(1);
     } finally {
       await rgw.startGateway();
       await d.stop();
@@ -153,9 +165,9 @@ describe("multipart uploads", () => {
     expect(st.size).toBeGreaterThan(5 * MIB * 1.2);
     // A multipart object's ETag is "<md5 of the parts' md5s>-<parts>".
     expect(st.etag).toMatch(/-2"?$/);
-    const ins = await runSnapload(["inspect", s3("big-manifest"), ...ep()], { env });
+    const ins = await runSnapload(["inspect", s3("big-manifest"), ...ep(), "--json"], { env });
     expect(ins.code, ins.stderr).toBe(0);
-    expect(ins.stdout).toMatch(/working set: 1200000 pages/);
+    expect(JSON.parse(ins.stdout).workingSetPages).toBe(1_200_000);
     // Below the part size: one PUT (no part count in the ETag).
     expect((await bucket().stat("fleet/snapshots/vm1")).etag).not.toMatch(/-\d+"?$/);
   }, T);
@@ -176,10 +188,11 @@ describe("page-server --mem s3:// (one page server fronts the store for a rack)"
     expect(p.code, p.stderr).toBe(0);
     const token = join(dir.path, "ps-token");
     writeFileSync(token, "rack-page-server-token-0a9f3\n", { mode: 0o600 });
-    const ps = await startPageServer(["--mem", s3("psvm"), ...ep(), "--token-file", token, "--cache-dir", join(dir.path, "ps-cache"), "--store-deadline", "3000"], 0, [], rgw.env);
-    const d = await startDaemon(["--mem", `tcp://127.0.0.1:${ps.port}`, "--token-file", token, "--page-server-deadline", "8000"], join(dir.path, `s${++sockets}.sock`));
+    const ps = await startPageServer(["--mem", s3("psvm"), ...ep(), "--token-file", token, "--cache-dir", join(dir.path, "ps-cache"), "--store-deadline", "3000", "--log-format", "json"], 0, [], rgw.env);
+    const d = await startDaemon(["--mem", `tcp://127.0.0.1:${ps.port}`, "--token-file", token, "--page-server-deadline", "8000", "--log-format", "json"], join(dir.path, `s${++sockets}.sock`));
     try {
-      expect(ps.daemon.log).toMatch(/page server listening on .*: store s3:\/\/snaps\/fleet\/psvm \(manifest [0-9a-f]{16}\)/);
+      expect(ps.daemon.events().find((e) => e.event === "page_server.listening")).toMatchObject({ format: "store", path: s3("psvm"), chunkSize: 256 * 1024 });
+      expect(ps.daemon.events().find((e) => e.event === "page_server.listening")!.manifest).toMatch(/^[0-9a-f]{64}$/);
       // Chunk 9 is replaced in the bucket (before anyone fetched it) by a well-formed chunk of other bytes.
       const manifestBytes = await bucket().file("fleet/snapshots/psvm").bytes();
       const victim = decodeManifest(manifestBytes, "test").body.chunks[9]!;
@@ -187,10 +200,17 @@ describe("page-server --mem s3:// (one page server fronts the store for a rack)"
       const doomed = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", own, "--region", `256k@${9 * 256}k`, "--order", "seq"], { stdout: "pipe", stderr: "pipe" });
       await doomed.exited;
       expect(doomed.signalCode).toBe("SIGKILL");
-      await ps.daemon.waitForLog(/request \d+: image bytes at 0x[0-9a-f]+ cannot be had/);
-      expect(ps.daemon.log).toMatch(/cannot be had: chunk 9 of "psvm": chunk [0-9a-f]{16}… from s3:\/\/snaps\/fleet\/chunks\/.*content hashes to [0-9a-f]{16}…: corrupt, not installed \(3 fetches in a row\); request refused/);
-      await d.waitForLog(/killed the VMM/);
-      expect(d.log).toMatch(/refused image bytes .*: unavailable: .*chunk 9 of "psvm".*corrupt, not installed/);
+      const inChunk9 = (at: unknown) => typeof at === "number" && at >= 9 * 256 * 1024 && at < 10 * 256 * 1024;
+      // The page server: chunk 9 decoded but hashed to other bytes, 3 fetches in a row; the request refused.
+      const refused = await ps.daemon.waitForEvent("page_server.bytes_unavailable");
+      expect(refused).toMatchObject({ code: "BAD_CHUNK", ref: s3("psvm"), chunkIndex: 9, hash: victim, key: chunkKey(victim), url: "s3://snaps/fleet", fetches: 3 });
+      expect(refused.contentHash).toMatch(/^[0-9a-f]{64}$/);
+      expect(refused.contentHash).not.toBe(victim);
+      expect(inChunk9(refused.at), `at ${refused.at}`).toBe(true);
+      // The daemon: its request for chunk 9's bytes refused as unavailable; the VM killed.
+      const failed = await d.waitForEvent("vm.failed");
+      expect(failed).toMatchObject({ code: "BAD_FRAME", action: "killed", url: `tcp://127.0.0.1:${ps.port}`, wireCode: ErrorCode.UNAVAILABLE });
+      expect(inChunk9(failed.start), `start ${failed.start}`).toBe(true);
       // Two VMs of the rack, every page but chunk 9's, verified.
       const around = ["--region", `${9 * 256}k@0`, "--region", `${SIZE / 1024 - 10 * 256}k@${10 * 256}k`];
       const [a, b] = await Promise.all([
@@ -205,9 +225,9 @@ describe("page-server --mem s3:// (one page server fronts the store for a rack)"
     }
     // One GET per good chunk however many clients asked (chunk 9's fetches all came back corrupt).
     const distinct = new Set(decodeManifest(await bucket().file("fleet/snapshots/psvm").bytes(), "test").body.chunks.filter((h) => h !== null)).size;
-    const c = ps.daemon.log.match(/store s3:\/\/snaps\/fleet\/psvm: (\d+) GETs .* (\d+) corrupt,/)!;
-    expect(Number(c[1]) - Number(c[2])).toBe(distinct - 1);
-    expect(Number(c[2])).toBeGreaterThanOrEqual(3);
+    const closed = storeClosed(ps.daemon);
+    expect(Number(closed.gets) - Number(closed.badFetches)).toBe(distinct - 1);
+    expect(closed.badFetches).toBeGreaterThanOrEqual(3);
   }, T);
 });
 

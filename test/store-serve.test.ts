@@ -8,7 +8,7 @@ import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { chunkKey, decodeManifest, encodeChunk, manifestKey } from "../src/sources/store/format.ts";
 import { encodeWorkingSet } from "../src/scheduler/working-set.ts";
 import { generateMappedRam } from "./gen-mapped-ram.ts";
-import { describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const PAGE = 4096;
@@ -38,7 +38,14 @@ function expectClean(r: StandinResult, verified = SIZE / PAGE): void {
 }
 
 async function serve(mem: string, cache: string, extra: string[] = []) {
-  return startDaemon(["--mem", mem, "--cache-dir", cache, "--log-level", "debug", ...extra], join(dir.path, `s${++sockets}.sock`));
+  return startDaemon(["--mem", mem, "--cache-dir", cache, "--log-level", "debug", "--log-format", "json", ...extra], join(dir.path, `s${++sockets}.sock`));
+}
+
+/** The store's counters, logged once when the (stopped) daemon closed it. */
+function storeClosed(d: Daemon) {
+  const all = d.events().filter((e) => e.event === "store.closed");
+  expect(all.length, d.log).toBe(1);
+  return all[0]!;
 }
 
 function manifestOf(name: string) {
@@ -50,7 +57,9 @@ describe("lazy restore from a file:// store", () => {
     const cache = join(dir.path, "cache-a");
     const d = await serve(`file://${store}/vm`, cache);
     try {
-      expect(d.log).toMatch(/listening on .*store file:\/\/.*\/vm \(manifest [0-9a-f]{16}\), 33554432 bytes .* chunks of 256 KiB/);
+      expect(d.events().find((e) => e.event === "daemon.listening")).toMatchObject({
+        mem: `file://${store}/vm`, format: "store", manifest: manifestOf("vm").hash, size: SIZE, chunkSize: 256 * 1024,
+      });
       const [a, b] = await Promise.all([
         runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--seed", "1", "--verify", "all"]),
         runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--seed", "2", "--threads", "2", "--verify", "all"]),
@@ -62,8 +71,7 @@ describe("lazy restore from a file:// store", () => {
       await d.stop();
     }
     const distinct = new Set(manifestOf("vm").body.chunks.filter((h) => h !== null)).size;
-    const m = d.log.match(/store .*: (\d+) GETs .* (\d+) waits joined a GET in flight/)!;
-    expect(Number(m[1])).toBe(distinct);
+    expect(storeClosed(d).gets).toBe(distinct);
     expect(readdirSync(join(cache, "chunks")).length).toBeGreaterThan(0);
   }, T);
 
@@ -80,7 +88,7 @@ describe("lazy restore from a file:// store", () => {
       } finally {
         await d2.stop();
       }
-      expect(d2.log).toMatch(/store .*: 0 GETs/);
+      expect(storeClosed(d2).gets).toBe(0);
     } finally {
       renameSync(join(store, "chunks.away"), join(store, "chunks"));
     }
@@ -91,7 +99,7 @@ describe("lazy restore from a file:// store", () => {
     try {
       // The guest touches 5%, then idles (--pause) while the rest comes in the background.
       const run = runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--fraction", "0.05", "--pause", "2000", "--verify", "all"]);
-      await d.waitForLog(/vm 1 pid \d+ fully populated in [\d.]+ s .*; detached/, 30_000);
+      await d.waitForEvent("vm.detached", (e) => e.vm === 1, 30_000);
       expectClean(await run);
     } finally {
       await d.stop();
@@ -104,16 +112,16 @@ describe("lazy restore from a file:// store", () => {
     writeFileSync(ws, encodeWorkingSet(order, SIZE));
     const p = await runSnapload(["push", image, `file://${store}/withws`, "--chunk-size", "256k", "--working-set", ws]);
     expect(p.code, p.stderr).toBe(0);
-    const ins = await runSnapload(["inspect", `file://${store}/withws`]);
-    expect(ins.stdout).toMatch(/working set: 512 pages, prefetched first on restore/);
+    const ins = await runSnapload(["inspect", `file://${store}/withws`, "--json"]);
+    expect(JSON.parse(ins.stdout).workingSetPages).toBe(512);
     const d = await serve(`file://${store}/withws`, join(dir.path, "cache-d"));
     try {
-      expect(d.log).toMatch(/working set of 512 pages/);
+      expect(d.events().find((e) => e.event === "daemon.listening")!.prefetchPages).toBe(512);
       expectClean(await runStandin(["--socket", d.socket, "--expect", image, "--order", "random", "--verify", "all"]));
     } finally {
       await d.stop();
     }
-    expect(d.log).toMatch(/exited \(VMM hung up\)/);
+    expect(d.events().find((e) => e.event === "vm.exited")!.reason).toBe("VMM hung up");
   }, T);
 });
 
@@ -128,16 +136,16 @@ describe("the host chunk cache", () => {
       await d.stop();
     }
     const distinct = new Set(manifestOf("vm").body.chunks.filter((h) => h !== null)).size;
-    expect(Number(d.log.match(/store .*: (\d+) GETs/)![1])).toBeGreaterThan(distinct);
-    const evicted = Number(d.log.match(/cache: \d+ hits, \d+ inserted, (\d+) evicted/)![1]);
-    expect(evicted).toBeGreaterThan(0);
+    const closed = storeClosed(d);
+    expect(closed.gets).toBeGreaterThan(distinct);
+    expect(closed.cacheEvicted).toBeGreaterThan(0);
     let bytes = 0;
     for (const sub of readdirSync(join(cache, "chunks"))) for (const f of readdirSync(join(cache, "chunks", sub))) bytes += statSync(join(cache, "chunks", sub, f)).size;
     expect(bytes).toBeLessThanOrEqual(1024 * 1024);
   }, T);
 
   const isRoot = process.getuid?.() === 0;
-  test.skipIf(!isRoot)("a full cache disk (a 256 KiB tmpfs): chunks stay in memory, the restore is correct, one warning", async () => {
+  test.skipIf(!isRoot)(`a full cache disk (a 256 KiB tmpfs): chunks stay in memory, the restore is correct, one warning${isRoot ? "" : " (skipped: mounting a tmpfs needs root)"}`, async () => {
     const mnt = join(dir.path, "tiny");
     mkdirSync(mnt);
     const m = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt]);
@@ -149,9 +157,10 @@ describe("the host chunk cache", () => {
       } finally {
         await d.stop();
       }
-      const warnings = d.log.split("\n").filter((l) => /cannot write .*keeping chunks in memory until it can/.test(l));
+      const warnings = d.events().filter((e) => e.event === "store.cache_write_failed");
       expect(warnings.length).toBe(1);
-      expect(warnings[0]).toMatch(/ENOSPC|no space/i);
+      expect(warnings[0]!.dir).toBe(mnt);
+      expect(String(warnings[0]!.reason)).toMatch(/ENOSPC|no space/i);
     } finally {
       Bun.spawnSync(["umount", mnt]);
     }
@@ -197,8 +206,11 @@ describe("never a wrong page", () => {
       const doomed = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", image, "--region", `256k@${5 * 256}k`, "--order", "seq"], { stdout: "pipe", stderr: "pipe" });
       await doomed.exited;
       expect(doomed.signalCode).toBe("SIGKILL");
-      await d.waitForLog(/killed the VMM/);
-      expect(d.log).toMatch(/error: vm \d+ pid \d+: chunk 5 of "vm": chunk [0-9a-f]{16}… from file:\/\/.*: content hashes to [0-9a-f]{16}…: corrupt, not installed \(3 fetches in a row\); killed the VMM/);
+      const failed = await d.waitForEvent("vm.failed");
+      // The chunk decoded, but its bytes hash to something else, on each of 3 fetches in a row.
+      expect(failed).toMatchObject({ code: "BAD_CHUNK", action: "killed", ref: `file://${bad}/vm`, chunkIndex: 5, hash: victim, key: chunkKey(victim), url: `file://${bad}`, fetches: 3 });
+      expect(failed.contentHash).toMatch(/^[0-9a-f]{64}$/);
+      expect(failed.contentHash).not.toBe(victim);
       // Another VM on the same daemon, touching other chunks, restores fine.
       expectClean(await runStandin(["--socket", d.socket, "--expect", image, "--region", "1m@0", "--region", "8m@16m", "--verify", "all"]), (9 * MIB) / PAGE);
     } finally {
@@ -215,8 +227,9 @@ describe("never a wrong page", () => {
       const doomed = Bun.spawn([STANDIN, "--socket", d.socket, "--expect", image, "--region", "256k@512k"], { stdout: "pipe", stderr: "pipe" });
       await doomed.exited;
       expect(doomed.signalCode).toBe("SIGKILL");
-      await d.waitForLog(/killed the VMM/);
-      expect(d.log).toMatch(/chunk 2 of "vm" is missing from file:\/\/.* \(no object chunks\/[0-9a-f]{2}\/[0-9a-f]{64}\); killed the VMM/);
+      const failed = await d.waitForEvent("vm.failed");
+      const h = manifestOf("vm").body.chunks[2]!;
+      expect(failed).toMatchObject({ code: "NOT_FOUND", action: "killed", ref: `file://${bad}/vm`, chunkIndex: 2, hash: h, key: chunkKey(h), url: `file://${bad}` });
     } finally {
       await d.stop();
     }
@@ -238,8 +251,9 @@ describe("never a wrong page", () => {
     } finally {
       await d2.stop();
     }
-    expect(d2.log).toMatch(new RegExp(`warn: chunk cache: .*${h} is corrupt \\(content hashes to [0-9a-f]{16}…\\); deleted, fetching the chunk from the store again`));
-    expect(d2.log).toMatch(/store .*: 1 GETs/);
+    const corrupt = d2.events().filter((e) => e.event === "store.cache_corrupt");
+    expect(corrupt.map((e) => e.path)).toEqual([path]);
+    expect(storeClosed(d2)).toMatchObject({ gets: 1, cacheCorrupt: 1 });
   }, T);
 
   test("a store that is not there: serve refuses to start with one clear line", async () => {

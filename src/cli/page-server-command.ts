@@ -98,7 +98,7 @@ async function serveStore(config: PageServerConfig, logger: Logger, token: Buffe
     logger.info(
       "page_server.listening",
       `page server listening on ${formatHostPort({ host: where.host, port })}: ${image.summary}, ${formatBytes(image.size)} (${image.zero.pages - zeroPages} data, ${zeroPages} zero pages); channel authenticated and encrypted (AES-256-GCM)`,
-      { address: formatHostPort({ host: where.host, port }), port, format: "store", path: config.mem, size: image.size, dataPages: image.zero.pages - zeroPages, zeroPages },
+      { ...image.fields, address: formatHostPort({ host: where.host, port }), port, format: "store", path: config.mem, size: image.size, dataPages: image.zero.pages - zeroPages, zeroPages },
     );
     const shutdown = (signal: string) => {
       logger.info("daemon.signal", `${signal}: shutting down`, { signal });

@@ -285,8 +285,8 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     return 0;
   } finally {
     if (remote) {
-      const line = remote.report?.();
-      if (line) logger.info("qemu.source", line, { mem: config.mem });
+      const r = remote.report?.();
+      if (r) logger.info("qemu.source", r.text, { ...r.fields, mem: config.mem });
       remote.close();
     }
     if (qmp) qmp.close();

@@ -4,6 +4,7 @@
 // guest by UFFDIO_COPY. What the VM's life does with the result (retry, detach, fail, close) is
 // decided by its owner, the VmSupervisor; this module only reports a failure, once.
 import type { ErrorCode } from "../core/errors.ts";
+import type { Fields } from "../core/log.ts";
 import { Errno, errnoName, type NativeBuffer } from "../core/ffi.ts";
 import type { HandlerTable, Region } from "../scheduler/handler-table.ts";
 import { HOW_BACKGROUND, HOW_FAULT, HOW_FAULT_AROUND, KIND_DATA, KIND_NAMES, PageInstaller, Scratch, type VmStats } from "../sinks/uffd/page-installer.ts";
@@ -28,6 +29,8 @@ export interface VmFailure {
   readonly detail: string;
   /** The kernel's answer, when a system call failed. */
   readonly errno?: number;
+  /** The error's facts (a store's chunk, key, ...), logged as vm.failed's fields. */
+  readonly context?: Fields;
 }
 
 export interface VmOptions {
@@ -93,9 +96,9 @@ export class VmSession implements RequesterVm, PopulatorVm {
   }
 
   /** Records why the VM cannot be served; a later cause does not replace the first. */
-  fail(code: ErrorCode, detail: string, errno?: number): void {
+  fail(code: ErrorCode, detail: string, errno?: number, context?: Fields): void {
     if (this.failed !== undefined) return;
-    this.failed = errno === undefined ? { kind: "failed", code, detail } : { kind: "failed", code, detail, errno };
+    this.failed = { kind: "failed", code, detail, ...(errno !== undefined ? { errno } : {}), ...(context !== undefined ? { context } : {}) };
   }
 
   /** Wakes vCPUs blocked on region pages [lo, hi) (pages installed without a wake). */

@@ -5,7 +5,7 @@
 import type { ErrorCode } from "../core/errors.ts";
 import type { EventLoop } from "../core/event-loop.ts";
 import { EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLRDHUP, Errno, errnoName, sl } from "../core/ffi.ts";
-import { formatBytes, type Logger } from "../core/log.ts";
+import { type Fields, formatBytes, type Logger } from "../core/log.ts";
 import type { VmTotals } from "../metrics/serve-metrics.ts";
 import { HandlerTable } from "../scheduler/handler-table.ts";
 import { Populator, type PopulateMode } from "../scheduler/populator.ts";
@@ -119,8 +119,8 @@ export class VmSupervisor {
       const ctx: RequesterContext = {
         loop,
         logger,
-        fail: (code: ErrorCode, detail: string) => {
-          this.session.fail(code, detail);
+        fail: (code: ErrorCode, detail: string, context?: Fields) => {
+          this.session.fail(code, detail, undefined, context);
           this.decide();
         },
         delivered: () => this.decide(),
@@ -236,7 +236,8 @@ export class VmSupervisor {
   /** The VM cannot be served any more: kill its VMM (or drop it), then close. */
   private fail(f: VmFailure): void {
     const logger = this.deps.logger;
-    const fields = { vm: this.id, pid: this.pid, reason: f.detail, code: f.code, ...(f.errno !== undefined ? { errno: errnoName(f.errno) } : {}) };
+    // The error's context first: the fixed fields win a clash.
+    const fields = { ...f.context, vm: this.id, pid: this.pid, reason: f.detail, code: f.code, ...(f.errno !== undefined ? { errno: errnoName(f.errno) } : {}) };
     const what = `vm ${this.id} pid ${this.pid}: ${f.detail}`;
     if (this.deps.onFatal === "kill") {
       // A vCPU blocked in a KVM fault ignores gentler signals (Firecracker's advice). Through the

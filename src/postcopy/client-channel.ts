@@ -26,8 +26,8 @@ export interface ChannelOwner {
   dataTarget(h: FrameHeader): number;
   /** A DATA frame's payload is in place. */
   data(h: FrameHeader): void;
-  /** The server refused one request (the connection stays). */
-  requestError(id: number, message: string): void;
+  /** The server refused one request (the connection stays); `wireCode`: the ERROR frame's code (ErrorCode in protocol.ts). */
+  requestError(id: number, message: string, wireCode: number): void;
   /** The connection is gone; called once, after the channel closed itself. */
   lost(reason: string, kind: LostKind): void;
 }
@@ -162,7 +162,7 @@ export class ClientChannel {
         return;
       case FrameType.ERROR: {
         const text = decodeErrorText(own!);
-        if (h.id !== 0 && this.state === "ready") return this.owner.requestError(h.id, errorText(h.arg, text));
+        if (h.id !== 0 && this.state === "ready") return this.owner.requestError(h.id, errorText(h.arg, text), h.arg);
         const kind: LostKind = h.arg === ErrorCode.AUTH_FAILED ? "auth" : h.arg === ErrorCode.VERSION ? "version" : "refused";
         return this.lose(`the page server refused us: ${text}`, kind);
       }

@@ -13,7 +13,8 @@ import { EventLoop } from "../core/event-loop.ts";
 import { cstr, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Errno, errnoName, sl } from "../core/ffi.ts";
 import type { ZeroMap } from "../sources/image/snapshot-image.ts";
 import { LogLimiter } from "../core/log-limit.ts";
-import { type EventName, type Fields, formatBytes, type Logger, type LogLevel } from "../core/log.ts";
+import { contextFields, type EventName, type Fields, formatBytes, type Logger, type LogLevel } from "../core/log.ts";
+import { SnaploadError } from "../core/errors.ts";
 import { checkCrypto } from "./aead.ts";
 import { clientProof, nonce, proofsEqual, serverProof, sessionKeys } from "./auth.ts";
 import { deferAccept, peerAddress } from "./peer-address.ts";
@@ -544,7 +545,7 @@ export class PageServer {
     if (conn.jobs[conn.jobHead] === job) conn.jobHead++;
     this.errors[ErrorCode.UNAVAILABLE]!++;
     this.opts.logger.warn("page_server.bytes_unavailable", `${conn.name}: request ${job.id}: image bytes at 0x${at.toString(16)} cannot be had: ${err.message}; request refused`, {
-      client: conn.name, request: job.id, at, reason: err.message,
+      ...(err instanceof SnaploadError ? { ...contextFields(err.context), code: err.code } : {}), client: conn.name, request: job.id, at, reason: err.message,
     });
     conn.writer.push(errorFrame(ErrorCode.UNAVAILABLE, `image bytes at 0x${at.toString(16)}: ${err.message}`, job.id));
   }

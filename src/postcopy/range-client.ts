@@ -13,6 +13,7 @@
 import { ConfigError, type ErrorCode, SnaploadError } from "../core/errors.ts";
 import { EventLoop } from "../core/event-loop.ts";
 import type { NativeBuffer } from "../core/ffi.ts";
+import type { Fields } from "../core/log.ts";
 import type { ZeroMap } from "../sources/image/snapshot-image.ts";
 import type { SourceOptions } from "../sources/port.ts";
 import type { RemoteFile } from "../sources/remote-file.ts";
@@ -206,9 +207,12 @@ class RangeClient implements RemoteFile {
     }
   }
 
-  report(): string {
+  report(): { text: string; fields: Fields } {
     const c = this.#counters;
-    return `page server ${this.url}: ${c.requests} requests, ${c.bytes} bytes received, ${c.reconnects} reconnects, ${c.tampered} connections dropped for frames failing authentication`;
+    return {
+      text: `page server ${this.url}: ${c.requests} requests, ${c.bytes} bytes received, ${c.reconnects} reconnects, ${c.tampered} connections dropped for frames failing authentication`,
+      fields: { requests: c.requests, bytes: c.bytes, reconnects: c.reconnects, tampered: c.tampered },
+    };
   }
 
   close(): void {

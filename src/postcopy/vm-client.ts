@@ -240,10 +240,12 @@ export class VmClient implements PageRequester {
     }
   }
 
-  private requestError(id: number, message: string): void {
+  private requestError(id: number, message: string, wireCode: number): void {
     const req = this.sent.get(id);
     if (req === undefined) return;
-    this.ctx.fail("BAD_FRAME", `page server ${this.target.url} refused image bytes [0x${req.start.toString(16)}, +${req.bytes}): ${message}`);
+    this.ctx.fail("BAD_FRAME", `page server ${this.target.url} refused image bytes [0x${req.start.toString(16)}, +${req.bytes}): ${message}`, {
+      url: this.target.url, start: req.start, bytes: req.bytes, wireCode,
+    });
   }
 
   private maybeRestartSweep(): void {
@@ -264,7 +266,7 @@ export class VmClient implements PageRequester {
         if (this.sent.has(h.id)) this.link.progress(i);
         this.onData(h);
       },
-      requestError: (id, message) => this.requestError(id, message),
+      requestError: (id, message, wireCode) => this.requestError(id, message, wireCode),
       lost: (reason, kind) => this.link.onLost(i, reason, kind),
     }, Math.min(HANDSHAKE_TIMEOUT_MS, this.target.deadlineMs));
     return ch;

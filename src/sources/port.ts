@@ -107,8 +107,8 @@ export interface RequesterVm {
 export interface RequesterContext {
   loop: EventLoop;
   logger: Logger;
-  /** The VM cannot be served any more (e.g. no page server within the deadline): the owner fails it. */
-  fail(code: ErrorCode, detail: string): void;
+  /** The VM cannot be served any more (e.g. no page server within the deadline): the owner fails it. `context`: the error's facts, as vm.failed's fields. */
+  fail(code: ErrorCode, detail: string, context?: Fields): void;
   /** Call after deliveries: the owner serves retries and detaches a VM whose pages are all in place. */
   delivered(): void;
 }

@@ -2,6 +2,8 @@
 // file whole, or an object store holding it pushed whole): what `qemu-restore` needs, which
 // reads the file's own structure (device state, block records) and not only pages.
 
+import type { Fields } from "../core/log.ts";
+
 export interface RemoteFile {
   readonly size: number;
   /** Names the snapshot in messages (the --mem value). */
@@ -12,7 +14,7 @@ export interface RemoteFile {
    * Rejects only when the source gave up (its deadline passed, or it refused).
    */
   read(off: number, len: number, urgent: boolean): Promise<Uint8Array>;
-  /** One line for the log when the restore ends (what crossed the network). */
-  report?(): string;
+  /** For the log when the restore ends: what crossed the network, a line and its counters (qemu.source's fields). */
+  report?(): { text: string; fields: Fields };
   close(): void;
 }

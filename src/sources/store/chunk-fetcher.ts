@@ -48,6 +48,10 @@ interface Pending {
   attempts: number;
   badFetches: number;
   lastError: string;
+  /** The last failure's context (a bad chunk's `contentHash`), for the final error. */
+  lastContext: Record<string, unknown>;
+  /** Attempts abandoned with no answer (a stalled store), as opposed to answered with an error. */
+  timeouts: number;
 }
 
 export class ChunkFetcher {
@@ -136,7 +140,7 @@ export class ChunkFetcher {
       if (urgent) this.hurry(hash);
       return false;
     }
-    p = { store, hash, length, label, urgent, waiters: [cb], queued: true, failingSince: undefined, warned: false, attempts: 0, badFetches: 0, lastError: "" };
+    p = { store, hash, length, label, urgent, waiters: [cb], queued: true, failingSince: undefined, warned: false, attempts: 0, badFetches: 0, lastError: "", lastContext: {}, timeouts: 0 };
     this.pending.set(hash, p);
     // Until it is settled, the daemon's loop hands the thread to Bun every turn: GET completions
     // (and retry timers) run there.
@@ -195,14 +199,19 @@ export class ChunkFetcher {
     const timer = setTimeout(() => {
       // Silent since it was sent: the store has been failing us since then.
       p.failingSince ??= attemptAt;
-      if (settle()) failed(new StoreError("STORE_UNAVAILABLE", `${p.store.url}: GET ${key}: no answer within ${Math.round(limit)} ms`, { key }));
+      if (!settle()) return;
+      p.timeouts++;
+      failed(new StoreError("STORE_UNAVAILABLE", `${p.store.url}: GET ${key}: no answer within ${Math.round(limit)} ms`, { key }));
     }, limit);
     const failed = (e: unknown) => {
       p.lastError = (e as Error).message;
+      p.lastContext = e instanceof StoreError ? e.context : {};
       if (e instanceof PermanentStoreError) return this.finish(p, e);
       p.failingSince ??= performance.now();
       if (performance.now() - p.failingSince >= this.opts.deadlineMs) {
-        return this.finish(p, new StoreError("STORE_UNAVAILABLE", `${p.label}: not obtainable within ${this.opts.deadlineMs} ms after ${p.attempts} attempts (last: ${p.lastError})`, { key }));
+        return this.finish(p, new StoreError("STORE_UNAVAILABLE", `${p.label}: not obtainable within ${this.opts.deadlineMs} ms after ${p.attempts} attempts (last: ${p.lastError})`, {
+          ...p.lastContext, key, url: p.store.url, hash: p.hash, attempts: p.attempts, timeouts: p.timeouts, deadlineMs: this.opts.deadlineMs,
+        }));
       }
       if (!p.warned) this.opts.logger.warn("store.get_retrying", `${p.label}: ${p.lastError}; retrying for up to ${this.opts.deadlineMs} ms`, { chunk: p.label, reason: p.lastError, deadlineMs: this.opts.deadlineMs });
       p.warned = true;
@@ -212,7 +221,7 @@ export class ChunkFetcher {
       (object) => {
         if (!settle()) return;
         if (object === undefined) {
-          return this.finish(p, new StoreError("NOT_FOUND", `${p.label} is missing from ${p.store.url} (no object ${key})`, { key }));
+          return this.finish(p, new StoreError("NOT_FOUND", `${p.label} is missing from ${p.store.url} (no object ${key})`, { key, url: p.store.url, hash: p.hash }));
         }
         this.counters.bytes += object.length;
         this.getMs.push(performance.now() - attemptAt);
@@ -227,8 +236,11 @@ export class ChunkFetcher {
           this.counters.badFetches++;
           p.badFetches++;
           p.lastError = (e as Error).message;
+          p.lastContext = e instanceof StoreError ? e.context : {};
           if (p.badFetches >= MAX_BAD_FETCHES) {
-            return this.finish(p, new StoreError("BAD_CHUNK", `${p.label}: ${p.lastError} (${p.badFetches} fetches in a row)`, { key }));
+            return this.finish(p, new StoreError("BAD_CHUNK", `${p.label}: ${p.lastError} (${p.badFetches} fetches in a row)`, {
+              ...p.lastContext, key, url: p.store.url, hash: p.hash, fetches: p.badFetches,
+            }));
           }
           this.opts.logger.warn("store.bad_chunk", `${p.label}: ${p.lastError}; fetching it again`, { chunk: p.label, reason: p.lastError });
           return this.retry(p);

@@ -82,7 +82,8 @@ export function encodeChunk(bytes: Uint8Array, level: number): { object: Uint8Ar
  * result is then a view of `into`.
  */
 export function decodeChunk(object: Uint8Array, hash: string, length: number, where: string, into?: Uint8Array): Uint8Array {
-  const bad = (why: string) => new StoreError("BAD_CHUNK", `chunk ${hash.slice(0, 16)}… from ${where}: ${why}`, { hash, where });
+  // `contentHash`: set when the chunk decoded but its bytes are not the ones named.
+  const bad = (why: string, contentHash?: string) => new StoreError("BAD_CHUNK", `chunk ${hash.slice(0, 16)}… from ${where}: ${why}`, { hash, where, ...(contentHash ? { contentHash } : {}) });
   if (object.length < CHUNK_HEADER) throw bad(`${object.length} bytes, shorter than a chunk header`);
   const v = new DataView(object.buffer, object.byteOffset, object.byteLength);
   if (v.getUint32(0, true) !== CHUNK_MAGIC) throw bad("not a snapload chunk (bad magic)");
@@ -105,7 +106,7 @@ export function decodeChunk(object: Uint8Array, hash: string, length: number, wh
   } else throw bad(`unknown codec ${object[4]}`);
   if (bytes.length !== length) throw bad(`decompresses to ${bytes.length} bytes, the manifest expects ${length}`);
   const got = sha256(bytes);
-  if (got !== hash) throw bad(`content hashes to ${got.slice(0, 16)}…: corrupt, not installed`);
+  if (got !== hash) throw bad(`content hashes to ${got.slice(0, 16)}…: corrupt, not installed`, got);
   return bytes;
 }
 

@@ -5,8 +5,9 @@
 // first, from startup, so the rack's first VM finds it here.
 import { createHash } from "node:crypto";
 import type { EventLoop } from "../../core/event-loop.ts";
+import type { Fields } from "../../core/log.ts";
 import { IMAGE_PAGE, type ZeroMap } from "../image/snapshot-image.ts";
-import { StoreError } from "./errors.ts";
+import { StoreError, type StoreErrorCode } from "./errors.ts";
 import { chunkLength, type Manifest } from "./format.ts";
 import { fetchManifest } from "./push.ts";
 import { closeFetcher, hostFetcher, prefetchWorkingSet, type StoreSourceOptions } from "./store-source.ts";
@@ -27,6 +28,8 @@ export interface ServedStore {
   /** Joins the page server's loop and starts fetching the working set. */
   attach(loop: EventLoop): void;
   readonly summary: string;
+  /** The summary's facts, as page_server.listening's fields. */
+  readonly fields: Fields;
   close(): void;
 }
 
@@ -47,7 +50,8 @@ export async function openServedStore(ref: string, opts: ServedStoreOptions): Pr
     const hash = b.chunks[c];
     // decodeManifest checked that a null chunk has no data page, and only data pages are asked for.
     if (hash === null || hash === undefined) return cb(new StoreError("BAD_MANIFEST", `${label(c)} is all zero in the manifest, yet data pages were asked of it`));
-    fetcher.acquire(store, hash, chunkLength(size, chunkSize, c), label(c), urgent, cb);
+    // The chunk's number joins the error's context (one fetch may serve equal chunks at several numbers).
+    fetcher.acquire(store, hash, chunkLength(size, chunkSize, c), label(c), urgent, (err) => cb(err && new StoreError(err.code as StoreErrorCode, err.message, { ...err.context, ref, chunkIndex: c }, { cause: err })));
   };
   const lazy: ServedStore["lazy"] = {
     want(start, end, urgent) {
@@ -87,6 +91,7 @@ export async function openServedStore(ref: string, opts: ServedStoreOptions): Pr
     },
     summary: `store ${ref} (manifest ${manifest.hash.slice(0, 16)}), ${b.chunks.filter((h) => h !== null).length} chunks of ${chunkSize / 1024} KiB, ${fetcher.cache.describe()}` +
       (manifest.workingSet ? `, working set of ${manifest.workingSet.length} pages fetched first` : ""),
+    fields: { manifest: manifest.hash, chunkSize, chunks: b.chunks.filter((h) => h !== null).length, workingSetPages: manifest.workingSet?.length },
     close: () => closeFetcher(fetcher, ref, opts.logger),
   };
 }

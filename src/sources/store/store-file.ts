@@ -55,7 +55,10 @@ export async function openStoreFile(ref: string, opts: SourceOptions): Promise<R
     },
     report: () => {
       const c = fetcher.counters;
-      return `store ${ref}: ${c.gets} GETs (${formatBytes(c.bytes)}), ${c.retries} retries, ${c.badFetches} corrupt, ${cache.counters.hits} cache hits`;
+      return {
+        text: `store ${ref}: ${c.gets} GETs (${formatBytes(c.bytes)}), ${c.retries} retries, ${c.badFetches} corrupt, ${cache.counters.hits} cache hits`,
+        fields: { gets: c.gets, bytes: c.bytes, retries: c.retries, badFetches: c.badFetches, cacheHits: cache.counters.hits },
+      };
     },
     close: () => {
       // Chunks fetched but not written yet go to the cache now: the next restore finds them there.

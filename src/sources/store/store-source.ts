@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { NativeBuffer } from "../../core/ffi.ts";
 import { IMAGE_PAGE } from "../image/snapshot-image.ts";
-import { formatBytes, type Logger } from "../../core/log.ts";
+import { contextFields, formatBytes, type Logger } from "../../core/log.ts";
 import { AGAIN, GONE, installErrno, installFailed, PAGE_IN_FLIGHT, PAGE_MISSING, type PageRegion as Region, type PageRequester, type RemoteBackend, type OpenedSource, type RemoteSource, type RequesterContext, type RequesterVm, type SourceOptions } from "../port.ts";
 import { errnoName } from "../../core/ffi.ts";
 import { SweepOrder } from "../../scheduler/sweep-order.ts";
@@ -100,6 +100,10 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
       `store ${ref} (manifest ${manifest.hash.slice(0, 16)}), ${b.image.size} bytes (${manifest.zero.pages - zeroPages} data, ${zeroPages} zero pages), ` +
       `${dataChunks} chunks of ${formatBytes(b.chunkSize)}, ${f.cache.describe()}, ${sweep ? "background completion" : "on demand"}, deadline ${opts.deadlineMs} ms` +
       (manifest.workingSet ? `, working set of ${manifest.workingSet.length} pages` : ""),
+    fields: {
+      format: "store", manifest: manifest.hash, chunkSize: b.chunkSize, chunks: dataChunks, dataPages: manifest.zero.pages - zeroPages, zeroPages,
+      deadlineMs: opts.deadlineMs, background: sweep,
+    },
     close: () => closeFetcher(f, ref, opts.logger),
   };
 }
@@ -253,7 +257,7 @@ export class StoreRequester implements PageRequester {
         if (err !== undefined) {
           failed = true;
           if (sweep) this.sweepOutstanding--;
-          return this.ctx.fail(err.code, err.message);
+          return this.ctx.fail(err.code, err.message, { ...contextFields(err.context), ref: this.t.ref, chunkIndex: c });
         }
         if (--missing === 0) {
           if (sweep) this.sweepOutstanding--;
