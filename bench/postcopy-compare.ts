@@ -2,6 +2,9 @@
 //   bun bench/postcopy-compare.ts throughput --root OLD --root NEW [--mib N] [--rounds N] [--no-raw]
 //     A whole restore through `page-server` → `serve --mem tcp://` → the VMM stand-in touching
 //     every page in order (sequential faults + background completion); MiB/s = image / touch time.
+//   bun bench/postcopy-compare.ts latency --root OLD --root NEW [--mib N] [--rounds N] [--populate background|none]
+//     Fault latency p50/p99 (one page per fault, a random quarter of the image) while background
+//     completion runs, beside the same touches from the local file (issue 10, target 5).
 //   bun bench/postcopy-compare.ts flood --root DIR [--conns N] [--addrs A] [--clients N]
 //     The page server under `prlimit --nofile=1024`, N idle connections that reconnect when dropped
 //     (test/flood.ts; A source addresses, 0 = the legitimate client's own 127.0.0.1), then N
@@ -149,6 +152,55 @@ if (mode === "throughput") {
     console.log(JSON.stringify({ summary: k, median_ms: Math.round(s[Math.floor(s.length / 2)]!), min_ms: Math.round(s[0]!), max_ms: Math.round(s.at(-1)!), mib_per_s: Math.round(mib / (s[Math.floor(s.length / 2)]! / 1e3)) }));
   }
   rmSync(dir, { recursive: true, force: true }); // the image is as big as --mib
+} else if (mode === "latency") {
+  // Fault latency with the background stream running (issue 10, target 5): bench d's placement,
+  // the guest touching a random quarter of the image one page per fault while `--populate
+  // background` pulls the rest; against the same touches served from the local file. Each round
+  // runs the local file, then every root. p50/p99 of the guest's touch latency (a touch whose page
+  // the background already installed is not a fault: the p99 is the faults that waited).
+  const mib = Number(one("mib", "64"));
+  const rounds = Number(one("rounds", "3"));
+  const populate = one("populate", "background");
+  const image = join(dir, "vm.mem");
+  makeRandomImage(image, mib);
+  const guest = ["--order", "random", "--seed", "3", "--fraction", "0.25"];
+  const results = new Map<string, number[]>();
+  const add = (k: string, v: number) => results.set(k, [...(results.get(k) ?? []), v]);
+  const touch = async (root: string, mem: string, extra: string[], label: string): Promise<void> => {
+    const sock = join(dir, `l${process.hrtime.bigint()}.sock`);
+    const d = Bun.spawn(["taskset", "-c", "0", BUN, join(root, "src/main.ts"), "serve", "--socket", sock, "--mem", mem, "--fault-around", "1", ...extra], {
+      stdin: "ignore", stdout: "pipe", stderr: "pipe",
+    });
+    const dlog = { text: "" };
+    await waitLine(d, /listening on/, dlog);
+    const vm = Bun.spawnSync(["taskset", "-c", "0", STANDIN, "--socket", sock, "--expect", image, ...guest]);
+    const report = JSON.parse(vm.stdout.toString().trim().split("\n").pop()!);
+    d.kill("SIGTERM");
+    await d.exited;
+    await Bun.sleep(50); // the log's tail
+    const tampered = /tampered|failed authentication/.test(dlog.text);
+    if (report.mismatches !== 0 || tampered) throw new Error(`${label}: ${report.mismatches} wrong pages, tampered=${tampered}\n${dlog.text}`);
+    add(`${label} p50`, report.lat_p50_ns / 1e3);
+    add(`${label} p99`, report.lat_p99_ns / 1e3);
+    console.log(JSON.stringify({ label, round: r, p50_us: Math.round(report.lat_p50_ns / 1e3), p99_us: Math.round(report.lat_p99_ns / 1e3) }));
+  };
+  let r = 0;
+  for (; r < rounds; r++) {
+    await touch(all("root")[0]!, image, [], "local");
+    for (const root of all("root")) {
+      const ps = pageServer(root, image, false, REMOTE_CPU);
+      const port = (await waitLine(ps.proc, /listening on 127\.0\.0\.1:(\d+)/, ps.log))[1];
+      await touch(root, `tcp://127.0.0.1:${port}`, ["--token-file", token, "--populate", populate], root);
+      ps.proc.kill("SIGTERM");
+      await ps.proc.exited;
+      if (/tampered|failed authentication/.test(ps.log.text)) throw new Error(`${root}: page server logged a failed authentication\n${ps.log.text}`);
+    }
+  }
+  for (const [k, v] of results) {
+    const s = [...v].sort((a, b) => a - b);
+    console.log(JSON.stringify({ summary: k, median_us: Math.round(s[Math.floor(s.length / 2)]!), min_us: Math.round(s[0]!), max_us: Math.round(s.at(-1)!) }));
+  }
+  rmSync(dir, { recursive: true, force: true });
 } else if (mode === "flood") {
   const root = one("root", join(import.meta.dir, ".."));
   const conns = one("conns", "3000");

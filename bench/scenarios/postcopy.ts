@@ -1,17 +1,20 @@
 // d. Postcopy: pages fetched over TCP from `snapload page-server` instead of a local file.
 // Fault latency p50/p99 (one page per fault, random order over a quarter of the image) vs the
-// same from the local file; background completion throughput (`--populate background`, the guest
+// same from the local file, on demand only and while background completion runs (issue 10,
+// target 5: p99 ≤ 3x the local file's); background completion throughput (`--populate background`, the guest
 // touching every page in order; bytes / touch_ns) vs a raw loopback TCP transfer of the same bytes,
 // plain and sealed with AES-256-GCM in 128 KiB records (the crypto ceiling: postcopy frames are sealed).
 // Placement: daemon and guest on CPU 0; the page server (the "remote host") and the raw sender on CPU 1.
 import { chmodSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join } from "node:path";
-import { type Ctx, fmtRate, fmtTime, MiB, type Row, type Scenario, summarize } from "../common.ts";
+import { check, type Ctx, fmtRate, fmtTime, MiB, type Row, type Scenario, summarize } from "../common.ts";
 import { BenchError, BUN, freePort, MAIN, pinned, Proc } from "../procs.ts";
 import { type Placement, SAME_CPU, snaploadRun, warmUp } from "../runs.ts";
 
 const REMOTE_CPU = 1;
+/** Fault latency p99 while the background stream runs, at most this many times the local file's. */
+const BUSY_P99_TARGET = 3;
 
 /** The page server's shared secret (both sides read it with --token-file), mode 0600. */
 function tokenFile(ctx: Ctx): string {
@@ -75,6 +78,7 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
   const lat = ["--order", "random", "--seed", "3", "--fraction", "0.25"];
   const tcp = { p50: [] as number[], p99: [] as number[] };
   const local = { p50: [] as number[], p99: [] as number[] };
+  const busyP99: number[] = [];
   const bg: number[] = [];
   const raw: number[] = [];
   const rawAead: number[] = [];
@@ -82,6 +86,9 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
   const tcpArgs = ["--token-file", token];
   // --populate none: no background pull, so every touched page is a real fault round trip over TCP.
   const runTcp = () => withPageServer(img, token, (url) => snaploadRun(ctx, url, ["--fault-around", "1", "--populate", "none", ...tcpArgs], lat, at, img));
+  // The same touches while `--populate background` pulls the rest: a touch whose page came in the
+  // background is no fault, so the p99 is made of the faults that waited behind the stream.
+  const runBusy = () => withPageServer(img, token, (url) => snaploadRun(ctx, url, ["--fault-around", "1", "--populate", "background", ...tcpArgs], lat, at, img));
   const runLocal = () => snaploadRun(ctx, img, ["--fault-around", "1"], lat, at);
   const runBg = () =>
     withPageServer(img, token, (url) => snaploadRun(ctx, url, ["--populate", "background", "--fault-around", "16", ...tcpArgs], ["--order", "seq"], at, img));
@@ -99,12 +106,15 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
     const l = await runLocal();
     local.p50.push(l.report.lat_p50_ns);
     local.p99.push(l.report.lat_p99_ns);
-    if (ctx.features.populate) bg.push((await runBg()).report.touch_ns);
+    if (ctx.features.populate) {
+      busyP99.push((await runBusy()).report.lat_p99_ns);
+      bg.push((await runBg()).report.touch_ns);
+    }
     raw.push(await rawTcp(img, bytes));
     rawAead.push(await rawTcp(img, bytes, true));
     ctx.log(
       `d run ${r + 1}: tcp p50/p99 ${fmtTime(tcp.p50.at(-1)!)}/${fmtTime(tcp.p99.at(-1)!)}, local ${fmtTime(local.p50.at(-1)!)}/${fmtTime(local.p99.at(-1)!)}` +
-        `${bg.length ? `, background ${fmtTime(bg.at(-1)!)}` : ""}, raw tcp ${fmtTime(raw.at(-1)!)}, raw tcp + aes-256-gcm ${fmtTime(rawAead.at(-1)!)}`,
+        `${bg.length ? `, p99 during background ${fmtTime(busyP99.at(-1)!)}, background ${fmtTime(bg.at(-1)!)}` : ""}, raw tcp ${fmtTime(raw.at(-1)!)}, raw tcp + aes-256-gcm ${fmtTime(rawAead.at(-1)!)}`,
     );
   }
   const s = {
@@ -113,6 +123,7 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
     localP50: summarize(local.p50),
     localP99: summarize(local.p99),
     backgroundNs: bg.length ? summarize(bg) : undefined,
+    busyP99: busyP99.length ? summarize(busyP99) : undefined,
     rawTcpNs: summarize(raw),
     rawTcpAeadNs: summarize(rawAead),
   };
@@ -124,6 +135,15 @@ export const postcopy: Scenario = async (ctx: Ctx) => {
       result: `${(s.tcpP50.median / s.localP50.median).toFixed(1)}x local file`,
     },
     { what: "fault latency p99, serve --mem tcp://", median: fmtTime(s.tcpP99.median), best: fmtTime(s.tcpP99.min), result: `${(s.tcpP99.median / s.localP99.median).toFixed(1)}x local file` },
+    ...(s.busyP99
+      ? [{
+        what: "fault latency p99, serve --mem tcp:// while background completion runs (--populate background, fault-around 1, random)",
+        median: fmtTime(s.busyP99.median),
+        best: fmtTime(s.busyP99.min),
+        result: `${(s.busyP99.median / s.localP99.median).toFixed(1)}x local file`,
+        target: `≤ ${BUSY_P99_TARGET}x ${check(s.busyP99.median <= BUSY_P99_TARGET * s.localP99.median)}`,
+      }]
+      : []),
     { what: "fault latency p50, local file", median: fmtTime(s.localP50.median), best: fmtTime(s.localP50.min) },
     { what: "fault latency p99, local file", median: fmtTime(s.localP99.median), best: fmtTime(s.localP99.min) },
   ];

@@ -27,6 +27,9 @@ export class EventLoop {
   readonly epfd: number;
   private readonly events = new NativeBuffer(MAX_EVENTS * SL_EVENT_SIZE);
   private readonly handlers: (FdHandler | undefined)[] = [];
+  /** Per token: served before the other ready fds of a turn (faults, urgent replies). */
+  private readonly first: boolean[] = [];
+  private firstCount = 0;
   private readonly freeTokens: number[] = [];
   private readonly timers: Timer[] = [];
   private readonly background: (() => boolean)[] = [];
@@ -46,13 +49,20 @@ export class EventLoop {
     this.add(this.wake, 0x001, () => sl.sl_eventfd_drain(this.wake));
   }
 
-  /** Watches fd; returns the token to remove it with. */
-  add(fd: number, events: number, handler: FdHandler): number {
+  /**
+   * Watches fd; returns the token to remove it with. A `first` fd is served before the others
+   * ready in the same turn: a vCPU waits on it, while the others (bulk streams) can wait a slice.
+   */
+  add(fd: number, events: number, handler: FdHandler, first = false): number {
     const token = this.freeTokens.pop() ?? this.handlers.length;
     this.handlers[token] = handler;
+    this.first[token] = first;
+    if (first) this.firstCount++;
     const r = sl.sl_epoll_ctl(this.epfd, EPOLL_CTL_ADD, fd, events, token);
     if (r < 0) {
       this.handlers[token] = undefined;
+      if (first) this.firstCount--;
+      this.first[token] = false;
       this.freeTokens.push(token);
       check("epoll_ctl(ADD)", r, { fd });
     }
@@ -81,6 +91,8 @@ export class EventLoop {
     if (this.handlers[token] === undefined) return;
     sl.sl_epoll_ctl(this.epfd, EPOLL_CTL_DEL, fd, 0, 0);
     this.handlers[token] = undefined;
+    if (this.first[token]) this.firstCount--;
+    this.first[token] = false;
     this.freeTokens.push(token);
   }
 
@@ -137,11 +149,13 @@ export class EventLoop {
       }
       if (n === 0) n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, timeout);
       active = n > 0;
-      for (let i = 0; i < n; i++) {
-        // sl_event: u64 data (token < 2^32), u32 events.
-        const token = u32[i * 4]!;
-        const handler = this.handlers[token];
-        if (handler !== undefined) handler(u32[i * 4 + 2]!);
+      if (n > 1 && this.firstCount > 0) {
+        // Two passes: the `first` fds, then the rest (epoll lists a level-triggered stream that
+        // is still readable ahead of a reply that arrived while we were reading it).
+        for (let i = 0; i < n; i++) if (this.first[u32[i * 4]!]) this.dispatch(u32, i);
+        for (let i = 0; i < n; i++) if (!this.first[u32[i * 4]!]) this.dispatch(u32, i);
+      } else {
+        for (let i = 0; i < n; i++) this.dispatch(u32, i);
       }
       this.runTimers();
       // Ready fds were all served first; then one slice of background work, even while faults
@@ -155,6 +169,12 @@ export class EventLoop {
         lastYield = performance.now();
       }
     }
+  }
+
+  private dispatch(u32: Uint32Array, i: number): void {
+    // sl_event: u64 data (token < 2^32), u32 events.
+    const handler = this.handlers[u32[i * 4]!];
+    if (handler !== undefined) handler(u32[i * 4 + 2]!);
   }
 
   private runTimers(): void {

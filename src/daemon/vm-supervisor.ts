@@ -129,7 +129,7 @@ export class VmSupervisor {
       this.session.setRequester(this.requester);
     }
     this.deps.totals.connected++;
-    this.uffdToken = loop.add(conn.uffd, EPOLLIN, () => this.serve());
+    this.uffdToken = loop.add(conn.uffd, EPOLLIN, () => this.serve(), true);
     this.sockToken = loop.add(conn.sock, EPOLLRDHUP, (ev) => {
       if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) this.close({ kind: "hung-up" });
     });

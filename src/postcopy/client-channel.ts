@@ -8,7 +8,7 @@ import type { HostPort } from "./address.ts";
 import { clientProof, nonce, proofsEqual, serverProof, sessionKeys, type Transcript } from "./auth.ts";
 import {
   decodeChallenge, decodeErrorText, decodeInfo, decodeWelcome, encodeHello, ErrorCode, errorFrame, errorText, frame, FRAME_NAMES, type FrameHeader,
-  FrameType, type ImageInfo, MAX_CHUNK, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, type Role, WANT_ZERO_MAP,
+  FrameType, type ImageInfo, MAX_CHUNK, MAX_ZERO_MAP_CHUNK, PROTOCOL_VERSION, ProtocolError, Role, WANT_ZERO_MAP,
 } from "./protocol.ts";
 import { ReceiveSeal, SealError, SendSeal } from "./seal.ts";
 import { FrameReader, FrameWriter, READ_EOF, SEND_BLOCKED, SENT_ALL } from "./wire.ts";
@@ -34,8 +34,14 @@ export interface ChannelOwner {
 
 type State = "connecting" | "challenge" | "welcome" | "info" | "zero-map" | "ready" | "closed";
 
-/** Bytes read per wake-up, so a background stream leaves room for faults. */
+/** Bytes read per wake-up on the urgent connection (replies to faults: small). */
 const READ_BUDGET = 256 * 1024;
+/**
+ * On the background connection: about one DATA frame (its receive, decrypt and install) per
+ * wake-up, so a fault or an urgent reply waits at most one frame's work (the loop serves those
+ * first in the next turn). The budget is checked between receives only: a frame is never cut.
+ */
+const BACKGROUND_READ_BUDGET = 64 * 1024;
 
 export class ClientChannel {
   private state: State = "connecting";
@@ -76,7 +82,7 @@ export class ClientChannel {
     }
     this.fd = fd;
     this.events = EPOLLOUT | EPOLLRDHUP;
-    this.token = loop.add(fd, this.events, (ev) => this.onEvents(ev));
+    this.token = loop.add(fd, this.events, (ev) => this.onEvents(ev), role !== Role.BACKGROUND);
   }
 
   get ready(): boolean {
@@ -107,7 +113,7 @@ export class ClientChannel {
     let r: number;
     const before = this.reader.received;
     try {
-      r = this.reader.read(this.fd, READ_BUDGET);
+      r = this.reader.read(this.fd, this.role === Role.BACKGROUND ? BACKGROUND_READ_BUDGET : READ_BUDGET);
     } catch (e) {
       if (e instanceof SealError) {
         // Someone between us changed, replayed or cut the stream: none of it is used; drop the connection.

@@ -1,0 +1,48 @@
+// EventLoop `first` fds: served before the other fds ready in the same turn (a fault or an urgent
+// reply must not wait behind a bulk stream that epoll happens to list ahead of it).
+import { expect, test } from "bun:test";
+import { EventLoop } from "../src/core/event-loop.ts";
+import { EPOLLIN, sl } from "../src/core/ffi.ts";
+
+test("a `first` fd is dispatched before the others ready in the same turn, whatever epoll's order", async () => {
+  const loop = new EventLoop();
+  const order: string[] = [];
+  const bulk = [sl.sl_eventfd(), sl.sl_eventfd()];
+  const urgent = sl.sl_eventfd();
+  const tokens: [number, number][] = [];
+  const watch = (fd: number, name: string, first: boolean) => {
+    tokens.push([loop.add(fd, EPOLLIN, () => {
+      sl.sl_eventfd_drain(fd);
+      order.push(name);
+      if (order.length === 3) loop.stop();
+    }, first), fd]);
+  };
+  watch(bulk[0]!, "bulk 0", false);
+  watch(urgent, "urgent", true);
+  watch(bulk[1]!, "bulk 1", false);
+  // Ready in this order: epoll lists them so (its ready list is first come, first listed).
+  sl.sl_eventfd_signal(bulk[0]!);
+  sl.sl_eventfd_signal(bulk[1]!);
+  sl.sl_eventfd_signal(urgent);
+  await loop.run();
+  expect(order).toEqual(["urgent", "bulk 0", "bulk 1"]);
+  // A `first` fd removed and its token reused by a plain fd: that one is plain (served after a
+  // `first` fd of the same turn), and every ready fd is still served once.
+  loop.remove(tokens[1]![0], urgent);
+  tokens.splice(1, 1);
+  order.length = 0;
+  const urgent2 = sl.sl_eventfd();
+  watch(urgent, "plain", false);
+  watch(urgent2, "urgent", true);
+  sl.sl_eventfd_signal(urgent);
+  sl.sl_eventfd_signal(urgent2);
+  sl.sl_eventfd_signal(bulk[0]!);
+  await loop.run();
+  expect(order[0]).toBe("urgent");
+  expect(order.slice(1).sort()).toEqual(["bulk 0", "plain"]);
+  for (const [token, fd] of tokens) {
+    loop.remove(token, fd);
+    sl.sl_close(fd);
+  }
+  loop.close();
+});
