@@ -7,6 +7,7 @@ import type { LogRecord } from "../src/core/log.ts";
 import { BUN, ROOT, ensureBuilt, parseEvents, tempDir } from "./harness.ts";
 import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";
 import { cephMissing, createBucket, startRgw } from "./ceph-rgw.ts";
+import { EVENTS_CAPABILITY } from "../src/sinks/qemu/migration-status.ts";
 import { QemuProc, buildInitramfs, debianKernel, guestArgs, killAllQemu, qemuMissing, waitMigration } from "./qemu-guest.ts";
 
 const missing = qemuMissing();
@@ -104,7 +105,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       await q.execute("stop");
       const dump = await pmemsave(q, join(t.path, "before.pmem"));
       // The snapshot exactly as qemu-save takes it: mapped-ram on, migrate to a file.
-      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: true }] });
+      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: true }, EVENTS_CAPABILITY] });
       const snapshot = join(t.path, "snap.bin");
       await q.execute("migrate", { uri: `file:${snapshot}` });
       expect((await waitMigration(q)).status).toBe("completed");
@@ -312,7 +313,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     try {
       const q = await dst.qmp();
       const addr = `unix:${join(ctx.dir, "to.sock")}`;
-      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "postcopy-ram", state: true }] });
+      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "postcopy-ram", state: true }, EVENTS_CAPABILITY] });
       await q.execute("migrate-incoming", { uri: addr, "exit-on-error": false });
       // Zero pages streamed too (QEMU's own way): the dump check covers both zero-page modes.
       const r = await restore(["--mem", ctx.snapshot, "--to", addr, "--no-preempt", "--json", "--send-zero-pages"]).done;
@@ -333,6 +334,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     try {
       const q = await dst.qmp();
       const addr = `unix:${join(ctx.dir, "to-nocap.sock")}`;
+      await q.execute("migrate-set-capabilities", { capabilities: [EVENTS_CAPABILITY] }); // so waitMigration can wait
       await q.execute("migrate-incoming", { uri: addr, "exit-on-error": false });
       const r = await restore(["--mem", ctx.snapshot, "--to", addr]).done;
       expect(r.code).not.toBe(0);
