@@ -141,6 +141,9 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const summary = JSON.parse(r.stdout);
       expect(summary.status).toBe("completed");
       expect(summary.preempt).toBe(true);
+      // Paused (-S) is seen by query-status (QEMU sends no event for it); a running guest by RESUME.
+      expect(events(r.stderr).find((e) => e.event === "qemu.running")?.paused).toBe(true);
+      expect(summary.timeToRunningMs).toBeGreaterThan(0);
       expect(summary.zeroPagesNotSent).toBeGreaterThan(0); // most of a fresh guest's RAM is zero
       expect(summary.pagesOnRequest + summary.pagesBackground + summary.zeroPagesNotSent).toBe(summary.pages);
       const q = await dst.qmp();
@@ -167,6 +170,8 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const summary = JSON.parse(r.stdout);
       expect(summary.status).toBe("completed");
       expect(summary.bytesPreempt).toBe(0);
+      expect(events(r.stderr).find((e) => e.event === "qemu.running")?.paused).toBe(false);
+      expect(summary.timeToRunningMs).toBeGreaterThan(0);
       expect(summary.pagesOnRequest + summary.pagesBackground + summary.zeroPagesNotSent).toBe(summary.pages);
       const hb = await dst.waitSerial(/HB \d+ ([0-9a-f]{32})/, 60_000);
       expect(hb[1]).toBe(ctx.sum);
