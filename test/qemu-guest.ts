@@ -4,6 +4,7 @@
 import { chmodSync, existsSync, mkdirSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { homedir } from "node:os";
 import { join } from "node:path";
+import { waitMigrationState } from "../src/sinks/qemu/migration-status.ts";
 import { QmpClient } from "../src/sinks/qemu/qmp.ts";
 
 export const QEMU = Bun.which("qemu-system-x86_64");
@@ -173,14 +174,10 @@ export class QemuProc {
   }
 }
 
-/** Waits until query-migrate reports a final state. */
+/** Waits until the migration reaches a final state, on QEMU's MIGRATION events (the `events`
+ *  capability must have been set before migrate / migrate-incoming). */
 export async function waitMigration(q: QmpClient, timeoutMs = 60_000): Promise<{ status: string; "error-desc"?: string }> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const m = await q.execute<{ status: string; "error-desc"?: string }>("query-migrate");
-    if (m.status === "completed" || m.status === "failed") return m;
-    if (Date.now() > deadline) throw new Error(`migration still ${m.status} after ${timeoutMs} ms`);
-    // Polling QEMU's state: QmpClient drops QEMU's asynchronous events (MIGRATION), so there is no event to wait on.
-    await Bun.sleep(20);
-  }
+  const m = await waitMigrationState(q, ["completed", "failed"], timeoutMs);
+  if (m.timedOut) throw new Error(`migration still ${m.status} after ${timeoutMs} ms`);
+  return { ...m, status: m.status ?? "none" };
 }

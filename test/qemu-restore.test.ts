@@ -7,6 +7,7 @@ import type { LogRecord } from "../src/core/log.ts";
 import { BUN, ROOT, ensureBuilt, parseEvents, tempDir } from "./harness.ts";
 import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";
 import { cephMissing, createBucket, startRgw } from "./ceph-rgw.ts";
+import { EVENTS_CAPABILITY } from "../src/sinks/qemu/migration-status.ts";
 import { QemuProc, buildInitramfs, debianKernel, guestArgs, killAllQemu, qemuMissing, waitMigration } from "./qemu-guest.ts";
 
 const missing = qemuMissing();
@@ -104,7 +105,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       await q.execute("stop");
       const dump = await pmemsave(q, join(t.path, "before.pmem"));
       // The snapshot exactly as qemu-save takes it: mapped-ram on, migrate to a file.
-      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: true }] });
+      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: true }, EVENTS_CAPABILITY] });
       const snapshot = join(t.path, "snap.bin");
       await q.execute("migrate", { uri: `file:${snapshot}` });
       expect((await waitMigration(q)).status).toBe("completed");
@@ -140,6 +141,9 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const summary = JSON.parse(r.stdout);
       expect(summary.status).toBe("completed");
       expect(summary.preempt).toBe(true);
+      // Paused (-S) is seen by query-status (QEMU sends no event for it); a running guest by RESUME.
+      expect(events(r.stderr).find((e) => e.event === "qemu.running")?.paused).toBe(true);
+      expect(summary.timeToRunningMs).toBeGreaterThan(0);
       expect(summary.zeroPagesNotSent).toBeGreaterThan(0); // most of a fresh guest's RAM is zero
       expect(summary.pagesOnRequest + summary.pagesBackground + summary.zeroPagesNotSent).toBe(summary.pages);
       const q = await dst.qmp();
@@ -166,6 +170,8 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       const summary = JSON.parse(r.stdout);
       expect(summary.status).toBe("completed");
       expect(summary.bytesPreempt).toBe(0);
+      expect(events(r.stderr).find((e) => e.event === "qemu.running")?.paused).toBe(false);
+      expect(summary.timeToRunningMs).toBeGreaterThan(0);
       expect(summary.pagesOnRequest + summary.pagesBackground + summary.zeroPagesNotSent).toBe(summary.pages);
       const hb = await dst.waitSerial(/HB \d+ ([0-9a-f]{32})/, 60_000);
       expect(hb[1]).toBe(ctx.sum);
@@ -312,7 +318,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     try {
       const q = await dst.qmp();
       const addr = `unix:${join(ctx.dir, "to.sock")}`;
-      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "postcopy-ram", state: true }] });
+      await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "postcopy-ram", state: true }, EVENTS_CAPABILITY] });
       await q.execute("migrate-incoming", { uri: addr, "exit-on-error": false });
       // Zero pages streamed too (QEMU's own way): the dump check covers both zero-page modes.
       const r = await restore(["--mem", ctx.snapshot, "--to", addr, "--no-preempt", "--json", "--send-zero-pages"]).done;
@@ -333,6 +339,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
     try {
       const q = await dst.qmp();
       const addr = `unix:${join(ctx.dir, "to-nocap.sock")}`;
+      await q.execute("migrate-set-capabilities", { capabilities: [EVENTS_CAPABILITY] }); // so waitMigration can wait
       await q.execute("migrate-incoming", { uri: addr, "exit-on-error": false });
       const r = await restore(["--mem", ctx.snapshot, "--to", addr]).done;
       expect(r.code).not.toBe(0);

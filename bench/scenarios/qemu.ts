@@ -7,6 +7,7 @@
 // time to running goes and the CPU each side spends streaming are rows of their own.
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { EVENTS_CAPABILITY, waitMigrationState } from "../../src/sinks/qemu/migration-status.ts";
 import { QmpClient } from "../../src/sinks/qemu/qmp.ts";
 import { QemuProc, buildInitramfs, debianKernel, guestArgs, qemuMissing } from "../../test/qemu-guest.ts";
 import { check, type Ctx, fmtTime, type Row, type Scenario, summarize } from "../common.ts";
@@ -105,7 +106,7 @@ export const qemu: Scenario = async (ctx: Ctx) => {
     const dst = await fresh();
     const q = await QmpClient.connect(dst.qmpPath);
     try {
-      const caps = [{ capability: "mapped-ram", state: true }];
+      const caps: { capability: string; state: boolean }[] = [{ capability: "mapped-ram", state: true }, EVENTS_CAPABILITY];
       if (multifd > 0) {
         // QEMU reads the file with that many threads (mapped-ram + multifd, QEMU >= 9.0).
         caps.push({ capability: "multifd", state: true });
@@ -114,12 +115,10 @@ export const qemu: Scenario = async (ctx: Ctx) => {
       await q.execute("migrate-set-capabilities", { capabilities: caps });
       const t0 = performance.now();
       await q.execute("migrate-incoming", { uri: `file:${snapshot}` });
-      for (;;) {
-        const m = await q.execute<{ status: string; "error-desc"?: string }>("query-migrate");
-        if (m.status === "completed") break;
-        if (m.status === "failed") throw new Error(`eager load failed: ${m["error-desc"]}`);
-        await Bun.sleep(2);
-      }
+      // The end of the load is QEMU's MIGRATION event (no poll interval in the figure).
+      const m = await waitMigrationState(q, ["completed", "failed"], 120_000);
+      if (m.status === "failed") throw new Error(`eager load failed: ${m["error-desc"]}`);
+      if (m.timedOut) throw new Error(`eager load still ${m.status} after 120 s`);
       // The snapshot was taken stopped, so the precopy load leaves the guest paused: start it.
       await q.execute("cont");
       const st = await q.execute<{ status: string }>("query-status");

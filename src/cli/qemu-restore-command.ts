@@ -15,6 +15,7 @@ import { checkDestination, type DestinationPlan } from "../sinks/qemu/destinatio
 import { isRemote, openRemoteFile } from "../sources/open-source.ts";
 import { readRemoteSnapshot, remotePages, type RemoteSnapshot } from "../sinks/qemu/remote-snapshot.ts";
 import { MigrationError, QemuPageSink, localPages, type OpenBlocks, formatMigrationAddress, parseMigrationAddress, percentile, type MigrationAddress, type SinkStats } from "../sinks/qemu/page-sink.ts";
+import { EVENTS_CAPABILITY, waitMigrationState } from "../sinks/qemu/migration-status.ts";
 import { QmpClient } from "../sinks/qemu/qmp.ts";
 import { readDeviceState, readSnapshotStream, type SnapshotStream } from "../sinks/qemu/snapshot-stream.ts";
 import { TARGET_PAGE } from "../sinks/qemu/stream.ts";
@@ -44,7 +45,6 @@ export interface RestoreSummary {
   status: string;
 }
 
-const POLL_MS = 100;
 const RUNNING_POLL_MS = 2;
 const PROGRESS_MS = 2000;
 const HOLD_MAX_MS = 2000;
@@ -99,6 +99,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     const blockBase = blockStarts(stream);
 
     let plan: DestinationPlan;
+    let eventsSince = 0;
     // Checked before anything is asked of QEMU, so a typo leaves it untouched.
     const given = config.to === undefined ? undefined : parseMigrationAddress(config.to);
     let addr: MigrationAddress;
@@ -111,7 +112,8 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       step("destination checked");
       steps.checkedMs = round(performance.now() - t0);
       if (plan.extra.length > 0) logger.warn("qemu.extra_blocks", `destination RAM blocks not in the snapshot stay zero: ${plan.extra.join(", ")}`, { blocks: plan.extra });
-      const caps = [{ capability: "postcopy-ram", state: true }];
+      // `events`: QEMU reports RESUME, failure and completion as events the monitor below waits on.
+      const caps: { capability: string; state: boolean }[] = [{ capability: "postcopy-ram", state: true }, EVENTS_CAPABILITY];
       if (preempt) caps.push({ capability: "postcopy-preempt", state: true });
       if (given) addr = given;
       else {
@@ -119,6 +121,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
         addr = { kind: "unix", path: join(dir, "migrate.sock") };
       }
       await qmp.execute("migrate-set-capabilities", { capabilities: caps });
+      eventsSince = qmp.eventMark;
       try {
         await qmp.execute("migrate-incoming", { uri: formatMigrationAddress(addr), "exit-on-error": false });
       } catch (e) {
@@ -179,6 +182,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     let runningMs: number | null = null;
     let monitor: Promise<void> = Promise.resolve();
     let stopMonitor = false;
+    let unwatch = () => {};
     // Killed now, the guest keeps running but blocks on the first page it still lacks.
     const onSignal = (sig: NodeJS.Signals) => {
       logger.error("qemu.interrupted", `${sig} during the restore: the destination cannot complete without snapload; its guest will block on the first page it still lacks`, { signal: sig });
@@ -191,28 +195,46 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
     const runPromise = sink.run(addr, () => {
       const q = qmp;
       if (!q) return;
-      // Watch the destination: when the guest runs, and any failure QEMU reports.
+      const seen = (paused: boolean) => {
+        if (runningMs !== null) return;
+        runningMs = performance.now() - t0;
+        seenRunning();
+        logger.info("qemu.running", `guest ${paused ? "loaded (paused: -S)" : "running"} after ${runningMs.toFixed(1)} ms`, { ms: round(runningMs), paused });
+      };
+      const lostQmp = (e: unknown) => {
+        if (stopMonitor) return;
+        stopMonitor = true;
+        sink.abort(new MigrationError(`lost QEMU's monitor while restoring, the restore cannot complete: ${(e as Error).message}`, { qmpLost: true }, { cause: e }));
+      };
+      // Watch the destination on its events (from the mark taken before migrate-incoming, so none
+      // is missed): RESUME when the guest runs, MIGRATION when it fails or pauses postcopy.
+      unwatch = q.on((e) => {
+        if (stopMonitor) return;
+        if (e.event === "RESUME") seen(false);
+        else if (e.event === "MIGRATION" && (e.data.status === "failed" || e.data.status === "postcopy-paused")) {
+          const status = e.data.status;
+          stopMonitor = true;
+          // The event carries the status only; query-migrate adds QEMU's reason.
+          void q.execute<{ "error-desc"?: string }>("query-migrate").then(
+            (m) => sink.abort(migrationFailed(status, m["error-desc"])),
+            () => sink.abort(migrationFailed(status, undefined)),
+          );
+        }
+      }, eventsSince);
+      void q.lost().then(lostQmp);
+      // Polling remains for one case: a destination started with -S goes from inmigrate to paused
+      // with no event (QEMU sends RESUME only when it starts the vCPUs), so query-status is asked
+      // until the guest is seen running or paused.
       monitor = (async () => {
-        while (!stopMonitor) {
+        while (!stopMonitor && runningMs === null) {
           try {
-            if (runningMs === null) {
-              const st = await q.execute<{ status: string }>("query-status");
-              if (st.status === "running" || st.status === "paused") {
-                runningMs = performance.now() - t0;
-                seenRunning();
-                logger.info("qemu.running", `guest ${st.status === "running" ? "running" : "loaded (paused: -S)"} after ${runningMs.toFixed(1)} ms`, { ms: round(runningMs), paused: st.status === "paused" });
-              }
-            }
-            const m = await q.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
-            if (m.status === "failed" || m.status === "postcopy-paused") {
-              sink.abort(migrationFailed(m.status, m["error-desc"]));
-              return;
-            }
+            const st = await q.execute<{ status: string }>("query-status");
+            if (st.status === "running" || st.status === "paused") seen(st.status === "paused");
           } catch (e) {
-            sink.abort(new MigrationError(`lost QEMU's monitor while restoring, the restore cannot complete: ${(e as Error).message}`, { qmpLost: true }, { cause: e }));
+            lostQmp(e);
             return;
           }
-          await Bun.sleep(runningMs === null ? RUNNING_POLL_MS : POLL_MS);
+          if (runningMs === null) await Bun.sleep(RUNNING_POLL_MS);
         }
       })();
     });
@@ -248,6 +270,7 @@ export async function qemuRestoreCommand(config: QemuRestoreConfig, out: (s: str
       process.off("SIGINT", onSignal);
       process.off("SIGTERM", onSignal);
       stopMonitor = true;
+      unwatch();
       await monitor;
     }
 
@@ -323,14 +346,10 @@ async function destinationReason(qmp: QmpClient): Promise<string | undefined> {
 }
 
 async function waitCompleted(qmp: QmpClient): Promise<string> {
-  const deadline = performance.now() + 10_000;
-  for (;;) {
-    const m = await qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
-    if (m.status === "completed") return "completed";
-    if (m.status === "failed" || m.status === "postcopy-paused") throw migrationFailed(m.status, m["error-desc"]);
-    if (performance.now() > deadline) throw new MigrationError(`the destination sent SHUT but reports "${m.status}", not completed`);
-    await Bun.sleep(20);
-  }
+  const m = await waitMigrationState(qmp, ["completed", "failed", "postcopy-paused"], 10_000);
+  if (m.status === "completed") return "completed";
+  if (m.status === "failed" || m.status === "postcopy-paused") throw migrationFailed(m.status, m["error-desc"]);
+  throw new MigrationError(`the destination sent SHUT but reports "${m.status}", not completed`);
 }
 
 /** First 4 KiB page of each block in the whole-snapshot page numbering (working-set files). */

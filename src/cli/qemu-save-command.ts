@@ -6,36 +6,37 @@ import type { QemuSaveConfig } from "./qemu-save.ts";
 import { ConfigError } from "../core/errors.ts";
 import { formatBytes } from "../core/log.ts";
 import { MigrationError } from "../sinks/qemu/page-sink.ts";
+import { EVENTS_CAPABILITY, waitMigrationState } from "../sinks/qemu/migration-status.ts";
 import { QmpClient } from "../sinks/qemu/qmp.ts";
 import { readSnapshotStream } from "../sinks/qemu/snapshot-stream.ts";
-
-const POLL_MS = 20;
 
 export async function qemuSaveCommand(config: QemuSaveConfig, out: (s: string) => void = (s) => process.stdout.write(s)): Promise<number> {
   const path = resolve(config.out);
   if (existsSync(path)) throw new ConfigError(`${path} exists; qemu-save does not overwrite snapshots`);
   const qmp = await QmpClient.connect(config.qmp);
   try {
+    const capsP = qmp.execute<{ capability: string; state: boolean }[]>("query-migrate-capabilities"); // pipelined with query-status
+    capsP.catch(() => {});
     const before = await qmp.execute<{ status: string }>("query-status");
     const t0 = performance.now();
     if (before.status === "running") await qmp.execute("stop");
-    await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: true }] });
+    // `events` too, so the end of the migration is a MIGRATION event rather than a poll; both are
+    // left as we found them, so later migrations of this VM are unaffected.
+    const eventsWere = (await capsP).some((c) => c.capability === "events" && c.state);
+    await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: true }, EVENTS_CAPABILITY] });
     let final: { status?: string; "error-desc"?: string };
     try {
       await qmp.execute("migrate", { uri: `file:${path}` });
-      const deadline = performance.now() + config.timeout;
-      for (;;) {
-        final = await qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
-        if (final.status === "completed" || final.status === "failed" || final.status === "cancelled") break;
-        if (performance.now() > deadline) {
-          await qmp.execute("migrate_cancel");
-          throw new MigrationError(`the snapshot did not complete within ${config.timeout} ms`);
-        }
-        await Bun.sleep(POLL_MS);
+      const m = await waitMigrationState(qmp, ["completed", "failed", "cancelled"], config.timeout);
+      if (m.timedOut) {
+        await qmp.execute("migrate_cancel");
+        throw new MigrationError(`the snapshot did not complete within ${config.timeout} ms`);
       }
+      final = m;
     } finally {
-      // Leave the capability as we found it, so later migrations of this VM are unaffected.
-      await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: false }] }).catch(() => {});
+      await qmp
+        .execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: false }, { capability: "events", state: eventsWere }] })
+        .catch(() => {});
     }
     if (final.status !== "completed") {
       throw new MigrationError(`QEMU could not save the snapshot: ${final["error-desc"] ?? final.status} (QEMU's stderr may say more)`);

@@ -1,5 +1,6 @@
 // A small QMP client (QEMU Machine Protocol: one JSON object per line over a unix socket).
-// Commands are answered in the order they were sent; asynchronous events are ignored.
+// Commands are answered in the order they were sent; asynchronous events (STOP, RESUME, MIGRATION,
+// ...) go to listeners and into a bounded buffer, so a wait that starts after an event still sees it.
 import { connect, type Socket } from "node:net";
 import { SnaploadError } from "../../core/errors.ts";
 
@@ -13,6 +14,17 @@ export class QmpError extends SnaploadError {
   }
 }
 
+/** One asynchronous QMP event, numbered in arrival order on this connection. */
+export interface QmpEvent {
+  event: string;
+  data: Record<string, unknown>;
+  /** Arrival number: compare with {@link QmpClient.eventMark}. */
+  seq: number;
+}
+
+/** How many recent events a client keeps for waits that start late (QEMU sends a handful per migration). */
+const RECENT_EVENTS = 256;
+
 interface Pending {
   command: string;
   resolve: (v: unknown) => void;
@@ -24,6 +36,10 @@ export class QmpClient {
   readonly #pending: Pending[] = [];
   #closed: Error | undefined;
   #greeting: ((v: unknown) => void) | undefined;
+  readonly #recent: QmpEvent[] = [];
+  #seq = 0;
+  readonly #listeners = new Set<(e: QmpEvent) => void>();
+  readonly #lostWaiters: ((e: Error) => void)[] = [];
 
   private constructor(
     private readonly sock: Socket,
@@ -96,6 +112,61 @@ export class QmpClient {
     return this.execute<string>("human-monitor-command", { "command-line": commandLine });
   }
 
+  /** The number the next event will get: events with `seq >= eventMark` arrived after this call. */
+  get eventMark(): number {
+    return this.#seq;
+  }
+
+  /**
+   * Calls handler for every event from now on, and first for the buffered ones numbered `since`
+   * or later (a mark taken before the command that causes them). Returns the unsubscribe function.
+   */
+  on(handler: (e: QmpEvent) => void, since = this.#seq): () => void {
+    for (const e of this.#recent) if (e.seq >= since) handler(e);
+    this.#listeners.add(handler);
+    return () => this.#listeners.delete(handler);
+  }
+
+  /**
+   * Resolves with the first `name` event numbered `since` or later (default: any still buffered)
+   * whose data satisfies match; rejects with a QmpError (context.timedOut) after timeoutMs, or
+   * when the connection is lost.
+   */
+  waitEvent(name: string, match: (data: Record<string, unknown>) => boolean = () => true, timeoutMs = 10_000, since = 0): Promise<QmpEvent> {
+    return new Promise<QmpEvent>((resolve, reject) => {
+      let off = () => {};
+      const done = () => {
+        clearTimeout(timer);
+        off();
+        const i = this.#lostWaiters.indexOf(onLost);
+        if (i >= 0) this.#lostWaiters.splice(i, 1);
+      };
+      const onLost = (e: Error) => {
+        done();
+        reject(e);
+      };
+      const timer = setTimeout(() => {
+        done();
+        reject(new QmpError(`QMP ${this.path}: no ${name} event within ${timeoutMs} ms`, { path: this.path, event: name, timedOut: true }));
+      }, timeoutMs);
+      if (this.#closed) return onLost(this.#closed);
+      this.#lostWaiters.push(onLost);
+      let found = false;
+      off = this.on((e) => {
+        if (found || e.event !== name || !match(e.data)) return;
+        found = true;
+        done();
+        resolve(e);
+      }, since);
+      if (found) off(); // matched in the buffer, before `off` was assigned
+    });
+  }
+
+  /** Resolves when the connection is lost (not when close() is called): QEMU exited or closed it. */
+  lost(): Promise<Error> {
+    return new Promise((resolve) => this.#lostWaiters.push(resolve));
+  }
+
   close(): void {
     this.#closed ??= new QmpError(`QMP ${this.path}: closed`, { path: this.path });
     this.sock.destroy();
@@ -123,7 +194,7 @@ export class QmpClient {
       this.#greeting = undefined;
       return;
     }
-    if ("event" in msg) return; // asynchronous events (STOP, RESUME, ...): nothing waits on them
+    if ("event" in msg) return this.#onEvent(msg);
     const p = this.#pending.shift();
     if (!p) return;
     if ("error" in msg) {
@@ -134,9 +205,17 @@ export class QmpClient {
     }
   }
 
+  #onEvent(msg: Record<string, unknown>): void {
+    const e: QmpEvent = { event: String(msg.event), data: (msg.data as Record<string, unknown> | undefined) ?? {}, seq: this.#seq++ };
+    this.#recent.push(e);
+    if (this.#recent.length > RECENT_EVENTS) this.#recent.shift();
+    for (const l of [...this.#listeners]) l(e);
+  }
+
   #fail(e: Error): void {
     if (this.#closed) return;
     this.#closed = e;
     for (const p of this.#pending.splice(0)) p.reject(e);
+    for (const w of this.#lostWaiters.splice(0)) w(e);
   }
 }
