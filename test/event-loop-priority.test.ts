@@ -46,3 +46,33 @@ test("a `first` fd is dispatched before the others ready in the same turn, whate
   }
   loop.close();
 });
+
+test("a `first` handler that removes its fd, whose token a plain fd then takes, does not get that fd served twice", async () => {
+  const loop = new EventLoop();
+  const served: string[] = [];
+  const bulk = sl.sl_eventfd();
+  const urgent = sl.sl_eventfd();
+  const plain = sl.sl_eventfd();
+  let plainToken = -1;
+  const bulkToken = loop.add(bulk, EPOLLIN, () => {
+    sl.sl_eventfd_drain(bulk);
+    served.push("bulk");
+    loop.stop();
+  });
+  const urgentToken = loop.add(urgent, EPOLLIN, () => {
+    served.push("urgent");
+    loop.remove(urgentToken, urgent);
+    // The freed token goes to a new, plain fd that is not ready.
+    plainToken = loop.add(plain, EPOLLIN, () => served.push("plain"));
+  }, true);
+  sl.sl_eventfd_signal(bulk);
+  sl.sl_eventfd_signal(urgent);
+  await loop.run();
+  expect(plainToken).toBe(urgentToken);
+  // Before: the urgent fd's event, listed again in the second pass, ran the plain fd's handler.
+  expect(served).toEqual(["urgent", "bulk"]);
+  loop.remove(bulkToken, bulk);
+  loop.remove(plainToken, plain);
+  for (const fd of [bulk, urgent, plain]) sl.sl_close(fd);
+  loop.close();
+});

@@ -7,6 +7,8 @@ import { SpinPolicy } from "./spin-policy.ts";
 
 export type FdHandler = (events: number) => void;
 
+/** The token an event gets once served in the first pass (no handler ever has it). */
+const SERVED = 0xffffffff;
 const MAX_EVENTS = SL_EPOLL_MAX_EVENTS;
 const YIELD_EVERY_MS = 20;
 /**
@@ -152,8 +154,14 @@ export class EventLoop {
       if (n > 1 && this.firstCount > 0) {
         // Two passes: the `first` fds, then the rest (epoll lists a level-triggered stream that
         // is still readable ahead of a reply that arrived while we were reading it).
-        for (let i = 0; i < n; i++) if (this.first[u32[i * 4]!]) this.dispatch(u32, i);
-        for (let i = 0; i < n; i++) if (!this.first[u32[i * 4]!]) this.dispatch(u32, i);
+        // An event served in the first pass gets a token no handler has, so a handler that removed
+        // its fd (and a new fd that took over its token) is not dispatched twice.
+        for (let i = 0; i < n; i++) {
+          if (!this.first[u32[i * 4]!]) continue;
+          this.dispatch(u32, i);
+          u32[i * 4] = SERVED;
+        }
+        for (let i = 0; i < n; i++) if (u32[i * 4] !== SERVED) this.dispatch(u32, i);
       } else {
         for (let i = 0; i < n; i++) this.dispatch(u32, i);
       }
