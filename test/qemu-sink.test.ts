@@ -15,6 +15,7 @@ import { openRemoteFile, openSource } from "../src/sources/open-source.ts";
 import type { RemoteFile } from "../src/sources/remote-file.ts";
 import { readRemoteSnapshot, remotePages } from "../src/sinks/qemu/remote-snapshot.ts";
 import { push } from "../src/sources/store/push.ts";
+import { openServedStore } from "../src/sources/store/served-store.ts";
 import { generateMappedRam, type GeneratedMappedRam } from "./gen-mapped-ram.ts";
 import { ensureBuilt, tempDir } from "./harness.ts";
 import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";
@@ -366,5 +367,11 @@ describe("QEMU sink from remote sources (the snapshot file served or pushed whol
     await expect(openSource(`${store}/whole`, { deadlineMs: 5000, logger: silentLogger, cacheDir: join(tmp.path, "cache") })).rejects.toThrow(/not guest memory/);
     await push(gen.path, `${store}/block`);
     await expect(openRemoteFile(`${store}/block`, { deadlineMs: 10_000, logger: silentLogger, cacheDir: join(tmp.path, "cache") })).rejects.toThrow(/--whole-file/);
+  }, 60_000);
+
+  test("page-server --mem STORE/NAME refuses a file pushed --whole-file (served as guest memory, a daemon would take the file's bytes for its VM's pages)", async () => {
+    const store = `file://${join(tmp.path, "store-served")}`;
+    await push(gen.path, `${store}/whole`, { wholeFile: true });
+    await expect(openServedStore(`${store}/whole`, { deadlineMs: 5000, logger: silentLogger, cacheDir: join(tmp.path, "cache-served") })).rejects.toThrow(/not guest memory/);
   }, 60_000);
 });

@@ -40,8 +40,12 @@ const ignore = () => {};
 export async function openServedStore(ref: string, opts: ServedStoreOptions): Promise<ServedStore> {
   const { store, name } = parseStoreRef(ref, { s3Endpoint: opts.s3Endpoint });
   const manifest = await fetchManifest(store, name);
-  const fetcher = hostFetcher(opts);
   const b = manifest.body;
+  // Served as guest memory (no whole-file flag in INFO): a daemon would take the file's bytes for its VM's pages.
+  if (b.image.source === "qemu-file") {
+    throw new StoreError("BAD_CONFIG", `${ref} holds a whole QEMU snapshot file (push --whole-file, for qemu-restore), not guest memory; push it without --whole-file to serve it`, { ref });
+  }
+  const fetcher = hostFetcher(opts);
   const size = b.image.size;
   const chunkSize = b.chunkSize;
   const label = (c: number) => `chunk ${c} of "${name}"`;
