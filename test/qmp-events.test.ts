@@ -100,4 +100,22 @@ describe("QMP events", () => {
       server.close();
     }
   });
+
+  test("close() ends a wait at once (closed), not at its timeout", async () => {
+    const { path, server } = await qmpPeer("d.qmp");
+    const q = await QmpClient.connect(path);
+    try {
+      const t0 = performance.now();
+      const waiting = q.waitEvent("RESUME", undefined, 10_000).catch((e: unknown) => e);
+      q.close();
+      const err = await waiting;
+      expect(err).toBeInstanceOf(QmpError);
+      expect((err as QmpError).message).toContain("closed");
+      expect((err as QmpError).context.timedOut).toBeUndefined();
+      expect(performance.now() - t0).toBeLessThan(5000);
+    } finally {
+      q.close();
+      server.close();
+    }
+  });
 });

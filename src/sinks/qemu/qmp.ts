@@ -40,6 +40,8 @@ export class QmpClient {
   #seq = 0;
   readonly #listeners = new Set<(e: QmpEvent) => void>();
   readonly #lostWaiters: ((e: Error) => void)[] = [];
+  /** waitEvent's waiters: rejected when the connection is lost and also by close() (lost() is not). */
+  readonly #eventWaiters: ((e: Error) => void)[] = [];
 
   private constructor(
     private readonly sock: Socket,
@@ -138,8 +140,8 @@ export class QmpClient {
       const done = () => {
         clearTimeout(timer);
         off();
-        const i = this.#lostWaiters.indexOf(onLost);
-        if (i >= 0) this.#lostWaiters.splice(i, 1);
+        const i = this.#eventWaiters.indexOf(onLost);
+        if (i >= 0) this.#eventWaiters.splice(i, 1);
       };
       const onLost = (e: Error) => {
         done();
@@ -150,7 +152,7 @@ export class QmpClient {
         reject(new QmpError(`QMP ${this.path}: no ${name} event within ${timeoutMs} ms`, { path: this.path, event: name, timedOut: true }));
       }, timeoutMs);
       if (this.#closed) return onLost(this.#closed);
-      this.#lostWaiters.push(onLost);
+      this.#eventWaiters.push(onLost);
       let found = false;
       off = this.on((e) => {
         if (found || e.event !== name || !match(e.data)) return;
@@ -169,6 +171,8 @@ export class QmpClient {
 
   close(): void {
     this.#closed ??= new QmpError(`QMP ${this.path}: closed`, { path: this.path });
+    // A wait must not outlive its client until its timeout (its timer would hold the process).
+    for (const w of this.#eventWaiters.splice(0)) w(this.#closed);
     this.sock.destroy();
   }
 
@@ -217,5 +221,6 @@ export class QmpClient {
     this.#closed = e;
     for (const p of this.#pending.splice(0)) p.reject(e);
     for (const w of this.#lostWaiters.splice(0)) w(e);
+    for (const w of this.#eventWaiters.splice(0)) w(e);
   }
 }
