@@ -45,8 +45,8 @@ export interface LazyBytes {
   want(start: number, end: number, urgent: boolean): void;
   /** Address of the bytes at `at` and how many of the `len` that follow are there too (valid until the loop turns); undefined when they are not here yet. */
   locate(at: number, len: number): { addr: number; len: number } | undefined;
-  /** Calls back once the bytes at `at` are here (or with why they cannot be had); may call back at once. */
-  whenReady(at: number, cb: (err: Error | undefined) => void): void;
+  /** Calls back once the bytes at `at` are here (or with why they cannot be had); may call back at once. `urgent` as for want(). */
+  whenReady(at: number, urgent: boolean, cb: (err: Error | undefined) => void): void;
 }
 
 export interface PageServerOptions {
@@ -523,7 +523,8 @@ export class PageServer {
     let failure: Error | undefined;
     let came = false;
     conn.waiting = true;
-    lazy.whenReady(at, (err) => {
+    // A background connection's wait does not hurry its chunk past other VMs' faults.
+    lazy.whenReady(at, conn.role !== Role.BACKGROUND, (err) => {
       conn.waiting = false;
       if (inline) {
         came = true;

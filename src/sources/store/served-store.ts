@@ -20,7 +20,7 @@ export interface ServedStore {
   readonly lazy: {
     want(start: number, end: number, urgent: boolean): void;
     locate(at: number, len: number): { addr: number; len: number } | undefined;
-    whenReady(at: number, cb: (err: Error | undefined) => void): void;
+    whenReady(at: number, urgent: boolean, cb: (err: Error | undefined) => void): void;
   };
   readonly manifest: Manifest;
   /** Names the served bytes: the manifest's hash (a restarted page server on the same snapshot gives the same). */
@@ -77,8 +77,8 @@ export async function openServedStore(ref: string, opts: ServedStoreOptions): Pr
       const into = at - c * chunkSize;
       return { addr: chunk.addr + into, len: Math.min(len, chunk.length - into) };
     },
-    whenReady(at, cb) {
-      get(chunkOf(at), true, cb);
+    whenReady(at, urgent, cb) {
+      get(chunkOf(at), urgent, cb);
     },
   };
   const id = createHash("sha256").update(`snapload-store\0${manifest.hash}`).digest().subarray(0, 16);
