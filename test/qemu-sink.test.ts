@@ -369,6 +369,22 @@ describe("QEMU sink from remote sources (the snapshot file served or pushed whol
     await expect(openRemoteFile(`${store}/block`, { deadlineMs: 10_000, logger: silentLogger, cacheDir: join(tmp.path, "cache") })).rejects.toThrow(/--whole-file/);
   }, 60_000);
 
+  test("file://: a read past the file's last page is refused, as tcp:// refuses it (it threw a bare RangeError from an empty copy)", async () => {
+    const store = `file://${join(tmp.path, "store-bounds")}`;
+    await push(gen.path, `${store}/whole`, { wholeFile: true });
+    const file = await openRemoteFile(`${store}/whole`, { deadlineMs: 5000, logger: silentLogger, cacheDir: join(tmp.path, "cache-bounds") });
+    try {
+      const pages = Math.ceil(file.size / 4096);
+      expect((await file.read((pages - 1) * 4096, 4096, true)).length).toBe(4096);
+      const past = await Promise.race([file.read(pages * 4096, 4096, true).then(() => "resolved", (e: Error) => e.message), Bun.sleep(3000).then(() => "hung")]);
+      expect(past).toContain("whole pages");
+      const unaligned = await file.read(100, 4096, true).then(() => "resolved", (e: Error) => e.message);
+      expect(unaligned).toContain("whole pages");
+    } finally {
+      file.close();
+    }
+  }, 60_000);
+
   test("page-server --mem STORE/NAME refuses a file pushed --whole-file (served as guest memory, a daemon would take the file's bytes for its VM's pages)", async () => {
     const store = `file://${join(tmp.path, "store-served")}`;
     await push(gen.path, `${store}/whole`, { wholeFile: true });

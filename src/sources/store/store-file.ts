@@ -42,6 +42,10 @@ export async function openStoreFile(ref: string, opts: SourceOptions): Promise<R
     size,
     description: ref,
     read: async (off, len, urgent) => {
+      // As the page server's client refuses it: a read past the last page copied an empty or negative range (a bare RangeError).
+      if (off % 4096 !== 0 || len % 4096 !== 0 || len <= 0 || off + len > Math.ceil(size / 4096) * 4096) {
+        throw new StoreError("BAD_CONFIG", `${ref}: read of [${off}, +${len}) is not whole pages of the ${size}-byte file`, { ref, off, len, size });
+      }
       const out = new Uint8Array(len);
       const end = Math.min(off + len, size);
       const parts: Promise<void>[] = [];
