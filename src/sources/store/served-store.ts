@@ -35,8 +35,6 @@ export interface ServedStore {
 
 export type ServedStoreOptions = Pick<StoreSourceOptions, "cacheDir" | "cacheSize" | "s3Endpoint" | "storeParallel" | "deadlineMs" | "logger">;
 
-const ignore = () => {};
-
 export async function openServedStore(ref: string, opts: ServedStoreOptions): Promise<ServedStore> {
   const { store, name } = parseStoreRef(ref, { s3Endpoint: opts.s3Endpoint });
   const manifest = await fetchManifest(store, name);
@@ -57,6 +55,8 @@ export async function openServedStore(ref: string, opts: ServedStoreOptions): Pr
     // The chunk's number joins the error's context (one fetch may serve equal chunks at several numbers).
     fetcher.acquire(store, hash, chunkLength(size, chunkSize, c), label(c), urgent, (err) => cb(err && new StoreError(err.code as StoreErrorCode, err.message, { ...err.context, ref, chunkIndex: c }, { cause: err })));
   };
+  /** Chunks want() asked for that have not settled: asked again, they are only hurried (a client repeating requests while the store is slow adds no waiter each time). */
+  const asked = new Set<number>();
   const lazy: ServedStore["lazy"] = {
     want(start, end, urgent) {
       for (let c = chunkOf(start); c * chunkSize < end; c++) {
@@ -64,7 +64,11 @@ export async function openServedStore(ref: string, opts: ServedStoreOptions): Pr
         const from = Math.max(first, Math.floor(start / IMAGE_PAGE));
         const to = Math.min(first + chunkSize / IMAGE_PAGE, Math.ceil(end / IMAGE_PAGE), manifest.zero.pages);
         // Only chunks holding data pages of the request; waiting for them is whenReady's job.
-        if (b.chunks[c] !== null && manifest.zero.nextData(from, to) < to) get(c, urgent, ignore);
+        if (b.chunks[c] === null || manifest.zero.nextData(from, to) >= to) continue;
+        if (!asked.has(c)) {
+          asked.add(c);
+          get(c, urgent, () => asked.delete(c));
+        } else if (urgent) fetcher.hurry(b.chunks[c]!);
       }
     },
     locate(at, len) {
