@@ -76,3 +76,31 @@ test("a `first` handler that removes its fd, whose token a plain fd then takes, 
   for (const fd of [bulk, urgent, plain]) sl.sl_close(fd);
   loop.close();
 });
+
+test("an fd removed mid-turn, whose token a new fd takes, never hands its pending event to the new fd (one pass)", async () => {
+  const loop = new EventLoop();
+  const served: string[] = [];
+  const a = sl.sl_eventfd();
+  const b = sl.sl_eventfd();
+  const c = sl.sl_eventfd();
+  let bToken = -1;
+  let cToken = -1;
+  const aToken = loop.add(a, EPOLLIN, () => {
+    sl.sl_eventfd_drain(a);
+    served.push("a");
+    // b is ready in this same turn, after a: remove it, and let c (not ready) take its token.
+    loop.remove(bToken, b);
+    cToken = loop.add(c, EPOLLIN, () => served.push("c"));
+    loop.after(0, () => loop.stop());
+  });
+  bToken = loop.add(b, EPOLLIN, () => served.push("b"));
+  sl.sl_eventfd_signal(a);
+  sl.sl_eventfd_signal(b);
+  await loop.run();
+  expect(cToken).toBe(bToken);
+  expect(served).toEqual(["a"]);
+  loop.remove(aToken, a);
+  loop.remove(cToken, c);
+  for (const fd of [a, b, c]) sl.sl_close(fd);
+  loop.close();
+});

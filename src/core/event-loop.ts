@@ -32,6 +32,8 @@ export class EventLoop {
   /** Per token: served before the other ready fds of a turn (faults, urgent replies). */
   private readonly first: boolean[] = [];
   private firstCount = 0;
+  /** Events of the turn being dispatched (0 between turns). */
+  private pending = 0;
   private readonly freeTokens: number[] = [];
   private readonly timers: Timer[] = [];
   private readonly background: (() => boolean)[] = [];
@@ -93,6 +95,10 @@ export class EventLoop {
     if (this.handlers[token] === undefined) return;
     sl.sl_epoll_ctl(this.epfd, EPOLL_CTL_DEL, fd, 0, 0);
     this.handlers[token] = undefined;
+    // Events of this turn not yet dispatched for it are dropped: a new fd may take the token
+    // before they are reached, and must not get the old fd's readiness.
+    const u32 = this.events.u32;
+    for (let i = 0; i < this.pending; i++) if (u32[i * 4] === token) u32[i * 4] = SERVED;
     if (this.first[token]) this.firstCount--;
     this.first[token] = false;
     this.freeTokens.push(token);
@@ -151,6 +157,7 @@ export class EventLoop {
       }
       if (n === 0) n = sl.sl_epoll_wait(this.epfd, buf.address, MAX_EVENTS, timeout);
       active = n > 0;
+      this.pending = n;
       if (n > 1 && this.firstCount > 0) {
         // Two passes: the `first` fds, then the rest (epoll lists a level-triggered stream that
         // is still readable ahead of a reply that arrived while we were reading it).
@@ -165,6 +172,7 @@ export class EventLoop {
       } else {
         for (let i = 0; i < n; i++) this.dispatch(u32, i);
       }
+      this.pending = 0;
       this.runTimers();
       // Ready fds were all served first; then one slice of background work, even while faults
       // keep coming — a guest that faults continuously must not starve its own prefetch.
