@@ -3,13 +3,14 @@ import { createHash } from "node:crypto";
 import { statSync } from "node:fs";
 import type { PageServerConfig } from "./page-server.ts";
 import { openImage } from "../sources/image/open-image.ts";
-import { openServedStore, type ServedStore } from "../sources/store/served-store.ts";
+import { openServedStore } from "../sources/store/served-store.ts";
 import { isStoreUrl } from "../sources/store/stores.ts";
 import type { SnapshotImage } from "../sources/image/snapshot-image.ts";
-import { formatBytes, Logger } from "../core/log.ts";
+import type { EventLoop } from "../core/event-loop.ts";
+import { type Fields, formatBytes, Logger } from "../core/log.ts";
 import { type MetricsEndpoint, startMetricsEndpoint } from "../metrics/endpoint.ts";
 import { renderPageServerMetrics } from "../metrics/page-server-metrics.ts";
-import { PageServer, type PageServerFaults } from "../postcopy/page-server.ts";
+import { PageServer, type PageServerFaults, type ServedImage } from "../postcopy/page-server.ts";
 import { formatHostPort, parseHostPort, resolveHost } from "../postcopy/address.ts";
 import { readTokenFile } from "../postcopy/auth.ts";
 import { zeroMapBytes } from "../postcopy/protocol.ts";
@@ -18,21 +19,33 @@ export function pageServerCommand(config: PageServerConfig): Promise<number> {
   return runPageServer(config);
 }
 
+/** What one page server serves: a local image, or a store's verified chunks. */
+interface Served {
+  image: ServedImage;
+  imageId: Uint8Array;
+  wholeFile?: boolean;
+  /** For page_server.listening: what is served, and its facts. */
+  summary: string;
+  fields: Fields;
+  /** Joins the page server's loop (sources with background upkeep). */
+  attach?(loop: EventLoop): void;
+  close(): void;
+}
+
 /** The page server of `config`, until SIGINT/SIGTERM; `faults` is for tests (see PageServerFaults). */
 export async function runPageServer(config: PageServerConfig, faults?: PageServerFaults): Promise<number> {
   const logger = new Logger(config["log-level"], { format: config["log-format"] });
   const token = readTokenFile(config["token-file"], logger);
   const where = await resolveHost(parseHostPort(config.listen, "--listen", true), "--listen");
-  if (isStoreUrl(config.mem)) return serveStore(config, logger, token, where);
-  const image = openImage(config.mem, { ramblock: config.ramblock, wholeFile: config["whole-file"] });
+  const served = isStoreUrl(config.mem) ? await openStore(config, logger) : openLocal(config);
   let metrics: MetricsEndpoint | undefined;
   try {
     const server = new PageServer({
       host: where.host,
       port: where.port,
-      image,
-      imageId: imageIdentity(image),
-      wholeFile: config["whole-file"],
+      image: served.image,
+      imageId: served.imageId,
+      wholeFile: served.wholeFile,
       token,
       logger,
       handshakeTimeoutMs: config["handshake-timeout"],
@@ -41,16 +54,16 @@ export async function runPageServer(config: PageServerConfig, faults?: PageServe
       maxClients: config["max-clients"],
       faults,
     });
+    served.attach?.(server.loop);
     if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderPageServerMetrics(server), logger);
     const port = server.listen();
-    const what = config["whole-file"] ? `whole file ${image.path}` : image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`;
+    const address = formatHostPort({ host: where.host, port });
+    const zeroPages = served.image.zero.countZero();
+    const dataPages = served.image.zero.pages - zeroPages;
     logger.info(
       "page_server.listening",
-      `page server listening on ${formatHostPort({ host: where.host, port })}: ${what}, ${formatBytes(image.size)} (${image.dataPages} data, ${image.zeroPages} zero pages); channel authenticated and encrypted (AES-256-GCM)`,
-      {
-        address: formatHostPort({ host: where.host, port }), port, format: image.format, path: image.path, block: image.blockName,
-        size: image.size, dataPages: image.dataPages, zeroPages: image.zeroPages,
-      },
+      `page server listening on ${address}: ${served.summary}, ${formatBytes(served.image.size)} (${dataPages} data, ${zeroPages} zero pages); channel authenticated and encrypted (AES-256-GCM)`,
+      { ...served.fields, address, port, size: served.image.size, dataPages, zeroPages },
     );
     const shutdown = (signal: string) => {
       logger.info("daemon.signal", `${signal}: shutting down`, { signal });
@@ -63,13 +76,25 @@ export async function runPageServer(config: PageServerConfig, faults?: PageServe
     return 0;
   } finally {
     metrics?.stop();
-    image.close();
+    served.close();
   }
 }
 
+function openLocal(config: PageServerConfig): Served {
+  const image = openImage(config.mem, { ramblock: config.ramblock, wholeFile: config["whole-file"] });
+  return {
+    image,
+    imageId: imageIdentity(image),
+    wholeFile: config["whole-file"],
+    summary: config["whole-file"] ? `whole file ${image.path}` : image.format === "raw" ? `raw image ${image.path}` : `mapped-ram image ${image.path} block ${image.blockName}`,
+    fields: { format: image.format, path: image.path, block: image.blockName },
+    close: () => image.close(),
+  };
+}
+
 /** `--mem STORE/NAME`: the page server answers from verified chunks of the store, through the host cache. */
-async function serveStore(config: PageServerConfig, logger: Logger, token: Buffer, where: { host: string; port: number }): Promise<number> {
-  const image: ServedStore = await openServedStore(config.mem, {
+async function openStore(config: PageServerConfig, logger: Logger): Promise<Served> {
+  const store = await openServedStore(config.mem, {
     cacheDir: config["cache-dir"],
     cacheSize: config["cache-size"],
     s3Endpoint: config["s3-endpoint"],
@@ -77,42 +102,14 @@ async function serveStore(config: PageServerConfig, logger: Logger, token: Buffe
     deadlineMs: config["store-deadline"],
     logger,
   });
-  let metrics: MetricsEndpoint | undefined;
-  try {
-    const server = new PageServer({
-      host: where.host,
-      port: where.port,
-      image,
-      imageId: image.imageId,
-      token,
-      logger,
-      handshakeTimeoutMs: config["handshake-timeout"],
-      maxPreauth: config["max-preauth"],
-      maxPreauthPerAddress: config["max-preauth-per-address"],
-      maxClients: config["max-clients"],
-    });
-    image.attach(server.loop);
-    if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderPageServerMetrics(server), logger);
-    const port = server.listen();
-    const zeroPages = image.zero.countZero();
-    logger.info(
-      "page_server.listening",
-      `page server listening on ${formatHostPort({ host: where.host, port })}: ${image.summary}, ${formatBytes(image.size)} (${image.zero.pages - zeroPages} data, ${zeroPages} zero pages); channel authenticated and encrypted (AES-256-GCM)`,
-      { ...image.fields, address: formatHostPort({ host: where.host, port }), port, format: "store", path: config.mem, size: image.size, dataPages: image.zero.pages - zeroPages, zeroPages },
-    );
-    const shutdown = (signal: string) => {
-      logger.info("daemon.signal", `${signal}: shutting down`, { signal });
-      server.close();
-    };
-    process.on("SIGINT", () => shutdown("SIGINT"));
-    process.on("SIGTERM", () => shutdown("SIGTERM"));
-    await server.run();
-    server.close();
-    return 0;
-  } finally {
-    metrics?.stop();
-    image.close();
-  }
+  return {
+    image: store,
+    imageId: store.imageId,
+    summary: store.summary,
+    fields: { ...store.fields, format: "store", path: config.mem },
+    attach: (loop) => store.attach(loop),
+    close: () => store.close(),
+  };
 }
 
 /**
