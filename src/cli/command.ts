@@ -195,6 +195,13 @@ export const repeatedString = (what: string) =>
 
 export const switchValue = () => z.boolean().default(false);
 
+/** A size in bytes, or a whole number with a binary unit k/m/g/t (1k = 1024). */
+export const byteSize = () =>
+  z
+    .string()
+    .regex(/^\d+[kmgt]?$/i, "must be bytes, or a number with k/m/g/t")
+    .transform((s) => Number.parseInt(s, 10) * 1024 ** " kmgt".indexOf((s.match(/[kmgt]$/i)?.[0] ?? " ").toLowerCase()));
+
 export const logLevelValue = () => z.enum(["error", "warn", "info", "debug"]).default("info");
 
 export const logLevelOption = {

@@ -1,7 +1,6 @@
 // `snapload page-server`: its options (parser, schema and usage from one table).
-import { z } from "zod";
 import { endpointValue } from "./store-commands.ts";
-import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, requiredString, switchValue } from "./command.ts";
+import { byteSize, type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, requiredString, switchValue } from "./command.ts";
 
 const options = {
   listen: { type: "string", schema: requiredString("HOST:PORT to listen on"), arg: "HOST:PORT", help: "address to listen on" },
@@ -39,11 +38,7 @@ const options = {
   "cache-dir": { type: "string", schema: optionalString(), arg: "DIR", help: "host chunk cache (as for serve)" },
   "cache-size": {
     type: "string", arg: "N", help: "cache size in bytes, or with k/m/g/t (default 10g)",
-    schema: z
-      .string()
-      .regex(/^\d+[kmgt]?$/i, "must be bytes, or a number with k/m/g/t")
-      .transform((s) => Number.parseInt(s, 10) * 1024 ** " kmgt".indexOf((s.match(/[kmgt]$/i)?.[0] ?? " ").toLowerCase()))
-      .optional(),
+    schema: byteSize().optional(),
   },
   "s3-endpoint": { type: "string", schema: endpointValue(), arg: "URL", help: "S3-compatible endpoint for s3:// (as for serve)" },
   "store-parallel": { type: "string", schema: intValue(1, 256).optional(), arg: "N", help: "chunk GETs in flight (default 8)" },

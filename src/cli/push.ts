@@ -1,7 +1,7 @@
 // `snapload push` and `snapload pull`: their options (parser, schema and usage from one table).
 import { z } from "zod";
 import { chunkSizeValue, endpointValue } from "./store-commands.ts";
-import { type ConfigOf, defineCommand, intValue, optionalString, switchValue } from "./command.ts";
+import { byteSize, type ConfigOf, defineCommand, intValue, optionalString, switchValue } from "./command.ts";
 
 const positional = (what: string, arg: string, help: string) =>
   ({ type: "string", positional: true, schema: z.string({ error: `needs ${what}` }).min(1, `needs ${what}`), arg, help }) as const;
@@ -23,10 +23,7 @@ const pushOptions = {
   "s3-endpoint": s3Endpoint,
   "part-size": {
     type: "string", arg: "N", help: "s3://: objects above this go up in parts of this size,\n8 at once (default 8m; at least 5m)",
-    schema: z
-      .string()
-      .regex(/^\d+[km]?$/i, "must be bytes, or a number with k/m")
-      .transform((s) => Number.parseInt(s, 10) * 1024 ** " km".indexOf((s.match(/[km]$/i)?.[0] ?? " ").toLowerCase()))
+    schema: byteSize()
       .refine((n) => n >= 5 * 1024 * 1024, "must be at least 5m (S3's smallest part)")
       .optional(),
   },

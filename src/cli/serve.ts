@@ -2,7 +2,7 @@
 import { z } from "zod";
 import { DEFAULT_FAULT_AROUND } from "./config.ts";
 import { endpointValue } from "./store-commands.ts";
-import { type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, repeatedString } from "./command.ts";
+import { byteSize, type ConfigOf, defineCommand, intValue, logFormatOption, logLevelOption, metricsOption, optionalString, repeatedString } from "./command.ts";
 
 const options = {
   socket: {
@@ -71,11 +71,7 @@ const options = {
   },
   "cache-size": {
     type: "string", arg: "N", help: "cache size in bytes, or with k/m/g/t (default 10g); LRU eviction",
-    schema: z
-      .string()
-      .regex(/^\d+[kmgt]?$/i, "must be bytes, or a number with k/m/g/t")
-      .transform((s) => Number.parseInt(s, 10) * 1024 ** " kmgt".indexOf((s.match(/[kmgt]$/i)?.[0] ?? " ").toLowerCase()))
-      .optional(),
+    schema: byteSize().optional(),
   },
   "s3-endpoint": { type: "string", schema: endpointValue(), arg: "URL", help: "S3-compatible endpoint for s3:// (Ceph RGW, MinIO, ...), path-style" },
   "store-parallel": { type: "string", schema: intValue(1, 256).optional(), arg: "N", help: "chunk GETs in flight per daemon (default 8)" },
