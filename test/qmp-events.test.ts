@@ -5,7 +5,7 @@
 import { afterAll, describe, expect, test } from "bun:test";
 import { createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
-import { QmpClient, QmpError } from "../src/sinks/qemu/qmp.ts";
+import { MAX_QMP_LINE, QmpClient, QmpError } from "../src/sinks/qemu/qmp.ts";
 import { tempDir } from "./harness.ts";
 
 const tmp = tempDir("snapload-qmp-events-");
@@ -113,6 +113,27 @@ describe("QMP events", () => {
       expect((err as QmpError).message).toContain("closed");
       expect((err as QmpError).context.timedOut).toBeUndefined();
       expect(performance.now() - t0).toBeLessThan(5000);
+    } finally {
+      q.close();
+      server.close();
+    }
+  });
+
+  test("a peer that never ends its line is dropped once the line passes MAX_QMP_LINE, not buffered on", async () => {
+    const { path, server, peer } = await qmpPeer("e.qmp");
+    const q = await QmpClient.connect(path);
+    try {
+      const s = await peer;
+      const wait = q.waitEvent("MIGRATION", () => true, 30_000);
+      const closed = new Promise<void>((r) => s.on("close", () => r()));
+      s.write("x".repeat(MAX_QMP_LINE + 1));
+      const err = await wait.then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(err).toBeInstanceOf(QmpError);
+      expect((err as Error).message).toContain(`longer than ${MAX_QMP_LINE} bytes without a newline`);
+      await closed; // the client hung up on it
     } finally {
       q.close();
       server.close();

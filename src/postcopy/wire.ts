@@ -62,6 +62,8 @@ export class FrameReader {
 
   /** Reads frames until the socket is empty or about `budget` bytes were taken. Throws ProtocolError. */
   read(fd: number, budget: number): number {
+    // A budget of 0 would return READ_MORE forever without reading: callers loop on READ_MORE.
+    if (!(budget > 0)) throw new RangeError(`FrameReader.read: budget ${budget} must be > 0`);
     let used = 0;
     while (!this.stopped) {
       if (used >= budget) return READ_MORE;

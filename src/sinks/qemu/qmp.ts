@@ -25,6 +25,12 @@ export interface QmpEvent {
 /** How many recent events a client keeps for waits that start late (QEMU sends a handful per migration). */
 const RECENT_EVENTS = 256;
 
+/**
+ * The longest QMP line taken. QEMU's largest replies (query-qmp-schema) are a few hundred KiB; a
+ * peer that never sends a newline must not grow our buffer without bound.
+ */
+export const MAX_QMP_LINE = 8 << 20;
+
 interface Pending {
   command: string;
   resolve: (v: unknown) => void;
@@ -177,11 +183,17 @@ export class QmpClient {
   }
 
   #onData(d: string): void {
+    if (this.#closed) return;
     this.#buf += d;
     for (let nl = this.#buf.indexOf("\n"); nl >= 0; nl = this.#buf.indexOf("\n")) {
       const line = this.#buf.slice(0, nl).trim();
       this.#buf = this.#buf.slice(nl + 1);
       if (line) this.#onMessage(line);
+    }
+    if (this.#buf.length > MAX_QMP_LINE) {
+      this.#buf = "";
+      this.#fail(new QmpError(`QMP ${this.path}: a line longer than ${MAX_QMP_LINE} bytes without a newline: is this QEMU's QMP socket?`, { path: this.path }));
+      this.sock.destroy();
     }
   }
 
