@@ -1,13 +1,18 @@
 // Raw loopback TCP transfer, the ceiling for postcopy background completion.
-//   bun bench/tcp-raw.ts recv --bytes N          prints "port P", then after N bytes {"bytes":N,"ns":T}
-//   bun bench/tcp-raw.ts send --port P --file F  sends F's bytes (read into memory first, untimed)
+//   bun bench/tcp-raw.ts recv --bytes N [--buffer|--aead]          prints "port P", then after N bytes {"bytes":N,"ns":T}
+//   bun bench/tcp-raw.ts send --port P --file F [--buffer|--aead]  sends F's bytes (read into memory first, untimed)
 // T runs from the receiver accepting the connection to its N-th byte.
-// With --aead on both sides: the crypto ceiling. The sender seals the file in 128 KiB records
-// (MAX_CHUNK) with AES-256-GCM (OpenSSL, as src/postcopy/aead.ts) before it connects; the receiver
-// decrypts every received piece in place, where the socket handed it over (GCM streams), and
-// checks each record's 16-byte tag. No framing headers (the page server's 64-byte sealed headers).
-import { dlopen, FFIType, type Pointer } from "bun:ffi";
+// Plain: Bun's sockets on both ends (Bun hands the receiver a fresh buffer per read).
+// --buffer (both sides): the C core's sockets, as the page server and the postcopy client use
+// them; the receiver recv()s into one buffer it owns.
+// --aead (both sides): the crypto ceiling, with --buffer's sockets. The sender seals the file in
+// 128 KiB records (MAX_CHUNK) with AES-256-GCM (OpenSSL, as src/postcopy/aead.ts) before it
+// connects; the receiver receives into its buffer and opens each whole record in place there,
+// checking its 16-byte tag, as the client opens a DATA payload in its slot. No framing headers
+// (the page server's 64-byte sealed headers).
+import { dlopen, FFIType, type Pointer, ptr } from "bun:ffi";
 import { readFileSync } from "node:fs";
+import { sl } from "../src/core/ffi.ts";
 
 const RECORD = 128 * 1024;
 const TAG = 16;
@@ -31,19 +36,21 @@ function gcm(encrypting: boolean) {
   const scratch = new Uint8Array(16);
   let seq = 0;
   return {
-    begin(): void {
+    /** Sender: seals `src` into `dst` (as long), the tag to `tag`. */
+    seal(src: Uint8Array, dst: Uint8Array, tag: Uint8Array): void {
       ivView.setUint32(4, seq++, true);
       c.EVP_CipherInit_ex(ctx, null, null, null, iv, -1);
+      c.EVP_CipherUpdate(ctx, dst, outl, src, src.length);
+      c.EVP_CipherFinal_ex(ctx, scratch, outl);
+      c.EVP_CIPHER_CTX_ctrl(ctx, 0x10, TAG, tag);
     },
-    update(b: Uint8Array, out: Uint8Array = b): void {
-      if (b.length > 0) c.EVP_CipherUpdate(ctx, out, outl, b, b.length);
-    },
-    /** Sender: writes the tag. Receiver: checks `tag`; false when the record is not authentic. */
-    finish(tag: Uint8Array): boolean {
-      if (!encrypting) c.EVP_CIPHER_CTX_ctrl(ctx, 0x11, TAG, tag);
-      const ok = c.EVP_CipherFinal_ex(ctx, scratch, outl) === 1;
-      if (encrypting) c.EVP_CIPHER_CTX_ctrl(ctx, 0x10, TAG, tag);
-      return ok;
+    /** Receiver: opens the `len`-byte record at `at` in place, its tag right after it; false when not authentic. */
+    open(at: number, len: number): boolean {
+      ivView.setUint32(4, seq++, true);
+      c.EVP_CipherInit_ex(ctx, null, null, null, iv, -1);
+      c.EVP_CIPHER_CTX_ctrl(ctx, 0x11, TAG, (at + len) as Pointer);
+      if (len > 0 && c.EVP_CipherUpdate(ctx, at as Pointer, outl, at as Pointer, len) !== 1) return false;
+      return c.EVP_CipherFinal_ex(ctx, scratch, outl) === 1;
     },
   };
 }
@@ -61,40 +68,64 @@ const arg = (name: string): string => {
 
 const aead = rest.includes("--aead");
 
-if (mode === "recv") {
+if (mode === "recv" && (aead || rest.includes("--buffer"))) {
+  // Like the postcopy client: the C core's non-blocking socket, recv() straight into one buffer
+  // we own (no buffer allocated per read), each whole record opened in place there. The buffer
+  // holds BATCH whole records and is filled from its start again once they are all in, so a
+  // record never straddles its end and nothing is copied in user space.
   const want = Number(arg("bytes"));
   const open = aead ? gcm(false) : undefined;
-  // Where the receiver is within the current record: payload bytes left, then tag bytes.
-  let inRecord = 0;
-  const tag = new Uint8Array(TAG);
-  let tagFill = TAG;
-  let payloadGot = 0;
-  const consume = (chunk: Uint8Array) => {
-    let at = 0;
-    while (at < chunk.length) {
-      if (inRecord === 0 && tagFill === TAG) {
-        inRecord = Math.min(RECORD, want - payloadGot);
-        tagFill = 0;
-        open!.begin();
-      }
-      if (inRecord > 0) {
-        const n = Math.min(inRecord, chunk.length - at);
-        open!.update(chunk.subarray(at, at + n));
-        at += n;
-        inRecord -= n;
-        payloadGot += n;
-        continue;
-      }
-      const n = Math.min(TAG - tagFill, chunk.length - at);
-      tag.set(chunk.subarray(at, at + n), tagFill);
-      tagFill += n;
-      at += n;
-      if (tagFill === TAG && !open!.finish(tag)) {
+  const rec = aead ? RECORD + TAG : RECORD;
+  const BATCH = 4; // 512 KiB, what one read of Bun's own sockets takes at most
+  const buf = new Uint8Array(rec * BATCH);
+  const base = ptr(buf);
+  const lfd = sl.sl_tcp_listen(Buffer.from("127.0.0.1\0"), 0, 1);
+  if (lfd < 0) throw new Error(`tcp-raw: listen failed (${lfd})`);
+  process.stdout.write(`port ${sl.sl_local_port(lfd)}\n`);
+  const ep = sl.sl_epoll_create();
+  const events = new BigUint64Array(2 * 4);
+  const EPOLLIN = 1;
+  sl.sl_epoll_ctl(ep, 1, lfd, EPOLLIN, 0);
+  let fd = -11;
+  while (fd === -11) {
+    sl.sl_epoll_wait(ep, events, 4, -1);
+    fd = sl.sl_accept(lfd);
+  }
+  if (fd < 0) throw new Error(`tcp-raw: accept failed (${fd})`);
+  const t0 = process.hrtime.bigint();
+  sl.sl_epoll_ctl(ep, 1, fd, EPOLLIN, 1);
+  let payloadGot = 0; // payload bytes received and (with --aead) opened
+  let fill = 0; // bytes in buf
+  let opened = 0; // bytes of buf consumed as whole records
+  while (payloadGot < want) {
+    const n = sl.sl_recv(fd, (base + fill) as Pointer, buf.length - fill);
+    if (n === -11) {
+      sl.sl_epoll_wait(ep, events, 4, -1);
+      continue;
+    }
+    if (n <= 0) {
+      console.error(`tcp-raw: sender closed after ${payloadGot} of ${want} bytes (${n})`);
+      process.exit(1);
+    }
+    fill += n;
+    for (;;) {
+      const len = Math.min(RECORD, want - payloadGot);
+      const size = aead ? len + TAG : len;
+      if (len === 0 || fill - opened < size) break;
+      if (open !== undefined && !open.open(base + opened, len)) {
         console.error("tcp-raw: a record failed authentication");
         process.exit(1);
       }
+      opened += size;
+      payloadGot += len;
     }
-  };
+    if (opened === buf.length) fill = opened = 0;
+  }
+  const ns = Number(process.hrtime.bigint() - t0);
+  process.stdout.write(`${JSON.stringify({ bytes: payloadGot, ns })}\n`);
+  process.exit(0);
+} else if (mode === "recv") {
+  const want = Number(arg("bytes"));
   let got = 0;
   let t0 = 0n;
   const server = Bun.listen({
@@ -105,11 +136,7 @@ if (mode === "recv") {
         t0 = process.hrtime.bigint();
       },
       data(_s, chunk) {
-        if (open !== undefined) {
-          consume(chunk);
-          if (payloadGot < want || tagFill < TAG) return;
-          got = payloadGot;
-        } else got += chunk.length;
+        got += chunk.length;
         if (got >= want) {
           const ns = Number(process.hrtime.bigint() - t0);
           process.stdout.write(`${JSON.stringify({ bytes: got, ns })}\n`);
@@ -139,13 +166,27 @@ if (mode === "recv") {
     data = Buffer.alloc(plain.length + records * TAG);
     for (let i = 0, at = 0; i < records; i++) {
       const n = Math.min(RECORD, plain.length - i * RECORD);
-      seal.begin();
-      seal.update(plain.subarray(i * RECORD, i * RECORD + n), data.subarray(at, at + n));
-      seal.finish(data.subarray(at + n, at + n + TAG));
+      seal.seal(plain.subarray(i * RECORD, i * RECORD + n), data.subarray(at, at + n), data.subarray(at + n, at + n + TAG));
       at += n + TAG;
     }
   }
   let off = 0;
+  if (aead || rest.includes("--buffer")) {
+    // The C core's non-blocking socket and send() from the buffer, as the page server sends.
+    const fd = sl.sl_tcp_connect(Buffer.from("127.0.0.1\0"), port);
+    if (fd < 0) throw new Error(`tcp-raw: connect failed (${fd})`);
+    const ep = sl.sl_epoll_create();
+    const events = new BigUint64Array(8);
+    sl.sl_epoll_ctl(ep, 1, fd, 4 /* EPOLLOUT */, 0);
+    const base = ptr(data);
+    while (off < data.length) {
+      const n = sl.sl_send(fd, (base + off) as Pointer, Math.min(CHUNK, data.length - off));
+      if (n === -11) sl.sl_epoll_wait(ep, events, 4, -1);
+      else if (n < 0) throw new Error(`tcp-raw: send failed (${n})`);
+      else off += n;
+    }
+    process.exit(0);
+  }
   const pump = (s: Bun.Socket<undefined>) => {
     while (off < data.length) {
       const want = Math.min(CHUNK, data.length - off);
