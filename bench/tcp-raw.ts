@@ -12,7 +12,7 @@
 // (the page server's 64-byte sealed headers).
 import { dlopen, FFIType, type Pointer, ptr } from "bun:ffi";
 import { readFileSync } from "node:fs";
-import { sl } from "../src/core/ffi.ts";
+import { cstr, EPOLL_CTL_ADD, EPOLLIN, EPOLLOUT, Errno, sl } from "../src/core/ffi.ts";
 
 const RECORD = 128 * 1024;
 const TAG = 16;
@@ -79,27 +79,26 @@ if (mode === "recv" && (aead || rest.includes("--buffer"))) {
   const BATCH = 4; // 512 KiB, what one read of Bun's own sockets takes at most
   const buf = new Uint8Array(rec * BATCH);
   const base = ptr(buf);
-  const lfd = sl.sl_tcp_listen(Buffer.from("127.0.0.1\0"), 0, 1);
+  const lfd = sl.sl_tcp_listen(cstr("127.0.0.1"), 0, 1);
   if (lfd < 0) throw new Error(`tcp-raw: listen failed (${lfd})`);
   process.stdout.write(`port ${sl.sl_local_port(lfd)}\n`);
   const ep = sl.sl_epoll_create();
-  const events = new BigUint64Array(2 * 4);
-  const EPOLLIN = 1;
-  sl.sl_epoll_ctl(ep, 1, lfd, EPOLLIN, 0);
-  let fd = -11;
-  while (fd === -11) {
+  const events = new BigUint64Array(2 * 4); // 4 struct sl_event
+  sl.sl_epoll_ctl(ep, EPOLL_CTL_ADD, lfd, EPOLLIN, 0);
+  let fd = -Errno.EAGAIN;
+  while (fd === -Errno.EAGAIN) {
     sl.sl_epoll_wait(ep, events, 4, -1);
     fd = sl.sl_accept(lfd);
   }
   if (fd < 0) throw new Error(`tcp-raw: accept failed (${fd})`);
   const t0 = process.hrtime.bigint();
-  sl.sl_epoll_ctl(ep, 1, fd, EPOLLIN, 1);
+  sl.sl_epoll_ctl(ep, EPOLL_CTL_ADD, fd, EPOLLIN, 1);
   let payloadGot = 0; // payload bytes received and (with --aead) opened
   let fill = 0; // bytes in buf
   let opened = 0; // bytes of buf consumed as whole records
   while (payloadGot < want) {
     const n = sl.sl_recv(fd, (base + fill) as Pointer, buf.length - fill);
-    if (n === -11) {
+    if (n === -Errno.EAGAIN) {
       sl.sl_epoll_wait(ep, events, 4, -1);
       continue;
     }
@@ -173,15 +172,15 @@ if (mode === "recv" && (aead || rest.includes("--buffer"))) {
   let off = 0;
   if (aead || rest.includes("--buffer")) {
     // The C core's non-blocking socket and send() from the buffer, as the page server sends.
-    const fd = sl.sl_tcp_connect(Buffer.from("127.0.0.1\0"), port);
+    const fd = sl.sl_tcp_connect(cstr("127.0.0.1"), port);
     if (fd < 0) throw new Error(`tcp-raw: connect failed (${fd})`);
     const ep = sl.sl_epoll_create();
-    const events = new BigUint64Array(8);
-    sl.sl_epoll_ctl(ep, 1, fd, 4 /* EPOLLOUT */, 0);
+    const events = new BigUint64Array(2 * 4);
+    sl.sl_epoll_ctl(ep, EPOLL_CTL_ADD, fd, EPOLLOUT, 0);
     const base = ptr(data);
     while (off < data.length) {
       const n = sl.sl_send(fd, (base + off) as Pointer, Math.min(CHUNK, data.length - off));
-      if (n === -11) sl.sl_epoll_wait(ep, events, 4, -1);
+      if (n === -Errno.EAGAIN) sl.sl_epoll_wait(ep, events, 4, -1);
       else if (n < 0) throw new Error(`tcp-raw: send failed (${n})`);
       else off += n;
     }
