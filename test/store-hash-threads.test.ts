@@ -61,22 +61,37 @@ async function check(threads: HashThreads | undefined): Promise<void> {
 }
 
 test("threads claiming batches: every chunk once, named by its SHA-256; zero pages found", async () => {
-  expect(hashThreadsFor(bytes.length)).toBeGreaterThan(0);
+  await check(new HashThreads(hashThreadsFor(bytes.length)));
   await check(new HashThreads(2));
+  // The other threads alone (this one only takes what they hand out).
+  const only = new HashThreads(2);
+  only.hashHere = false;
+  await check(only);
 });
 
 test("a thread that dies holding a batch: that batch and the rest are still hashed", async () => {
+  // This thread does not hash until the threads are done: the batch the failing one claimed is
+  // left for it to find.
   const threads = new HashThreads(2);
+  threads.hashHere = false;
   threads.workers[0]!.terminate();
   threads.workers[0] = new Worker(new URL("./fixtures/failing-hash-worker.ts", import.meta.url).href);
   await check(threads);
   // Every thread failing the same way: this thread hashes what they left.
   const bad = new HashThreads(0);
+  bad.hashHere = false;
   for (let k = 0; k < 2; k++) bad.workers.push(new Worker(new URL("./fixtures/failing-hash-worker.ts", import.meta.url).href));
   await check(bad);
+  // And with this thread hashing from the start too.
+  const mixed = new HashThreads(1);
+  mixed.workers.push(new Worker(new URL("./fixtures/failing-hash-worker.ts", import.meta.url).href));
+  await check(mixed);
 });
 
 test("no thread to be had: this thread hashes it all", async () => {
   await check(new HashThreads(0));
+  const none = new HashThreads(0);
+  none.hashHere = false; // nobody else to hash: this thread does anyway
+  await check(none);
   await check(undefined);
 });

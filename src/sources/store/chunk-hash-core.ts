@@ -36,22 +36,40 @@ const isZeroBit = (zero: Uint8Array, p: number) => ((zero[p >>> 3]! >>> (p & 7))
  * Hashes chunks [from, to) in order, handing them out every `batch` chunks (and the rest at the
  * end): a push checks and uploads what is hashed while the rest is still being hashed.
  */
+/** Reads and hashes ranges of chunks of a job's file, one buffer reused. */
+export class RangeHasher {
+  private readonly fd: number;
+  private readonly buf: Uint8Array;
+  readonly chunks: number;
+
+  constructor(private readonly job: HashJob) {
+    this.chunks = Math.ceil(job.size / job.chunkSize);
+    this.buf = new Uint8Array(job.chunkSize);
+    this.fd = openSync(job.file, "r");
+  }
+
+  /** The batch claimed from the shared counter, hashed; undefined once every batch is claimed. */
+  claimed(next = () => Atomics.add(this.job.claim, 0, 1)): HashedRange | undefined {
+    const from = next() * this.job.batch;
+    if (!(from < this.chunks)) return undefined;
+    return hashRange(this.job, this.fd, this.buf, from, Math.min(this.chunks, from + this.job.batch));
+  }
+
+  close(): void {
+    closeSync(this.fd);
+  }
+}
+
 /**
  * Hashes the batches it claims (`next`, by default the job's shared counter) until there are none
  * left, handing out each one as soon as it is done.
  */
 export function hashChunks(job: HashJob, emit: (r: HashedRange) => void, next = () => Atomics.add(job.claim, 0, 1)): void {
-  const n = Math.ceil(job.size / job.chunkSize);
-  const buf = new Uint8Array(job.chunkSize);
-  const fd = openSync(job.file, "r");
+  const h = new RangeHasher(job);
   try {
-    for (;;) {
-      const from = next() * job.batch;
-      if (!(from < n)) return;
-      emit(hashRange(job, fd, buf, from, Math.min(n, from + job.batch)));
-    }
+    for (let r = h.claimed(next); r !== undefined; r = h.claimed(next)) emit(r);
   } finally {
-    closeSync(fd);
+    h.close();
   }
 }
 

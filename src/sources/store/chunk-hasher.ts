@@ -6,7 +6,7 @@
 import { type Pointer, toArrayBuffer } from "bun:ffi";
 import { availableParallelism } from "node:os";
 import { IMAGE_PAGE, type SnapshotImage, type ZeroMap } from "../image/snapshot-image.ts";
-import { type HashedRange, type HashJob, hashChunks } from "./chunk-hash-core.ts";
+import { type HashedRange, type HashJob, hashChunks, RangeHasher } from "./chunk-hash-core.ts";
 import { chunkCount } from "./format.ts";
 
 /**
@@ -34,9 +34,13 @@ const THREADS_FROM_BYTES = 32 * 1024 * 1024;
 /** Hashes per message from a thread: ~4 MiB of image, so uploads start while the rest is hashed. */
 const BATCH_BYTES = 4 * 1024 * 1024;
 
-/** Hash threads for an image of `bytes`: one per core (none for a small image). */
+/**
+ * Hash threads to start for an image of `bytes`: one per core but this one, which hashes too
+ * (a thread costs ~20-40 ms of CPU to boot, on a busy machine as much as it saves; none for a
+ * small image).
+ */
 export function hashThreadsFor(bytes: number): number {
-  return bytes < THREADS_FROM_BYTES ? 0 : Math.max(1, Math.min(availableParallelism(), 8));
+  return bytes < THREADS_FROM_BYTES ? 0 : Math.max(0, Math.min(availableParallelism(), 8) - 1);
 }
 
 /**
@@ -45,6 +49,8 @@ export function hashThreadsFor(bytes: number): number {
  */
 export class HashThreads {
   readonly workers: Worker[] = [];
+  /** This thread hashes too (false: it only takes what the others hand out; for tests). */
+  hashHere = true;
 
   constructor(count: number) {
     for (let k = 0; k < count; k++) {
@@ -65,8 +71,8 @@ export class HashThreads {
 /**
  * Hashes every chunk, handing out batches of hashes (null: all zero) as they are done, in no
  * particular order between threads; before a batch is handed out, the image's zero map gains the
- * data pages of it that hold only zeros. The threads (`threads`, closed when done) claim batches
- * as they go; what none of them handed out (a thread failed, none could be had) this one hashes.
+ * data pages of it that hold only zeros. This thread and the others (`threads`, closed when done)
+ * claim batches as they go; what a failed thread claimed and did not hand out this one hashes.
  */
 export async function hashImage(image: SnapshotImage, file: string, chunkSize: number, onBatch: (r: HashedRange) => void, threads?: HashThreads): Promise<void> {
   const n = chunkCount(image.size, chunkSize);
@@ -86,8 +92,20 @@ export async function hashImage(image: SnapshotImage, file: string, chunkSize: n
   };
   try {
     const workers = image.size < THREADS_FROM_BYTES ? [] : (threads?.workers ?? []);
-    // Threads hash; this one stays free for the store's requests and the uploads.
-    await Promise.all(workers.map((w) => inWorker(w, job, emit)));
+    const running = Promise.all(workers.map((w) => inWorker(w, job, emit)));
+    running.catch(() => {}); // awaited below, unless this thread fails first
+    // This thread hashes too, from the start (a thread takes a while to boot), a batch at a time
+    // with the store's answers and the uploads let in between.
+    const here = new RangeHasher(job);
+    try {
+      for (let r = threads?.hashHere === false && workers.length > 0 ? undefined : here.claimed(); r !== undefined; r = here.claimed()) {
+        emit(r);
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+    } finally {
+      here.close();
+    }
+    await running;
   } finally {
     threads?.close();
   }
