@@ -250,14 +250,19 @@ async function pushImage(
 }
 
 /**
- * The chunks a store holds, with their sizes: one listing per first hex digit of the hash, all at
- * once (a listing is paged, a page a round trip), within `pages` pages in all. Undefined when the
- * store cannot list; `complete` false when the budget ran out (the rest are asked one by one).
+ * The chunks a store holds, with their sizes, within `pages` pages of listing in all (a page is
+ * a round trip of up to 1000 keys). One page first: a store of a few snapshots fits in it, and
+ * each listing costs the store's CPU as much as a small PUT, CPU the push's hashing shares on a
+ * small machine. Past one page, one listing per first hex digit of the hash, all at once.
+ * Undefined when the store cannot list; `complete` false when the budget ran out (the rest are
+ * asked one by one).
  */
 async function listChunks(store: ObjectStore, pages: number): Promise<{ objects: Map<string, number>; complete: boolean } | undefined> {
   if (store.list === undefined) return undefined;
+  const head = await store.list("chunks/", 1);
+  if (head.complete) return head;
   const digits = "0123456789abcdef";
-  const per = Math.max(1, Math.floor(pages / digits.length));
+  const per = Math.max(1, Math.floor((pages - 1) / digits.length));
   const parts = await Promise.all([...digits].map((d) => store.list!(`chunks/${d}`, per)));
   const objects = new Map<string, number>();
   for (const p of parts) for (const [k, v] of p.objects) objects.set(k, v);
