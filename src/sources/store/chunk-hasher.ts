@@ -73,8 +73,16 @@ export class HashThreads {
  * particular order between threads; before a batch is handed out, the image's zero map gains the
  * data pages of it that hold only zeros. This thread and the others (`threads`, closed when done)
  * claim batches as they go; what a failed thread claimed and did not hand out this one hashes.
+ * `signal` aborted (the push failed): stops, rejecting with its reason.
  */
-export async function hashImage(image: SnapshotImage, file: string, chunkSize: number, onBatch: (r: HashedRange) => void, threads?: HashThreads): Promise<void> {
+export async function hashImage(
+  image: SnapshotImage,
+  file: string,
+  chunkSize: number,
+  onBatch: (r: HashedRange) => void,
+  threads?: HashThreads,
+  signal?: AbortSignal,
+): Promise<void> {
   const n = chunkCount(image.size, chunkSize);
   const zero = new Uint8Array(Math.ceil(image.zero.pages / 8));
   for (const run of image.zero.runs(0, image.zero.pages)) {
@@ -92,7 +100,7 @@ export async function hashImage(image: SnapshotImage, file: string, chunkSize: n
   };
   try {
     const workers = image.size < THREADS_FROM_BYTES ? [] : (threads?.workers ?? []);
-    const running = Promise.all(workers.map((w) => inWorker(w, job, emit)));
+    const running = Promise.all(workers.map((w) => inWorker(w, job, emit, signal)));
     running.catch(() => {}); // awaited below, unless this thread fails first
     // This thread hashes too, from the start (a thread takes a while to boot), a batch at a time
     // with the store's answers and the uploads let in between.
@@ -101,6 +109,7 @@ export async function hashImage(image: SnapshotImage, file: string, chunkSize: n
       for (let r = threads?.hashHere === false && workers.length > 0 ? undefined : here.claimed(); r !== undefined; r = here.claimed()) {
         emit(r);
         await new Promise<void>((resolve) => setImmediate(resolve));
+        signal?.throwIfAborted();
       }
     } finally {
       here.close();
@@ -125,7 +134,7 @@ const WORKER = import.meta.url.includes("/$bunfs/") ? "./sources/store/hash-work
 type WorkerMessage = HashedRange | { done: true } | { error: string };
 
 /** Resolves once the thread has claimed all it will: done, failed, or gone. */
-function inWorker(w: Worker, job: HashJob, emit: (r: HashedRange) => void): Promise<void> {
+function inWorker(w: Worker, job: HashJob, emit: (r: HashedRange) => void, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     let settled = false;
     const finish = (err?: unknown) => {
@@ -148,6 +157,7 @@ function inWorker(w: Worker, job: HashJob, emit: (r: HashedRange) => void): Prom
       }
     };
     w.onerror = () => finish();
+    signal?.addEventListener("abort", () => finish(signal.reason), { once: true });
     w.postMessage(job);
   });
 }

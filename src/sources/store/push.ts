@@ -161,7 +161,8 @@ async function pushImage(
     opts.progress?.(done, n, report.uploadedBytes);
     wake();
   };
-  const hashing = hashImage(image, file, chunkSize, onBatch, threads).then(
+  const abort = new AbortController(); // a failed upload stops the hashing
+  const hashing = hashImage(image, file, chunkSize, onBatch, threads, abort.signal).then(
     () => {
       phases.hashMs = performance.now() - tHash;
       hashed = true;
@@ -208,6 +209,7 @@ async function pushImage(
   } catch (e) {
     stop = true; // the other uploaders stop after what they are doing
     wake();
+    abort.abort(e);
     throw e;
   }
   // What the uploads added once hashing was over (the rest of them ran meanwhile).

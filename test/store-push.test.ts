@@ -1,8 +1,8 @@
-// What a push asks the store before it uploads: one listing page for a small store, one listing
-// per first hex digit past it, HEADs past the listing budget. Whichever way, a chunk is skipped
-// only when the store holds its exact hash, and everything else is uploaded.
+// push(): what it asks the store before it uploads (one listing page for a small store, one
+// listing per first hex digit past it, HEADs past the listing budget; whichever way, a chunk is
+// skipped only when the store holds its exact hash), and a push whose uploads fail.
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { mkdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { chunkKey, decodeManifest, manifestKey } from "../src/sources/store/format.ts";
@@ -61,4 +61,25 @@ test("more than the listing budget under one digit: the rest asked one by one", 
   junk(store, 1100, "0");
   junk(store, 1100, "1");
   await pushTwice(store);
+});
+
+test("uploads that fail: the push fails with the store's error, no manifest, and its hashing stops", async () => {
+  const big = join(dir.path, "big.mem");
+  writeDemoImage(big, 64 * MIB, 6);
+  const store = join(dir.path, "broken");
+  // Every chunk directory is a file: every chunk PUT fails.
+  mkdirSync(join(store, "chunks"), { recursive: true });
+  for (let b = 0; b < 256; b++) writeFileSync(join(store, "chunks", b.toString(16).padStart(2, "0")), "");
+  let calls = 0;
+  const err = await push(big, `file://${store}/vm`, { progress: () => calls++ }).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err).toMatchObject({ code: "STORE_UNAVAILABLE" });
+  expect(existsSync(join(store, manifestKey("vm")))).toBe(false);
+  // This thread hashes a batch per turn of the event loop: were it still hashing, these turns
+  // would hand out more.
+  const after = calls;
+  for (let k = 0; k < 40; k++) await new Promise<void>((r) => setImmediate(r));
+  expect(calls).toBe(after);
 });
