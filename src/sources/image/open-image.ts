@@ -10,6 +10,11 @@ export interface OpenImageOptions {
   ramblock?: string;
   /** Every byte of the file as it is, whatever its format (a mapped-ram file for qemu-restore). */
   wholeFile?: boolean;
+  /**
+   * Fill the mapping's page tables for what is cached (default true: faults served from it
+   * never take a fault on our side). A push reads through pread and maps only to upload: false.
+   */
+  prefault?: boolean;
 }
 
 export function detectFormat(path: string): ImageFormat {
@@ -26,15 +31,15 @@ export function detectFormat(path: string): ImageFormat {
 export function openImage(path: string, opts: OpenImageOptions = {}): SnapshotImage {
   if (opts.wholeFile) {
     if (opts.ramblock !== undefined) throw new ConfigError("--ramblock and --whole-file exclude each other", { path, ramblock: opts.ramblock });
-    return openRawImage(path);
+    return openRawImage(path, opts.prefault);
   }
   const format = detectFormat(path);
-  if (format === "mapped-ram") return openMappedRamImage(path, opts.ramblock);
+  if (format === "mapped-ram") return openMappedRamImage(path, opts.ramblock, opts.prefault);
   if (opts.ramblock !== undefined) {
     throw new ConfigError(`--ramblock "${opts.ramblock}" applies only to QEMU mapped-ram files; ${path} is a raw image`, {
       path,
       ramblock: opts.ramblock,
     });
   }
-  return openRawImage(path);
+  return openRawImage(path, opts.prefault);
 }

@@ -4,13 +4,13 @@ import { ImageError, SyscallError } from "../../core/errors.ts";
 import { Errno, errnoName, sl } from "../../core/ffi.ts";
 import { checkImageSize, IMAGE_PAGE, MappedImage, ZeroMap, mapReadOnly, openRegularFile, type SnapshotImage } from "./snapshot-image.ts";
 
-export function openRawImage(path: string): SnapshotImage {
+export function openRawImage(path: string, prefault = true): SnapshotImage {
   const { fd, size } = openRegularFile(path);
   try {
     if (size === 0) throw new ImageError(`${path}: image file is empty`, { path });
     checkImageSize(size, path, "image file of");
     const zero = findHoles(fd, size, path);
-    const mapAddr = mapReadOnly(fd, size, 0, path);
+    const mapAddr = mapReadOnly(fd, size, 0, path, prefault);
     return new MappedImage({ format: "raw", path, size, zero, mapAddr, mapLen: size });
   } finally {
     // The mapping keeps the file alive; the fd is not needed any more.

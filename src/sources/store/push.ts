@@ -1,11 +1,11 @@
 // `snapload push FILE STORE/NAME`, `pull STORE/NAME FILE` and `inspect STORE/NAME`.
 // Push cuts the image into chunks, skips all-zero ones, names each by its SHA-256 (every core
 // hashing), lists what the store holds, compresses and uploads only the rest (several PUTs at
-// once) and writes the manifest LAST: an
+// once, each as soon as its chunk is hashed and known absent) and writes the manifest LAST: an
 // interrupted push leaves orphan chunks (reused by the next push), never a visible snapshot.
-import { closeSync, ftruncateSync, openSync, renameSync, unlinkSync, writeSync } from "node:fs";
+import { closeSync, ftruncateSync, openSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { openImage } from "../image/open-image.ts";
-import { IMAGE_PAGE } from "../image/snapshot-image.ts";
+import { IMAGE_PAGE, type SnapshotImage } from "../image/snapshot-image.ts";
 import { formatBytes } from "../../core/log.ts";
 import { readWorkingSet } from "../../scheduler/working-set.ts";
 import { StoreError } from "./errors.ts";
@@ -28,7 +28,8 @@ import {
   WHOLE_FILE_FORMAT_VERSION,
   zeroMapToBase64,
 } from "./format.ts";
-import { hashImage, readChunk } from "./chunk-hasher.ts";
+import { HashThreads, hashImage, hashThreadsFor, readChunk } from "./chunk-hasher.ts";
+import type { HashedRange } from "./chunk-hash-core.ts";
 import { LIST_PAGE, type ObjectStore, parseStoreRef, type StoreOptions } from "./stores.ts";
 
 /** A push lists at least this many pages of the store's chunks before it asks for the rest one by one. */
@@ -63,7 +64,10 @@ export interface PushReport {
   /** Stored bytes of every distinct chunk this snapshot references. */
   storedBytes: number;
   seconds: number;
-  /** Where the time went, ms: hashing every chunk, listing the store (at the same time), uploading what was missing. */
+  /**
+   * Where the time went, ms: hashing every chunk, listing the store (at the same time), and the
+   * uploads still running once hashing was over (the others ran while it hashed).
+   */
   phases: { hashMs: number; listMs: number; uploadMs: number };
 }
 
@@ -76,111 +80,191 @@ export async function push(file: string, ref: string, opts: PushOptions = {}): P
   const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
   const level = opts.level ?? DEFAULT_ZSTD_LEVEL;
   const parallel = opts.parallel ?? DEFAULT_PARALLEL;
-  const image = openImage(file, { ...(opts.ramblock === undefined ? {} : { ramblock: opts.ramblock }), wholeFile: opts.wholeFile === true });
+  // The hash threads boot while the image is opened (the file's size stands for the image's).
+  const threads = new HashThreads(hashThreadsFor(fileBytes(file)));
   try {
-    const size = image.size;
-    const workingSet = opts.workingSet !== undefined ? await readWorkingSet(opts.workingSet, size) : undefined;
-    const zero = image.zero; // refined by hashImage: data pages that hold only zeros become zero pages
-    const n = chunkCount(size, chunkSize);
-    const stored: number[] = new Array(n).fill(0);
-    const report = { zeroChunks: 0, duplicateChunks: 0, existingChunks: 0, uploadedChunks: 0, uploadedBytes: 0 };
-    // Hash every chunk first (on every core) while the store lists the chunks it holds: what it
-    // holds is neither compressed nor sent again, and costs no request of its own.
-    const tHash = performance.now();
-    const phases = { hashMs: 0, listMs: 0, uploadMs: 0 };
-    // The listing first: hashing in this thread (a small image) would hold its requests back.
-    const listing = listChunks(store, Math.max(MIN_LIST_PAGES, Math.ceil(n / LIST_PAGE) * 4)).then((l) => {
-      phases.listMs = performance.now() - tHash;
-      return l;
-    });
-    const hashes = await hashImage(image, file, chunkSize);
-    phases.hashMs = performance.now() - tHash;
-    const listed = await listing;
-    const tUpload = performance.now();
-    const first = new Map<string, number>(); // distinct hash -> first chunk holding it
-    for (let i = 0; i < n; i++) {
-      const h = hashes[i]!;
-      if (h === null) report.zeroChunks++;
-      else if (first.has(h)) report.duplicateChunks++;
-      else first.set(h, i);
+    // Not prefaulted: hashing reads the file; the mapping only gives the chunks to upload.
+    const image = openImage(file, { ...(opts.ramblock === undefined ? {} : { ramblock: opts.ramblock }), wholeFile: opts.wholeFile === true, prefault: false });
+    try {
+      return await pushImage(image, file, store, name, threads, { ...opts, chunkSize, level, parallel }, t0);
+    } finally {
+      image.close();
     }
-    const sizes = new Map<string, number>(); // hash -> its object's size
-    let done = report.zeroChunks + report.duplicateChunks;
-    const buf = new Uint8Array(chunkSize);
-    const todo = [...first];
-    let next = 0;
-    const worker = async () => {
-      while (next < todo.length) {
-        const [hash, i] = todo[next++]!;
-        const key = chunkKey(hash);
-        // Not in a complete listing: not in the store. Past a listing cut short: asked (HEAD).
-        let objectSize = listed?.objects.get(key);
-        if (objectSize === undefined && listed?.complete !== true) objectSize = await store.size(key);
-        if (objectSize !== undefined) report.existingChunks++;
-        else {
-          // Compressed one at a time in this thread; the PUT goes while the next is compressed.
-          const { object } = encodeChunk(readChunk(image, i * chunkSize, chunkLength(size, chunkSize, i), buf), level);
-          objectSize = object.length;
-          await store.put(key, object);
-          report.uploadedChunks++;
-          report.uploadedBytes += object.length;
-        }
-        sizes.set(hash, objectSize);
-        done++;
-        opts.progress?.(done, n, report.uploadedBytes);
-      }
-    };
-    await Promise.all(Array.from({ length: parallel }, worker));
-    phases.uploadMs = performance.now() - tUpload;
-    for (let i = 0; i < n; i++) if (hashes[i] !== null) stored[i] = sizes.get(hashes[i]!)!;
-    const blocks = image.blocks?.map((b) => ({ name: b.name, usedLength: b.usedLength, pageSize: b.pageSize }));
-    const blockPageSize = image.blocks?.find((b) => b.name === image.blockName)?.pageSize;
-    const body: ManifestBody = {
-      format: opts.wholeFile ? WHOLE_FILE_FORMAT_VERSION : STORE_FORMAT_VERSION,
-      name,
-      created: new Date().toISOString(),
-      image: {
-        size,
-        pageSize: IMAGE_PAGE,
-        source: opts.wholeFile ? "qemu-file" : image.format,
-        ...(image.blockName !== undefined ? { block: image.blockName, blockPageSize, blocks } : {}),
-      },
-      chunkSize,
-      compression: { codec: "zstd", level },
-      zero: zeroMapToBase64(zero),
-      chunks: hashes,
-      stored,
-      ...(workingSet !== undefined ? { workingSet: encodeWorkingSetField(workingSet) } : {}),
-    };
-    const manifest = encodeManifest(body);
-    // Last: only now does NAME point at a complete snapshot.
-    await store.put(manifestKey(name), manifest);
-    let storedBytes = 0;
-    for (const size of sizes.values()) storedBytes += size;
-    return {
-      name,
-      manifestHash: sha256(manifest.subarray(manifest.indexOf(0x0a) + 1)),
-      size,
-      chunks: n,
-      ...report,
-      storedBytes,
-      seconds: (performance.now() - t0) / 1000,
-      phases,
-    };
   } finally {
-    image.close();
+    threads.close();
+  }
+}
+
+function fileBytes(file: string): number {
+  try {
+    return statSync(file).size;
+  } catch {
+    return 0; // openImage says what is wrong
   }
 }
 
 /**
- * The chunks a store holds, with their sizes: one listing per first hex digit of the hash, all at
- * once (a listing is paged, a page a round trip), within `pages` pages in all. Undefined when the
- * store cannot list; `complete` false when the budget ran out (the rest are asked one by one).
+ * Hashing, existence checks, compression and uploads as one pipeline: each batch of hashes the
+ * threads hand back is checked against the store's listing (asked at the start, answered while
+ * the first chunks are hashed) and what the store lacks is compressed and uploaded at once, by
+ * `parallel` uploaders, while the rest is still hashed. The manifest goes last, once every chunk
+ * it names is in the store.
+ */
+async function pushImage(
+  image: SnapshotImage,
+  file: string,
+  store: ObjectStore,
+  name: string,
+  threads: HashThreads,
+  opts: PushOptions & { chunkSize: number; level: number; parallel: number },
+  t0: number,
+): Promise<PushReport> {
+  const { chunkSize, level } = opts;
+  const size = image.size;
+  const workingSet = opts.workingSet !== undefined ? await readWorkingSet(opts.workingSet, size) : undefined;
+  const zero = image.zero; // refined by hashImage: data pages that hold only zeros become zero pages
+  const n = chunkCount(size, chunkSize);
+  const hashes: (string | null)[] = new Array(n).fill(null);
+  const report = { zeroChunks: 0, duplicateChunks: 0, existingChunks: 0, uploadedChunks: 0, uploadedBytes: 0 };
+  const tHash = performance.now();
+  const phases = { hashMs: 0, listMs: 0, uploadMs: 0 };
+  // What the store holds is neither compressed nor sent again, and costs no request of its own.
+  const listing = listChunks(store, Math.max(MIN_LIST_PAGES, Math.ceil(n / LIST_PAGE) * 4)).then((l) => {
+    phases.listMs = performance.now() - tHash;
+    return l;
+  });
+  const first = new Map<string, number>(); // distinct hash -> first chunk holding it
+  const sizes = new Map<string, number>(); // hash -> its object's size
+  const todo: [string, number][] = []; // distinct hashes in the order they were hashed
+  let hashed = false; // every chunk hashed (or hashing failed: `stop`)
+  let stop = false;
+  let done = 0;
+  let waiting: (() => void)[] = [];
+  const wake = () => {
+    const w = waiting;
+    waiting = [];
+    for (const f of w) f();
+  };
+  const onBatch = (r: HashedRange) => {
+    r.hashes.forEach((h, k) => {
+      const i = r.from + k;
+      hashes[i] = h;
+      if (h === null) report.zeroChunks++;
+      else if (first.has(h)) report.duplicateChunks++;
+      else {
+        first.set(h, i);
+        todo.push([h, i]);
+        return;
+      }
+      done++;
+    });
+    opts.progress?.(done, n, report.uploadedBytes);
+    wake();
+  };
+  const abort = new AbortController(); // a failed upload stops the hashing
+  const hashing = hashImage(image, file, chunkSize, onBatch, threads, abort.signal).then(
+    () => {
+      phases.hashMs = performance.now() - tHash;
+      hashed = true;
+      wake();
+    },
+    (e) => {
+      stop = hashed = true;
+      wake();
+      throw e;
+    },
+  );
+  const buf = new Uint8Array(chunkSize);
+  let next = 0;
+  const uploader = async () => {
+    const listed = await listing;
+    for (;;) {
+      if (stop) return;
+      if (next >= todo.length) {
+        if (hashed) return;
+        await new Promise<void>((r) => waiting.push(r));
+        continue;
+      }
+      const [hash, i] = todo[next++]!;
+      const key = chunkKey(hash);
+      // Not in a complete listing: not in the store. Past a listing cut short: asked (HEAD).
+      let objectSize = listed?.objects.get(key);
+      if (objectSize === undefined && listed?.complete !== true) objectSize = await store.size(key);
+      if (objectSize !== undefined) report.existingChunks++;
+      else {
+        // Compressed one at a time in this thread; the PUT goes while the next is compressed.
+        const { object } = encodeChunk(readChunk(image, i * chunkSize, chunkLength(size, chunkSize, i), buf), level);
+        objectSize = object.length;
+        await store.put(key, object);
+        report.uploadedChunks++;
+        report.uploadedBytes += object.length;
+      }
+      sizes.set(hash, objectSize);
+      done++;
+      opts.progress?.(done, n, report.uploadedBytes);
+    }
+  };
+  try {
+    await Promise.all([hashing, ...Array.from({ length: opts.parallel }, uploader)]);
+  } catch (e) {
+    stop = true; // the other uploaders stop after what they are doing
+    wake();
+    abort.abort(e);
+    throw e;
+  }
+  // What the uploads added once hashing was over (the rest of them ran meanwhile).
+  phases.uploadMs = performance.now() - tHash - phases.hashMs;
+  const stored: number[] = hashes.map((h) => (h === null ? 0 : sizes.get(h)!));
+  const blocks = image.blocks?.map((b) => ({ name: b.name, usedLength: b.usedLength, pageSize: b.pageSize }));
+  const blockPageSize = image.blocks?.find((b) => b.name === image.blockName)?.pageSize;
+  const body: ManifestBody = {
+    format: opts.wholeFile ? WHOLE_FILE_FORMAT_VERSION : STORE_FORMAT_VERSION,
+    name,
+    created: new Date().toISOString(),
+    image: {
+      size,
+      pageSize: IMAGE_PAGE,
+      source: opts.wholeFile ? "qemu-file" : image.format,
+      ...(image.blockName !== undefined ? { block: image.blockName, blockPageSize, blocks } : {}),
+    },
+    chunkSize,
+    compression: { codec: "zstd", level },
+    zero: zeroMapToBase64(zero),
+    chunks: hashes,
+    stored,
+    ...(workingSet !== undefined ? { workingSet: encodeWorkingSetField(workingSet) } : {}),
+  };
+  const manifest = encodeManifest(body);
+  // Last: only now does NAME point at a complete snapshot.
+  await store.put(manifestKey(name), manifest);
+  let storedBytes = 0;
+  for (const size of sizes.values()) storedBytes += size;
+  return {
+    name,
+    manifestHash: sha256(manifest.subarray(manifest.indexOf(0x0a) + 1)),
+    size,
+    chunks: n,
+    ...report,
+    storedBytes,
+    seconds: (performance.now() - t0) / 1000,
+    phases,
+  };
+}
+
+/**
+ * The chunks a store holds, with their sizes, within `pages` pages of listing in all (a page is
+ * a round trip of up to 1000 keys). One page first: a store of a few snapshots fits in it, and
+ * each listing costs the store's CPU as much as a small PUT, CPU the push's hashing shares on a
+ * small machine. Past one page, one listing per first hex digit of the hash, all at once.
+ * Undefined when the store cannot list; `complete` false when the budget ran out (the rest are
+ * asked one by one).
  */
 async function listChunks(store: ObjectStore, pages: number): Promise<{ objects: Map<string, number>; complete: boolean } | undefined> {
   if (store.list === undefined) return undefined;
+  const head = await store.list("chunks/", 1);
+  if (head.complete) return head;
   const digits = "0123456789abcdef";
-  const per = Math.max(1, Math.floor(pages / digits.length));
+  const per = Math.max(1, Math.floor((pages - 1) / digits.length));
   const parts = await Promise.all([...digits].map((d) => store.list!(`chunks/${d}`, per)));
   const objects = new Map<string, number>();
   for (const p of parts) for (const [k, v] of p.objects) objects.set(k, v);
