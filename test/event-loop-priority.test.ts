@@ -3,6 +3,7 @@
 import { expect, test } from "bun:test";
 import { EventLoop } from "../src/core/event-loop.ts";
 import { EPOLLIN, sl } from "../src/core/ffi.ts";
+import { HALF_LIFE_MS, RecentWork } from "../src/core/recent-work.ts";
 
 test("a `first` fd is dispatched before the others ready in the same turn, whatever epoll's order", async () => {
   const loop = new EventLoop();
@@ -103,4 +104,72 @@ test("an fd removed mid-turn, whose token a new fd takes, never hands its pendin
   loop.remove(cToken, c);
   for (const fd of [a, b, c]) sl.sl_close(fd);
   loop.close();
+});
+
+test("several `first` fds ready: the one with the least recent work first, a slice per turn, and one that becomes ready mid-turn goes ahead of the busy ones", async () => {
+  const loop = new EventLoop();
+  // 0: every contended turn serves one `first` fd, then epoll is asked again.
+  loop.firstSliceMs = 0;
+  const served: string[] = [];
+  const heavy = [sl.sl_eventfd(), sl.sl_eventfd()];
+  const small = sl.sl_eventfd();
+  let signalledAfter = -1;
+  const tokens: [number, number][] = [];
+  // The heavy fds are never drained: level-triggered, they stay ready, as a VM streaming faults.
+  heavy.forEach((fd, h) => {
+    tokens.push([loop.add(fd, EPOLLIN, () => {
+      served.push(`heavy ${h}`);
+      // A small VM faults while a heavy one is being served.
+      if (served.length === 3) {
+        sl.sl_eventfd_signal(small);
+        signalledAfter = served.length;
+      }
+      if (served.length === 9) loop.stop();
+      return 64; // pages installed
+    }, true), fd]);
+  });
+  tokens.push([loop.add(small, EPOLLIN, () => {
+    sl.sl_eventfd_drain(small);
+    served.push("small");
+    return 1;
+  }, true), small]);
+  sl.sl_eventfd_signal(heavy[0]!);
+  sl.sl_eventfd_signal(heavy[1]!);
+  await loop.run();
+  // Served right after the turn in which it became ready, not after every other ready fd.
+  expect(served[signalledAfter]).toBe("small");
+  expect(served.filter((s) => s === "small").length).toBe(1);
+  // The heavy fds take turns: neither waits for the other to run dry.
+  const h = served.filter((s) => s !== "small");
+  for (let i = 1; i < h.length; i++) expect(h[i]).not.toBe(h[i - 1]);
+  for (const [token, fd] of tokens) {
+    loop.remove(token, fd);
+    sl.sl_close(fd);
+  }
+  loop.close();
+});
+
+test("recent work: least first, halving every HALF_LIFE_MS; a new fd on a reused token starts from nothing", () => {
+  const w = new RecentWork();
+  const idx = new Int32Array([0, 1, 2]);
+  // Event i is token i + 1.
+  const tokenOf = (i: number) => i + 1;
+  w.charge(1, 0, 100);
+  w.charge(2, 0, 10);
+  w.charge(3, 0, 50);
+  w.order(idx, 3, tokenOf, 0);
+  expect([...idx]).toEqual([1, 2, 0]);
+  expect(w.decayed(1, HALF_LIFE_MS)).toBeCloseTo(50);
+  // Busy long ago ranks below busy now.
+  w.charge(2, 4 * HALF_LIFE_MS, 20);
+  expect(w.decayed(1, 4 * HALF_LIFE_MS)).toBeCloseTo(100 / 16);
+  idx.set([0, 1, 2]);
+  w.order(idx, 3, tokenOf, 4 * HALF_LIFE_MS);
+  expect([...idx]).toEqual([2, 0, 1]);
+  w.reset(2);
+  expect(w.decayed(2, 4 * HALF_LIFE_MS)).toBe(0);
+  // Tokens past the first 64 grow the tables.
+  w.reset(200);
+  w.charge(200, 0, 3);
+  expect(w.decayed(200, 0)).toBe(3);
 });

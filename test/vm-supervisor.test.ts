@@ -149,3 +149,50 @@ describe("VmSupervisor", () => {
     expect(totals.served).toBe(1);
   });
 });
+
+describe("VMs sharing one loop", () => {
+  test("a VM with one fault is not queued behind another VM's full drain: a contended drain is short, and the rest waits its turn", async () => {
+    const loop = new EventLoop();
+    loop.firstSliceMs = 0;
+    const scratch = new Scratch();
+    cleanups.push(() => scratch.free(), () => loop.close());
+    const logger = new Logger("error", { format: "json", sink: () => {} });
+    const totals = new VmTotals();
+    const vm = (id: number, kernel: FakeKernel) => {
+      const uffd = sl.sl_eventfd();
+      const s = new VmSupervisor(
+        { loop, logger, totals, scratch, faultAround: 1, populate: "none", onFatal: "drop", kernel, closed: () => {} },
+        { id, pid: process.pid, pidfd: -1, uffd, sock: sl.sl_eventfd(), regions: [{ base: FAKE_BASE, size: PAGES * FAKE_PAGE, offset: 0, pageSize: FAKE_PAGE }], source: imageSource(), socketPath: "test.sock" },
+      );
+      cleanups.push(() => s.close({ kind: "shutdown" }));
+      s.start();
+      return { s, uffd };
+    };
+    const heavyKernel = new FakeKernel();
+    const smallKernel = new FakeKernel();
+    const heavy = vm(1, heavyKernel);
+    const small = vm(2, smallKernel);
+    // 16 vCPUs of the heavy VM fault (on pages apart: no coalescing), then one of the small VM.
+    for (let p = 0; p < PAGES; p += 2) heavyKernel.touch(p);
+    smallKernel.touch(5);
+    smallKernel.afterInstall = () => loop.stop();
+    // The eventfds stand in for the uffds: readable, heavy first in epoll's order.
+    sl.sl_eventfd_signal(heavy.uffd);
+    sl.sl_eventfd_signal(small.uffd);
+    await loop.run();
+    expect(small.s.session.table.regions[0]!.state[5]).toBe(PAGE_INSTALLED);
+    expect([...smallKernel.sleeping]).toEqual([]);
+    // The heavy VM was served first (epoll's order, no work yet on either) but read 8 of its 16
+    // faults; before, it served all 16 while the small VM waited.
+    expect(heavy.s.session.stats.faults).toBe(8);
+    expect(heavyKernel.queue.length).toBe(8);
+    // The rest is served in later turns.
+    smallKernel.afterInstall = undefined;
+    heavyKernel.afterInstall = () => {
+      if (heavyKernel.queue.length === 0) loop.stop();
+    };
+    await loop.run();
+    expect(heavy.s.session.stats.faults).toBe(16);
+    expect([...heavyKernel.sleeping]).toEqual([]);
+  });
+});

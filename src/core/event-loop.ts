@@ -3,14 +3,25 @@
 // thread back to Bun's own event loop every YIELD_EVERY_MS (signals, child processes, timers).
 import { check } from "./check.ts";
 import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, NativeBuffer, SL_EPOLL_MAX_EVENTS, SL_EVENT_SIZE, sl } from "./ffi.ts";
+import { RecentWork } from "./recent-work.ts";
 import { SpinPolicy } from "./spin-policy.ts";
 
-export type FdHandler = (events: number) => void;
+/**
+ * Serves an fd's events. A `first` handler may return the work it did (pages installed, ...):
+ * when several `first` fds are ready, the one with the least recent work is served first.
+ * Nothing returned counts as one unit.
+ */
+export type FdHandler = (events: number) => number | void;
 
 /** The token an event gets once served in the first pass (no handler ever has it). */
 const SERVED = 0xffffffff;
 const MAX_EVENTS = SL_EPOLL_MAX_EVENTS;
 const YIELD_EVERY_MS = 20;
+/**
+ * How long the `first` fds of one turn are served while several are ready, before the loop
+ * looks for newly ready ones: bounds what a fault that comes in meanwhile waits behind others.
+ */
+const FIRST_SLICE_MS = 0.1;
 /**
  * How long one wait may block while nothing happens. Signals reach Bun's handlers only while we
  * yield, so this bounds the delay of a SIGTERM; it grows while the daemon stays idle (each idle
@@ -31,7 +42,19 @@ export class EventLoop {
   private readonly handlers: (FdHandler | undefined)[] = [];
   /** Per token: served before the other ready fds of a turn (faults, urgent replies). */
   private readonly first: boolean[] = [];
+  /** Recent work of the `first` tokens: the order of a contended first pass. */
+  private readonly work = new RecentWork();
+  /** Scratch of the first pass: indexes of its events. */
+  private readonly firstIdx = new Int32Array(MAX_EVENTS);
+  private readonly tokenOf = (i: number) => this.events.u32[i * 4]!;
   private firstCount = 0;
+  /**
+   * True while the loop serves one of several `first` fds ready in the same turn: a handler
+   * then does a short slice of its work and leaves the rest for a later turn.
+   */
+  contended = false;
+  /** FIRST_SLICE_MS; 0 serves one `first` fd per contended turn (tests). */
+  firstSliceMs = FIRST_SLICE_MS;
   /** Events of the turn being dispatched (0 between turns). */
   private pending = 0;
   private readonly freeTokens: number[] = [];
@@ -62,6 +85,7 @@ export class EventLoop {
     this.handlers[token] = handler;
     this.first[token] = first;
     if (first) this.firstCount++;
+    this.work.reset(token);
     const r = sl.sl_epoll_ctl(this.epfd, EPOLL_CTL_ADD, fd, events, token);
     if (r < 0) {
       this.handlers[token] = undefined;
@@ -163,11 +187,7 @@ export class EventLoop {
         // is still readable ahead of a reply that arrived while we were reading it).
         // An event served in the first pass gets a token no handler has, so a handler that removed
         // its fd (and a new fd that took over its token) is not dispatched twice.
-        for (let i = 0; i < n; i++) {
-          if (!this.first[u32[i * 4]!]) continue;
-          this.dispatch(u32, i);
-          u32[i * 4] = SERVED;
-        }
+        this.firstPass(u32, n);
         for (let i = 0; i < n; i++) if (u32[i * 4] !== SERVED) this.dispatch(u32, i);
       } else {
         for (let i = 0; i < n; i++) this.dispatch(u32, i);
@@ -187,10 +207,50 @@ export class EventLoop {
     }
   }
 
-  private dispatch(u32: Uint32Array, i: number): void {
+  /**
+   * Serves the turn's `first` events. When several are ready (several VMs faulting), the one
+   * whose handler did the least work lately goes first, and once the pass has run for firstSliceMs
+   * the rest wait for the next turn: they are level-triggered, so epoll lists them again, and
+   * an fd that became ready meanwhile (a VM with one fault) is served after at most one slice,
+   * ahead of the fds that were just served. Skipped fds did no work, so they move up by themselves.
+   */
+  private firstPass(u32: Uint32Array, n: number): void {
+    const idx = this.firstIdx;
+    let m = 0;
+    for (let i = 0; i < n; i++) if (this.first[u32[i * 4]!]) idx[m++] = i;
+    if (m === 1) {
+      // Uncontended (one VM, with a stream event beside it): no clock, no accounting.
+      this.dispatch(u32, idx[0]!);
+      u32[idx[0]! * 4] = SERVED;
+      return;
+    }
+    if (m === 0) return;
+    const start = performance.now();
+    this.work.order(idx, m, this.tokenOf, start);
+    let now = start;
+    this.contended = true;
+    for (let k = 0; k < m; k++) {
+      const i = idx[k]!;
+      const token = u32[i * 4]!;
+      if (token === SERVED) continue; // removed by a handler earlier in the turn
+      if (k > 0 && now - start >= this.firstSliceMs) {
+        u32[i * 4] = SERVED; // not served: listed again next turn
+        continue;
+      }
+      const handler = this.handlers[token];
+      const work = this.dispatch(u32, i);
+      now = performance.now();
+      // Charged only while the token still belongs to the fd that did the work.
+      if (handler !== undefined && this.handlers[token] === handler) this.work.charge(token, now, typeof work === "number" ? work : 1);
+      u32[i * 4] = SERVED;
+    }
+    this.contended = false;
+  }
+
+  private dispatch(u32: Uint32Array, i: number): number | void {
     // sl_event: u64 data (token < 2^32), u32 events.
     const handler = this.handlers[u32[i * 4]!];
-    if (handler !== undefined) handler(u32[i * 4 + 2]!);
+    if (handler !== undefined) return handler(u32[i * 4 + 2]!);
   }
 
   private runTimers(): void {

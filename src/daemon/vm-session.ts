@@ -46,6 +46,8 @@ export interface VmOptions {
 const BACKGROUND_RUN_BYTES = 2 * 1024 * 1024;
 /** uffd reads per drain() (up to 64 messages each) before other VMs get their turn. */
 export const MAX_DRAIN_ROUNDS = 16;
+/** After this long, a drain reads no more (the loop looks at the other fds first). */
+export const DRAIN_SLICE_NS = 200_000;
 
 export class VmSession implements RequesterVm, PopulatorVm {
   readonly stats: VmStats = {
@@ -116,13 +118,15 @@ export class VmSession implements RequesterVm, PopulatorVm {
   }
 
   /**
-   * Reads and serves the queued messages, at most MAX_DRAIN_ROUNDS reads: the rest stays queued
-   * (epoll reports the uffd again) so one busy VM cannot hold the loop. Returns false if the VM
-   * must be dropped. Faults left in `retry` are for the caller to retry later.
+   * Reads and serves the queued messages, at most `rounds` reads of up to `msgs` messages, and no
+   * further read once DRAIN_SLICE_NS have passed: the rest stays queued (epoll reports the uffd
+   * again) so one busy VM cannot hold the loop. Returns false if the VM must be dropped. Faults
+   * left in `retry` are for the caller to retry later.
    */
-  drain(): boolean {
+  drain(msgs: number = Scratch.MAX_MSGS, rounds: number = MAX_DRAIN_ROUNDS): boolean {
     const buf = this.scratch.msgs;
-    const max = Scratch.MAX_MSGS;
+    const max = Math.min(msgs, Scratch.MAX_MSGS);
+    let start = 0;
     for (let round = 1; ; round++) {
       const n = this.kernel.read(this.uffd, buf.address, max);
       if (n < 0) {
@@ -131,15 +135,17 @@ export class VmSession implements RequesterVm, PopulatorVm {
       }
       if (n > 0) this.dispatch(buf, n);
       if (this.failed !== undefined) return false;
-      if (round >= MAX_DRAIN_ROUNDS) return true;
+      if (round >= rounds) return true;
       if (this.retry.length && !this.serveRetries()) {
         // Still EAGAIN. Reading again helps only if the pending event was not read yet; with the
         // queue empty the kernel is waiting for the VMM's thread to finish its madvise (it may be
         // throttled for long): re-reading an empty uffd would spin and starve every other VM.
         if (n === 0) return true;
-        continue;
-      }
-      if (n < max) return true;
+      } else if (n < max) return true;
+      // More may be queued. The clock is read only here (a drain of one fault never gets here):
+      // the first round's batch was read at batchStart (dispatch or serveRetries just set it).
+      if (round === 1) start = this.batchStart;
+      else if (Bun.nanoseconds() - start >= DRAIN_SLICE_NS) return true;
     }
   }
 

@@ -68,6 +68,11 @@ export interface VmConnection {
 }
 
 const SIGKILL = 9;
+/**
+ * Messages one drain reads while other VMs' faults wait in the same turn (each may install a
+ * fault-around window): a VM with many vCPUs faulting does not hold the others for a full drain.
+ */
+const CONTENDED_MSGS = 8;
 /** How soon faults that met EAGAIN (an event pending in the kernel) are retried. */
 const RETRY_MS = 1;
 
@@ -152,16 +157,24 @@ export class VmSupervisor {
     this.serve();
   }
 
-  /** The uffd is readable (or a retry is due): serve it. */
-  private serve(): void {
-    if (this.state === "closed") return;
+  /**
+   * The uffd is readable (or a retry is due): serve it. Returns the pages installed (+ 1 for the
+   * read): the loop serves the VM that did the least of them lately first.
+   */
+  private serve(): number {
+    if (this.state === "closed") return 1;
+    const stats = this.session.stats;
+    const before = stats.pagesInstalled;
     this.busy = true;
     // A detached VM may still have a REMOVE queued from before the unregister; its madvise
     // waits until someone reads it, so keep reading (and ignoring) until the VMM hangs up.
     if (this.state === "detached") this.session.discardMessages();
+    // Other VMs' faults are waiting in this turn: a short drain, the rest after them.
+    else if (this.deps.loop.contended) this.session.drain(CONTENDED_MSGS, 1);
     else this.session.drain();
     this.busy = false;
     this.decide();
+    return stats.pagesInstalled - before + 1;
   }
 
   /** One slice of prefetch/population; the loop runs it when no fd is ready. */
