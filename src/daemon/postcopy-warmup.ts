@@ -108,6 +108,7 @@ export async function warmUpPostcopy(loop: EventLoop, budgetMs = POSTCOPY_WARM_U
     let faultCursor = PAGES - 1;
     let faultsDue = false;
     let ending = false;
+    let retryDue = false;
     const feedFaults = () => {
       faultsDue = false;
       // From the end, while the sweep works from the start: missing pages go urgent, in-flight ones are hurried.
@@ -148,10 +149,15 @@ export async function warmUpPostcopy(loop: EventLoop, budgetMs = POSTCOPY_WARM_U
       if (client === undefined || ending) return;
       if (vm.failure !== undefined) return stop(`${vm.failure.code}: ${vm.failure.detail}`);
       if (vm.retry.length > 0) {
-        cancels.push(loop.after(1, () => {
-          vm.drain();
-          decide();
-        }));
+        // One retry timer however often we are told of deliveries meanwhile (as the VM's owner does).
+        if (!retryDue) {
+          retryDue = true;
+          cancels.push(loop.after(1, () => {
+            retryDue = false;
+            vm.drain();
+            decide();
+          }));
+        }
         return;
       }
       if (table.complete) {
