@@ -14,6 +14,7 @@ import { PageServer, type PageServerFaults, type ServedImage } from "../postcopy
 import { formatHostPort, parseHostPort, resolveHost } from "../postcopy/address.ts";
 import { readTokenFile } from "../postcopy/auth.ts";
 import { zeroMapBytes } from "../postcopy/protocol.ts";
+import { logPostcopyWarmUp, warmUpPostcopy } from "../daemon/postcopy-warmup.ts";
 
 export function pageServerCommand(config: PageServerConfig): Promise<number> {
   return runPageServer(config);
@@ -54,6 +55,8 @@ export async function runPageServer(config: PageServerConfig, faults?: PageServe
       maxClients: config["max-clients"],
       faults,
     });
+    // Before it listens: the first client's pages are sent by optimised code (postcopy-warmup.ts).
+    logPostcopyWarmUp(logger, "page_server.warm_up", await warmUpPostcopy(server.loop));
     served.attach?.(server.loop);
     if (config.metrics !== undefined) metrics = await startMetricsEndpoint(config.metrics, () => renderPageServerMetrics(server), logger);
     const port = server.listen();

@@ -7,6 +7,7 @@ import { renderServeMetrics } from "../metrics/serve-metrics.ts";
 import { type OpenedSource, openSource } from "../sources/open-source.ts";
 import { type Listener, Server } from "../daemon/server.ts";
 import { warmUp } from "../daemon/warmup.ts";
+import { logPostcopyWarmUp, warmUpPostcopy } from "../daemon/postcopy-warmup.ts";
 import { SpinPolicy } from "../core/spin-policy.ts";
 import { readWorkingSet } from "../scheduler/working-set.ts";
 
@@ -59,6 +60,8 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
         : "fault path warm-up skipped (no userfaultfd)",
       { done: warm !== undefined && warm.real > 0, ms: warm?.ms, syntheticFaults: warm?.synthetic, realFaults: warm?.real },
     );
+    // A page server's client is other code than the local fault path: warm it too (postcopy-warmup.ts).
+    if (opened.some((s) => s.fields?.format === "page-server")) logPostcopyWarmUp(logger, "daemon.postcopy_warm_up", await warmUpPostcopy(server.loop));
     for (const s of opened) s.attach?.(server.loop);
     const shutdown = (signal: string) => {
       logger.info("daemon.signal", `${signal}: shutting down`, { signal });

@@ -11,6 +11,7 @@ export const EVENT_NAMES = [
   // serve
   "daemon.listening",
   "daemon.warm_up",
+  "daemon.postcopy_warm_up",
   "daemon.signal",
   "daemon.shutdown_with_vms",
   "daemon.accept_failed",
@@ -44,6 +45,7 @@ export const EVENT_NAMES = [
   "store.working_set_fetched",
   "store.closed",
   // page-server
+  "page_server.warm_up",
   "page_server.listening",
   "page_server.accept_failed",
   "page_server.client_connected",
