@@ -2,7 +2,7 @@
 // listing per first hex digit past it, HEADs past the listing budget; whichever way, a chunk is
 // skipped only when the store holds its exact hash), and a push whose uploads fail.
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { existsSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { chunkKey, decodeManifest, manifestKey } from "../src/sources/store/format.ts";
@@ -84,7 +84,21 @@ test("uploads that fail: the push fails with the store's error, no manifest, and
   const after = calls;
   for (let k = 0; k < 40; k++) await new Promise<void>((r) => setImmediate(r));
   expect(calls).toBe(after);
+  // Nothing holds the image open any more: a hashing thread terminated mid-batch leaked the fd
+  // it had opened itself (the mapping is no fd).
+  expect(openFdsOn(big)).toEqual([]);
 });
+
+/** This process's fds open on `path`. */
+function openFdsOn(path: string): string[] {
+  return readdirSync("/proc/self/fd").filter((fd) => {
+    try {
+      return readlinkSync(`/proc/self/fd/${fd}`) === path;
+    } catch {
+      return false; // closed meanwhile (readdir's own fd)
+    }
+  });
+}
 
 test("uploads still in flight when another fails: once they finish, nothing more is counted or reported", async () => {
   const store = join(dir.path, "in-flight");
