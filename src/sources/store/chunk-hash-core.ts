@@ -1,8 +1,10 @@
 // Hashing an image's chunks from its file, a batch at a time: what both a push's worker threads
 // and its own thread run. Threads claim batches from one shared counter, so a thread slowed down
-// (a busy core) takes fewer and all finish together. Only node:fs and Bun built-ins: a worker starts in milliseconds only when its
-// module graph is small (the CLI's graph costs ~200 ms per thread).
+// (a busy core) takes fewer and all finish together. Only node:fs, Bun built-ins and core/errors.ts
+// (no imports of its own): a worker starts in milliseconds only when its module graph is small
+// (the CLI's graph costs ~200 ms per thread).
 import { readSync } from "node:fs";
+import { ImageError } from "../../core/errors.ts";
 
 const PAGE = 4096;
 const ZERO_PAGE = new Uint8Array(PAGE);
@@ -95,7 +97,10 @@ function hashRange(job: HashJob, fd: number, buf: Uint8Array, from: number, to: 
         if (n <= 0) break;
         got += n;
       }
-      if (got < b - a) throw new Error(`${job.file}: short read at ${job.fileOffset + off + a + got}`);
+      if (got < b - a) {
+        const at = job.fileOffset + off + a + got;
+        throw new ImageError(`${job.file}: short read at byte ${at} (the file shrank while it was pushed?)`, { path: job.file, offset: at });
+      }
       for (let q = p; q < e; q++) {
         const page = out.subarray(q * PAGE, Math.min(len, (q + 1) * PAGE));
         if (page[0] === 0 && Buffer.compare(page, page.length === PAGE ? ZERO_PAGE : new Uint8Array(page.length)) === 0) zeroPages.push(first + q);
