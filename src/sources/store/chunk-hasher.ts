@@ -103,28 +103,26 @@ export async function hashImage(
     // Shared by every thread, closed here once all are done or terminated (HashJob.fd).
     fd = openSync(file, "r");
     const job: HashJob = { file, fd, fileOffset, size: image.size, chunkSize, zero, batch, claim: new Int32Array(new SharedArrayBuffer(4)) };
-    try {
-      const workers = image.size < THREADS_FROM_BYTES ? [] : (threads?.workers ?? []);
-      const running = Promise.all(workers.map((w) => inWorker(w, job, emit, signal)));
-      running.catch(() => {}); // awaited below, unless this thread fails first
-      // This thread hashes too, from the start (a thread takes a while to boot), a batch at a time
-      // with the store's answers and the uploads let in between.
-      const here = new RangeHasher(job);
-      for (let r = threads?.hashHere === false && workers.length > 0 ? undefined : here.claimed(); r !== undefined; r = here.claimed()) {
-        emit(r);
-        await new Promise<void>((resolve) => setImmediate(resolve));
-        signal?.throwIfAborted();
-      }
-      await running;
-    } finally {
-      threads?.close();
+    const workers = image.size < THREADS_FROM_BYTES ? [] : (threads?.workers ?? []);
+    const running = Promise.all(workers.map((w) => inWorker(w, job, emit, signal)));
+    running.catch(() => {}); // awaited below, unless this thread fails first
+    // This thread hashes too, from the start (a thread takes a while to boot), a batch at a time
+    // with the store's answers and the uploads let in between.
+    const here = new RangeHasher(job);
+    for (let r = threads?.hashHere === false && workers.length > 0 ? undefined : here.claimed(); r !== undefined; r = here.claimed()) {
+      emit(r);
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      signal?.throwIfAborted();
     }
+    await running; // each thread is terminated once it is done
     // What no thread handed out (none could be had; one failed holding a batch): hashed here. A
     // real fault, such as a short read, fails here too and fails the push.
     const left: number[] = [];
     got.forEach((g, b) => g === 0 && left.push(b));
     hashChunks(job, emit, () => left.shift() ?? batches);
   } finally {
+    // Threads first: none may read the fd once its number can be reused.
+    threads?.close();
     if (fd >= 0) closeSync(fd);
   }
 }
