@@ -173,3 +173,27 @@ test("recent work: least first, halving every HALF_LIFE_MS; a new fd on a reused
   w.charge(200, 0, 3);
   expect(w.decayed(200, 0)).toBe(3);
 });
+
+test("a `first` handler that throws in a contended turn: run() rejects and the loop is not left contended", async () => {
+  const loop = new EventLoop();
+  const fds = [sl.sl_eventfd(), sl.sl_eventfd()];
+  const tokens = fds.map((fd) =>
+    loop.add(fd, EPOLLIN, () => {
+      sl.sl_eventfd_drain(fd);
+      throw new Error("handler failed");
+    }, true),
+  );
+  for (const fd of fds) sl.sl_eventfd_signal(fd);
+  const err = await loop.run().then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect((err as Error).message).toBe("handler failed");
+  // Left true, every later drain of every VM would be a short one.
+  expect(loop.contended).toBe(false);
+  fds.forEach((fd, k) => {
+    loop.remove(tokens[k]!, fd);
+    sl.sl_close(fd);
+  });
+  loop.close();
+});

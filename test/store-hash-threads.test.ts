@@ -2,7 +2,7 @@
 // they go; whatever the threads do, every chunk is named by the SHA-256 of its exact bytes, and
 // every page that holds only zeros ends up in the zero map.
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { openSync, readFileSync, writeSync, closeSync } from "node:fs";
+import { closeSync, copyFileSync, openSync, readFileSync, truncateSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { openImage } from "../src/sources/image/open-image.ts";
 import { HashThreads, hashImage, hashThreadsFor } from "../src/sources/store/chunk-hasher.ts";
@@ -94,4 +94,23 @@ test("no thread to be had: this thread hashes it all", async () => {
   none.hashHere = false; // nobody else to hash: this thread does anyway
   await check(none);
   await check(undefined);
+});
+
+test("a file that shrinks while it is hashed: the hashing fails with a BAD_IMAGE error naming the file", async () => {
+  const shrunk = join(dir.path, "shrunk.mem");
+  copyFileSync(file, shrunk);
+  const image = openImage(shrunk, { prefault: false });
+  try {
+    truncateSync(shrunk, bytes.length / 2);
+    for (const threads of [new HashThreads(2), new HashThreads(0)]) {
+      const err = await hashImage(image, shrunk, CHUNK, () => {}, threads).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(err).toMatchObject({ code: "BAD_IMAGE", context: { path: shrunk } });
+      expect((err as Error).message).toContain(`${shrunk}: short read at byte`);
+    }
+  } finally {
+    image.close();
+  }
 });

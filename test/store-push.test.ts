@@ -2,11 +2,13 @@
 // listing per first hex digit past it, HEADs past the listing budget; whichever way, a chunk is
 // skipped only when the store holds its exact hash), and a push whose uploads fail.
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { existsSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { chunkKey, decodeManifest, manifestKey } from "../src/sources/store/format.ts";
 import { pull, push } from "../src/sources/store/push.ts";
+import { StoreError } from "../src/sources/store/errors.ts";
+import { openStore } from "../src/sources/store/stores.ts";
 import { tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
@@ -82,4 +84,53 @@ test("uploads that fail: the push fails with the store's error, no manifest, and
   const after = calls;
   for (let k = 0; k < 40; k++) await new Promise<void>((r) => setImmediate(r));
   expect(calls).toBe(after);
+  // Nothing holds the image open any more: a hashing thread terminated mid-batch leaked the fd
+  // it had opened itself (the mapping is no fd).
+  expect(openFdsOn(big)).toEqual([]);
+});
+
+/** This process's fds open on `path`. */
+function openFdsOn(path: string): string[] {
+  return readdirSync("/proc/self/fd").filter((fd) => {
+    try {
+      return readlinkSync(`/proc/self/fd/${fd}`) === path;
+    } catch {
+      return false; // closed meanwhile (readdir's own fd)
+    }
+  });
+}
+
+test("uploads still in flight when another fails: once they finish, nothing more is counted or reported", async () => {
+  const store = join(dir.path, "in-flight");
+  const proto = Object.getPrototypeOf(openStore(`file://${store}`)) as { put: (key: string, data: Uint8Array) => Promise<void> };
+  const realPut = proto.put;
+  let release!: () => void;
+  const held = new Promise<void>((r) => {
+    release = r;
+  });
+  let puts = 0;
+  // The third chunk PUT fails; the others are held until the push has failed, then go through.
+  proto.put = async function (this: unknown, key: string, data: Uint8Array) {
+    if (key.startsWith("chunks/")) {
+      if (++puts === 3) throw new StoreError("STORE_UNAVAILABLE", "injected PUT failure", { key });
+      await held;
+    }
+    return realPut.call(this, key, data);
+  };
+  try {
+    let calls = 0;
+    const err = await push(image, `file://${store}/vm`, { chunkSize: 256 * 1024, progress: () => calls++ }).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toMatchObject({ code: "STORE_UNAVAILABLE", message: "injected PUT failure" });
+    expect(puts).toBeGreaterThan(3); // some were in flight
+    const after = calls;
+    release();
+    for (let k = 0; k < 40; k++) await new Promise<void>((r) => setImmediate(r));
+    expect(calls).toBe(after);
+    expect(existsSync(join(store, manifestKey("vm")))).toBe(false);
+  } finally {
+    proto.put = realPut;
+  }
 });

@@ -229,22 +229,27 @@ export class EventLoop {
     this.work.order(idx, m, this.tokenOf, start);
     let now = start;
     this.contended = true;
-    for (let k = 0; k < m; k++) {
-      const i = idx[k]!;
-      const token = u32[i * 4]!;
-      if (token === SERVED) continue; // removed by a handler earlier in the turn
-      if (k > 0 && now - start >= this.firstSliceMs) {
-        u32[i * 4] = SERVED; // not served: listed again next turn
-        continue;
+    // A handler that throws ends run(); `contended` left true would make every later drain
+    // (a loop run again, a retry timer) a short one.
+    try {
+      for (let k = 0; k < m; k++) {
+        const i = idx[k]!;
+        const token = u32[i * 4]!;
+        if (token === SERVED) continue; // removed by a handler earlier in the turn
+        if (k > 0 && now - start >= this.firstSliceMs) {
+          u32[i * 4] = SERVED; // not served: listed again next turn
+          continue;
+        }
+        const handler = this.handlers[token];
+        const work = this.dispatch(u32, i);
+        now = performance.now();
+        // Charged only while the token still belongs to the fd that did the work.
+        if (handler !== undefined && this.handlers[token] === handler) this.work.charge(token, now, typeof work === "number" ? work : 1);
+        u32[i * 4] = SERVED;
       }
-      const handler = this.handlers[token];
-      const work = this.dispatch(u32, i);
-      now = performance.now();
-      // Charged only while the token still belongs to the fd that did the work.
-      if (handler !== undefined && this.handlers[token] === handler) this.work.charge(token, now, typeof work === "number" ? work : 1);
-      u32[i * 4] = SERVED;
+    } finally {
+      this.contended = false;
     }
-    this.contended = false;
   }
 
   private dispatch(u32: Uint32Array, i: number): number | void {

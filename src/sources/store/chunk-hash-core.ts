@@ -1,14 +1,23 @@
 // Hashing an image's chunks from its file, a batch at a time: what both a push's worker threads
 // and its own thread run. Threads claim batches from one shared counter, so a thread slowed down
-// (a busy core) takes fewer and all finish together. Only node:fs and Bun built-ins: a worker starts in milliseconds only when its
-// module graph is small (the CLI's graph costs ~200 ms per thread).
-import { closeSync, openSync, readSync } from "node:fs";
+// (a busy core) takes fewer and all finish together. Only node:fs, Bun built-ins and core/errors.ts
+// (no imports of its own): a worker starts in milliseconds only when its module graph is small
+// (the CLI's graph costs ~200 ms per thread).
+import { readSync } from "node:fs";
+import { ImageError } from "../../core/errors.ts";
 
 const PAGE = 4096;
 const ZERO_PAGE = new Uint8Array(PAGE);
 
 export interface HashJob {
+  /** For messages: the file is read through `fd`. */
   file: string;
+  /**
+   * The file, opened by the push's own thread and closed by it once every thread is done or
+   * terminated: threads share the process's fds, and one terminated mid-batch (a failed push)
+   * never runs its cleanup, so an fd it opened itself would leak.
+   */
+  fd: number;
   /** Where image byte 0 lies in the file (raw: 0; mapped-ram: the block's pages). */
   fileOffset: number;
   size: number;
@@ -32,31 +41,21 @@ export interface HashedRange {
 
 const isZeroBit = (zero: Uint8Array, p: number) => ((zero[p >>> 3]! >>> (p & 7)) & 1) === 1;
 
-/**
- * Hashes chunks [from, to) in order, handing them out every `batch` chunks (and the rest at the
- * end): a push checks and uploads what is hashed while the rest is still being hashed.
- */
 /** Reads and hashes ranges of chunks of a job's file, one buffer reused. */
 export class RangeHasher {
-  private readonly fd: number;
   private readonly buf: Uint8Array;
   readonly chunks: number;
 
   constructor(private readonly job: HashJob) {
     this.chunks = Math.ceil(job.size / job.chunkSize);
     this.buf = new Uint8Array(job.chunkSize);
-    this.fd = openSync(job.file, "r");
   }
 
   /** The batch claimed from the shared counter, hashed; undefined once every batch is claimed. */
   claimed(next = () => Atomics.add(this.job.claim, 0, 1)): HashedRange | undefined {
     const from = next() * this.job.batch;
     if (!(from < this.chunks)) return undefined;
-    return hashRange(this.job, this.fd, this.buf, from, Math.min(this.chunks, from + this.job.batch));
-  }
-
-  close(): void {
-    closeSync(this.fd);
+    return hashRange(this.job, this.job.fd, this.buf, from, Math.min(this.chunks, from + this.job.batch));
   }
 }
 
@@ -66,11 +65,7 @@ export class RangeHasher {
  */
 export function hashChunks(job: HashJob, emit: (r: HashedRange) => void, next = () => Atomics.add(job.claim, 0, 1)): void {
   const h = new RangeHasher(job);
-  try {
-    for (let r = h.claimed(next); r !== undefined; r = h.claimed(next)) emit(r);
-  } finally {
-    h.close();
-  }
+  for (let r = h.claimed(next); r !== undefined; r = h.claimed(next)) emit(r);
 }
 
 function hashRange(job: HashJob, fd: number, buf: Uint8Array, from: number, to: number): HashedRange {
@@ -102,7 +97,10 @@ function hashRange(job: HashJob, fd: number, buf: Uint8Array, from: number, to: 
         if (n <= 0) break;
         got += n;
       }
-      if (got < b - a) throw new Error(`${job.file}: short read at ${job.fileOffset + off + a + got}`);
+      if (got < b - a) {
+        const at = job.fileOffset + off + a + got;
+        throw new ImageError(`${job.file}: short read at byte ${at} (the file shrank while it was pushed?)`, { path: job.file, offset: at });
+      }
       for (let q = p; q < e; q++) {
         const page = out.subarray(q * PAGE, Math.min(len, (q + 1) * PAGE));
         if (page[0] === 0 && Buffer.compare(page, page.length === PAGE ? ZERO_PAGE : new Uint8Array(page.length)) === 0) zeroPages.push(first + q);

@@ -4,6 +4,7 @@
 // first ones while the rest are hashed. readChunk gets a chunk's bytes again, from the mapping, when
 // it must be uploaded.
 import { type Pointer, toArrayBuffer } from "bun:ffi";
+import { closeSync, openSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { IMAGE_PAGE, type SnapshotImage, type ZeroMap } from "../image/snapshot-image.ts";
 import { type HashedRange, type HashJob, hashChunks, RangeHasher } from "./chunk-hash-core.ts";
@@ -91,38 +92,39 @@ export async function hashImage(
   const fileOffset = image.blocks?.find((b) => b.name === image.blockName)?.pagesOffset ?? 0;
   const batch = Math.max(1, Math.floor(BATCH_BYTES / chunkSize));
   const batches = Math.ceil(n / batch);
-  const job: HashJob = { file, fileOffset, size: image.size, chunkSize, zero, batch, claim: new Int32Array(new SharedArrayBuffer(4)) };
   const got = new Uint8Array(batches); // batches handed out
   const emit = (r: HashedRange) => {
     got[r.from / batch] = 1;
     for (const p of r.zeroPages) image.zero.setZero(p);
     onBatch(r);
   };
+  let fd = -1;
   try {
+    // Shared by every thread, closed here once all are done or terminated (HashJob.fd).
+    fd = openSync(file, "r");
+    const job: HashJob = { file, fd, fileOffset, size: image.size, chunkSize, zero, batch, claim: new Int32Array(new SharedArrayBuffer(4)) };
     const workers = image.size < THREADS_FROM_BYTES ? [] : (threads?.workers ?? []);
     const running = Promise.all(workers.map((w) => inWorker(w, job, emit, signal)));
     running.catch(() => {}); // awaited below, unless this thread fails first
     // This thread hashes too, from the start (a thread takes a while to boot), a batch at a time
     // with the store's answers and the uploads let in between.
     const here = new RangeHasher(job);
-    try {
-      for (let r = threads?.hashHere === false && workers.length > 0 ? undefined : here.claimed(); r !== undefined; r = here.claimed()) {
-        emit(r);
-        await new Promise<void>((resolve) => setImmediate(resolve));
-        signal?.throwIfAborted();
-      }
-    } finally {
-      here.close();
+    for (let r = threads?.hashHere === false && workers.length > 0 ? undefined : here.claimed(); r !== undefined; r = here.claimed()) {
+      emit(r);
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      signal?.throwIfAborted();
     }
-    await running;
+    await running; // each thread is terminated once it is done
+    // What no thread handed out (none could be had; one failed holding a batch): hashed here. A
+    // real fault, such as a short read, fails here too and fails the push.
+    const left: number[] = [];
+    got.forEach((g, b) => g === 0 && left.push(b));
+    hashChunks(job, emit, () => left.shift() ?? batches);
   } finally {
+    // Threads first: none may read the fd once its number can be reused.
     threads?.close();
+    if (fd >= 0) closeSync(fd);
   }
-  // What no thread handed out (none could be had; one failed holding a batch): hashed here. A
-  // real fault, such as a short read, fails here too and fails the push.
-  const left: number[] = [];
-  got.forEach((g, b) => g === 0 && left.push(b));
-  hashChunks(job, emit, () => left.shift() ?? batches);
 }
 
 /**

@@ -189,13 +189,17 @@ async function pushImage(
       const key = chunkKey(hash);
       // Not in a complete listing: not in the store. Past a listing cut short: asked (HEAD).
       let objectSize = listed?.objects.get(key);
-      if (objectSize === undefined && listed?.complete !== true) objectSize = await store.size(key);
+      if (objectSize === undefined && listed?.complete !== true) {
+        objectSize = await store.size(key);
+        if (stop) return; // the push failed meanwhile (its image may be closed already)
+      }
       if (objectSize !== undefined) report.existingChunks++;
       else {
         // Compressed one at a time in this thread; the PUT goes while the next is compressed.
         const { object } = encodeChunk(readChunk(image, i * chunkSize, chunkLength(size, chunkSize, i), buf), level);
         objectSize = object.length;
         await store.put(key, object);
+        if (stop) return; // the push failed meanwhile: nothing more to count or report
         report.uploadedChunks++;
         report.uploadedBytes += object.length;
       }
