@@ -184,8 +184,9 @@ export class QmpClient {
 
   #onData(d: string): void {
     if (this.#closed) return;
+    const scanned = this.#buf.length; // holds no newline: look only at what just came
     this.#buf += d;
-    for (let nl = this.#buf.indexOf("\n"); nl >= 0; nl = this.#buf.indexOf("\n")) {
+    for (let nl = this.#buf.indexOf("\n", scanned); nl >= 0; nl = this.#buf.indexOf("\n")) {
       const line = this.#buf.slice(0, nl).trim();
       this.#buf = this.#buf.slice(nl + 1);
       if (line) this.#onMessage(line);
