@@ -264,6 +264,12 @@ export class ChunkCache {
     }
   }
 
+  /** Unmaps every chunk this process mapped (the files stay): only once nothing installs from them any more. */
+  close(): void {
+    for (const c of this.local.values()) if (c.keep === undefined) sl.sl_unmap(c.addr as Pointer, c.length);
+    this.local.clear();
+  }
+
   describe(): string {
     return `chunk cache ${this.dir} (${formatBytes(this.bytes)} of ${formatBytes(this.maxBytes)})`;
   }

@@ -5,6 +5,7 @@
 // (mapped from the host cache) the pages go from the mapping into the guest, as from a local image.
 // A chunk that cannot be had by the deadline fails the VM (killed): never a zero or a guess.
 import { type Pointer, toArrayBuffer } from "bun:ffi";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { NativeBuffer } from "../../core/ffi.ts";
@@ -16,7 +17,7 @@ import { SweepOrder } from "../../scheduler/sweep-order.ts";
 import { ChunkCache } from "./chunk-cache.ts";
 import { ChunkFetcher } from "./chunk-fetcher.ts";
 import { StoreError } from "./errors.ts";
-import { chunkLength, type Manifest } from "./format.ts";
+import { chunkCount, chunkLength, DEFAULT_ZSTD_LEVEL, decodeManifest, encodeManifest, type Manifest, type ManifestBody, sha256, STORE_FORMAT_VERSION, zeroMapToBase64 } from "./format.ts";
 import { fetchManifest } from "./push.ts";
 import { type ObjectStore, parseStoreRef } from "./stores.ts";
 
@@ -72,6 +73,7 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
       f.attach(ctx.loop);
       return new StoreRequester(vm, ctx, { store, manifest, fetcher: f, sweep, ref });
     },
+    warmUpRequester: (vm, ctx, backend) => warmUpRequester(vm, ctx, backend, store, opts.deadlineMs),
   };
   const dataChunks = b.chunks.filter((h) => h !== null).length;
   const zeroPages = manifest.zero.countZero();
@@ -106,6 +108,48 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
     },
     close: () => closeFetcher(f, ref, opts.logger),
   };
+}
+
+/** Chunks of the warm-up's image: several in its few pages, as a real image has (the smallest a manifest allows). */
+const WARM_UP_CHUNK = 64 * 1024;
+
+/**
+ * A StoreRequester over a snapshot made up here for `backend` (its data pages hold chunk-numbered
+ * bytes), its chunks verified and mapped from a cache of its own in a temporary directory, as a
+ * warm restore's are: the daemon's JIT warm-up drives faults through the real requester, fetcher
+ * and cache code with it. Nothing is fetched (`store` is never asked: every chunk is at hand).
+ */
+function warmUpRequester(vm: RequesterVm, ctx: RequesterContext, backend: RemoteBackend, store: ObjectStore, deadlineMs: number): { requester: PageRequester; release(): void } {
+  const dir = mkdtempSync(join(tmpdir(), "snapload-warm-up-"));
+  const cache = new ChunkCache(dir, 64 * 1024 * 1024, ctx.logger);
+  const release = () => {
+    cache.close();
+    rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    const size = backend.size;
+    const chunks: (string | null)[] = [];
+    for (let c = 0; c < chunkCount(size, WARM_UP_CHUNK); c++) {
+      const bytes = new Uint8Array(chunkLength(size, WARM_UP_CHUNK, c)).fill(c + 1);
+      const first = (c * WARM_UP_CHUNK) / IMAGE_PAGE;
+      for (let p = 0; p * IMAGE_PAGE < bytes.length; p++) if (backend.zero.isZero(first + p)) bytes.fill(0, p * IMAGE_PAGE, (p + 1) * IMAGE_PAGE);
+      const data = bytes.some((x) => x !== 0);
+      const hash = data ? sha256(bytes) : null;
+      chunks.push(hash);
+      if (hash !== null) cache.insert(hash, bytes);
+    }
+    while (cache.persist());
+    const body: ManifestBody = {
+      format: STORE_FORMAT_VERSION, name: "warm-up", created: new Date(0).toISOString(), image: { size, pageSize: IMAGE_PAGE, source: "raw" }, chunkSize: WARM_UP_CHUNK,
+      compression: { codec: "zstd", level: DEFAULT_ZSTD_LEVEL }, zero: zeroMapToBase64(backend.zero), chunks, stored: chunks.map((h) => (h === null ? 0 : WARM_UP_CHUNK)),
+    };
+    const manifest = decodeManifest(encodeManifest(body), "warm-up");
+    const fetcher = new ChunkFetcher(cache, { parallel: 1, deadlineMs, logger: ctx.logger });
+    return { requester: new StoreRequester(vm, ctx, { store, manifest, fetcher, sweep: false, ref: "warm-up" }), release };
+  } catch (e) {
+    release();
+    throw e;
+  }
 }
 
 /** At shutdown: chunks fetched but not written yet go to the cache (the next daemon finds them there); one line of counters. */
@@ -173,6 +217,7 @@ export class StoreRequester implements PageRequester {
   private readonly chunkSize: number;
   private readonly size: number;
   private readonly hashes: (string | null)[];
+  private readonly name: string;
   private done = false;
   /** Set while request() runs inside the fault path: deliveries then leave retries and detach to it. */
   private inline = 0;
@@ -197,6 +242,7 @@ export class StoreRequester implements PageRequester {
     this.chunkSize = t.manifest.body.chunkSize;
     this.size = t.manifest.body.image.size;
     this.hashes = t.manifest.body.chunks;
+    this.name = t.manifest.body.name;
     const regions = vm.table.regions;
     // One chunk's worth of region pages per span (at least one page: a huge page spans chunks).
     this.sweepOrder = new SweepOrder(regions.length, (u) => regions[u]!.pages, (u) => Math.floor(this.chunkSize / regions[u]!.pageSize));
@@ -248,7 +294,7 @@ export class StoreRequester implements PageRequester {
     let missing = chunks.length;
     let failed = false;
     if (sweep) this.sweepOutstanding++;
-    const name = this.t.manifest.body.name;
+    const name = this.name;
     for (const c of chunks) {
       const hash = this.hashes[c];
       const length = chunkLength(this.size, this.chunkSize, c);
