@@ -128,13 +128,17 @@ export class ChunkFetcher {
    * it (returns true), later otherwise (returns false).
    */
   acquire(store: ObjectStore, hash: string, length: number, label: string, urgent: boolean, cb: ChunkCallback): boolean {
-    const local = this.cache.lookup(hash, length);
-    if (local !== undefined) {
-      cb(undefined, local);
-      return true;
-    }
+    // A chunk being fetched is joined first: looking for it in the host cache costs a failed
+    // open() and a thrown error, and a cold restore asks for its chunks many times while they
+    // are on their way (measured: ~100 ms of a restore's prefetch requests).
     let p = this.pending.get(hash);
-    if (p !== undefined) {
+    if (p === undefined) {
+      const local = this.cache.lookup(hash, length);
+      if (local !== undefined) {
+        cb(undefined, local);
+        return true;
+      }
+    } else {
       this.counters.coalesced++;
       p.waiters.push(cb);
       if (urgent) this.hurry(hash);
