@@ -200,6 +200,7 @@ export class ChunkCache {
     const chunk: LocalChunk = { addr: ptr(bytes) as number, length: bytes.length, keep: bytes, ...(buffer !== undefined ? { buffer } : {}) };
     this.local.set(hash, chunk);
     this.unpersisted.push(hash);
+    this.unpersistedBytes += bytes.length;
     return chunk;
   }
 
@@ -210,10 +211,8 @@ export class ChunkCache {
     return this.unpersisted.length > 0;
   }
 
-  /** Fetched chunks not yet written to the cache (held in memory meanwhile). */
-  get persistBacklog(): number {
-    return this.unpersisted.length;
-  }
+  /** Bytes of fetched chunks not yet written to the cache (held in memory meanwhile). */
+  unpersistedBytes = 0;
 
   /**
    * Writes one fetched chunk to the cache and swaps its bytes for the file mapping. If the cache
@@ -226,6 +225,7 @@ export class ChunkCache {
     const mem = this.local.get(hash);
     if (mem?.keep === undefined) return this.unpersisted.length > 0;
     const bytes = mem.keep;
+    this.unpersistedBytes -= bytes.length;
     const path = this.path(hash);
     const tmp = join(this.dir, "chunks", hash.slice(0, 2), `.${hash}.${process.pid}.${Math.random().toString(36).slice(2)}`);
     try {
