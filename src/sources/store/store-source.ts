@@ -22,7 +22,7 @@ import { fetchManifest } from "./push.ts";
 import { type ObjectStore, parseStoreRef } from "./stores.ts";
 
 export const DEFAULT_CACHE_SIZE = 10 * 1024 * 1024 * 1024;
-export const DEFAULT_STORE_PARALLEL = 8;
+export const DEFAULT_STORE_PARALLEL = 16;
 export function defaultCacheDir(): string {
   return join(process.env.XDG_CACHE_HOME ?? (process.getuid?.() === 0 ? "/var/cache" : tmpdir()), "snapload");
 }
