@@ -25,7 +25,7 @@ const RETRY_FIRST_MS = 50;
 const RETRY_MAX_MS = 2000;
 /** Fetches of one chunk that decoded badly, in a row, before it is declared corrupt in the store. */
 const MAX_BAD_FETCHES = 3;
-/** Bytes of fetched chunks held in memory, not yet written to the cache, before writes stop waiting for a quiet moment. */
+/** Bytes of fetched chunks held in memory, not yet written to the cache, before writes stop waiting for a quiet moment (at most the cache's size). */
 const MAX_UNWRITTEN_BYTES = 128 * 1024 * 1024;
 /**
  * Cache writes wait until no VM has asked for a chunk for this long (and no GET is in flight):
@@ -117,8 +117,13 @@ export class ChunkFetcher {
    */
   private writeDue(now: number): boolean {
     if (!this.cache.persistPending) return false;
-    if (this.cache.unpersistedBytes > MAX_UNWRITTEN_BYTES) return true;
+    if (this.heldTooMuch()) return true;
     return this.pending.size === 0 && now - this.lastAskedAt >= WRITE_QUIET_MS;
+  }
+
+  /** Fetched bytes held in memory past what the cache may hold (or MAX_UNWRITTEN_BYTES): written even while busy. */
+  private heldTooMuch(): boolean {
+    return this.cache.unpersistedBytes > Math.min(MAX_UNWRITTEN_BYTES, this.cache.maxBytes);
   }
 
   /** Turns cache upkeep on when writes are due, now or after the quiet time (a timer). */
@@ -290,7 +295,7 @@ export class ChunkFetcher {
         if (!used) this.cache.pool.give(buffer);
         this.lastReadyAt = performance.now();
         this.finish(p, undefined, this.cache.insert(p.hash, bytes, used ? buffer : undefined));
-        if (this.cache.unpersistedBytes > MAX_UNWRITTEN_BYTES) this.startBackground();
+        if (this.heldTooMuch()) this.startBackground();
       },
       (e: unknown) => {
         if (settle()) failed(e);
