@@ -11,6 +11,8 @@ import { ChunkFetcher } from "../src/sources/store/chunk-fetcher.ts";
 import { chunkLength, decodeManifest, manifestKey, sha256 } from "../src/sources/store/format.ts";
 import { push } from "../src/sources/store/push.ts";
 import { parseStoreRef } from "../src/sources/store/stores.ts";
+import { hostFetcher, openStoreSource } from "../src/sources/store/store-source.ts";
+import { encodeWorkingSet } from "../src/scheduler/working-set.ts";
 import { tempDir } from "./harness.ts";
 import { writeGuestLikeImage } from "./store-helpers.ts";
 
@@ -71,6 +73,42 @@ describe("chunk fetcher", () => {
       expect(writtenAt).toBeGreaterThan(0);
       expect(writtenAt - lastAskAt).toBeGreaterThanOrEqual(100);
       expect(sha256(new Uint8Array(readFileSync(file)))).toBe(hash);
+    } finally {
+      loop.close();
+      dir.cleanup();
+    }
+  }, 30_000);
+
+  test("a store source fetches the manifest's working set from when it is opened, before the daemon's loop exists (verified chunks at hand); settled GETs are not owed to the loop attached later", async () => {
+    const dir = tempDir();
+    const loop = new EventLoop();
+    try {
+      const size = 4 * 1024 * 1024;
+      const image = join(dir.path, "vm.mem");
+      writeGuestLikeImage(image, size, 9);
+      const ws = join(dir.path, "ws.bin");
+      await Bun.write(ws, encodeWorkingSet(Uint32Array.from({ length: 256 }, (_, i) => i * 4), size));
+      await push(image, `file://${dir.path}/store/vm`, { chunkSize: CHUNK, workingSet: ws });
+      const m = decodeManifest(readFileSync(join(dir.path, "store", manifestKey("vm"))), "test");
+      const wanted = [...new Set(m.body.chunks.filter((h): h is string => h !== null))];
+      expect(wanted.length).toBeGreaterThan(1);
+      let fetched!: () => void;
+      const done = new Promise<void>((resolve) => (fetched = resolve));
+      const logger = new Logger("debug", { format: "json", sink: (l) => l.includes('"store.working_set_fetched"') && fetched() });
+      const opened = await openStoreSource(`file://${dir.path}/store/vm`, { cacheDir: join(dir.path, "cache"), deadlineMs: 5000, logger });
+      try {
+        // Opened only: no loop attached, nothing asked for by a VM.
+        await done;
+        if (opened.source.kind !== "remote") throw new Error("not a remote source");
+        // The daemon's fetcher for that cache directory (the source's own).
+        const fetcher = hostFetcher({ cacheDir: join(dir.path, "cache"), deadlineMs: 5000, logger });
+        for (const h of wanted) expect(fetcher.cache.peek(h)).toBeDefined();
+        opened.attach!(loop);
+        // The GETs that settled before the loop existed are not owed to it.
+        expect(loop.asyncPending).toBe(0);
+      } finally {
+        opened.close();
+      }
     } finally {
       loop.close();
       dir.cleanup();

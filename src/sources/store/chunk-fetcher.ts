@@ -81,6 +81,9 @@ export class ChunkFetcher {
   /** The daemon's loop: while GETs are in flight it is kept turning so their completions run. */
   attach(loop: EventLoop): void {
     if (this.loop === loop) return;
+    // GETs started before (a working set's, fetched from startup) keep the new loop turning too.
+    if (this.loop !== undefined) this.loop.asyncPending -= this.pending.size;
+    loop.asyncPending += this.pending.size;
     this.loop = loop;
     if (this.warming.length) this.startBackground();
     this.scheduleWrites();
