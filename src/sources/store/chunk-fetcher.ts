@@ -174,7 +174,7 @@ export class ChunkFetcher {
     this.lastAskedAt = performance.now();
     // A chunk being fetched is joined first: looking for it in the host cache costs a failed
     // open() and a thrown error, and a cold restore asks for its chunks many times while they
-    // are on their way (measured: ~100 ms of a restore's prefetch requests).
+    // are on their way.
     let p = this.pending.get(hash);
     if (p === undefined) {
       const local = this.cache.lookup(hash, length);
