@@ -321,21 +321,29 @@ export class StoreRequester implements PageRequester {
   private deliver(region: Region, k: number, n: number, chunks: number[]): void {
     // Closed by the VM's owner (detached or gone): nothing more to install.
     if (this.done) return;
-    // Looked up now, not when each arrived: a chunk's bytes move from a buffer to the cache mapping.
-    const got = chunks.map((c) => {
-      const h = this.hashes[c];
-      return h ? this.t.fetcher.cache.peek(h) : undefined;
-    });
-    // A chunk that arrived earlier may have been evicted since (a huge page waiting for its
-    // others, a tiny cache): ask for it again; the pages stay in flight.
-    if (chunks.some((c, j) => this.hashes[c] && got[j] === undefined)) return this.piece(region, k, n, chunks, true, false);
-    if (chunks.length === 1 && got[0] === undefined) return this.ctx.fail("BAD_MANIFEST", `data pages at image offset 0x${(region.offset + k * region.pageSize).toString(16)} lie in a chunk the manifest says is all zero`);
     const ps = region.pageSize;
     const off = region.offset + k * ps;
     let src: number;
     if (chunks.length === 1) {
-      src = got[0]!.addr + (off - chunks[0]! * this.chunkSize);
+      // The common case, without the arrays below (the fault path of every 4 KiB page).
+      const c = chunks[0]!;
+      const h = this.hashes[c];
+      // Looked up now, not when it arrived: a chunk's bytes move from a buffer to the cache mapping.
+      const got = h ? this.t.fetcher.cache.peek(h) : undefined;
+      if (got === undefined) {
+        // Evicted since it arrived (a tiny cache): ask for it again; the pages stay in flight.
+        if (h) return this.piece(region, k, n, chunks, true, false);
+        return this.ctx.fail("BAD_MANIFEST", `data pages at image offset 0x${off.toString(16)} lie in a chunk the manifest says is all zero`);
+      }
+      src = got.addr + (off - c * this.chunkSize);
     } else {
+      const got = chunks.map((c) => {
+        const h = this.hashes[c];
+        return h ? this.t.fetcher.cache.peek(h) : undefined;
+      });
+      // A chunk that arrived earlier may have been evicted since (a huge page waiting for its
+      // others): ask for it again; the pages stay in flight.
+      if (chunks.some((c, j) => this.hashes[c] && got[j] === undefined)) return this.piece(region, k, n, chunks, true, false);
       // Assemble the huge page from its chunks (zero pages are zero bytes in a chunk; a null chunk is all zero).
       this.staging ??= new NativeBuffer(ps);
       const st = this.staging.bytes;
