@@ -89,6 +89,9 @@ describe("lazy restore from a file:// store", () => {
         await d2.stop();
       }
       expect(storeClosed(d2).gets).toBe(0);
+      // Before listening, the store's fault path was JIT-warmed through a requester of its own
+      // (the store, whose chunks are gone, was not asked: 0 GETs above).
+      expect(d2.events().find((e) => e.event === "daemon.warm_up")).toMatchObject({ done: true, remoteRealFaults: 150 * 64 });
     } finally {
       renameSync(join(store, "chunks.away"), join(store, "chunks"));
     }

@@ -41,7 +41,7 @@ const options = {
     schema: byteSize().optional(),
   },
   "s3-endpoint": { type: "string", schema: endpointValue(), arg: "URL", help: "S3-compatible endpoint for s3:// (as for serve)" },
-  "store-parallel": { type: "string", schema: intValue(1, 256).optional(), arg: "N", help: "chunk GETs in flight (default 8)" },
+  "store-parallel": { type: "string", schema: intValue(1, 256).optional(), arg: "N", help: "chunk GETs in flight (default 16)" },
   "store-deadline": {
     type: "string", schema: intValue(100, 86_400_000).default(30_000), arg: "MS",
     help: "a chunk not obtainable this long fails the requests that need it\n(default 30000)",

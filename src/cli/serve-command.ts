@@ -52,13 +52,15 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
       logger,
     });
     server.loop.spin = new SpinPolicy(config["spin-us"]);
-    const warm = await warmUp(server.loop);
+    const remotes = opened.flatMap((s) => (s.source.kind === "remote" ? [s.source] : []));
+    const warm = await warmUp(server.loop, { sources: remotes, logger });
     logger.debug(
       "daemon.warm_up",
       warm
-        ? `fault path warmed up in ${warm.ms.toFixed(1)} ms (${warm.synthetic} synthetic faults, ${warm.real} real faults${warm.real === 0 ? ": the real pass failed" : ""})`
+        ? `fault path warmed up in ${warm.ms.toFixed(1)} ms (${warm.synthetic} synthetic faults, ${warm.real} real faults${warm.real === 0 ? ": the real pass failed" : ""}` +
+          `${warm.remoteReal !== undefined ? `; remote path: ${warm.remoteSynthetic} synthetic, ${warm.remoteReal} real${warm.remoteReal === 0 ? ": the real pass failed" : ""}` : ""})`
         : "fault path warm-up skipped (no userfaultfd)",
-      { done: warm !== undefined && warm.real > 0, ms: warm?.ms, syntheticFaults: warm?.synthetic, realFaults: warm?.real },
+      { done: warm !== undefined && warm.real > 0, ms: warm?.ms, syntheticFaults: warm?.synthetic, realFaults: warm?.real, remoteSyntheticFaults: warm?.remoteSynthetic, remoteRealFaults: warm?.remoteReal },
     );
     // A page server's client is other code than the local fault path: warm it too (postcopy-warmup.ts).
     if (opened.some((s) => s.fields?.format === "page-server")) logPostcopyWarmUp(logger, "daemon.postcopy_warm_up", await warmUpPostcopy(server.loop));

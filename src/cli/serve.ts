@@ -74,7 +74,7 @@ const options = {
     schema: byteSize().optional(),
   },
   "s3-endpoint": { type: "string", schema: endpointValue(), arg: "URL", help: "S3-compatible endpoint for s3:// (Ceph RGW, MinIO, ...), path-style" },
-  "store-parallel": { type: "string", schema: intValue(1, 256).optional(), arg: "N", help: "chunk GETs in flight per daemon (default 8)" },
+  "store-parallel": { type: "string", schema: intValue(1, 256).optional(), arg: "N", help: "chunk GETs in flight per daemon (default 16)" },
 } as const;
 
 export const serve = defineCommand({

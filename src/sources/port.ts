@@ -139,6 +139,13 @@ export interface RemoteSource {
   readonly kind: "remote";
   readonly backend: RemoteBackend;
   openRequester(vm: RequesterVm, ctx: RequesterContext): PageRequester;
+  /**
+   * For the daemon's JIT warm-up (daemon/warmup.ts), before it listens: a requester running the
+   * same code as openRequester's, over bytes of its own for `backend` (held here, never fetched),
+   * so a restore's first faults do not run the remote path unoptimised. release() frees them
+   * once the requester is closed.
+   */
+  warmUpRequester?(vm: RequesterVm, ctx: RequesterContext, backend: RemoteBackend): { requester: PageRequester; release(): void };
 }
 
 /** Where a listener's pages come from. */

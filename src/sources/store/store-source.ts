@@ -5,6 +5,7 @@
 // (mapped from the host cache) the pages go from the mapping into the guest, as from a local image.
 // A chunk that cannot be had by the deadline fails the VM (killed): never a zero or a guess.
 import { type Pointer, toArrayBuffer } from "bun:ffi";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { NativeBuffer } from "../../core/ffi.ts";
@@ -16,12 +17,12 @@ import { SweepOrder } from "../../scheduler/sweep-order.ts";
 import { ChunkCache } from "./chunk-cache.ts";
 import { ChunkFetcher } from "./chunk-fetcher.ts";
 import { StoreError } from "./errors.ts";
-import { chunkLength, type Manifest } from "./format.ts";
+import { chunkCount, chunkLength, DEFAULT_ZSTD_LEVEL, decodeManifest, encodeManifest, type Manifest, type ManifestBody, sha256, STORE_FORMAT_VERSION, zeroMapToBase64 } from "./format.ts";
 import { fetchManifest } from "./push.ts";
 import { type ObjectStore, parseStoreRef } from "./stores.ts";
 
 export const DEFAULT_CACHE_SIZE = 10 * 1024 * 1024 * 1024;
-export const DEFAULT_STORE_PARALLEL = 8;
+export const DEFAULT_STORE_PARALLEL = 16;
 export function defaultCacheDir(): string {
   return join(process.env.XDG_CACHE_HOME ?? (process.getuid?.() === 0 ? "/var/cache" : tmpdir()), "snapload");
 }
@@ -61,6 +62,9 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
     throw new StoreError("BAD_CONFIG", `${ref} holds a whole QEMU snapshot file (push --whole-file, for qemu-restore), not guest memory; push it without --whole-file to serve it`, { ref });
   }
   opts.logger.debug("store.manifest", `${ref}: manifest ${manifest.hash.slice(0, 16)} in ${(performance.now() - t0).toFixed(1)} ms`, { ref, hash: manifest.hash, ms: performance.now() - t0 });
+  // The working set's GETs go out now, while the daemon warms up (~0.5 s before it listens):
+  // measured, the first VM of a cold cache otherwise waited on nearly all of them.
+  prefetchWorkingSet(store, manifest, fetcher, ref, opts.logger);
   // No local bytes: chunks arrive through the requester.
   const backend: RemoteBackend = { kind: "remote", size: b.image.size, zero: manifest.zero, description: `store ${ref}` };
   const sweep = opts.populate === "background";
@@ -72,6 +76,7 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
       f.attach(ctx.loop);
       return new StoreRequester(vm, ctx, { store, manifest, fetcher: f, sweep, ref });
     },
+    warmUpRequester: (vm, ctx, backend) => warmUpRequester(vm, ctx, backend, store, opts.deadlineMs),
   };
   const dataChunks = b.chunks.filter((h) => h !== null).length;
   const zeroPages = manifest.zero.countZero();
@@ -93,7 +98,6 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
       const t = performance.now();
       const bytes = f.warm(order.map((c) => ({ hash: b.chunks[c]!, length: chunkLength(b.image.size, b.chunkSize, c) })), WARM_SYNC_BYTES);
       if (bytes) opts.logger.debug("store.cache_warm", `${ref}: ${formatBytes(bytes)} of chunks mapped and verified from the host cache in ${(performance.now() - t).toFixed(1)} ms`, { ref, bytes, ms: performance.now() - t });
-      prefetchWorkingSet(store, manifest, f, ref, opts.logger);
     },
     ...(manifest.workingSet !== undefined ? { prefetch: manifest.workingSet } : {}),
     summary:
@@ -106,6 +110,48 @@ export async function openStoreSource(ref: string, opts: StoreSourceOptions): Pr
     },
     close: () => closeFetcher(f, ref, opts.logger),
   };
+}
+
+/** Chunks of the warm-up's image: several in its few pages, as a real image has (the smallest a manifest allows). */
+const WARM_UP_CHUNK = 64 * 1024;
+
+/**
+ * A StoreRequester over a snapshot made up here for `backend` (its data pages hold chunk-numbered
+ * bytes), its chunks verified and mapped from a cache of its own in a temporary directory, as a
+ * warm restore's are: the daemon's JIT warm-up drives faults through the real requester, fetcher
+ * and cache code with it. Nothing is fetched (`store` is never asked: every chunk is at hand).
+ */
+function warmUpRequester(vm: RequesterVm, ctx: RequesterContext, backend: RemoteBackend, store: ObjectStore, deadlineMs: number): { requester: PageRequester; release(): void } {
+  const dir = mkdtempSync(join(tmpdir(), "snapload-warm-up-"));
+  const cache = new ChunkCache(dir, 64 * 1024 * 1024, ctx.logger);
+  const release = () => {
+    cache.close();
+    rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    const size = backend.size;
+    const chunks: (string | null)[] = [];
+    for (let c = 0; c < chunkCount(size, WARM_UP_CHUNK); c++) {
+      const bytes = new Uint8Array(chunkLength(size, WARM_UP_CHUNK, c)).fill(c + 1);
+      const first = (c * WARM_UP_CHUNK) / IMAGE_PAGE;
+      for (let p = 0; p * IMAGE_PAGE < bytes.length; p++) if (backend.zero.isZero(first + p)) bytes.fill(0, p * IMAGE_PAGE, (p + 1) * IMAGE_PAGE);
+      const data = bytes.some((x) => x !== 0);
+      const hash = data ? sha256(bytes) : null;
+      chunks.push(hash);
+      if (hash !== null) cache.insert(hash, bytes);
+    }
+    while (cache.persist());
+    const body: ManifestBody = {
+      format: STORE_FORMAT_VERSION, name: "warm-up", created: new Date(0).toISOString(), image: { size, pageSize: IMAGE_PAGE, source: "raw" }, chunkSize: WARM_UP_CHUNK,
+      compression: { codec: "zstd", level: DEFAULT_ZSTD_LEVEL }, zero: zeroMapToBase64(backend.zero), chunks, stored: chunks.map((h) => (h === null ? 0 : WARM_UP_CHUNK)),
+    };
+    const manifest = decodeManifest(encodeManifest(body), "warm-up");
+    const fetcher = new ChunkFetcher(cache, { parallel: 1, deadlineMs, logger: ctx.logger });
+    return { requester: new StoreRequester(vm, ctx, { store, manifest, fetcher, sweep: false, ref: "warm-up" }), release };
+  } catch (e) {
+    release();
+    throw e;
+  }
 }
 
 /** At shutdown: chunks fetched but not written yet go to the cache (the next daemon finds them there); one line of counters. */
@@ -173,6 +219,7 @@ export class StoreRequester implements PageRequester {
   private readonly chunkSize: number;
   private readonly size: number;
   private readonly hashes: (string | null)[];
+  private readonly name: string;
   private done = false;
   /** Set while request() runs inside the fault path: deliveries then leave retries and detach to it. */
   private inline = 0;
@@ -197,6 +244,7 @@ export class StoreRequester implements PageRequester {
     this.chunkSize = t.manifest.body.chunkSize;
     this.size = t.manifest.body.image.size;
     this.hashes = t.manifest.body.chunks;
+    this.name = t.manifest.body.name;
     const regions = vm.table.regions;
     // One chunk's worth of region pages per span (at least one page: a huge page spans chunks).
     this.sweepOrder = new SweepOrder(regions.length, (u) => regions[u]!.pages, (u) => Math.floor(this.chunkSize / regions[u]!.pageSize));
@@ -248,7 +296,7 @@ export class StoreRequester implements PageRequester {
     let missing = chunks.length;
     let failed = false;
     if (sweep) this.sweepOutstanding++;
-    const name = this.t.manifest.body.name;
+    const name = this.name;
     for (const c of chunks) {
       const hash = this.hashes[c];
       const length = chunkLength(this.size, this.chunkSize, c);
@@ -273,21 +321,29 @@ export class StoreRequester implements PageRequester {
   private deliver(region: Region, k: number, n: number, chunks: number[]): void {
     // Closed by the VM's owner (detached or gone): nothing more to install.
     if (this.done) return;
-    // Looked up now, not when each arrived: a chunk's bytes move from a buffer to the cache mapping.
-    const got = chunks.map((c) => {
-      const h = this.hashes[c];
-      return h ? this.t.fetcher.cache.peek(h) : undefined;
-    });
-    // A chunk that arrived earlier may have been evicted since (a huge page waiting for its
-    // others, a tiny cache): ask for it again; the pages stay in flight.
-    if (chunks.some((c, j) => this.hashes[c] && got[j] === undefined)) return this.piece(region, k, n, chunks, true, false);
-    if (chunks.length === 1 && got[0] === undefined) return this.ctx.fail("BAD_MANIFEST", `data pages at image offset 0x${(region.offset + k * region.pageSize).toString(16)} lie in a chunk the manifest says is all zero`);
     const ps = region.pageSize;
     const off = region.offset + k * ps;
     let src: number;
     if (chunks.length === 1) {
-      src = got[0]!.addr + (off - chunks[0]! * this.chunkSize);
+      // The common case, without the arrays below (the fault path of every 4 KiB page).
+      const c = chunks[0]!;
+      const h = this.hashes[c];
+      // Looked up now, not when it arrived: a chunk's bytes move from a buffer to the cache mapping.
+      const got = h ? this.t.fetcher.cache.peek(h) : undefined;
+      if (got === undefined) {
+        // Evicted since it arrived (a tiny cache): ask for it again; the pages stay in flight.
+        if (h) return this.piece(region, k, n, chunks, true, false);
+        return this.ctx.fail("BAD_MANIFEST", `data pages at image offset 0x${off.toString(16)} lie in a chunk the manifest says is all zero`);
+      }
+      src = got.addr + (off - c * this.chunkSize);
     } else {
+      const got = chunks.map((c) => {
+        const h = this.hashes[c];
+        return h ? this.t.fetcher.cache.peek(h) : undefined;
+      });
+      // A chunk that arrived earlier may have been evicted since (a huge page waiting for its
+      // others): ask for it again; the pages stay in flight.
+      if (chunks.some((c, j) => this.hashes[c] && got[j] === undefined)) return this.piece(region, k, n, chunks, true, false);
       // Assemble the huge page from its chunks (zero pages are zero bytes in a chunk; a null chunk is all zero).
       this.staging ??= new NativeBuffer(ps);
       const st = this.staging.bytes;
