@@ -7,7 +7,7 @@ import type { LogRecord } from "../src/core/log.ts";
 import { BUN, ROOT, ensureBuilt, parseEvents, tempDir } from "./harness.ts";
 import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";
 import { cephMissing, createBucket, startRgw } from "./ceph-rgw.ts";
-import { EVENTS_CAPABILITY } from "../src/sinks/qemu/migration-status.ts";
+import { EVENTS_CAPABILITY, waitMigrationFinalized } from "../src/sinks/qemu/migration-status.ts";
 import { QemuProc, buildInitramfs, debianKernel, guestArgs, killAllQemu, qemuMissing, waitMigration } from "./qemu-guest.ts";
 
 const missing = qemuMissing();
@@ -110,6 +110,7 @@ describe.skipIf(skipReason !== undefined)(`qemu-restore with a real QEMU${skipRe
       await q.execute("migrate", { uri: `file:${snapshot}` });
       expect((await waitMigration(q)).status).toBe("completed");
       await q.execute("migrate-set-capabilities", { capabilities: [{ capability: "mapped-ram", state: false }] });
+      await waitMigrationFinalized(q); // `cont` is refused until QEMU leaves finish-migrate
       await q.execute("cont");
       const mark = src.serial.length;
       await src.waitSerial(/HB \d+ /, 30_000, mark);

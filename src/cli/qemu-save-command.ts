@@ -6,7 +6,7 @@ import type { QemuSaveConfig } from "./qemu-save.ts";
 import { ConfigError } from "../core/errors.ts";
 import { formatBytes } from "../core/log.ts";
 import { MigrationError } from "../sinks/qemu/page-sink.ts";
-import { EVENTS_CAPABILITY, waitMigrationState } from "../sinks/qemu/migration-status.ts";
+import { EVENTS_CAPABILITY, waitMigrationFinalized, waitMigrationState } from "../sinks/qemu/migration-status.ts";
 import { QmpClient } from "../sinks/qemu/qmp.ts";
 import { readSnapshotStream } from "../sinks/qemu/snapshot-stream.ts";
 
@@ -42,7 +42,10 @@ export async function qemuSaveCommand(config: QemuSaveConfig, out: (s: string) =
       throw new MigrationError(`QEMU could not save the snapshot: ${final["error-desc"] ?? final.status} (QEMU's stderr may say more)`);
     }
     const ms = performance.now() - t0;
-    if (config.resume && before.status === "running") await qmp.execute("cont");
+    if (config.resume && before.status === "running") {
+      await waitMigrationFinalized(qmp);
+      await qmp.execute("cont");
+    }
     const st = statSync(path);
     const stream = readSnapshotStream(path);
     const report = {

@@ -37,3 +37,21 @@ export async function waitMigrationState(qmp: QmpClient, states: readonly string
   // The event has the status only; query-migrate adds error-desc.
   return { ...(await qmp.execute<MigrationInfo>("query-migrate")), timedOut: false };
 }
+
+/**
+ * Resolves with the run state once a source whose outgoing migration completed has left
+ * `finish-migrate`. QEMU sends MIGRATION `completed` before its cleanup moves the run state on to
+ * `postmigrate`, and refuses `cont` until then ("Migration is not finalized yet"). No event marks
+ * that step, so this asks query-status (every 2 ms, until `timeoutMs`).
+ */
+export async function waitMigrationFinalized(qmp: QmpClient, timeoutMs = 5000): Promise<string> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const { status } = await qmp.execute<{ status: string }>("query-status");
+    if (status !== "finish-migrate") return status;
+    if (performance.now() > deadline) {
+      throw new QmpError(`QMP ${qmp.path}: the migration completed but QEMU was still finalizing it after ${timeoutMs} ms (run state finish-migrate)`, { path: qmp.path, status });
+    }
+    await Bun.sleep(2);
+  }
+}
