@@ -4,7 +4,7 @@ import type { ServeConfig } from "./serve.ts";
 import { Logger } from "../core/log.ts";
 import { type MetricsEndpoint, startMetricsEndpoint } from "../metrics/endpoint.ts";
 import { renderServeMetrics } from "../metrics/serve-metrics.ts";
-import { type OpenedSource, openSource } from "../sources/open-source.ts";
+import { isPageServer, type OpenedSource, openSource } from "../sources/open-source.ts";
 import { type Listener, Server } from "../daemon/server.ts";
 import { warmUp } from "../daemon/warmup.ts";
 import { logPostcopyWarmUp, warmUpPostcopy } from "../daemon/postcopy-warmup.ts";
@@ -63,7 +63,7 @@ export async function serveCommand(config: ServeConfig): Promise<number> {
       { done: warm !== undefined && warm.real > 0, ms: warm?.ms, syntheticFaults: warm?.synthetic, realFaults: warm?.real, remoteSyntheticFaults: warm?.remoteSynthetic, remoteRealFaults: warm?.remoteReal },
     );
     // A page server's client is other code than the local fault path: warm it too (postcopy-warmup.ts).
-    if (opened.some((s) => s.fields?.format === "page-server")) logPostcopyWarmUp(logger, "daemon.postcopy_warm_up", await warmUpPostcopy(server.loop));
+    if (config.mem.some(isPageServer)) logPostcopyWarmUp(logger, "daemon.postcopy_warm_up", await warmUpPostcopy(server.loop));
     for (const s of opened) s.attach?.(server.loop);
     const shutdown = (signal: string) => {
       logger.info("daemon.signal", `${signal}: shutting down`, { signal });

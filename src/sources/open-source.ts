@@ -6,17 +6,23 @@ import { imageBackend } from "./image/image-backend.ts";
 import { openImage } from "./image/open-image.ts";
 import type { OpenedSource, SourceOptions } from "./port.ts";
 import type { RemoteFile } from "./remote-file.ts";
+import { isStoreUrl } from "./store/stores.ts";
 
 export type { OpenedSource, SourceOptions } from "./port.ts";
 
+/** `--mem tcp://HOST:PORT`: our page server. */
+export const isPageServer = (mem: string): boolean => mem.startsWith("tcp://");
+/** Whether `--mem` names a remote source (page server or store) rather than a local file. */
+export const isRemote = (mem: string): boolean => isPageServer(mem) || isStoreUrl(mem);
+
 export async function openSource(mem: string, opts: SourceOptions): Promise<OpenedSource> {
-  if (mem.startsWith("tcp://")) {
+  if (isPageServer(mem)) {
     const { openRemoteSource } = await import("../postcopy/remote-source.ts").catch(() => {
       throw new ConfigError(`--mem ${mem}: this build has no postcopy client`);
     });
     return openRemoteSource(mem, opts);
   }
-  if (/^(file|s3|https?):\/\//.test(mem)) return (await import("./store/store-source.ts")).openStoreSource(mem, opts);
+  if (isStoreUrl(mem)) return (await import("./store/store-source.ts")).openStoreSource(mem, opts);
   const image = openImage(mem, { ramblock: opts.ramblock });
   const backend = imageBackend(image);
   return {
@@ -27,18 +33,13 @@ export async function openSource(mem: string, opts: SourceOptions): Promise<Open
   };
 }
 
-/** Whether `--mem` names a remote source (page server or store) rather than a local file. */
-export function isRemote(mem: string): boolean {
-  return /^(tcp|file|s3|https?):\/\//.test(mem);
-}
-
 export async function openRemoteFile(mem: string, opts: SourceOptions): Promise<RemoteFile> {
-  if (mem.startsWith("tcp://")) {
+  if (isPageServer(mem)) {
     const { openRangeClient } = await import("../postcopy/range-client.ts").catch(() => {
       throw new ConfigError(`--mem ${mem}: this build has no postcopy client`);
     });
     return openRangeClient(mem, opts);
   }
-  if (/^(file|s3|https?):\/\//.test(mem)) return (await import("./store/store-file.ts")).openStoreFile(mem, opts);
+  if (isStoreUrl(mem)) return (await import("./store/store-file.ts")).openStoreFile(mem, opts);
   throw new ConfigError(`--mem ${mem}: not a remote source (tcp://HOST:PORT or a STORE/NAME)`);
 }
