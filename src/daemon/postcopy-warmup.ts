@@ -10,18 +10,16 @@
 // No real VM is touched, nothing listens beyond 127.0.0.1, no file is written, and everything is
 // closed again (sockets, uffd, memory, timers). Bounded in time: rounds stop at the deadline.
 import { randomBytes } from "node:crypto";
-import { check } from "../core/check.ts";
 import type { EventLoop } from "../core/event-loop.ts";
-import { EPOLLIN, NativeBuffer, SL_UFFD_MODE_MISSING, sl } from "../core/ffi.ts";
+import { EPOLLIN } from "../core/ffi.ts";
 import { type Logger, silentLogger } from "../core/log.ts";
-import { HandlerTable } from "../scheduler/handler-table.ts";
-import { IMAGE_PAGE, ZeroMap } from "../sources/image/snapshot-image.ts";
-import type { RemoteBackend, RequesterContext } from "../sources/port.ts";
+import { IMAGE_PAGE } from "../sources/image/snapshot-image.ts";
+import type { RequesterContext } from "../sources/port.ts";
 import { writeFaultMessage } from "../sinks/uffd/uffd-messages.ts";
 import { PageServer } from "../postcopy/page-server.ts";
 import type { ImageInfo } from "../postcopy/protocol.ts";
 import { type RemoteTarget, VmClient } from "../postcopy/vm-client.ts";
-import { Scratch, VmSession } from "./vm-session.ts";
+import { WarmUpVm } from "./warmup.ts";
 
 /**
  * 2 MiB: the first quarter all data (requests of many pages, sent in MAX_CHUNK frames, as a
@@ -30,8 +28,6 @@ import { Scratch, VmSession } from "./vm-session.ts";
  */
 const PAGES = 512;
 const BULK_PAGES = PAGES / 4;
-const MADV_DONTNEED = 4;
-const UFFD_FLAGS = 0o2000000 | 0o4000; // O_CLOEXEC | O_NONBLOCK
 const LOOPBACK = "127.0.0.1";
 /** Default time budget: no round starts after it is spent. */
 export const POSTCOPY_WARM_UP_MS = 250;
@@ -55,32 +51,41 @@ export interface PostcopyWarmUpResult {
   reason?: string;
 }
 
+/** The warm-up's guest: its first quarter all data, then data and zero pages alternating. */
+function openVm(): WarmUpVm | undefined {
+  return WarmUpVm.open({
+    pages: PAGES,
+    requester: "own",
+    fill: (bytes, zero) => {
+      for (let p = 0; p < PAGES; p++) {
+        if (p >= BULK_PAGES && p % 2 === 1) zero.setZero(p);
+        else bytes.fill((p * 7 + 1) & 0xff, p * IMAGE_PAGE, (p + 1) * IMAGE_PAGE);
+      }
+    },
+  });
+}
+
 /**
  * Runs rounds until `budgetMs` is spent (at least one, unless it fails or `hardMs` passes) on
  * `loop`, which must not be running (the daemon's, before it listens). Undefined without userfaultfd.
  */
 export async function warmUpPostcopy(loop: EventLoop, budgetMs = POSTCOPY_WARM_UP_MS, maxRounds = MAX_ROUNDS, hardMs = hardDeadline(budgetMs)): Promise<PostcopyWarmUpResult | undefined> {
   const t0 = performance.now();
-  const uffd = sl.sl_uffd_open(UFFD_FLAGS);
-  if (uffd < 0) return undefined;
-  const len = PAGES * IMAGE_PAGE;
-  const guest = new NativeBuffer(len);
-  const source = new NativeBuffer(len);
-  const scratch = new Scratch();
+  const result: PostcopyWarmUpResult = { rounds: 0, pages: 0, requests: 0, ms: 0, ok: true };
+  let w: WarmUpVm | undefined;
+  try {
+    w = openVm();
+  } catch (e) {
+    // The uffd would not register (UFFDIO_API / REGISTER): the daemon starts all the same.
+    return { ...result, ok: false, reason: (e as Error).message, ms: performance.now() - t0 };
+  }
+  if (w === undefined) return undefined;
+  const { uffd, guest, source, zero, vm, len } = w;
   let server: PageServer | undefined;
   let client: VmClient | undefined;
   let uffdToken = -1;
   const cancels: (() => void)[] = [];
-  const result: PostcopyWarmUpResult = { rounds: 0, pages: 0, requests: 0, ms: 0, ok: true };
   try {
-    check("UFFDIO_API", sl.sl_uffd_api(uffd, 0, null, null));
-    check("UFFDIO_REGISTER", sl.sl_uffd_register(uffd, guest.address, len, SL_UFFD_MODE_MISSING, null));
-    const zero = new ZeroMap(PAGES);
-    const bytes = source.bytes;
-    for (let p = 0; p < PAGES; p++) {
-      if (p >= BULK_PAGES && p % 2 === 1) zero.setZero(p);
-      else bytes.fill((p * 7 + 1) & 0xff, p * IMAGE_PAGE, (p + 1) * IMAGE_PAGE);
-    }
     const token = randomBytes(32);
     const imageId = randomBytes(16);
     server = new PageServer({
@@ -90,11 +95,7 @@ export async function warmUpPostcopy(loop: EventLoop, budgetMs = POSTCOPY_WARM_U
     const port = server.listen();
     const info: ImageInfo = { size: len, pages: PAGES, dataPages: PAGES - zero.countZero(), id: imageId };
     const target: RemoteTarget = { url: "warm-up", addr: { host: LOOPBACK, port }, token, info, zero, deadlineMs: hardMs + 1000, sweep: true };
-    const backend: RemoteBackend = { kind: "remote", size: len, zero, description: "warm-up" };
-    const table = new HandlerTable([{ base: guest.address, size: len, offset: 0, pageSize: IMAGE_PAGE }], backend);
-    // Options of the same shape as the VM's owner passes (one hidden class for the fault path).
-    const vm = new VmSession(0, uffd, table, scratch, { faultAround: 1, recorder: undefined, kernel: undefined });
-    const msgs = scratch.msgs;
+    const msgs = w.scratch.msgs;
 
     const stop = (reason?: string) => {
       if (reason !== undefined && result.ok) {
@@ -135,12 +136,7 @@ export async function warmUpPostcopy(loop: EventLoop, budgetMs = POSTCOPY_WARM_U
       if (result.rounds === 0 && Buffer.compare(guest.bytes, source.bytes) !== 0) return stop("the installed bytes differ from the served ones");
       result.rounds++;
       result.pages += PAGES;
-      // Drop the pages (no REMOVE event: we did not ask for them) so the next round faults again.
-      sl.sl_madvise(guest.address, len, MADV_DONTNEED);
-      for (const r of table.regions) {
-        r.state.fill(0);
-        r.settled = 0;
-      }
+      w.discard();
       if (performance.now() - t0 >= budgetMs || result.rounds >= maxRounds) return stop();
       startRound();
     };
@@ -160,7 +156,7 @@ export async function warmUpPostcopy(loop: EventLoop, budgetMs = POSTCOPY_WARM_U
         }
         return;
       }
-      if (table.complete) {
+      if (w.table.complete) {
         // Not from inside the client's own delivery call.
         if (!ending) {
           ending = true;
@@ -190,10 +186,7 @@ export async function warmUpPostcopy(loop: EventLoop, budgetMs = POSTCOPY_WARM_U
     client?.close();
     if (uffdToken >= 0) loop.remove(uffdToken, uffd);
     server?.close();
-    sl.sl_close(uffd);
-    guest.free();
-    source.free();
-    scratch.free();
+    w.close();
   }
   result.ms = performance.now() - t0;
   return result;

@@ -43,42 +43,67 @@ export interface WarmUpResult {
   ms: number;
 }
 
-/** A guest-like buffer registered with a fresh userfaultfd, and an image of half data, half zero pages. */
-class WarmUpVm {
+/** What a warm-up VM looks like (defaults: the local fault path's warm-up). */
+export interface WarmUpVmOptions {
+  /** Pages of the guest buffer and of the image (default PAGES). */
+  pages?: number;
+  /** Fills the image's bytes and marks its zero pages (default: 0x5a, the second half zero). */
+  fill?: (bytes: Uint8Array, zero: ZeroMap) => void;
+  /**
+   * Pages come through a requester, not from the image mapping: one a store lends (RemoteWarmUp),
+   * or (`"own"`) one the caller sets on `vm` (the postcopy warm-up, a VmClient per round).
+   */
+  requester?: RemoteWarmUp | "own";
+}
+
+const halfZero = (bytes: Uint8Array, zero: ZeroMap) => {
+  bytes.fill(0x5a);
+  zero.setZeroRange(zero.pages / 2, zero.pages / 2);
+};
+
+/** A guest-like buffer registered with a fresh userfaultfd, served from an image of our own. */
+export class WarmUpVm {
   readonly uffd: number;
   readonly guest: NativeBuffer;
   readonly source: NativeBuffer;
   readonly scratch = new Scratch();
+  readonly zero: ZeroMap;
   readonly table: HandlerTable;
   readonly vm: VmSession;
-  readonly len = PAGES * IMAGE_PAGE;
+  readonly len: number;
   private remote: { requester: PageRequester; release(): void } | undefined;
 
-  private constructor(uffd: number, remote: RemoteWarmUp | undefined) {
+  private constructor(uffd: number, opts: WarmUpVmOptions) {
+    const pages = opts.pages ?? PAGES;
     this.uffd = uffd;
+    this.len = pages * IMAGE_PAGE;
     this.guest = new NativeBuffer(this.len);
     this.source = new NativeBuffer(this.len);
+    const freeAll = () => {
+      this.guest.free();
+      this.source.free();
+      this.scratch.free();
+    };
     try {
       check("UFFDIO_API", sl.sl_uffd_api(uffd, 0, null, null));
       check("UFFDIO_REGISTER", sl.sl_uffd_register(uffd, this.guest.address, this.len, SL_UFFD_MODE_MISSING, null));
     } catch (e) {
-      this.guest.free();
-      this.source.free();
-      this.scratch.free();
+      freeAll();
       throw e;
     }
-    this.source.bytes.fill(0x5a);
-    const zero = new ZeroMap(PAGES);
-    zero.setZeroRange(PAGES / 2, PAGES / 2);
-    // Same shapes as imageBackend() and the store source build, so the optimised code fits the real backends.
-    const backend: ImageBackend | RemoteBackend = remote === undefined
+    this.zero = new ZeroMap(pages);
+    (opts.fill ?? halfZero)(this.source.bytes, this.zero);
+    const zero = this.zero;
+    // Same shapes as imageBackend() and the remote sources build, so the optimised code fits the real backends.
+    const backend: ImageBackend | RemoteBackend = opts.requester === undefined
       ? { kind: "image", size: this.len, zero, base: this.source.address, zeroBytesAreZero: true, description: "warm-up" }
       : { kind: "remote", size: this.len, zero, description: "warm-up" };
     this.table = new HandlerTable([{ base: this.guest.address, size: this.len, offset: 0, pageSize: IMAGE_PAGE }], backend);
     // Options of the same shape as the VM's owner passes: another set of properties is another
     // hidden class, and the fault path optimised for it would be recompiled at the first real VM.
     this.vm = new VmSession(0, uffd, this.table, this.scratch, { faultAround: 1, recorder: undefined, kernel: undefined });
-    if (remote !== undefined && backend.kind === "remote") {
+    const remote = opts.requester;
+    if (remote !== undefined && remote !== "own" && backend.kind === "remote") {
       const vm = this.vm;
       try {
         this.remote = remote.source.warmUpRequester!(vm, {
@@ -88,24 +113,32 @@ class WarmUpVm {
           delivered: () => {},
         }, backend);
       } catch (e) {
-        this.guest.free();
-        this.source.free();
-        this.scratch.free();
+        freeAll();
         throw e;
       }
       vm.setRequester(this.remote.requester);
     }
   }
 
-  static open(remote?: RemoteWarmUp): WarmUpVm | undefined {
+  /** Undefined without userfaultfd. */
+  static open(opts: WarmUpVmOptions = {}): WarmUpVm | undefined {
     const uffd = sl.sl_uffd_open(UFFD_FLAGS);
     if (uffd < 0) return undefined;
     try {
-      return new WarmUpVm(uffd, remote);
+      return new WarmUpVm(uffd, opts);
     } catch (e) {
       sl.sl_close(uffd);
       throw e;
     }
+  }
+
+  /**
+   * Drops the guest's pages (no REMOVE event: we did not ask for them) and forgets them, so the
+   * next round faults again.
+   */
+  discard(): void {
+    sl.sl_madvise(this.guest.address, this.len, MADV_DONTNEED);
+    this.reset();
   }
 
   /** Forgets every page (after the guest buffer was discarded) so the next round faults again. */
@@ -135,7 +168,7 @@ export interface RemoteWarmUp {
 
 /** Synthetic pass: `rounds` passes over PAGES pages fed to dispatch. Returns faults served, or -1 without userfaultfd. */
 export function warmUpDispatch(rounds = 150, remote?: RemoteWarmUp): number {
-  const w = WarmUpVm.open(remote);
+  const w = WarmUpVm.open({ requester: remote });
   if (!w) return -1;
   try {
     const msgs = w.scratch.msgs;
@@ -149,9 +182,7 @@ export function warmUpDispatch(rounds = 150, remote?: RemoteWarmUp): number {
         p += n;
         served += n;
       }
-      // Drop the pages (no REMOVE event: we did not ask for them) so the next round faults again.
-      sl.sl_madvise(w.guest.address, w.len, MADV_DONTNEED);
-      w.reset();
+      w.discard();
     }
     return w.vm.failure === undefined ? served : 0;
   } finally {
@@ -165,7 +196,7 @@ export function warmUpDispatch(rounds = 150, remote?: RemoteWarmUp): number {
  * is registered with it. Returns faults served (0 if it failed), or -1 without userfaultfd.
  */
 export async function warmUpRealFaults(loop: EventLoop, rounds = 150, remote?: RemoteWarmUp): Promise<number> {
-  const w = WarmUpVm.open(remote);
+  const w = WarmUpVm.open({ requester: remote });
   if (!w) return -1;
   const done = check("eventfd", sl.sl_eventfd());
   const go = check("eventfd", sl.sl_eventfd());
