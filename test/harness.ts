@@ -4,6 +4,7 @@ import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, 
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { EventName, LogRecord } from "../src/core/log.ts";
+import { writeDemoImage } from "../src/cli/demo-image.ts";
 
 export const ROOT = join(import.meta.dir, "..");
 export const BUN = process.execPath;
@@ -251,4 +252,17 @@ export function reserveHugePages(need: number, file: string): { skipReason: stri
       }
     },
   };
+}
+
+/**
+ * The store tests' fixture: a demo image of `size` bytes (`seed`) at DIR/vm.mem, pushed with
+ * `snapload push` to file://DIR/store/vm. Throws with push's stderr if the push fails.
+ */
+export async function pushDemoImage(dir: string, size: number, seed: number, pushArgs: string[] = []): Promise<{ image: string; store: string }> {
+  const image = join(dir, "vm.mem");
+  writeDemoImage(image, size, seed);
+  const store = join(dir, "store");
+  const p = await runSnapload(["push", image, `file://${store}/vm`, ...pushArgs]);
+  if (p.code !== 0) throw new Error(`push of the test image failed (exit ${p.code}): ${p.stderr}`);
+  return { image, store };
 }

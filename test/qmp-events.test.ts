@@ -127,10 +127,7 @@ describe("QMP events", () => {
       const wait = q.waitEvent("MIGRATION", () => true, 30_000);
       const closed = new Promise<void>((r) => s.on("close", () => r()));
       s.write("x".repeat(MAX_QMP_LINE + 1));
-      const err = await wait.then(
-        () => undefined,
-        (e: unknown) => e,
-      );
+      const err = await wait.catch((e: unknown) => e);
       expect(err).toBeInstanceOf(QmpError);
       expect((err as Error).message).toContain(`longer than ${MAX_QMP_LINE} bytes without a newline`);
       await closed; // the client hung up on it

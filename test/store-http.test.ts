@@ -4,8 +4,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/cli/demo-image.ts";
-import { describeRun, ensureBuilt, runSnapload, runStandin, startDaemon, tempDir } from "./harness.ts";
+import { describeRun, ensureBuilt, runSnapload, runStandin, pushDemoImage, startDaemon, tempDir } from "./harness.ts";
 import { startPageServer } from "./postcopy-wire.ts";
 
 const MIB = 1024 * 1024;
@@ -27,11 +26,8 @@ beforeAll(async () => {
   if (bin === null) throw new Error("nginx is missing: run `apt-get install -y nginx-light` (or `bash scripts/ensure-deps.sh` as root)");
   ensureBuilt();
   dir = tempDir();
-  image = join(dir.path, "vm.mem");
-  writeDemoImage(image, SIZE, 44);
-  const store = join(dir.path, "store");
-  const p = await runSnapload(["push", image, `file://${store}/vm`]);
-  expect(p.code, p.stderr).toBe(0);
+  const { image: pushed, store } = await pushDemoImage(dir.path, SIZE, 44);
+  image = pushed;
   const port = await freePort();
   const conf = join(dir.path, "nginx.conf");
   // Workers run as root so they can read the test's 0700 temp directory.

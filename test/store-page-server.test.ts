@@ -6,11 +6,10 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { cpSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { chunkKey, decodeManifest, encodeChunk, manifestKey } from "../src/sources/store/format.ts";
 import { encodeWorkingSet } from "../src/scheduler/working-set.ts";
 import { ErrorCode } from "../src/postcopy/protocol.ts";
-import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, type StandinResult, pushDemoImage, startDaemon, tempDir } from "./harness.ts";
 import { type PageServerProc, startPageServer } from "./postcopy-wire.ts";
 
 const MIB = 1024 * 1024;
@@ -27,11 +26,7 @@ const cleanup: (() => Promise<unknown>)[] = [];
 beforeAll(async () => {
   ensureBuilt();
   dir = tempDir();
-  image = join(dir.path, "vm.mem");
-  writeDemoImage(image, SIZE, 44);
-  store = join(dir.path, "store");
-  const p = await runSnapload(["push", image, `file://${store}/vm`, "--chunk-size", "256k"]);
-  expect(p.code, p.stderr).toBe(0);
+  ({ image, store } = await pushDemoImage(dir.path, SIZE, 44, ["--chunk-size", "256k"]));
   tokenFile = join(dir.path, "token");
   writeFileSync(tokenFile, "c0ffee-store-page-server-token-5e1f\n", { mode: 0o600 });
 });

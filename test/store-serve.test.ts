@@ -4,11 +4,10 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { cpSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { writeDemoImage } from "../src/cli/demo-image.ts";
 import { chunkKey, decodeManifest, encodeChunk, manifestKey } from "../src/sources/store/format.ts";
 import { encodeWorkingSet } from "../src/scheduler/working-set.ts";
 import { generateMappedRam } from "./gen-mapped-ram.ts";
-import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, type StandinResult, startDaemon, tempDir } from "./harness.ts";
+import { type Daemon, describeRun, ensureBuilt, runSnapload, runStandin, STANDIN, type StandinResult, pushDemoImage, startDaemon, tempDir } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const PAGE = 4096;
@@ -22,11 +21,7 @@ let sockets = 0;
 beforeAll(async () => {
   ensureBuilt();
   dir = tempDir();
-  image = join(dir.path, "vm.mem");
-  writeDemoImage(image, SIZE, 21);
-  store = join(dir.path, "store");
-  const p = await runSnapload(["push", image, `file://${store}/vm`, "--chunk-size", "256k"]);
-  expect(p.code, p.stderr).toBe(0);
+  ({ image, store } = await pushDemoImage(dir.path, SIZE, 21, ["--chunk-size", "256k"]));
 });
 
 afterAll(() => dir?.cleanup());
